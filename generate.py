@@ -1,0 +1,178 @@
+"""Generate images from a trained snapshot, by class name.
+
+Examples:
+  python generate.py --network runs/00000-x/network-snapshot-000000.pt --seeds 0-3 --class axial --outdir out
+  python generate.py --network runs/00000-x --seeds 0-7 --class all --outdir out          # newest snapshot, grid
+  python generate.py --network net.pt --seeds 0 --class axial,t2w --format png16 --outdir out
+
+Single-channel images become grey PNGs (8- or 16-bit); multi-channel archives (modalities, tumour labels)
+give one image per channel, the decoded BraTS label map and a colour overlay, plus an ``.npy`` of the stack.
+"""
+
+import os
+
+import click
+import numpy as np
+import PIL.Image
+
+import dnnlib
+from training.labels import ClassSpecError, all_classes, parse_class, valid_names_text
+
+# BraTS label colours for overlays: NETC red, SNFH (oedema) green, ET yellow.
+SEG_COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [255, 255, 0]], dtype=np.uint8)
+
+
+def _write_png(array, path, bit_depth):
+    """[H,W] grey or [H,W,3] RGB from [-1,1] floats; written atomically."""
+    x = (np.asarray(array, dtype=np.float64) + 1) / 2
+    tmp = path + '.tmp.png'
+    if bit_depth == 16 and x.ndim == 2:
+        PIL.Image.fromarray(np.rint(x.clip(0, 1) * 65535).astype(np.uint16)).save(tmp)
+    else:
+        mode = 'RGB' if x.ndim == 3 else 'L'
+        PIL.Image.fromarray(np.rint(x.clip(0, 1) * 255).astype(np.uint8), mode).save(tmp)
+    os.replace(tmp, path)
+
+
+def _save_npy(array, path):
+    tmp = path + '.tmp.npy'
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> list:
+    """Write one generated image [C,H,W] in [-1,1]; returns the paths written."""
+    from mri.seg import SEG_CHANNELS, decode_seg
+    written = []
+    if fmt == 'npy':
+        _save_npy(img_chw.astype(np.float32), stem + '.npy')
+        return [stem + '.npy']
+    bits = 16 if fmt == 'png16' else 8
+    names = list(channels) if channels and len(channels) == img_chw.shape[0] else [f'ch{i}' for i in range(img_chw.shape[0])]
+    if img_chw.shape[0] == 1:
+        _write_png(img_chw[0], stem + '.png', bits)
+        return [stem + '.png']
+    if names == ['red', 'green', 'blue']:
+        _write_png(img_chw.transpose(1, 2, 0), stem + '.png', 8)
+        return [stem + '.png']
+    for name, chan in zip(names, img_chw):
+        if name in SEG_CHANNELS:
+            continue
+        written.append(f'{stem}-{name}.png')
+        _write_png(chan, written[-1], bits)
+    if all(s in names for s in SEG_CHANNELS):
+        seg = decode_seg(img_chw[[names.index(s) for s in SEG_CHANNELS]], axis=0).astype(np.uint8)
+        written.append(f'{stem}-seg.png')
+        tmp = written[-1] + '.tmp.png'
+        PIL.Image.fromarray(seg, 'L').save(tmp)  # BraTS values 0-3, exact.
+        os.replace(tmp, written[-1])
+        anatomy = [n for n in ('t2f', 't1c', 't2w', 't1n') if n in names] or [n for n in names if n not in SEG_CHANNELS]
+        if anatomy:
+            base = ((img_chw[names.index(anatomy[0])] + 1) * 127.5).clip(0, 255)
+            rgb = np.repeat(base[..., None], 3, axis=2)
+            mask = seg > 0
+            rgb[mask] = 0.5 * rgb[mask] + 0.5 * SEG_COLOURS[seg[mask]]
+            written.append(f'{stem}-overlay.png')
+            tmp = written[-1] + '.tmp.png'
+            PIL.Image.fromarray(np.rint(rgb).astype(np.uint8), 'RGB').save(tmp)
+            os.replace(tmp, written[-1])
+    written.append(stem + '.npy')
+    _save_npy(img_chw.astype(np.float32), written[-1])
+    return written
+
+
+def resolve_network(path: str) -> str:
+    """A snapshot file, or a run dir (its newest snapshot)."""
+    if os.path.isdir(path):
+        from training.checkpoint import latest_snapshot
+        found = latest_snapshot(path)
+        if found is None:
+            raise click.BadParameter(f'{path}: run dir has no network-snapshot-*.pt', param_hint='--network')
+        return found
+    if not os.path.isfile(path):
+        raise click.BadParameter(f'{path}: no such file', param_hint='--network')
+    return path
+
+
+def generate_images(
+    network: str,                   # Snapshot path or run dir.
+    seeds: list,                    # Seeds, one image per seed (per class for class_spec='all').
+    outdir: str,                    # Output folder.
+    class_spec: str = None,         # Class name(s), index, 'all', or None for unconditional networks.
+    truncation_psi: float = 1.0,    # Truncation; 1 = none.
+    noise_mode: str = 'const',      # 'const', 'random' or 'none'.
+    fmt: str = 'png',               # 'png', 'png16' or 'npy'.
+    allow_pickle: bool = False,     # Allow NVlabs pickles (runs code).
+    device: str = None,             # None = cuda when available.
+    verbose: bool = True,
+) -> list:
+    import torch
+    from torch_utils import snapshot
+    from training.grids import save_image_grid
+
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    data = snapshot.load_snapshot(resolve_network(network), device=device, allow_pickle=allow_pickle)
+    G = data.G_ema if data.G_ema is not None else data.G
+    if G is None:
+        raise snapshot.SnapshotError(f'{network}: holds no generator')
+    desc = data.dataset or {}
+    label_names = list(desc.get('label_names') or [f'class{i}' for i in range(G.c_dim)])[:G.c_dim] if G.c_dim else []
+    label_groups = desc.get('label_groups') or None
+    channels = desc.get('channels') or []
+    os.makedirs(outdir, exist_ok=True)
+
+    def run(seed, label):
+        z = torch.from_numpy(np.random.RandomState(seed).randn(1, G.z_dim)).to(device=device, dtype=torch.float32)
+        c = torch.from_numpy(label[None]).to(device)
+        with torch.no_grad():
+            return G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)[0].float().cpu().numpy()
+
+    written = []
+    if class_spec == 'all':
+        if G.c_dim == 0:
+            raise ClassSpecError('--class all: this network is unconditional')
+        classes = all_classes(label_names, label_groups)
+        rows = []
+        for name, label in classes:
+            for seed in seeds:
+                rows.append(run(seed, label))
+                written += write_outputs(rows[-1], channels, os.path.join(outdir, f'seed{seed:04d}-{name.replace(",", "-")}'), fmt)
+        grid = os.path.join(outdir, 'class_grid.png')
+        save_image_grid(np.stack(rows), grid, drange=[-1, 1], grid_size=(len(seeds), len(classes)))
+        written.append(grid)
+        if verbose:
+            print(f'Rows of {grid}: ' + ' | '.join(name for name, _ in classes))
+    else:
+        label = parse_class(class_spec, label_names, label_groups)
+        for seed in seeds:
+            if verbose:
+                print(f'Generating image for seed {seed}...')
+            written += write_outputs(run(seed, label), channels, os.path.join(outdir, f'seed{seed:04d}'), fmt)
+    return written
+
+
+@click.command()
+@click.option('--network', 'network',   help='Snapshot .pt (or run dir: newest snapshot)', metavar='PATH', required=True)
+@click.option('--seeds',                help='Seeds, e.g. 0-3,7', metavar='LIST', type=str, required=True)
+@click.option('--trunc', 'truncation_psi', help='Truncation psi', metavar='FLOAT', type=float, default=1, show_default=True)
+@click.option('--class', 'class_spec',  help='Class: name(s) one per group (axial,t2w), index, or all', metavar='NAME|IDX|all', type=str)
+@click.option('--noise-mode',           help='Noise mode', type=click.Choice(['const', 'random', 'none']), default='const', show_default=True)
+@click.option('--outdir',               help='Where to save the output images', metavar='DIR', type=str, required=True)
+@click.option('--format', 'fmt',        help='Output format', type=click.Choice(['png', 'png16', 'npy']), default='png', show_default=True)
+@click.option('--allow-pickle',         help='Load NVlabs .pkl files (a pickle runs code)', is_flag=True)
+@click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
+def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, allow_pickle, device):
+    """Generate images by class from a trained network."""
+    from torch_utils.snapshot import SnapshotError
+    try:
+        seed_list = dnnlib.parse_range(seeds)
+    except ValueError as err:
+        raise click.BadParameter(str(err), param_hint='--seeds') from None
+    try:
+        generate_images(network, seed_list, outdir, class_spec, truncation_psi, noise_mode, fmt, allow_pickle, device)
+    except (ClassSpecError, SnapshotError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+if __name__ == '__main__':
+    main()

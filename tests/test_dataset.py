@@ -1,0 +1,91 @@
+"""training.dataset: 8/16-bit PNG, .npy, int and float labels, named groups, splits, mirror, content hash."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from tests.helpers import make_png_folder, zip_folder
+from training.dataset import DatasetError, ImageFolderDataset
+
+
+def test_8bit_folder_int_labels_become_onehot(tmp_path):
+    root = make_png_folder(str(tmp_path / 'd'), n=6, res=16, num_classes=3)
+    ds = ImageFolderDataset(root, use_labels=True)
+    img, label = ds[4]
+    assert img.shape == (1, 16, 16) and img.dtype == np.uint8
+    assert ds.dtype_max == 255 and ds.resolution == 16 and ds.num_channels == 1
+    assert label.tolist() == [0, 1, 0]  # image 4 is class 1
+    assert ds.label_names == ['class0', 'class1', 'class2']
+    assert ds.label_groups == [{'name': 'class', 'values': ['class0', 'class1', 'class2']}]
+
+
+def test_16bit_zip_and_named_groups(tmp_path):
+    root = make_png_folder(str(tmp_path / 'd'), n=4, res=16, bit16=True, labels='groups')
+    ds = ImageFolderDataset(zip_folder(root, str(tmp_path / 'd.zip')), use_labels=True)
+    img, label = ds[0]
+    assert img.dtype == np.uint16 and ds.dtype_max == 65535
+    assert img.max() > 255  # really 16-bit data, not 8-bit promoted
+    assert ds.label_names == ['axial', 'coronal']
+    assert ds.label_groups[0]['name'] == 'plane'
+
+
+def test_npy_multichannel(tmp_path):
+    root = make_png_folder(str(tmp_path / 'd'), n=4, res=8, channels=7, labels='float')
+    ds = ImageFolderDataset(root, use_labels=True)
+    img, label = ds[1]
+    assert img.shape == (7, 8, 8) and ds.channels == [f'ch{i}' for i in range(7)]
+    assert label.dtype == np.float32 and label.tolist() == [0.0, 1.0]
+
+
+def test_mirror_doubles_and_flips(tmp_path):
+    root = make_png_folder(str(tmp_path / 'd'), n=3, res=8)
+    ds = ImageFolderDataset(root, xflip=True)
+    assert len(ds) == 6
+    np.testing.assert_array_equal(ds[3][0], ds[0][0][..., ::-1])
+    assert ds[0][1].shape == (0,)  # labels off by default
+
+
+def test_subset_uses_case_split(tmp_path):
+    root = make_png_folder(str(tmp_path / 'd'), n=8, res=8, with_split=True)
+    train = ImageFolderDataset(root, subset='train')
+    val = ImageFolderDataset(root, subset='val')
+    assert len(train) == 6 and len(val) == 2
+    names_val = {val.image_fname(i) for i in range(len(val))}
+    assert names_val == {'img0000.png', 'img0004.png'}  # case0 only
+    with pytest.raises(DatasetError, match='no case-level split'):
+        ImageFolderDataset(make_png_folder(str(tmp_path / 'e'), n=2, res=8), subset='val')
+
+
+def test_content_hash_changes_with_content(tmp_path):
+    root = make_png_folder(str(tmp_path / 'd'), n=4, res=8)
+    h1 = ImageFolderDataset(root).content_hash()
+    assert ImageFolderDataset(root).content_hash() == h1
+    make_png_folder(root, n=4, res=8, seed=1)  # same names, other pixels
+    assert ImageFolderDataset(root).content_hash() != h1
+    z = zip_folder(root, str(tmp_path / 'a.zip'))
+    hz = ImageFolderDataset(z).content_hash()
+    make_png_folder(root, n=4, res=8, seed=2)
+    assert ImageFolderDataset(zip_folder(root, str(tmp_path / 'b.zip'))).content_hash() != hz
+
+
+def test_errors_name_the_file(tmp_path):
+    with pytest.raises(DatasetError, match='not a dataset folder'):
+        ImageFolderDataset(str(tmp_path / 'missing'))
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    with pytest.raises(DatasetError, match='no images'):
+        ImageFolderDataset(str(empty))
+    root = make_png_folder(str(tmp_path / 'd'), n=2, res=8)
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        f.write('{broken')
+    with pytest.raises(DatasetError, match='dataset.json: not valid JSON'):
+        ImageFolderDataset(root)
+    root = make_png_folder(str(tmp_path / 'e'), n=2, res=8)
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        json.dump({'labels': [['img0000.png', 0]]}, f)
+    with pytest.raises(DatasetError, match='no label for img0001.png'):
+        ImageFolderDataset(root, use_labels=True).label_dim
+    with pytest.raises(DatasetError, match='expected 32x32'):
+        ImageFolderDataset(root, resolution=32)

@@ -1,0 +1,40 @@
+"""A 2-process gloo run on CPU trains and keeps both ranks' parameters identical."""
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.helpers import make_png_folder
+
+
+def _worker(rank, c, init_file, out_dir):
+    import train
+    from training.training_loop import training_loop
+    torch.set_num_threads(1)
+    train._init_distributed(rank, 2, 'cpu', init_file)
+    kwargs = {k: v for k, v in c.items() if k not in ('num_gpus', 'run_dir')}
+    result = training_loop(rank=rank, num_gpus=2, run_dir=c.run_dir, **kwargs)
+    torch.save({name: {k: v.detach().clone() for k, v in getattr(result, name).state_dict().items()}
+                for name in ['G', 'D', 'G_ema', 'augment_pipe']}, os.path.join(out_dir, f'rank{rank}.pt'))
+    torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_process_gloo_keeps_ranks_identical(tmp_path):
+    from training.config import setup_training_config
+    data = make_png_folder(str(tmp_path / 'data'), n=8, res=16, num_classes=2)
+    c = setup_training_config(data=data, gpus=2, batch=4, cond=True, cbase=256, cmax=16, map_depth=1, kimg=0.024,
+                              tick=0.012, snap=1, metrics='none', workers=0, device='cpu', aug='fixed', p=0.5,
+                              fq_res=None, attn_res=None)
+    c.run_dir = str(tmp_path / 'run')
+    os.makedirs(c.run_dir)
+    mp.start_processes(_worker, args=(c, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, start_method='spawn')
+    r0 = torch.load(str(tmp_path / 'rank0.pt'), weights_only=True)
+    r1 = torch.load(str(tmp_path / 'rank1.pt'), weights_only=True)
+    for name in r0:
+        for key in r0[name]:
+            assert torch.equal(r0[name][key], r1[name][key]), f'{name}.{key} differs between ranks'
+    assert float(r0['augment_pipe']['p']) == 0.5
+    assert os.path.isfile(os.path.join(c.run_dir, 'network-snapshot-000000.pt'))

@@ -1,0 +1,82 @@
+"""Safe snapshots: round trip with weights_only, untrusted classes refused, crafted pickles never run."""
+
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.helpers import make_png_folder
+from torch_utils import snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class _Boom:
+    """Unpickling this object creates a marker file: proof that a pickle ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+def _tiny_G():
+    from training.networks import Generator
+    return Generator(z_dim=8, c_dim=2, w_dim=8, img_resolution=8, img_channels=1, mapping_kwargs=dict(num_layers=1),
+                     channel_base=64, channel_max=8, num_fp16_res=0)
+
+
+def test_round_trip_weights_only(tmp_path):
+    G = _tiny_G()
+    path = str(tmp_path / 'net.pt')
+    snapshot.save_snapshot(path, dict(G=G, D=None), dataset=dict(resolution=8, channels=['t2w'], label_names=['a', 'b']))
+    raw = torch.load(path, weights_only=True)  # plain data only
+    assert raw['modules']['G']['class_name'] == 'training.networks.Generator'
+    data = snapshot.load_snapshot(path)
+    assert data.D is None and data.dataset.channels == ['t2w']
+    z, c = torch.randn(2, 8), torch.eye(2)
+    torch.testing.assert_close(data.G(z, c), G.eval()(z, c))
+    assert not os.path.exists(str(tmp_path) + '/.tmp-')  # no temp file left
+
+
+def test_untrusted_class_refused(tmp_path):
+    G = _tiny_G()
+    path = str(tmp_path / 'net.pt')
+    snapshot.save_snapshot(path, dict(G=G))
+    data = torch.load(path, weights_only=True)
+    data['modules']['G']['class_name'] = 'os.system'
+    torch.save(data, path)
+    with pytest.raises(snapshot.SnapshotError, match='refuses to build'):
+        snapshot.load_snapshot(path)
+
+
+def test_crafted_pickle_is_not_run(tmp_path):
+    marker = str(tmp_path / 'pwned')
+    pkl = str(tmp_path / 'network.pkl')
+    with open(pkl, 'wb') as f:
+        pickle.dump({'G_ema': _Boom(marker)}, f)
+    with pytest.raises(snapshot.PickleRefused, match='--allow-pickle'):
+        snapshot.load_snapshot(pkl)
+    assert not os.path.exists(marker)
+    # A torch.save zip whose pickle names code is refused by weights_only loading too.
+    pt = str(tmp_path / 'evil.pt')
+    torch.save({'format': snapshot.SNAPSHOT_FORMAT, 'x': _Boom(marker)}, pt)
+    with pytest.raises(snapshot.SnapshotError, match='not a readable snapshot'):
+        snapshot.load_snapshot(pt)
+    assert not os.path.exists(marker)
+    data = make_png_folder(str(tmp_path / 'data'), n=4, res=8)
+    # The CLIs refuse it as well, with a one-line message and a non-zero exit code.
+    for cmd in ([sys.executable, 'generate.py', '--network', pkl, '--seeds', '0', '--outdir', str(tmp_path / 'o')],
+                [sys.executable, 'generate.py', '--network', pt, '--seeds', '0', '--outdir', str(tmp_path / 'o')],
+                [sys.executable, 'train.py', '--outdir', str(tmp_path / 'r'), '--data', data, '--resume', pkl, '--dry-run']):
+        res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        assert res.returncode != 0
+        assert 'Traceback' not in res.stderr
+        assert not os.path.exists(marker)
+    # With the explicit opt-in the pickle is loaded (and so runs): the flag is the only way in.
+    snapshot.load_snapshot(pkl, allow_pickle=True)
+    assert os.path.exists(marker)

@@ -1,0 +1,1 @@
+"""Torch utilities: misc helpers, training stats, snapshots, custom ops."""

@@ -1,0 +1,183 @@
+"""Safe snapshots: networks saved as (class_name, init_kwargs, state_dict), loaded with weights_only=True.
+
+StyleGAN2-ADA pickles whole modules, so loading a snapshot runs whatever code the pickle names. Here a
+snapshot holds plain data only; loading rebuilds each network from a class of this project and its recorded
+constructor arguments. An NVlabs ``.pkl`` is refused unless the caller opts in (``allow_pickle=True``),
+because unpickling runs code.
+"""
+
+import copy
+import functools
+import inspect
+import os
+import tempfile
+
+import torch
+
+import dnnlib
+
+SNAPSHOT_FORMAT = 'mri-gan-snapshot/1'
+TRUSTED_PREFIXES = ('dnnlib.', 'torch_utils.', 'training.', 'metrics.', 'mri.')
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot file is unreadable or names something this project does not build."""
+
+
+class PickleRefused(SnapshotError):
+    """A pickle was offered without the explicit opt-in."""
+
+
+def _is_plain(value) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
+
+
+def _to_plain(value):
+    """Tuples become lists and EasyDicts plain dicts, so init_kwargs survive weights_only loading."""
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    return value
+
+
+def persistent_class(cls):
+    """Class decorator: record constructor arguments as ``self.init_kwargs`` and the dotted ``class_name``.
+
+    Arguments must be plain data (numbers, strings, lists, dicts, None) so that the snapshot can rebuild the
+    module without unpickling code.
+    """
+    assert isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+    orig_init = cls.__init__
+    signature = inspect.signature(orig_init)
+
+    @functools.wraps(orig_init)
+    def __init__(self, *args, **kwargs):
+        bound = signature.bind(self, *args, **kwargs)
+        bound.apply_defaults()  # Defaults are recorded too: a later change of a default keeps old snapshots intact.
+        record = {}
+        for name, value in list(bound.arguments.items())[1:]:
+            kind = signature.parameters[name].kind
+            if kind == inspect.Parameter.VAR_KEYWORD:
+                record.update(value)
+            elif kind == inspect.Parameter.VAR_POSITIONAL:
+                if value:
+                    raise TypeError(f'{cls.__qualname__}: positional *args cannot be recorded in a snapshot')
+            else:
+                record[name] = value
+        for name, value in record.items():
+            if not _is_plain(value):
+                raise TypeError(f'{cls.__qualname__}: argument {name!r} is {type(value).__name__}; '
+                                f'snapshot classes take plain data only')
+        orig_init(self, *args, **kwargs)
+        # Only the outermost persistent class of an inheritance chain sets the record.
+        if type(self) is cls or not hasattr(self, 'init_kwargs'):
+            self.init_kwargs = copy.deepcopy(_to_plain(record))
+            self.class_name = f'{type(self).__module__}.{type(self).__qualname__}'
+
+    cls.__init__ = __init__
+    cls._persistent = True
+    return cls
+
+
+def module_record(module: torch.nn.Module) -> dict:
+    if not getattr(module, '_persistent', False):
+        raise SnapshotError(f'{type(module).__qualname__} is not a persistent_class; cannot be snapshotted')
+    return {
+        'class_name': module.class_name,
+        'init_kwargs': copy.deepcopy(module.init_kwargs),
+        'state_dict': {k: v.detach().cpu().clone() for k, v in module.state_dict().items()},
+    }
+
+
+def build_module(record: dict, source: str = '<snapshot>') -> torch.nn.Module:
+    class_name = record.get('class_name')
+    if not isinstance(class_name, str) or not class_name.startswith(TRUSTED_PREFIXES):
+        raise SnapshotError(f'{source}: refuses to build {class_name!r}: only classes of this project '
+                            f'({", ".join(TRUSTED_PREFIXES)}) are built from snapshots')
+    cls = dnnlib.get_obj_by_name(class_name)
+    if not getattr(cls, '_persistent', False):
+        raise SnapshotError(f'{source}: {class_name} is not a snapshot class')
+    module = cls(**record['init_kwargs'])
+    missing, unexpected = module.load_state_dict(record['state_dict'], strict=False)
+    if missing or unexpected:
+        raise SnapshotError(f'{source}: {class_name} state does not fit its constructor '
+                            f'(missing {missing[:3]}, unexpected {unexpected[:3]})')
+    return module
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save beside the target, then rename: a killed run never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.pt')
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_snapshot(path: str, modules: dict, dataset: dict = None, extra: dict = None) -> None:
+    """Write ``{format, modules: {name: record or None}, dataset, extra}`` atomically."""
+    data = {
+        'format': SNAPSHOT_FORMAT,
+        'modules': {name: (module_record(m) if m is not None else None) for name, m in modules.items()},
+        'dataset': _to_plain(dict(dataset or {})),
+        'extra': _to_plain(dict(extra or {})),
+    }
+    atomic_torch_save(data, path)
+
+
+def _load_pickle(path: str, device) -> dnnlib.EasyDict:
+    import pickle  # Only reached behind the explicit allow_pickle opt-in.
+    with open(path, 'rb') as f:
+        data = pickle.load(f)  # noqa: S301 (allow_pickle opt-in)
+    if not isinstance(data, dict):
+        raise SnapshotError(f'{path}: pickle holds {type(data).__name__}, expected a dict of networks')
+    out = dnnlib.EasyDict(G=None, D=None, G_ema=None, augment_pipe=None, dataset={}, extra={})
+    for key, value in data.items():
+        if isinstance(value, torch.nn.Module):
+            value = value.to(device)
+        out[key] = value
+    return out
+
+
+def is_pickle(path: str) -> bool:
+    """True for NVlabs-style pickles: a ``.pkl`` name, or not the zip container that ``torch.save`` writes."""
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    return str(path).endswith('.pkl') or head != b'PK'
+
+
+def load_snapshot(path: str, device='cpu', allow_pickle: bool = False) -> dnnlib.EasyDict:
+    """Load a snapshot: ``EasyDict(G, D, G_ema, augment_pipe, dataset, extra)`` with modules on ``device``."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise SnapshotError(f'{path}: no such snapshot file')
+    if is_pickle(path):
+        if not allow_pickle:
+            raise PickleRefused(f'{path}: is a pickle; loading a pickle runs arbitrary code. Pass --allow-pickle '
+                                f'only if you trust where this file came from')
+        return _load_pickle(path, device)
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or hostile files.
+        raise SnapshotError(f'{path}: not a readable snapshot ({type(err).__name__}: {str(err).splitlines()[0][:200]})') from None
+    if not isinstance(data, dict) or data.get('format') != SNAPSHOT_FORMAT:
+        raise SnapshotError(f'{path}: not a snapshot of this project (format {data.get("format") if isinstance(data, dict) else None!r})')
+    out = dnnlib.EasyDict(G=None, D=None, G_ema=None, augment_pipe=None)
+    for name, record in data['modules'].items():
+        out[name] = None if record is None else build_module(record, path).to(device).eval().requires_grad_(False)
+    out.dataset = dnnlib.EasyDict(data.get('dataset') or {})
+    out.extra = dnnlib.EasyDict(data.get('extra') or {})
+    return out

@@ -1,0 +1,195 @@
+"""Train a conditional StyleGAN2-ADA generator (2D slices) on a dataset archive.
+
+Examples:
+  python train.py --outdir runs --data slices.zip --cond=1 --mirror=1 --kimg 5000
+  python train.py --outdir runs --data slices.zip --cond=1 --cbase 1024 --cmax 64 --batch 8 --kimg 0.2 --metrics none
+  python train.py --resume runs/00003-slices-gpus1-batch8-cond       # continue that run exactly
+  torchrun --nproc_per_node 4 train.py --outdir runs --data slices.zip --gpus 4
+"""
+
+import json
+import os
+import sys
+import tempfile
+
+import click
+
+import dnnlib
+from training.config import AUGPIPE_NAMES, CFG_SPECS, describe_run, next_run_dir, setup_training_config
+
+
+class Logger:
+    """Tee stdout/stderr into ``log.txt`` of the run dir (append, so a resumed run keeps its history)."""
+
+    def __init__(self, file_name: str):
+        self.file = open(file_name, 'a')
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = self, self
+
+    def write(self, text):
+        self.file.write(text)
+        self.stdout.write(text)
+
+    def flush(self):
+        self.file.flush()
+        self.stdout.flush()
+
+    def isatty(self):
+        return False
+
+    def close(self):
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.file.close()
+
+
+def _init_distributed(rank, num_gpus, device, init_file=None):
+    import torch
+    from torch_utils import training_stats
+    if num_gpus > 1:
+        backend = 'nccl' if device == 'cuda' else 'gloo'
+        if init_file is not None:
+            torch.distributed.init_process_group(backend=backend, init_method=f'file://{init_file}', rank=rank, world_size=num_gpus)
+        else:
+            torch.distributed.init_process_group(backend=backend)  # torchrun's environment.
+    sync_device = (torch.device('cuda', torch.cuda.current_device()) if device == 'cuda' else torch.device('cpu')) if num_gpus > 1 else None
+    training_stats.init_multiprocessing(rank=rank, sync_device=sync_device)
+
+
+def subprocess_fn(rank, c, init_file=None):
+    """One process of a run: set up its device and process group, then enter the loop."""
+    import torch
+    from training.training_loop import training_loop
+    if c.device == 'cuda':
+        torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', rank)))
+    logger = Logger(os.path.join(c.run_dir, 'log.txt')) if rank == 0 else None
+    try:
+        _init_distributed(rank, c.num_gpus, c.device, init_file)
+        kwargs = {k: v for k, v in c.items() if k not in ('num_gpus', 'run_dir')}
+        training_loop(rank=rank, num_gpus=c.num_gpus, run_dir=c.run_dir, **kwargs)
+    finally:
+        if c.num_gpus > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        if logger is not None:
+            logger.close()
+
+
+def launch_training(c: dnnlib.EasyDict, dry_run: bool = False):
+    import torch
+    print()
+    print('Training options:')
+    print(json.dumps(c, indent=2))
+    print()
+    print(f'Output directory:    {c.run_dir}')
+    print(f'Processes:           {c.num_gpus} ({c.device})')
+    print(f'Batch size:          {c.batch_size} images ({c.batch_gpu} per process per round)')
+    print(f'Training duration:   {c.total_kimg} kimg')
+    print(f'Dataset:             {c.training_set_kwargs.path} (subset {c.training_set_kwargs.subset})')
+    print(f'Conditional:         {c.training_set_kwargs.use_labels}')
+    print()
+    if dry_run:
+        print('Dry run; exiting.')
+        return
+    os.makedirs(c.run_dir, exist_ok=True)
+    if not c.get('resume_run'):
+        tmp = os.path.join(c.run_dir, 'training_options.json.tmp')
+        with open(tmp, 'wt') as f:
+            json.dump(c, f, indent=2)
+        os.replace(tmp, os.path.join(c.run_dir, 'training_options.json'))
+
+    torchrun = 'WORLD_SIZE' in os.environ and 'RANK' in os.environ
+    if torchrun:
+        world = int(os.environ['WORLD_SIZE'])
+        if world != c.num_gpus:
+            c.num_gpus = world
+        subprocess_fn(rank=int(os.environ['RANK']), c=c)
+    elif c.num_gpus == 1:
+        subprocess_fn(rank=0, c=c)
+    else:
+        with tempfile.TemporaryDirectory() as temp_dir:
+            torch.multiprocessing.set_start_method('spawn', force=True)
+            torch.multiprocessing.spawn(fn=subprocess_fn, args=(c, os.path.join(os.path.abspath(temp_dir), '.torch_distributed_init')), nprocs=c.num_gpus)
+
+
+def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
+    """Reload a run's options to continue it in place; ``--kimg`` may extend it."""
+    path = os.path.join(run_dir, 'training_options.json')
+    if not os.path.isfile(path):
+        raise click.UsageError(f'--resume: {run_dir} has no training_options.json; is it a run dir?')
+    with open(path) as f:
+        c = json.load(f, object_hook=dnnlib.EasyDict)
+    c.pop('resume_pkl', None)
+    c.resume_run = os.path.abspath(run_dir)
+    c.run_dir = os.path.abspath(run_dir)
+    if kimg is not None:
+        c.total_kimg = kimg
+    return c
+
+
+@click.command(context_settings=dict(max_content_width=120))
+# Required.
+@click.option('--outdir',       help='Where to make the run dir', metavar='DIR', type=str)
+@click.option('--data',         help='Training data (zip or folder)', metavar='[ZIP|DIR]', type=str)
+@click.option('--gpus',         help='Number of GPUs (or CPU processes) to use', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+# Optional features.
+@click.option('--cond',         help='Train conditional model on dataset labels', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--mirror',       help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--subset',       help='Case-level split to train on [default: train if the archive has one]', type=click.Choice(['train', 'val', 'all']))
+@click.option('--aug',          help='Augmentation mode', type=click.Choice(['noaug', 'ada', 'fixed']), default='ada', show_default=True)
+@click.option('--p',            help='Probability for --aug=fixed', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
+@click.option('--target',       help='Target value for --aug=ada', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.6, show_default=True)
+@click.option('--augpipe',      help='Augmentation pipeline', type=click.Choice(AUGPIPE_NAMES), default='bgc', show_default=True)
+@click.option('--resume',       help='Continue a run dir exactly, or start from a snapshot', metavar='[RUN_DIR|PT]', type=str)
+@click.option('--freezed',      help='Freeze the first layers of D (FreezeD)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--allow-pickle', help='Let --resume load NVlabs .pkl files (a pickle runs code)', is_flag=True)
+# Hyperparameters.
+@click.option('--cfg',          help='Base configuration', type=click.Choice(list(CFG_SPECS)), default='auto', show_default=True)
+@click.option('--batch',        help='Total batch size [default: preset]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--batch-gpu',    help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cbase',        help='Capacity multiplier [default: preset]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cmax',         help='Max. feature maps [default: 512]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--map-depth',    help='Mapping network depth [default: preset]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--glr',          help='G learning rate [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--dlr',          help='D learning rate [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--gamma',        help='R1 regularization weight [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0))
+@click.option('--mbstd-group',  help='Minibatch std group size [default: preset]', metavar='INT', type=click.IntRange(min=0))
+# MRI training hooks.
+@click.option('--topk',         help='Top-k generator updates (Sinha et al. 2020)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--topk-gamma',   help='Top-k decay per epoch', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.99, show_default=True)
+@click.option('--topk-min',     help='Top-k minimum fraction', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.5, show_default=True)
+@click.option('--fq-res',       help='D feature quantization resolutions, e.g. 32,16', metavar='LIST', type=str)
+@click.option('--fq-dict',      help='FQ dictionary size', metavar='INT', type=click.IntRange(min=2), default=256, show_default=True)
+@click.option('--fq-decay',     help='FQ dictionary EMA decay', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.8, show_default=True)
+@click.option('--fq-weight',    help='FQ commitment loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option('--attn-res',     help='Self-attention resolutions in G and D, e.g. 32,64', metavar='LIST', type=str)
+# Misc settings.
+@click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
+@click.option('--metrics',      help='Quality metrics at each snapshot, or none', metavar='[NAME|A,B,C|none]', type=str, default='fid50k_full', show_default=True)
+@click.option('--kimg',         help='Total training duration [default: preset]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
+@click.option('--tick',         help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True)
+@click.option('--snap',         help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
+@click.option('--seed',         help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
+@click.option('--fp32',         help='Disable mixed-precision', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--nobench',      help='Disable cuDNN benchmarking', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--allow-tf32',   help='Allow TF32 for matmul and convolutions', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--workers',      help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--device',       help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
+@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+def main(**opts):
+    """Train a (conditional) StyleGAN2-ADA on a slice archive made by dataset_tool.py."""
+    opts = dnnlib.EasyDict(opts)
+    resume = opts.resume
+    if resume is not None and os.path.isdir(resume) and opts.data is None:
+        c = resume_config(resume, kimg=opts.kimg)
+    else:
+        if opts.outdir is None or opts.data is None:
+            raise click.UsageError('--outdir and --data are required (or --resume RUN_DIR alone to continue a run)')
+        c = setup_training_config(**opts)
+        if c.get('resume_run'):
+            c.run_dir = c.resume_run
+        else:
+            c.run_dir = next_run_dir(opts.outdir, describe_run(c, opts.desc))
+    launch_training(c, dry_run=opts.dry_run)
+
+
+if __name__ == '__main__':
+    main()

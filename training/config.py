@@ -1,0 +1,274 @@
+"""Training configuration as data: presets, validation and the EasyDict that the loop consumes.
+
+``setup_training_config(**opts)`` is pure (no I/O besides reading the dataset header) so tests and other
+front ends can build a run without the CLI. Presets follow the StyleGAN2-ADA paper's configurations.
+"""
+
+import os
+import re
+
+import click
+
+import dnnlib
+
+# Preset hyper-parameters (Karras et al. 2020, "Training GANs with Limited Data", Appendix D / Table 3).
+CFG_SPECS = {
+    'auto':      dict(ref_gpus=-1, kimg=25000, mb=-1, mbstd=-1, fmaps=-1, lrate=-1,     gamma=-1,   ema=-1,  ramp=0.05, map=2),
+    'stylegan2': dict(ref_gpus=8,  kimg=25000, mb=32, mbstd=4,  fmaps=1,  lrate=0.002,  gamma=10,   ema=10,  ramp=None, map=8),
+    'paper256':  dict(ref_gpus=8,  kimg=25000, mb=64, mbstd=8,  fmaps=0.5, lrate=0.0025, gamma=1,   ema=20,  ramp=None, map=8),
+    'paper512':  dict(ref_gpus=8,  kimg=25000, mb=64, mbstd=8,  fmaps=1,  lrate=0.0025, gamma=0.5,  ema=20,  ramp=None, map=8),
+    'paper1024': dict(ref_gpus=8,  kimg=25000, mb=32, mbstd=4,  fmaps=1,  lrate=0.002,  gamma=2,    ema=10,  ramp=None, map=8),
+    'cifar':     dict(ref_gpus=2,  kimg=100000, mb=64, mbstd=32, fmaps=1, lrate=0.0025, gamma=0.01, ema=500, ramp=0.05, map=2),
+}
+
+AUGPIPE_NAMES = ['blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']
+
+
+def parse_int_list(value, flag: str):
+    """'32,16' -> [32, 16]; '' or None -> []."""
+    if value in (None, '', 'none'):
+        return []
+    if isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    try:
+        return [int(v) for v in str(value).split(',') if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f'{value!r} is not a comma-separated list of integers', param_hint=flag) from None
+
+
+def _check_resolutions(values, resolution, flag):
+    for res in values:
+        if res < 4 or res > resolution or (res & (res - 1)) != 0:
+            raise click.UsageError(f'{flag}: {res} is not a power-of-two resolution between 4 and {resolution}')
+
+
+def setup_training_config(
+    data: str,                      # Dataset zip or folder.
+    gpus: int = 1,                  # Processes (GPUs, or CPU processes with gloo).
+    batch: int = None,              # Total batch size; None = preset.
+    batch_gpu: int = None,          # Batch per process per round; None = batch // gpus.
+    cond: bool = False,             # Condition on dataset labels.
+    mirror: bool = False,           # Add x-flipped copies.
+    subset: str = None,             # 'train', 'val' or 'all'; None = 'train' when the archive has a split.
+    aug: str = 'ada',               # 'ada', 'noaug' or 'fixed'.
+    p: float = None,                # Augment probability for --aug=fixed.
+    target: float = 0.6,            # ADA target.
+    augpipe: str = 'bgc',           # Augmentation preset.
+    cfg: str = 'auto',              # Preset name (CFG_SPECS).
+    cbase: int = None,              # Channel base; None = preset.
+    cmax: int = None,               # Max channels; None = preset (512).
+    map_depth: int = None,          # Mapping layers; None = preset.
+    glr: float = None,              # G learning rate; None = preset.
+    dlr: float = None,              # D learning rate; None = preset.
+    gamma: float = None,            # R1 weight; None = preset.
+    mbstd_group: int = None,        # Minibatch-std group size; None = preset.
+    kimg: float = None,             # Training length; None = preset.
+    tick: float = 4,                # kimg per tick.
+    snap: int = 50,                 # Ticks per snapshot.
+    metrics: str = 'fid50k_full',   # Comma-separated metric names, or 'none'.
+    seed: int = 0,                  # Random seed.
+    resume: str = None,             # Snapshot to start from (weights only).
+    freezed: int = 0,               # FreezeD layers.
+    fp32: bool = False,             # Disable mixed precision.
+    nobench: bool = False,          # Disable cuDNN benchmarking.
+    allow_tf32: bool = False,       # Allow TF32.
+    workers: int = 3,               # DataLoader workers.
+    allow_pickle: bool = False,     # Let --resume read NVlabs pickles (runs code).
+    device: str = None,             # 'cuda' or 'cpu'; None = cuda when available.
+    topk: bool = False,             # Top-k generator updates (Sinha et al. 2020).
+    topk_gamma: float = 0.99,       # Top-k decay per epoch.
+    topk_min: float = 0.5,          # Top-k floor fraction.
+    fq_res: str = None,             # D resolutions to quantize, e.g. '32,16'; None = off.
+    fq_dict: int = 256,             # FQ dictionary size.
+    fq_decay: float = 0.8,          # FQ EMA decay.
+    fq_weight: float = 1.0,         # FQ commitment-loss weight.
+    attn_res: str = None,           # Self-attention resolutions in G and D, e.g. '32'; None = off.
+    **_unused,
+) -> dnnlib.EasyDict:
+    import torch  # Lazy: --help stays fast.
+
+    c = dnnlib.EasyDict()
+    if device is None:
+        device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise click.UsageError('--device=cuda: no CUDA device is available; use --device=cpu')
+    if gpus < 1:
+        raise click.UsageError('--gpus must be at least 1')
+    if device == 'cuda' and gpus > torch.cuda.device_count():
+        raise click.UsageError(f'--gpus={gpus}: only {torch.cuda.device_count()} CUDA device(s) visible')
+    c.device = device
+    c.num_gpus = gpus
+
+    # Dataset.
+    from training.dataset import DatasetError, ImageFolderDataset
+    try:
+        probe = ImageFolderDataset(path=data, use_labels=True, max_size=None, xflip=False)
+    except DatasetError as err:
+        raise click.UsageError(f'--data: {err}') from None
+    if subset is None:
+        subset = 'train' if probe.split else 'all'
+    if subset != 'all' and not probe.split:
+        raise click.UsageError(f'--subset={subset}: {data} has no case-level split; rebuild it with dataset_tool.py --split val=0.1')
+    if cond and not probe.has_labels:
+        raise click.UsageError(f'--cond=1: {data} has no labels in dataset.json; use --cond=0 or add labels')
+    res = probe.resolution
+    if len(probe.image_shape) != 3:
+        raise click.UsageError(f'--data: {data} holds {probe.kind} of shape {probe.image_shape}; the 2D trainer needs slices')
+    if res < 4 or (res & (res - 1)) != 0:
+        raise click.UsageError(f'--data: resolution {res} is not a power of two')
+    c.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
+                                            use_labels=cond, max_size=None, xflip=mirror, resolution=res,
+                                            subset=subset, random_seed=seed)
+    num_images = len(probe) // 1
+    probe.close()
+    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=(device == 'cuda'), num_workers=workers,
+                                           prefetch_factor=2 if workers > 0 else None,
+                                           persistent_workers=workers > 0)
+
+    # Preset, with auto values as in StyleGAN2-ADA.
+    if cfg not in CFG_SPECS:
+        raise click.UsageError(f'--cfg={cfg}: unknown; choose from {", ".join(CFG_SPECS)}')
+    spec = dnnlib.EasyDict(CFG_SPECS[cfg])
+    if cfg == 'auto':
+        spec.ref_gpus = gpus
+        spec.mb = max(min(gpus * min(4096 // res, 32), 64), gpus)
+        spec.mbstd = min(spec.mb // gpus, 4)
+        spec.fmaps = 1 if res >= 512 else 0.5
+        spec.lrate = 0.002 if res >= 1024 else 0.0025
+        spec.gamma = 0.0002 * (res ** 2) / spec.mb
+        spec.ema = spec.mb * 10 / 32
+    c.batch_size = batch if batch is not None else spec.mb
+    if c.batch_size < 1 or c.batch_size % gpus != 0:
+        raise click.UsageError(f'--batch={c.batch_size} must be a positive multiple of --gpus={gpus}')
+    c.batch_gpu = batch_gpu if batch_gpu is not None else c.batch_size // gpus
+    if c.batch_gpu < 1 or (c.batch_size // gpus) % c.batch_gpu != 0:
+        raise click.UsageError(f'--batch-gpu={c.batch_gpu} must divide --batch/--gpus = {c.batch_size // gpus}')
+    mbstd = mbstd_group if mbstd_group is not None else spec.mbstd
+    mbstd = min(mbstd, c.batch_gpu)
+    if mbstd > 0 and c.batch_gpu % mbstd != 0:
+        raise click.UsageError(f'--mbstd-group={mbstd} must divide --batch-gpu={c.batch_gpu}')
+
+    channel_base = cbase if cbase is not None else int(spec.fmaps * 32768)
+    channel_max = cmax if cmax is not None else 512
+    num_fp16_res = 0 if (fp32 or device == 'cpu') else 4  # CPU kernels for fp16 convs are slow or missing.
+    conv_clamp = None if num_fp16_res == 0 else 256
+    attn = parse_int_list(attn_res, '--attn-res')
+    _check_resolutions(attn, res, '--attn-res')
+    attn_kwargs = dict(class_name='mri.attention.SelfAttention')
+
+    c.G_kwargs = dnnlib.EasyDict(class_name='training.networks.Generator', z_dim=512, w_dim=512,
+                                 mapping_kwargs=dict(num_layers=map_depth if map_depth is not None else spec.map),
+                                 channel_base=channel_base, channel_max=channel_max, num_fp16_res=num_fp16_res,
+                                 conv_clamp=conv_clamp, attn_res=attn, attn_kwargs=attn_kwargs)
+    c.D_kwargs = dnnlib.EasyDict(class_name='training.networks.Discriminator', architecture='resnet',
+                                 channel_base=channel_base, channel_max=channel_max, num_fp16_res=num_fp16_res,
+                                 conv_clamp=conv_clamp, attn_res=attn, attn_kwargs=attn_kwargs,
+                                 epilogue_kwargs=dict(mbstd_group_size=mbstd))
+    if cfg == 'cifar':
+        c.D_kwargs.architecture = 'orig'
+    fq = parse_int_list(fq_res, '--fq-res')
+    _check_resolutions(fq, res, '--fq-res')
+    if fq:
+        if fq_dict < 2:
+            raise click.UsageError('--fq-dict must be at least 2')
+        if not 0 < fq_decay < 1:
+            raise click.UsageError('--fq-decay must be in (0, 1)')
+        c.D_kwargs.quantize_kwargs = dict(class_name='mri.fq.FeatureQuantizer', resolutions=fq, dict_size=fq_dict, decay=fq_decay)
+
+    lr_g = glr if glr is not None else spec.lrate
+    lr_d = dlr if dlr is not None else spec.lrate
+    c.G_opt_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr_g, betas=[0, 0.99], eps=1e-8)
+    c.D_opt_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr_d, betas=[0, 0.99], eps=1e-8)
+    c.loss_kwargs = dnnlib.EasyDict(class_name='training.loss.StyleGAN2Loss',
+                                    r1_gamma=gamma if gamma is not None else spec.gamma,
+                                    style_mixing_prob=0 if cfg == 'cifar' else 0.9,
+                                    pl_weight=0 if cfg == 'cifar' else 2)
+    if fq:
+        c.loss_kwargs.fq_weight = fq_weight
+    if topk:
+        if not 0 < topk_gamma <= 1 or not 0 < topk_min <= 1:
+            raise click.UsageError('--topk-gamma and --topk-min must be in (0, 1]')
+        c.loss_kwargs.topk_kwargs = dict(class_name='mri.topk.TopK', gamma=topk_gamma, min_frac=topk_min)
+        c.loss_kwargs.dataset_size = num_images * (2 if mirror else 1)
+    c.ema_kimg = spec.ema
+    c.ema_rampup = spec.ramp
+    c.total_kimg = kimg if kimg is not None else spec.kimg
+    if c.total_kimg <= 0:
+        raise click.UsageError('--kimg must be positive')
+    if tick <= 0:
+        raise click.UsageError('--tick must be positive')
+    c.kimg_per_tick = tick
+    c.image_snapshot_ticks = c.network_snapshot_ticks = snap
+    c.random_seed = seed
+
+    # Augmentation.
+    c.ada_target = None
+    c.augment_p = 0
+    c.augment_kwargs = None
+    if aug not in ('ada', 'noaug', 'fixed'):
+        raise click.UsageError(f'--aug={aug}: choose ada, noaug or fixed')
+    if aug != 'noaug':
+        from training.augment import augpipe_specs
+        if augpipe not in augpipe_specs:
+            raise click.UsageError(f'--augpipe={augpipe}: unknown; choose from {", ".join(augpipe_specs)}')
+        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **augpipe_specs[augpipe])
+        if aug == 'ada':
+            if not 0 <= target <= 1:
+                raise click.UsageError('--target must be in [0, 1]')
+            c.ada_target = target
+            c.ada_kimg = 100 if cfg == 'cifar' else 500
+        else:
+            if p is None:
+                raise click.UsageError('--aug=fixed needs --p')
+            c.augment_p = p
+    elif p is not None:
+        raise click.UsageError('--p only applies to --aug=fixed')
+
+    # Metrics.
+    c.metrics = [] if metrics in (None, '', 'none') else [m.strip() for m in metrics.split(',') if m.strip()]
+    if c.metrics:
+        from metrics import metric_main
+        bad = [m for m in c.metrics if not metric_main.is_valid_metric(m)]
+        if bad:
+            raise click.UsageError(f'--metrics: unknown {", ".join(bad)}; valid: {", ".join(metric_main.list_valid_metrics())}')
+
+    # Resume and freezing.
+    if resume is not None:
+        if os.path.isdir(resume):
+            c.resume_run = os.path.abspath(resume)
+        elif os.path.isfile(resume):
+            from torch_utils.snapshot import is_pickle
+            if is_pickle(resume) and not allow_pickle:
+                raise click.UsageError(f'--resume: {resume} is a pickle; loading a pickle runs arbitrary code. '
+                                       f'Pass --allow-pickle only if you trust where it came from')
+            c.resume_pkl = os.path.abspath(resume)
+            c.ema_rampup = None  # Fine-tuning keeps the full EMA from the start.
+        else:
+            raise click.UsageError(f'--resume: {resume} is neither a run dir nor a snapshot file')
+    c.allow_pickle = allow_pickle
+    if freezed < 0:
+        raise click.UsageError('--freezed must be non-negative')
+    c.freezed = freezed
+    c.cudnn_benchmark = not nobench
+    c.allow_tf32 = allow_tf32
+    return c
+
+
+def describe_run(c: dnnlib.EasyDict, desc: str = None) -> str:
+    data_name = os.path.splitext(os.path.basename(c.training_set_kwargs.path.rstrip('/')))[0]
+    text = f'{data_name}-gpus{c.num_gpus}-batch{c.batch_size}'
+    if c.training_set_kwargs.use_labels:
+        text += '-cond'
+    if c.augment_kwargs is None:
+        text += '-noaug'
+    if desc:
+        text += f'-{desc}'
+    return re.sub(r'[^0-9a-zA-Z._-]+', '_', text)
+
+
+def next_run_dir(outdir: str, desc: str) -> str:
+    prev = [x for x in os.listdir(outdir)] if os.path.isdir(outdir) else []
+    ids = [int(m.group()) for x in prev if (m := re.match(r'^\d+', x))]
+    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+
+

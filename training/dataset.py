@@ -1,0 +1,346 @@
+"""Datasets: zip archives or folders of 8/16-bit PNG, JPEG or ``.npy`` images with ``dataset.json`` labels.
+
+Reads both the archives that ``dataset_tool.py`` writes (named label groups, channel names, case-level
+splits, normalisation record; see DESIGN.md) and plain StyleGAN2-ADA image folders/zips (labels as ints
+or float lists). Items are ``(uint8/uint16 array [C,H,W] or [C,D,H,W], float32 label)``.
+"""
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+
+import numpy as np
+import PIL.Image
+import torch
+
+import dnnlib
+
+IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.npy')
+
+
+class DatasetError(RuntimeError):
+    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
+
+
+class Dataset(torch.utils.data.Dataset):
+    """Base class: label handling, mirroring and random subsets on top of ``_load_raw_image``."""
+
+    def __init__(
+        self,
+        name: str,                  # Name of the dataset.
+        raw_shape: list,            # Shape of the raw image data (NCHW or NCDHW).
+        max_size: int = None,       # Use at most this many images (random subset); None = all.
+        use_labels: bool = False,   # Return labels (else zero-length label vectors).
+        xflip: bool = False,        # Add horizontally mirrored copies (doubles the size).
+        random_seed: int = 0,       # Seed of the max_size subset.
+    ):
+        self._name = name
+        self._raw_shape = list(raw_shape)
+        self._use_labels = use_labels
+        self._raw_labels = None
+        self._label_shape = None
+
+        self._raw_idx = np.arange(self._raw_shape[0], dtype=np.int64)
+        if max_size is not None and self._raw_idx.size > max_size:
+            np.random.RandomState(random_seed).shuffle(self._raw_idx)
+            self._raw_idx = np.sort(self._raw_idx[:max_size])
+        self._xflip = np.zeros(self._raw_idx.size, dtype=np.uint8)
+        if xflip:
+            self._raw_idx = np.tile(self._raw_idx, 2)
+            self._xflip = np.concatenate([self._xflip, np.ones_like(self._xflip)])
+
+    def _get_raw_labels(self) -> np.ndarray:
+        if self._raw_labels is None:
+            self._raw_labels = self._load_raw_labels() if self._use_labels else None
+            if self._raw_labels is None:
+                self._raw_labels = np.zeros([self._raw_shape[0], 0], dtype=np.float32)
+            assert self._raw_labels.shape[0] == self._raw_shape[0]
+            assert self._raw_labels.dtype == np.float32
+        return self._raw_labels
+
+    def close(self):
+        pass
+
+    def _load_raw_image(self, raw_idx):
+        raise NotImplementedError
+
+    def _load_raw_labels(self):
+        raise NotImplementedError
+
+    def __getstate__(self):
+        return dict(self.__dict__, _raw_labels=None)
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # Interpreter shutdown: nothing useful to do.
+            pass
+
+    def __len__(self):
+        return self._raw_idx.size
+
+    def __getitem__(self, idx):
+        image = self._load_raw_image(self._raw_idx[idx])
+        assert list(image.shape) == self.image_shape, (image.shape, self.image_shape)
+        if self._xflip[idx]:
+            image = image[..., ::-1]
+        return np.ascontiguousarray(image), self.get_label(idx)
+
+    def get_label(self, idx) -> np.ndarray:
+        return self._get_raw_labels()[self._raw_idx[idx]].copy()
+
+    def get_details(self, idx) -> dnnlib.EasyDict:
+        return dnnlib.EasyDict(raw_idx=int(self._raw_idx[idx]), xflip=int(self._xflip[idx]) != 0,
+                               raw_label=self._get_raw_labels()[self._raw_idx[idx]].copy())
+
+    @property
+    def name(self):
+        return self._name
+
+    @property
+    def image_shape(self):
+        return list(self._raw_shape[1:])
+
+    @property
+    def num_channels(self):
+        return self.image_shape[0]
+
+    @property
+    def resolution(self):
+        assert self.image_shape[-1] == self.image_shape[-2]
+        return self.image_shape[-1]
+
+    @property
+    def label_shape(self):
+        if self._label_shape is None:
+            raw = self._get_raw_labels()
+            self._label_shape = list(raw.shape[1:])
+        return list(self._label_shape)
+
+    @property
+    def label_dim(self):
+        return self.label_shape[0] if self.label_shape else 0
+
+    @property
+    def has_labels(self):
+        return self.label_dim > 0
+
+    @property
+    def has_onehot_labels(self):
+        return self._get_raw_labels().dtype == np.int64
+
+
+class ImageFolderDataset(Dataset):
+    """A folder or uncompressed zip of images plus an optional ``dataset.json``."""
+
+    def __init__(
+        self,
+        path: str,                  # Folder or zip.
+        resolution: int = None,     # Expected resolution; None = take it from the data.
+        subset: str = 'all',        # 'all', 'train' or 'val': the case-level split of dataset.json.
+        **super_kwargs,             # max_size, use_labels, xflip, random_seed.
+    ):
+        self._path = str(path)
+        self._zipfile = None
+        if subset not in ('all', 'train', 'val'):
+            raise DatasetError(f'{path}: unknown subset {subset!r}; expected all, train or val')
+        if os.path.isdir(self._path):
+            self._type = 'dir'
+            self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=self._path).replace(os.sep, '/')
+                                for root, _dirs, files in os.walk(self._path) for fname in files}
+        elif self._path.lower().endswith('.zip') and os.path.isfile(self._path):
+            self._type = 'zip'
+            try:
+                self._all_fnames = set(self._get_zipfile().namelist())
+            except zipfile.BadZipFile as err:
+                raise DatasetError(f'{path}: not a readable zip ({err})') from None
+        else:
+            raise DatasetError(f'{path}: not a dataset folder or .zip file')
+
+        self._meta = self._load_meta()
+        fnames = sorted(f for f in self._all_fnames if f.lower().endswith(IMAGE_EXTS) and not f.startswith('__MACOSX'))
+        self.subset = subset
+        if subset != 'all':
+            fnames = self._filter_subset(fnames, subset)
+        self._image_fnames = fnames
+        if len(self._image_fnames) == 0:
+            raise DatasetError(f'{path}: no images found' + (f' in subset {subset!r}' if subset != 'all' else ''))
+
+        name = os.path.splitext(os.path.basename(self._path.rstrip('/')))[0]
+        first = self._load_raw_image(0)
+        raw_shape = [len(self._image_fnames)] + list(first.shape)
+        if resolution is not None and (raw_shape[-1] != resolution or raw_shape[-2] != resolution):
+            raise DatasetError(f'{path}: images are {raw_shape[-2]}x{raw_shape[-1]}, expected {resolution}x{resolution}')
+        self._dtype = first.dtype
+        super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
+
+    # -- file access -------------------------------------------------------------------------------
+
+    def _get_zipfile(self):
+        assert self._type == 'zip'
+        if self._zipfile is None:
+            self._zipfile = zipfile.ZipFile(self._path)
+        return self._zipfile
+
+    def _open_file(self, fname):
+        if self._type == 'dir':
+            return open(os.path.join(self._path, fname), 'rb')
+        return self._get_zipfile().open(fname, 'r')
+
+    def close(self):
+        try:
+            if self._zipfile is not None:
+                self._zipfile.close()
+        finally:
+            self._zipfile = None
+
+    def __getstate__(self):
+        return dict(super().__getstate__(), _zipfile=None)
+
+    def _load_meta(self) -> dict:
+        if 'dataset.json' not in self._all_fnames:
+            return {}
+        try:
+            with self._open_file('dataset.json') as f:
+                meta = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DatasetError(f'{self._path}/dataset.json: not valid JSON ({err})') from None
+        if not isinstance(meta, dict):
+            raise DatasetError(f'{self._path}/dataset.json: expected a JSON object')
+        return meta
+
+    def _filter_subset(self, fnames, subset):
+        cases = self._meta.get('cases')
+        file_cases = self._meta.get('file_cases')
+        if not cases or not file_cases:
+            raise DatasetError(f'{self._path}: has no case-level split in dataset.json; use subset=all '
+                               f'or rebuild it with dataset_tool.py --split')
+        return [f for f in fnames if cases.get(file_cases.get(f)) == subset]
+
+    def _load_raw_image(self, raw_idx) -> np.ndarray:
+        fname = self._image_fnames[raw_idx]
+        try:
+            with self._open_file(fname) as f:
+                if fname.lower().endswith('.npy'):
+                    image = np.load(io.BytesIO(f.read()), allow_pickle=False)
+                else:
+                    image = np.array(PIL.Image.open(f))
+        except (OSError, ValueError, zipfile.BadZipFile) as err:
+            raise DatasetError(f'{self._path}/{fname}: unreadable image ({err})') from None
+        if fname.lower().endswith('.npy'):
+            if image.ndim not in (3, 4):
+                raise DatasetError(f'{self._path}/{fname}: .npy must be (C,H,W) or (C,D,H,W), got shape {image.shape}')
+        elif image.ndim == 2:
+            image = image[np.newaxis]           # HW -> CHW
+        else:
+            image = image.transpose(2, 0, 1)    # HWC -> CHW
+        if image.dtype == np.int32 or image.dtype == np.int16:  # Some PIL modes for 16-bit PNG ('I').
+            image = np.clip(image, 0, 65535).astype(np.uint16)
+        if image.dtype not in (np.uint8, np.uint16):
+            raise DatasetError(f'{self._path}/{fname}: pixel type {image.dtype} is not uint8 or uint16')
+        return image
+
+    def _load_raw_labels(self):
+        labels = self._meta.get('labels')
+        if labels is None:
+            return None
+        labels = dict(labels)
+        missing = [f for f in self._image_fnames if f not in labels]
+        if missing:
+            raise DatasetError(f'{self._path}/dataset.json: no label for {missing[0]} ({len(missing)} images unlabelled)')
+        values = [labels[fname] for fname in self._image_fnames]
+        if all(isinstance(v, int) for v in values):
+            # StyleGAN2-ADA integer class labels become one-hot vectors.
+            num = int(self._meta.get('num_classes', max(values) + 1))
+            onehot = np.zeros([len(values), num], dtype=np.float32)
+            onehot[np.arange(len(values)), values] = 1
+            return onehot
+        try:
+            array = np.array(values, dtype=np.float32)
+        except ValueError:
+            raise DatasetError(f'{self._path}/dataset.json: labels are neither ints nor equal-length float lists') from None
+        if array.ndim == 1:
+            array = array[:, None]
+        return array
+
+    # -- metadata ---------------------------------------------------------------------------------
+
+    @property
+    def path(self):
+        return self._path
+
+    @property
+    def dtype_max(self) -> int:
+        return 65535 if self._dtype == np.uint16 else 255
+
+    @property
+    def kind(self) -> str:
+        return self._meta.get('kind', 'volumes' if len(self.image_shape) == 4 else 'slices' if self._meta else 'images')
+
+    @property
+    def channels(self) -> list:
+        names = self._meta.get('channels')
+        if names and len(names) == self.num_channels:
+            return list(names)
+        return {1: ['gray'], 3: ['red', 'green', 'blue']}.get(self.num_channels, [f'ch{i}' for i in range(self.num_channels)])
+
+    @property
+    def label_names(self) -> list:
+        if not self.has_labels:
+            return []
+        names = self._meta.get('label_names')
+        if names and len(names) == self.label_dim:
+            return list(names)
+        return [f'class{i}' for i in range(self.label_dim)]
+
+    @property
+    def label_groups(self) -> list:
+        """Named one-hot groups ``[{'name', 'values'}]`` covering the label vector in order."""
+        if not self.has_labels:
+            return []
+        groups = self._meta.get('label_groups')
+        if groups and sum(len(g['values']) for g in groups) == self.label_dim:
+            return [dict(name=g['name'], values=list(g['values'])) for g in groups]
+        return [dict(name='class', values=self.label_names)]
+
+    @property
+    def normalization(self) -> dict:
+        return dict(self._meta.get('normalization') or {})
+
+    @property
+    def split(self) -> dict:
+        return dict(self._meta.get('cases') or {})
+
+    @property
+    def affines(self) -> dict:
+        return dict(self._meta.get('affines') or {})
+
+    def image_fname(self, idx) -> str:
+        return self._image_fnames[self._raw_idx[idx]]
+
+    def content_hash(self) -> str:
+        """Digest of the archive content (names + bytes): caches keyed on it go stale when the data changes."""
+        h = hashlib.sha256()
+        h.update(self.subset.encode())
+        names = sorted(f for f in self._all_fnames if f.lower().endswith(IMAGE_EXTS) or f == 'dataset.json')
+        if self._type == 'zip':
+            # The zip directory stores a CRC-32 of every member: content-based and free to read.
+            infos = {i.filename: i for i in self._get_zipfile().infolist()}
+            for name in names:
+                h.update(f'{name}:{infos[name].file_size}:{infos[name].CRC}\n'.encode())
+        else:
+            for name in names:
+                h.update(name.encode() + b'\n')
+                with open(os.path.join(self._path, name), 'rb') as f:
+                    for block in iter(lambda: f.read(1 << 20), b''):
+                        h.update(block)
+        return h.hexdigest()
+
+    def describe(self) -> dict:
+        """What a snapshot records about its training data (DESIGN.md)."""
+        return dict(path=os.path.abspath(self._path), resolution=self.resolution, channels=self.channels,
+                    label_names=self.label_names, label_groups=self.label_groups, kind=self.kind,
+                    normalization=self.normalization, dtype_max=self.dtype_max, image_shape=self.image_shape,
+                    subset=self.subset)

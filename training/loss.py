@@ -1,0 +1,185 @@
+"""StyleGAN2 losses: non-saturating logistic loss, lazy R1, path-length regularisation, style mixing.
+
+Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN" (Sec. 2.2 lazy regularisation,
+Sec. 3.2 path length, Eq. 4). Two generic hooks serve the MRI extensions without this room importing them:
+``topk_kwargs`` (a class_name such as ``mri.topk.TopK``: top-k generator updates, Sinha et al. 2020) and
+``fq_weight`` (the weight of the discriminator's feature-quantization loss that D returns in its aux dict).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import dnnlib
+from torch_utils import training_stats
+from torch_utils.ops import conv2d_gradfix
+
+
+class Loss:
+    def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, gain, cur_nimg):
+        raise NotImplementedError
+
+
+class StyleGAN2Loss(Loss):
+    def __init__(
+        self,
+        device,                         # torch.device of this rank.
+        G,                              # Generator (gradients are all-reduced by the loop, not DDP).
+        D,                              # Discriminator.
+        augment_pipe=None,              # ADA pipeline applied to everything D sees; None = off.
+        r1_gamma: float = 10,           # R1 weight (Eq. 4 of Mescheder et al. 2018).
+        style_mixing_prob: float = 0,   # Probability of mixing two latents (StyleGAN Sec. 3.1).
+        pl_weight: float = 0,           # Path-length weight; 0 = off.
+        pl_batch_shrink: int = 2,       # Path-length batch = batch // shrink (saves memory).
+        pl_decay: float = 0.01,         # EMA decay of the path-length target a.
+        pl_no_weight_grad: bool = False,  # Skip weight gradients of convs in the path-length backward.
+        topk_kwargs: dict = None,       # e.g. {'class_name': 'mri.topk.TopK', 'gamma': .99, 'min_frac': .5}; None = off.
+        dataset_size: int = None,       # Images per epoch, for the top-k schedule.
+        fq_weight: float = 0,           # Weight of D's feature-quantization loss; 0 = ignore it.
+    ):
+        super().__init__()
+        self.device = device
+        self.G = G
+        self.D = D
+        self.augment_pipe = augment_pipe
+        self.r1_gamma = r1_gamma
+        self.style_mixing_prob = style_mixing_prob
+        self.pl_weight = pl_weight
+        self.pl_batch_shrink = pl_batch_shrink
+        self.pl_decay = pl_decay
+        self.pl_no_weight_grad = pl_no_weight_grad
+        self.pl_mean = torch.zeros([], device=device)
+        self.topk = dnnlib.construct_class_by_name(**topk_kwargs) if topk_kwargs else None
+        self.dataset_size = dataset_size
+        self.fq_weight = fq_weight
+        self.topk_fraction = 1.0
+        # Sum and count of sign(D(real)) since the last ADA adjustment: kept here, on the device, so the loop
+        # syncs only once per ADA interval and a snapshot can save what is pending.
+        self.real_sign_acc = torch.zeros([2], dtype=torch.float64, device=device)
+        if self.topk is not None and not dataset_size:
+            raise ValueError('top-k needs dataset_size to count epochs')
+
+    def run_G(self, z, c, update_emas=False):
+        ws = self.G.mapping(z, c, update_emas=update_emas)
+        if self.style_mixing_prob > 0:
+            with torch.autograd.profiler.record_function('style_mixing'):
+                cutoff = torch.empty([], dtype=torch.int64, device=ws.device).random_(1, ws.shape[1])
+                cutoff = torch.where(torch.rand([], device=ws.device) < self.style_mixing_prob, cutoff,
+                                     torch.full_like(cutoff, ws.shape[1]))
+                ws[:, cutoff:] = self.G.mapping(torch.randn_like(z), c, update_emas=False)[:, cutoff:]
+        img = self.G.synthesis(ws, update_emas=update_emas)
+        return img, ws
+
+    def run_D(self, img, c, update_emas=False, update_quant=False):
+        if self.augment_pipe is not None:
+            img = self.augment_pipe(img)
+        logits, aux = self.D(img, c, update_emas=update_emas, update_quant=update_quant, return_aux=True)
+        return logits, aux
+
+    def _fq_term(self, aux, name):
+        if self.fq_weight == 0 or aux is None:
+            return 0
+        fq_loss = aux.get('fq_loss', 0)
+        if torch.is_tensor(fq_loss):
+            training_stats.report(f'Loss/{name}/fq', fq_loss)
+            for res, value in aux.get('fq_perplexity', {}).items():
+                training_stats.report(f'FQ/perplexity{res}', value)
+            for res, value in aux.get('fq_usage', {}).items():
+                training_stats.report(f'FQ/usage{res}', value)
+        return fq_loss * self.fq_weight
+
+    def _generator_loss(self, gen_logits, cur_nimg):
+        per_sample = F.softplus(-gen_logits).flatten()  # -log(sigmoid(D(G(z)))): large logit = "real".
+        if self.topk is None:
+            return per_sample
+        epoch = cur_nimg / self.dataset_size
+        self.topk_fraction = float(self.topk.fraction(epoch))
+        k = int(self.topk.k(per_sample.shape[0], epoch))
+        training_stats.report('Loss/topk_fraction', self.topk_fraction)
+        keep = self.topk.select(gen_logits.detach().flatten(), k)
+        # Scale so that the mean over the kept samples matches the magnitude of a full-batch mean.
+        out = torch.zeros_like(per_sample)
+        out[keep] = per_sample[keep] * (per_sample.shape[0] / k)
+        return out
+
+    def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, gain, cur_nimg):
+        assert phase in ['Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth']
+        if self.pl_weight == 0:
+            phase = {'Greg': 'none', 'Gboth': 'Gmain'}.get(phase, phase)
+        if self.r1_gamma == 0:
+            phase = {'Dreg': 'none', 'Dboth': 'Dmain'}.get(phase, phase)
+
+        # Gmain: maximise logits for generated images.
+        if phase in ['Gmain', 'Gboth']:
+            with torch.autograd.profiler.record_function('Gmain_forward'):
+                gen_img, _gen_ws = self.run_G(gen_z, gen_c)
+                gen_logits, _aux = self.run_D(gen_img, gen_c)
+                training_stats.report('Loss/scores/fake', gen_logits)
+                training_stats.report('Loss/signs/fake', gen_logits.sign())
+                loss_Gmain = self._generator_loss(gen_logits, cur_nimg)
+                training_stats.report('Loss/G/loss', loss_Gmain)
+            with torch.autograd.profiler.record_function('Gmain_backward'):
+                loss_Gmain.mean().mul(gain).backward()
+
+        # Greg: path-length regularisation (StyleGAN2 Sec. 3.2).
+        if phase in ['Greg', 'Gboth']:
+            with torch.autograd.profiler.record_function('Gpl_forward'):
+                batch_size = max(gen_z.shape[0] // self.pl_batch_shrink, 1)
+                gen_img, gen_ws = self.run_G(gen_z[:batch_size], gen_c[:batch_size])
+                pl_noise = torch.randn_like(gen_img) / np.sqrt(gen_img.shape[2] * gen_img.shape[3])
+                with torch.autograd.profiler.record_function('pl_grads'), \
+                        conv2d_gradfix.no_weight_gradients(self.pl_no_weight_grad):
+                    pl_grads = torch.autograd.grad(outputs=[(gen_img * pl_noise).sum()], inputs=[gen_ws],
+                                                   create_graph=True, only_inputs=True)[0]
+                pl_lengths = pl_grads.square().sum(2).mean(1).sqrt()
+                pl_mean = self.pl_mean.lerp(pl_lengths.mean(), self.pl_decay)
+                self.pl_mean.copy_(pl_mean.detach())
+                pl_penalty = (pl_lengths - pl_mean).square()
+                training_stats.report('Loss/pl_penalty', pl_penalty)
+                loss_Gpl = pl_penalty * self.pl_weight
+                training_stats.report('Loss/G/reg', loss_Gpl)
+            with torch.autograd.profiler.record_function('Gpl_backward'):
+                loss_Gpl.mean().mul(gain).backward()
+
+        # Dmain: minimise logits for generated images.
+        loss_Dgen = 0
+        if phase in ['Dmain', 'Dboth']:
+            with torch.autograd.profiler.record_function('Dgen_forward'):
+                gen_img, _gen_ws = self.run_G(gen_z, gen_c, update_emas=True)
+                gen_logits, aux = self.run_D(gen_img, gen_c, update_emas=True, update_quant=True)
+                training_stats.report('Loss/scores/fake', gen_logits)
+                training_stats.report('Loss/signs/fake', gen_logits.sign())
+                loss_Dgen = F.softplus(gen_logits)  # -log(1 - sigmoid(D(G(z))))
+                loss_Dgen = loss_Dgen + self._fq_term(aux, 'D_fake')
+            with torch.autograd.profiler.record_function('Dgen_backward'):
+                loss_Dgen.mean().mul(gain).backward()
+
+        # Dmain: maximise logits for real images. Dr1: R1 gradient penalty on reals.
+        if phase in ['Dmain', 'Dreg', 'Dboth']:
+            name = {'Dmain': 'Dreal', 'Dreg': 'Dr1', 'Dboth': 'Dreal_Dr1'}[phase]
+            with torch.autograd.profiler.record_function(name + '_forward'):
+                real_img_tmp = real_img.detach().requires_grad_(phase in ['Dreg', 'Dboth'])
+                real_logits, aux = self.run_D(real_img_tmp, real_c, update_quant=phase in ['Dmain', 'Dboth'])
+                training_stats.report('Loss/scores/real', real_logits)
+                training_stats.report('Loss/signs/real', real_logits.sign())
+                self.real_sign_acc[0] += real_logits.detach().sign().sum().double()
+                self.real_sign_acc[1] += real_logits.numel()
+
+                loss_Dreal = 0
+                if phase in ['Dmain', 'Dboth']:
+                    loss_Dreal = F.softplus(-real_logits)  # -log(sigmoid(D(x)))
+                    loss_Dreal = loss_Dreal + self._fq_term(aux, 'D_real')
+                    training_stats.report('Loss/D/loss', loss_Dgen + loss_Dreal)
+
+                loss_Dr1 = 0
+                if phase in ['Dreg', 'Dboth']:
+                    with torch.autograd.profiler.record_function('r1_grads'), conv2d_gradfix.no_weight_gradients():
+                        r1_grads = torch.autograd.grad(outputs=[real_logits.sum()], inputs=[real_img_tmp],
+                                                       create_graph=True, only_inputs=True)[0]
+                    r1_penalty = r1_grads.square().sum(list(range(1, r1_grads.ndim)))
+                    loss_Dr1 = r1_penalty * (self.r1_gamma / 2)
+                    training_stats.report('Loss/r1_penalty', r1_penalty)
+                    training_stats.report('Loss/D/reg', loss_Dr1)
+
+            with torch.autograd.profiler.record_function(name + '_backward'):
+                (loss_Dreal + loss_Dr1).mean().mul(gain).backward()
