@@ -1,0 +1,136 @@
+"""Self-attention layer for G and D feature maps (SAGAN).
+
+Zhang, Goodfellow, Metaxas, Odena, "Self-Attention Generative Adversarial Networks", ICML 2019
+(arXiv:1805.08318), section 3: every position attends to every (pooled) position of the same feature map,
+
+    f = W_f x,  g = W_g x,  h = W_h x                 (1x1 convolutions)
+    beta_{j,i} = softmax_i(f_j . g_i)                 (SAGAN eq. 1, over key positions i)
+    o_j = W_v sum_i beta_{j,i} h_i                    (SAGAN eq. 2)
+    y = x + gain * o                                   (SAGAN eq. 3, gain initialised to 0)
+
+so the layer is exactly the identity when it is created and the network learns how much non-local evidence
+to mix in.
+
+Choices made here (see docs/hooks.md):
+- Query/key width C // key_ratio (SAGAN: C/8), value width C // 2 projected back to C by W_v (SAGAN and
+  BigGAN do this; it halves the memory of the weighted sum). Both widths are at least 1, so any C >= 1 works.
+- Logits are scaled by 1/sqrt(C // key_ratio). SAGAN has no scale, but there the 1x1 convs are spectrally
+  normalised; here they use the equalised learning rate of StyleGAN (weights N(0, 1) times 1/sqrt(fan_in) at
+  run time), which makes f and g roughly unit-variance per channel, and without the scale the softmax would
+  start almost one-hot for wide layers.
+- Keys and values are 2x2 max-pooled (SAGAN/BigGAN) by default at 64x64 and above, where the attention
+  matrix (H*W)^2 would otherwise dominate memory; smaller maps attend at full resolution.
+- The attention is written with matmul + softmax, not torch's fused scaled_dot_product_attention, because
+  D's R1 penalty differentiates D twice and the fused memory-efficient kernels have no double backward.
+- All arithmetic is in float32 whatever the input dtype; the result is cast back to the input dtype.
+"""
+
+import math
+
+import torch
+from torch.nn import functional as F
+
+#----------------------------------------------------------------------------
+
+class EqualLinear1x1(torch.nn.Module):
+    """1x1 convolution on [N, C, L] tensors with StyleGAN's equalised learning rate (no bias).
+
+    The stored weight is N(0, 1) / lr_multiplier and is multiplied by lr_multiplier / sqrt(in_channels) at
+    run time, so every layer learns at the same speed under Adam whatever its fan-in (Karras et al. 2018,
+    "Progressive Growing of GANs", section 4.1).
+    """
+
+    def __init__(self,
+        in_channels,                    # Number of input channels.
+        out_channels,                   # Number of output channels.
+        lr_multiplier   = 1,            # Learning-rate multiplier.
+    ):
+        super().__init__()
+        self.in_channels = int(in_channels)
+        self.out_channels = int(out_channels)
+        self.weight = torch.nn.Parameter(torch.randn([self.out_channels, self.in_channels]) / lr_multiplier)
+        self.weight_gain = lr_multiplier / math.sqrt(self.in_channels)
+
+    def forward(self, x):
+        w = self.weight.to(torch.float32) * self.weight_gain
+        return torch.matmul(w, x)       # [O, I] @ [N, I, L] -> [N, O, L]
+
+    def extra_repr(self):
+        return f'in_channels={self.in_channels}, out_channels={self.out_channels}'
+
+#----------------------------------------------------------------------------
+
+class SelfAttention(torch.nn.Module):
+    """SAGAN self-attention block: `y = x + gain * attention(x)`, identity at initialisation.
+
+    Built by training.networks as `construct_class_by_name(class_name='mri.attention.SelfAttention',
+    channels=C, resolution=R, **attn_kwargs)` and applied to a block's [N, C, R, R] output.
+    """
+
+    def __init__(self,
+        channels,                       # Number of input (= output) channels, >= 1.
+        resolution      = None,         # Expected spatial size R of an [N, C, R, R] input; None = any size.
+        key_ratio       = 8,            # Query/key width is channels // key_ratio (at least 1).
+        value_ratio     = 2,            # Value width is channels // value_ratio (at least 1), projected back to channels.
+        pool            = None,         # 2x2 max-pool keys/values: True, False, None = when H*W >= pool_min_pixels.
+        pool_min_pixels = 64 * 64,      # Spatial size at which pool=None starts pooling.
+        lr_multiplier   = 1,            # Learning-rate multiplier of the 1x1 convolutions.
+    ):
+        super().__init__()
+        if int(channels) < 1:
+            raise ValueError(f'mri/attention.py: channels must be >= 1, got {channels}')
+        if int(key_ratio) < 1 or int(value_ratio) < 1:
+            raise ValueError(f'mri/attention.py: key_ratio and value_ratio must be >= 1, got {key_ratio}, {value_ratio}')
+        if pool not in (None, True, False):
+            raise ValueError(f'mri/attention.py: pool must be True, False or None, got {pool!r}')
+        self.channels = int(channels)
+        self.resolution = None if resolution is None else int(resolution)
+        self.key_channels = max(self.channels // int(key_ratio), 1)
+        self.value_channels = max(self.channels // int(value_ratio), 1)
+        self.pool = pool
+        self.pool_min_pixels = int(pool_min_pixels)
+
+        self.query = EqualLinear1x1(self.channels, self.key_channels, lr_multiplier=lr_multiplier)
+        self.key = EqualLinear1x1(self.channels, self.key_channels, lr_multiplier=lr_multiplier)
+        self.value = EqualLinear1x1(self.channels, self.value_channels, lr_multiplier=lr_multiplier)
+        self.out = EqualLinear1x1(self.value_channels, self.channels, lr_multiplier=lr_multiplier)
+        # SAGAN eq. 3: gamma = 0 at the start, so the block begins as the identity and G/D first rely on local
+        # convolutions, then learn to add non-local evidence.
+        self.gain = torch.nn.Parameter(torch.zeros([]))
+
+    def uses_pool(self, height, width):
+        """Whether keys/values are max-pooled for an input of this spatial size."""
+        if self.pool is None:
+            return height * width >= self.pool_min_pixels and height >= 2 and width >= 2
+        return bool(self.pool)
+
+    def forward(self, x):
+        if x.ndim != 4 or x.shape[1] != self.channels:
+            raise ValueError(f'mri/attention.py: expected input [N, {self.channels}, H, W], got {list(x.shape)}')
+        N, C, H, W = x.shape
+        if self.resolution is not None and (H != self.resolution or W != self.resolution):
+            raise ValueError(f'mri/attention.py: layer built for {self.resolution}x{self.resolution}, got {H}x{W}')
+        dtype = x.dtype
+        x32 = x.to(torch.float32)
+
+        kv = x32
+        if self.uses_pool(H, W):
+            kv = F.max_pool2d(x32, kernel_size=2, stride=2, ceil_mode=True)   # ceil_mode: odd sizes keep their edge
+        q = self.query(x32.reshape(N, C, H * W))                        # [N, Ck, L]
+        k = self.key(kv.reshape(N, C, -1))                              # [N, Ck, L']
+        v = self.value(kv.reshape(N, C, -1))                            # [N, Cv, L']
+
+        logits = torch.matmul(q.transpose(1, 2), k) * (1 / math.sqrt(self.key_channels))    # [N, L, L']
+        beta = torch.softmax(logits, dim=2)                             # SAGAN eq. 1: over key positions
+        o = torch.matmul(v, beta.transpose(1, 2))                       # [N, Cv, L]: SAGAN eq. 2
+        o = self.out(o).reshape(N, C, H, W)
+
+        y = x32 + self.gain.to(torch.float32) * o                      # SAGAN eq. 3
+        assert y.shape == x.shape
+        return y.to(dtype)
+
+    def extra_repr(self):
+        return (f'channels={self.channels}, resolution={self.resolution}, key_channels={self.key_channels}, '
+                f'value_channels={self.value_channels}, pool={self.pool}')
+
+#----------------------------------------------------------------------------
