@@ -22,12 +22,13 @@ def _worker(rank, c, init_file, out_dir):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_keeps_ranks_identical(tmp_path):
+@pytest.mark.parametrize('hooks', [{}, dict(topk=True, fq_res='8', fq_dict=16, attn_res='8')], ids=['plain', 'mri-hooks'])
+def test_two_process_gloo_keeps_ranks_identical(tmp_path, hooks):
     from training.config import setup_training_config
     data = make_png_folder(str(tmp_path / 'data'), n=8, res=16, num_classes=2)
     c = setup_training_config(data=data, gpus=2, batch=4, cond=True, cbase=256, cmax=16, map_depth=1, kimg=0.024,
                               tick=0.012, snap=1, metrics='none', workers=0, device='cpu', aug='fixed', p=0.5,
-                              fq_res=None, attn_res=None)
+                              **hooks)
     c.run_dir = str(tmp_path / 'run')
     os.makedirs(c.run_dir)
     mp.start_processes(_worker, args=(c, str(tmp_path / 'init'), str(tmp_path)), nprocs=2, start_method='spawn')

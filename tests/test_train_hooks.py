@@ -1,0 +1,67 @@
+"""The MRI training hooks (top-k, feature quantization, attention) through the real loop: train, snapshot, resume."""
+
+import json
+import os
+
+import pytest
+import torch
+
+from tests.helpers import make_png_folder
+from torch_utils import snapshot, training_stats
+from training import checkpoint
+from training.config import setup_training_config
+from training.training_loop import training_loop
+
+HOOKS = {
+    'topk': dict(topk=True, topk_gamma=0.5, topk_min=0.25),
+    'fq': dict(fq_res='8', fq_dict=16, fq_decay=0.8, fq_weight=1.0),
+    'attn': dict(attn_res='8'),
+}
+
+
+def _train(data, run_dir, kimg, **hook):
+    training_stats.reset()
+    c = setup_training_config(data=data, batch=4, cond=True, cbase=256, cmax=16, map_depth=1, kimg=kimg, tick=0.008,
+                              snap=1, metrics='none', workers=0, device='cpu', aug='ada', target=0.0, **hook)
+    if os.path.isdir(run_dir) and os.path.isfile(os.path.join(run_dir, checkpoint.STATE_NAME)):
+        c.resume_run = run_dir
+    os.makedirs(run_dir, exist_ok=True)
+    kwargs = {k: v for k, v in c.items() if k not in ('num_gpus',)}
+    kwargs['run_dir'] = run_dir
+    return training_loop(**kwargs)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_png_folder(str(tmp_path_factory.mktemp('d') / 'pngs'), n=8, res=16, num_classes=2)
+
+
+@pytest.mark.parametrize('name', list(HOOKS))
+def test_hook_trains_snapshots_and_resumes(name, data, tmp_path):
+    run = str(tmp_path / 'run')
+    _train(data, run, 0.016, **HOOKS[name])
+    snap = snapshot.load_snapshot(checkpoint.latest_snapshot(run))
+    state = checkpoint.load_training_state(run)
+    with open(os.path.join(run, 'stats.jsonl')) as f:
+        stats = [json.loads(line) for line in f]
+    if name == 'topk':
+        # 8 images per epoch; the last G step of 16 images starts at 12 seen: 0.5 ** (12 / 8), then the floor.
+        assert state['topk_fraction'] == pytest.approx(0.5 ** 1.5, abs=1e-6)
+        assert 'Loss/topk_fraction' in stats[-1]
+        assert snap.extra.config['training_set_kwargs']['use_labels']
+    if name == 'fq':
+        assert any(k.startswith('quantizers.8.') for k in snap.D.state_dict())
+        assert 'FQ/perplexity8' in stats[-1] and 'Loss/D_real/fq' in stats[-1]
+        embed_before = snap.D.state_dict()['quantizers.8.embed'].clone()
+    if name == 'attn':
+        assert hasattr(snap.G_ema.synthesis, 'attn8') or any('attn8' in k for k in snap.G_ema.state_dict())
+        assert any('attn8' in k for k in snap.D.state_dict())
+    result = _train(data, run, 0.032, **HOOKS[name])
+    assert result.cur_nimg == 32
+    after = checkpoint.load_training_state(run)
+    assert after['cur_nimg'] == 32
+    if name == 'topk':
+        assert after['topk_fraction'] == pytest.approx(0.25)
+    if name == 'fq':
+        resumed = snapshot.load_snapshot(checkpoint.latest_snapshot(run))
+        assert not torch.equal(resumed.D.state_dict()['quantizers.8.embed'], embed_before)  # dictionary kept moving
