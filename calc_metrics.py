@@ -1,0 +1,144 @@
+"""Compute quality metrics of a trained generator snapshot (docs/metrics.md lists them).
+
+    python calc_metrics.py --network run/network-snapshot-001000.pt --metrics fid10k_full,msssim_div
+    python calc_metrics.py --network net.pt --metrics fid50k_full --data brats.zip --subset val --gpus 4
+
+Defaults for the real data (path, resolution, mirroring, subset) come from the snapshot's dataset description.
+Each result is printed and appended as a JSON line to ``metric-<name>.jsonl`` in the run directory.
+"""
+
+import os
+import tempfile
+
+import click
+import torch
+
+import dnnlib
+from metrics import detectors
+from metrics import metric_main
+from metrics import metric_utils
+from torch_utils import snapshot
+
+_EXPECTED = (metric_utils.MetricError, detectors.DetectorError, snapshot.SnapshotError, dnnlib.DownloadError)
+
+
+def _expected_errors():
+    errors = list(_EXPECTED)
+    try:
+        from training.dataset import DatasetError
+        errors.append(DatasetError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _snapshot_defaults(snap) -> dict:
+    """Data path, resolution, subset and mirroring recorded with the snapshot (missing keys are None)."""
+    ds = dict(snap.get('dataset') or {})
+    extra = dict(snap.get('extra') or {})
+    train_kwargs = dict((extra.get('training_options') or {}).get('training_set_kwargs') or extra.get('training_set_kwargs') or {})
+    mirror = ds.get('xflip', train_kwargs.get('xflip', extra.get('mirror')))
+    return dict(path=ds.get('path') or train_kwargs.get('path'), resolution=ds.get('resolution'),
+                subset=ds.get('subset') or train_kwargs.get('subset'), xflip=mirror)
+
+
+def calc_metrics(
+    network: str,               # Snapshot path (.pt; .pkl only with allow_pickle).
+    metrics: list,              # Metric names.
+    data: str = None,           # Real data; None = the snapshot's.
+    subset: str = None,         # 'train', 'val' or 'all'; None = the snapshot's, else 'all'.
+    mirror: bool = None,        # x-flipped copies of the reals; None = the snapshot's, else False.
+    gpus: int = 1,              # Processes (one per GPU); on a machine without CUDA, 1 = CPU.
+    channel=None,               # Channel name or index; None = each image channel.
+    num_gen: int = None,        # Generated count override.
+    detector: str = None,       # Inception override.
+    vgg_detector: str = None,   # VGG16 override.
+    allow_pickle: bool = False, # Allow .pkl networks/detectors (runs code).
+    run_dir: str = None,        # Where metric-<name>.jsonl goes; None = the snapshot's folder.
+    batch: int = 64,            # Images per process per step.
+    rank: int = 0,              # This process (set by the launcher).
+    progress: bool = True,      # Status lines on stderr.
+) -> list:
+    """Evaluate ``metrics`` on this rank; returns the result dicts (rank 0 also reports them)."""
+    for metric in metrics:
+        if not metric_main.is_valid_metric(metric):
+            raise metric_utils.MetricError(f'unknown metric {metric!r}; valid metrics: {", ".join(metric_main.list_valid_metrics())}')
+    device = torch.device('cuda', rank) if torch.cuda.is_available() else torch.device('cpu')
+    snap = snapshot.load_snapshot(network, device='cpu', allow_pickle=allow_pickle)
+    G = snap.get('G_ema') or snap.get('G')
+    if G is None:
+        raise metric_utils.MetricError(f'{network}: holds no generator (G_ema or G)')
+    defaults = _snapshot_defaults(snap)
+    data = data or defaults['path']
+    if not data:
+        raise metric_utils.MetricError(f'{network}: records no training data path; pass --data')
+    if not os.path.exists(data):
+        raise metric_utils.MetricError(f'{data}: no such dataset (zip or folder); pass --data')
+    dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True,
+                                     max_size=None, xflip=bool(mirror if mirror is not None else defaults['xflip'] or False),
+                                     subset=subset or defaults['subset'] or 'all')
+    if defaults['resolution'] and data == defaults['path']:
+        dataset_kwargs.resolution = defaults['resolution']
+    run_dir = run_dir or os.path.dirname(os.path.abspath(network))
+    results = []
+    for metric in metrics:
+        result = metric_main.calc_metric(metric, G=G, dataset_kwargs=dataset_kwargs, num_gpus=gpus, rank=rank, device=device,
+                                         progress=progress, channel=channel, detector_url=detector,
+                                         vgg_detector_url=vgg_detector, allow_pickle=allow_pickle, num_gen=num_gen,
+                                         batch_size=batch, run_dir=run_dir)
+        if rank == 0:
+            metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=network)
+        results.append(result)
+    return results
+
+
+def _worker(rank: int, kwargs: dict, init_file: str):
+    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
+    torch.distributed.init_process_group(backend=backend, init_method=f'file://{init_file}', rank=rank,
+                                         world_size=kwargs['gpus'])
+    if torch.cuda.is_available():
+        torch.cuda.set_device(rank)
+    try:
+        calc_metrics(rank=rank, **kwargs)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _metric_list(_ctx, _param, value):
+    return [m.strip() for m in value.split(',') if m.strip() and m.strip() != 'none']
+
+
+@click.command()
+@click.option('--network', 'network',   help='Network snapshot (.pt)', metavar='PATH', required=True)
+@click.option('--metrics',              help='Comma-separated metrics', metavar='LIST', default='fid50k_full', show_default=True,
+              callback=_metric_list)
+@click.option('--data',                 help='Real data [default: the snapshot\'s]', metavar='ZIP|DIR')
+@click.option('--subset',               help='Case split of the real data [default: the snapshot\'s, else all]',
+              type=click.Choice(['train', 'val', 'all']))
+@click.option('--mirror',               help='Add x-flipped reals [default: the snapshot\'s]', type=bool, metavar='BOOL')
+@click.option('--gpus',                 help='Number of GPUs (processes)', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--channel',              help='Measure this channel (name or index) [default: each]', metavar='NAME|INT')
+@click.option('--num-gen',              help='Generated images per metric [default: the metric\'s]', type=click.IntRange(min=2),
+              metavar='INT')
+@click.option('--detector',             help='Inception network (path or URL) [default: NVIDIA\'s]', metavar='PATH|URL')
+@click.option('--vgg-detector',         help='VGG16 network for PR and PPL [default: NVIDIA\'s]', metavar='PATH|URL')
+@click.option('--allow-pickle',         help='Allow .pkl files (unpickling runs code)', is_flag=True)
+@click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR')
+@click.option('--batch',                help='Images per GPU per step', type=click.IntRange(min=1), default=64, show_default=True)
+def main(**kwargs):
+    """Compute metrics of a generator snapshot."""
+    kwargs = dnnlib.EasyDict(kwargs)
+    try:
+        if kwargs.gpus > 1:
+            if torch.cuda.is_available() and torch.cuda.device_count() < kwargs.gpus:
+                raise metric_utils.MetricError(f'--gpus {kwargs.gpus}: only {torch.cuda.device_count()} CUDA devices')
+            with tempfile.TemporaryDirectory() as tmp:
+                torch.multiprocessing.spawn(_worker, args=(dict(kwargs), os.path.join(tmp, '.dist_init')), nprocs=kwargs.gpus)
+        else:
+            calc_metrics(**kwargs)
+    except _expected_errors() as err:
+        raise click.ClickException(str(err).splitlines()[0]) from None
+
+
+if __name__ == '__main__':
+    main()  # pylint: disable=no-value-for-parameter

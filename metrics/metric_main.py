@@ -1,0 +1,204 @@
+"""The metric registry: each metric is one decorated function of the options, named as in StyleGAN2-ADA
+(Karras et al., NeurIPS 2020) where it exists there; see docs/metrics.md for what each one measures.
+
+``calc_metric(name, **options)`` runs one metric on this rank (all ranks must call it together when
+``num_gpus > 1``) and ``report_metric`` appends its result as one JSON line to ``metric-<name>.jsonl``.
+"""
+
+import json
+import os
+import time
+
+import torch
+
+import dnnlib
+from metrics import frechet_inception_distance
+from metrics import inception_score
+from metrics import kernel_inception_distance
+from metrics import metric_utils
+from metrics import msssim
+from metrics import nearest_neighbour
+from metrics import per_class
+from metrics import perceptual_path_length
+from metrics import precision_recall
+
+_metric_dict = {}  # name -> function(opts) -> dict of results
+
+
+def register_metric(fn):
+    assert callable(fn)
+    _metric_dict[fn.__name__] = fn
+    return fn
+
+
+def is_valid_metric(metric: str) -> bool:
+    return metric in _metric_dict
+
+
+def list_valid_metrics() -> list:
+    return list(_metric_dict.keys())
+
+
+def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
+    """Run one metric: ``EasyDict(results, metric, total_time, total_time_str, num_gpus)``.
+
+    ``kwargs`` are those of ``metric_utils.make_options`` (G, G_kwargs, dataset_kwargs, num_gpus, rank, device,
+    cache, progress, channel, detector_url, num_gen, ...).
+    """
+    if not is_valid_metric(metric):
+        raise metric_utils.MetricError(f'unknown metric {metric!r}; valid metrics: {", ".join(list_valid_metrics())}')
+    opts = metric_utils.make_options(**kwargs)
+    start = time.time()
+    results = _metric_dict[metric](opts)
+    total_time = time.time() - start
+
+    # Only rank 0 computes the final numbers; every rank returns them.
+    for key, value in list(results.items()):
+        if opts.num_gpus > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            value = torch.as_tensor(value, dtype=torch.float64, device=opts.device)
+            torch.distributed.broadcast(value, src=0)
+            value = float(value.cpu())
+        results[key] = float(value)
+    return dnnlib.EasyDict(results=dnnlib.EasyDict(results), metric=metric, total_time=total_time,
+                           total_time_str=dnnlib.format_time(total_time), num_gpus=opts.num_gpus)
+
+
+def report_metric(result_dict: dict, run_dir: str = None, snapshot_pkl: str = None) -> str:
+    """Print the result as one JSON line and append it to ``<run_dir>/metric-<name>.jsonl``; returns the line."""
+    metric = result_dict['metric']
+    assert is_valid_metric(metric), metric
+    if run_dir is not None and snapshot_pkl is not None:
+        snapshot_pkl = os.path.relpath(snapshot_pkl, run_dir)
+    line = json.dumps(dict(result_dict, snapshot_pkl=snapshot_pkl, timestamp=time.time()))
+    print(line)
+    if run_dir is not None and os.path.isdir(run_dir):
+        # One write of one line in append mode: concurrent readers never see half a line.
+        with open(os.path.join(run_dir, f'metric-{metric}.jsonl'), 'at') as f:
+            f.write(line + '\n')
+    return line
+
+
+# ----------------------------------------------------------------------------
+# StyleGAN2-ADA metrics. "_full": statistics of the whole archive; otherwise of a fixed 50k random subset.
+
+def _full(opts):
+    opts.dataset_kwargs.update(max_size=None)
+
+
+@register_metric
+def fid50k_full(opts):
+    _full(opts)
+    fid = frechet_inception_distance.compute_fid(opts, max_real=None, num_gen=metric_utils.num_generated(opts, 50000))
+    return metric_utils.per_channel_results('fid50k_full', fid)
+
+
+@register_metric
+def kid50k_full(opts):
+    _full(opts)
+    kid = kernel_inception_distance.compute_kid(opts, max_real=1000000, num_gen=metric_utils.num_generated(opts, 50000))
+    return metric_utils.per_channel_results('kid50k_full', kid)
+
+
+@register_metric
+def pr50k3_full(opts):
+    _full(opts)
+    precision, recall = precision_recall.compute_pr(opts, max_real=200000, num_gen=metric_utils.num_generated(opts, 50000))
+    return dict(metric_utils.per_channel_results('pr50k3_full_precision', precision),
+                **metric_utils.per_channel_results('pr50k3_full_recall', recall))
+
+
+@register_metric
+def is50k(opts):
+    _full(opts)
+    mean, std = inception_score.compute_is(opts, num_gen=metric_utils.num_generated(opts, 50000), num_splits=10)
+    return dict(metric_utils.per_channel_results('is50k_mean', mean), **metric_utils.per_channel_results('is50k_std', std))
+
+
+@register_metric
+def ppl2_wend(opts):
+    ppl = perceptual_path_length.compute_ppl(opts, num_samples=metric_utils.num_generated(opts, 50000), epsilon=1e-4,
+                                             space='w', sampling='end')
+    return metric_utils.per_channel_results('ppl2_wend', ppl)
+
+
+@register_metric
+def fid50k(opts):
+    _full(opts)
+    fid = frechet_inception_distance.compute_fid(opts, max_real=50000, num_gen=metric_utils.num_generated(opts, 50000))
+    return metric_utils.per_channel_results('fid50k', fid)
+
+
+@register_metric
+def kid50k(opts):
+    _full(opts)
+    kid = kernel_inception_distance.compute_kid(opts, max_real=50000, num_gen=metric_utils.num_generated(opts, 50000))
+    return metric_utils.per_channel_results('kid50k', kid)
+
+
+@register_metric
+def pr50k3(opts):
+    _full(opts)
+    precision, recall = precision_recall.compute_pr(opts, max_real=50000, num_gen=metric_utils.num_generated(opts, 50000))
+    return dict(metric_utils.per_channel_results('pr50k3_precision', precision),
+                **metric_utils.per_channel_results('pr50k3_recall', recall))
+
+
+# ----------------------------------------------------------------------------
+# Small-data variants: MRI archives hold thousands of slices, not 70k photographs.
+
+@register_metric
+def fid10k_full(opts):
+    _full(opts)
+    fid = frechet_inception_distance.compute_fid(opts, max_real=None, num_gen=metric_utils.num_generated(opts, 10000))
+    return metric_utils.per_channel_results('fid10k_full', fid)
+
+
+@register_metric
+def kid10k_full(opts):
+    _full(opts)
+    kid = kernel_inception_distance.compute_kid(opts, max_real=1000000, num_gen=metric_utils.num_generated(opts, 10000))
+    return metric_utils.per_channel_results('kid10k_full', kid)
+
+
+@register_metric
+def pr10k3_full(opts):
+    _full(opts)
+    precision, recall = precision_recall.compute_pr(opts, max_real=200000, num_gen=metric_utils.num_generated(opts, 10000))
+    return dict(metric_utils.per_channel_results('pr10k3_full_precision', precision),
+                **metric_utils.per_channel_results('pr10k3_full_recall', recall))
+
+
+# ----------------------------------------------------------------------------
+# Metrics for conditional MRI generators.
+
+@register_metric
+def fid_per_class(opts):
+    _full(opts)
+    per = per_class.compute_fid_per_class(opts, num_gen=metric_utils.num_generated(opts, 10000),
+                                          group_name=opts.get('class_group'))
+    results = {}
+    for value, fid in per.items():
+        results.update(metric_utils.per_channel_results(f'fid_per_class_{value}', fid))
+    results['fid_per_class'] = float(sum(results[f'fid_per_class_{v}'] for v in per) / len(per))
+    return results
+
+
+@register_metric
+def msssim_div(opts):
+    _full(opts)
+    div = msssim.compute_msssim_diversity(opts, num_images=metric_utils.num_generated(opts, 10000))
+    return dict(msssim_div=div['gen'], msssim_div_real=div['real'])
+
+
+@register_metric
+def ssim_nn(opts):
+    _full(opts)
+    nn = nearest_neighbour.compute_nn(opts, 'ssim', num_gen=metric_utils.num_generated(opts, 1000))
+    return dict(ssim_nn=nn['mean'], ssim_nn_frac_closer=nn['frac_closer'], ssim_nn_real_median=nn['real_median'])
+
+
+@register_metric
+def mse_nn(opts):
+    _full(opts)
+    nn = nearest_neighbour.compute_nn(opts, 'mse', num_gen=metric_utils.num_generated(opts, 1000))
+    return dict(mse_nn=nn['mean'], mse_nn_frac_closer=nn['frac_closer'], mse_nn_real_median=nn['real_median'])

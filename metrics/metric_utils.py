@@ -1,0 +1,416 @@
+"""Shared machinery of the metrics: options, channels, image conversion, feature statistics and their cache.
+
+The evaluation protocol follows StyleGAN2-ADA (Karras et al., NeurIPS 2020): real statistics come from the
+training archive (cached on disk), generated statistics from fresh samples of G conditioned on labels drawn
+from the archive. Work is sharded over ``num_gpus`` ranks and gathered with ``torch.distributed.all_gather``
+when a process group is initialised; everything also runs on one CPU.
+"""
+
+import copy
+import hashlib
+import json
+import os
+import tempfile
+
+import numpy as np
+import torch
+
+import dnnlib
+from metrics import detectors
+
+CACHE_FORMAT = 2  # Bump when the meaning of a cached file changes: old files are then never read.
+RGB_NAMES = (['red', 'green', 'blue'], ['r', 'g', 'b'], ['rgb_r', 'rgb_g', 'rgb_b'])
+
+
+class MetricError(RuntimeError):
+    """A metric cannot run with these inputs; the message says what to change."""
+
+
+# ----------------------------------------------------------------------------
+# Options.
+
+def make_options(
+    G=None,                     # Generator (used on a copy); None for metrics of reals only.
+    G_kwargs: dict = None,      # Extra arguments of G.forward; default noise_mode='const'.
+    dataset_kwargs: dict = None,  # dnnlib.construct_class_by_name kwargs of the real data.
+    num_gpus: int = 1,          # Ranks taking part (1 = no sharding).
+    rank: int = 0,              # This process's rank.
+    device=None,                # None = cuda:rank when available, else cpu.
+    cache: bool = True,         # Read/write real-data statistics in the cache dir.
+    progress: bool = False,     # Status line on stderr (rank 0 only).
+    channel=None,               # Channel name or index to measure; None = every image channel in turn.
+    detector_url: str = None,   # Inception override (path or URL); None = canonical, then offline fallback.
+    vgg_detector_url: str = None,  # VGG16 override for PR and PPL.
+    allow_pickle: bool = False, # Allow unpickling detector files that are plain pickles.
+    num_gen: int = None,        # Override of the generated count of every metric (quick runs).
+    batch_size: int = 64,       # Images per rank per step.
+    num_workers: int = None,    # DataLoader workers; None = 3 on CUDA, 0 on CPU.
+    run_dir: str = None,        # Where results are reported (informational here).
+    seed: int = 0,              # Base seed of latents, labels and real subsets.
+    **extra,                    # Kept as-is for metric-specific settings.
+) -> dnnlib.EasyDict:
+    assert 0 <= rank < num_gpus, (rank, num_gpus)
+    if num_gpus > 1 and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        raise MetricError(f'num_gpus={num_gpus} needs an initialised torch.distributed process group')
+    if device is None:
+        device = torch.device('cuda', rank) if torch.cuda.is_available() else torch.device('cpu')
+    device = torch.device(device)
+    if num_workers is None:
+        num_workers = 3 if device.type == 'cuda' else 0
+    return dnnlib.EasyDict(G=G, G_kwargs=dnnlib.EasyDict(G_kwargs or {}), dataset_kwargs=dnnlib.EasyDict(dataset_kwargs or {}),
+                           num_gpus=num_gpus, rank=rank, device=device, cache=cache, progress=progress and rank == 0,
+                           channel=channel, detector_url=detector_url, vgg_detector_url=vgg_detector_url,
+                           allow_pickle=allow_pickle, num_gen=num_gen, batch_size=batch_size, num_workers=num_workers,
+                           run_dir=run_dir, seed=seed, **extra)
+
+
+def num_generated(opts, default: int) -> int:
+    """The generated count of a metric, unless ``opts.num_gen`` overrides it."""
+    return int(opts.num_gen) if opts.get('num_gen') else int(default)
+
+
+def get_detector(opts, kind: str = 'inception') -> detectors.Detector:
+    url = opts.detector_url if kind == 'inception' else opts.get('vgg_detector_url')
+    return detectors.load_detector(kind, url=url, device=opts.device, allow_pickle=opts.get('allow_pickle', False),
+                                   verbose=opts.rank == 0)
+
+
+def get_dataset(opts, **overrides):
+    if not opts.dataset_kwargs:
+        raise MetricError('no real data given (dataset_kwargs is empty); pass --data')
+    kwargs = dict(opts.dataset_kwargs, **overrides)
+    kwargs.setdefault('class_name', 'training.dataset.ImageFolderDataset')
+    dataset = dnnlib.construct_class_by_name(**kwargs)
+    if len(dataset.image_shape) != 3:
+        raise MetricError(f'{kwargs.get("path")}: images of shape {dataset.image_shape}; these metrics measure 2D '
+                          f'images [C,H,W] (volumes have their own metrics in mri/)')
+    return dataset
+
+
+def dataset_labels(dataset) -> np.ndarray:
+    """All labels ``[N, L]`` (L may be 0)."""
+    labels = [np.asarray(dataset.get_label(i), dtype=np.float32).reshape(-1) for i in range(len(dataset))]
+    return np.stack(labels) if labels else np.zeros([0, 0], np.float32)
+
+
+# ----------------------------------------------------------------------------
+# Channels and conversion to detector input.
+
+def channel_sets(names: list, channel=None) -> list:
+    """``[(suffix or None, [channel indices])]``: which channels go to the detector together.
+
+    RGB archives go in as one image; otherwise every image channel is measured on its own (repeated to
+    three for the detector), named by a suffix when there are several. Tumour-label channels (``seg_*``)
+    are masks, not images, and are never measured.
+    """
+    names = list(names)
+    image_idx = [i for i, n in enumerate(names) if not str(n).startswith('seg_')]
+    multi = len(image_idx) > 1
+    if channel is not None and str(channel) != '':
+        if isinstance(channel, int) or str(channel).isdigit():
+            idx = int(channel)
+            if not 0 <= idx < len(names):
+                raise MetricError(f'channel {idx} out of range: the data has channels {names}')
+        elif channel in names:
+            idx = names.index(channel)
+        else:
+            raise MetricError(f'unknown channel {channel!r}: the data has channels {names}')
+        if str(names[idx]).startswith('seg_'):
+            raise MetricError(f'channel {names[idx]!r} is a tumour label, not an image; choose one of '
+                              f'{[names[i] for i in image_idx]}')
+        return [(str(names[idx]) if multi else None, [idx])]
+    if [str(n).lower() for n in names] in RGB_NAMES:
+        return [(None, [0, 1, 2])]
+    if not image_idx:
+        raise MetricError(f'no image channels to measure among {names}')
+    return [(str(names[i]) if multi else None, [i]) for i in image_idx]
+
+
+def to_uint8(images: torch.Tensor, dtype_max: int = None) -> torch.Tensor:
+    """uint8/uint16 data (``dtype_max`` 255/65535) or generated floats in [-1, 1] -> uint8 0..255.
+
+    Both paths round the same way: a stored value v and the float ``v / vmax * 2 - 1`` it stands for give the
+    same byte, so reals and fakes are quantised identically.
+    """
+    if images.dtype == torch.uint8:
+        return images
+    if images.dtype.is_floating_point:
+        return (images.to(torch.float32) * 127.5 + 128).clamp(0, 255).to(torch.uint8)  # +128 = +127.5 then round.
+    if dtype_max is None:
+        raise ValueError(f'integer images of type {images.dtype} need dtype_max')
+    return (images.to(torch.float32) * (255 / dtype_max) + 0.5).floor().clamp(0, 255).to(torch.uint8)
+
+
+def to_unit(images: torch.Tensor, dtype_max: int = None) -> torch.Tensor:
+    """uint data or generated [-1, 1] floats -> float32 in [0, 1] (for MS-SSIM and nearest neighbours)."""
+    if images.dtype.is_floating_point:
+        return ((images.to(torch.float32) + 1) / 2).clamp(0, 1)
+    return images.to(torch.float32) / float(dtype_max or 255)
+
+
+def select_rgb(images: torch.Tensor, idx: list) -> torch.Tensor:
+    """Channels ``idx`` of ``[N, C, H, W]`` as three channels: one channel is repeated, three pass through."""
+    x = images[:, idx]
+    if len(idx) == 1:
+        x = x.repeat(1, 3, 1, 1)
+    assert x.shape[1] == 3, f'cannot make 3 detector channels from {len(idx)}'
+    return x
+
+
+# ----------------------------------------------------------------------------
+# Feature statistics.
+
+class FeatureStats:
+    """Running feature statistics: all rows, and/or mean and covariance (accumulated in float64)."""
+
+    def __init__(self, capture_all: bool = False, capture_mean_cov: bool = False, max_items: int = None):
+        self.capture_all = capture_all
+        self.capture_mean_cov = capture_mean_cov
+        self.max_items = max_items
+        self.num_items = 0
+        self.num_features = None
+        self.all_features = []
+        self.raw_sum = None
+        self.raw_outer = None
+
+    def is_full(self) -> bool:
+        return self.max_items is not None and self.num_items >= self.max_items
+
+    def append(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        assert x.ndim == 2, x.shape
+        if self.num_features is None:
+            self.num_features = x.shape[1]
+        assert x.shape[1] == self.num_features, (x.shape, self.num_features)
+        if self.max_items is not None:
+            x = x[:max(self.max_items - self.num_items, 0)]
+        if x.shape[0] == 0:
+            return
+        self.num_items += x.shape[0]
+        if self.capture_all:
+            self.all_features.append(x)
+        if self.capture_mean_cov:
+            x64 = x.astype(np.float64)
+            if self.raw_sum is None:
+                self.raw_sum = np.zeros([self.num_features], np.float64)
+                self.raw_outer = np.zeros([self.num_features, self.num_features], np.float64)
+            self.raw_sum += x64.sum(axis=0)
+            self.raw_outer += x64.T @ x64
+
+    def append_torch(self, x: torch.Tensor, num_gpus: int = 1) -> None:
+        """Append this rank's rows after gathering every rank's, in global order (rank-interleaved rows)."""
+        assert x.ndim == 2, x.shape
+        if num_gpus > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            parts = [torch.empty_like(x) for _ in range(num_gpus)]
+            torch.distributed.all_gather(parts, x.contiguous())
+            x = torch.stack(parts, dim=1).flatten(0, 1)  # Row j of rank r is global item j * num_gpus + r.
+        self.append(x.detach().cpu().numpy())
+
+    def get_all(self) -> np.ndarray:
+        assert self.capture_all
+        return np.concatenate(self.all_features) if self.all_features else np.zeros([0, self.num_features or 0], np.float32)
+
+    def get_mean_cov(self):
+        assert self.capture_mean_cov and self.num_items > 1, 'need at least two items for a covariance'
+        mean = self.raw_sum / self.num_items
+        cov = (self.raw_outer - self.num_items * np.outer(mean, mean)) / (self.num_items - 1)  # Unbiased, as np.cov.
+        return mean, cov
+
+    def save(self, path: str) -> None:
+        """Write atomically: a killed run never leaves half a cache file."""
+        arrays = dict(meta=np.array(json.dumps(dict(capture_all=self.capture_all, capture_mean_cov=self.capture_mean_cov,
+                                                    max_items=self.max_items, num_items=self.num_items,
+                                                    num_features=self.num_features))))
+        if self.capture_all:
+            arrays['all'] = self.get_all()
+        if self.capture_mean_cov and self.raw_sum is not None:
+            arrays['raw_sum'], arrays['raw_outer'] = self.raw_sum, self.raw_outer
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.npz')
+        try:
+            with os.fdopen(fd, 'wb') as f:
+                np.savez(f, **arrays)
+            os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a shared cache should be readable.
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    @staticmethod
+    def load(path: str) -> 'FeatureStats':
+        with np.load(path, allow_pickle=False) as data:
+            meta = json.loads(str(data['meta']))
+            stats = FeatureStats(meta['capture_all'], meta['capture_mean_cov'], meta['max_items'])
+            stats.num_items, stats.num_features = meta['num_items'], meta['num_features']
+            if stats.capture_all:
+                stats.all_features = [data['all']]
+            if 'raw_sum' in data:
+                stats.raw_sum, stats.raw_outer = data['raw_sum'], data['raw_outer']
+        return stats
+
+
+def _feature_fn(detector: detectors.Detector, what: str):
+    assert what in ('features', 'class_probs'), what
+    return getattr(detector, what)
+
+
+def _broadcast_flag(flag: bool, opts) -> bool:
+    """Rank 0 decides (e.g. 'the cache file exists') for everyone, so that all ranks run the same steps."""
+    if opts.num_gpus > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([int(flag)], device=opts.device)
+        torch.distributed.broadcast(t, src=0)
+        return bool(t.item())
+    return flag
+
+
+def _shard(indices: np.ndarray, opts) -> np.ndarray:
+    """This rank's items: equal-sized shards (wrapping round), so every rank runs the same number of steps."""
+    n = len(indices)
+    per_rank = (n - 1) // opts.num_gpus + 1
+    return indices[(np.arange(per_rank) * opts.num_gpus + opts.rank) % n]
+
+
+def dataset_cache_key(dataset, opts, content: str = None, **options) -> str:
+    """Digest of everything real-data statistics depend on: archive content, subset, detector and options."""
+    if content is None:
+        if not hasattr(dataset, 'content_hash'):
+            raise MetricError(f'{getattr(dataset, "path", dataset)}: dataset has no content_hash(); cannot key a cache on it')
+        content = dataset.content_hash()
+    key = dict(format=CACHE_FORMAT, content=content, subset=getattr(dataset, 'subset', 'all'),
+               # Path and use_labels do not change pixels: a moved archive keeps its statistics.
+               dataset_kwargs={k: v for k, v in sorted(opts.dataset_kwargs.items()) if k not in ('path', 'use_labels')},
+               **options)
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def compute_feature_stats_for_dataset(
+    opts,                       # Metric options.
+    detector,                   # detectors.Detector.
+    sets: list,                 # channel_sets(): [(suffix, indices)].
+    what: str = 'features',     # Detector output: 'features' or 'class_probs'.
+    max_items: int = None,      # Random subset of at most this many reals (fixed seed); None = all.
+    indices=None,               # Restrict to these dataset indices (e.g. one class); None = all.
+    tag: str = 'all',           # Names the restriction in the cache key (e.g. 'plane=axial').
+    **stats_kwargs,             # capture_all / capture_mean_cov.
+) -> dict:
+    """Statistics of real images per channel set ``{suffix: FeatureStats}``, from the cache when it is valid."""
+    dataset = get_dataset(opts)
+    indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    if max_items is not None and len(indices) > max_items:
+        indices = np.sort(np.random.RandomState(opts.seed).choice(indices, max_items, replace=False))
+    if len(indices) == 0:
+        raise MetricError(f'{getattr(dataset, "path", "dataset")}: no real images to measure ({tag})')
+    out, paths, todo = {}, {}, []
+    # Hashed once per call: a folder archive is read whole to hash it.
+    content = dataset.content_hash() if opts.cache and hasattr(dataset, 'content_hash') else None
+    for suffix, idx in sets:
+        if opts.cache:
+            key = dataset_cache_key(dataset, opts, content, detector=detector.digest, what=what, max_items=max_items, tag=tag,
+                                    seed=opts.seed, channels=idx, num_items=len(indices), stats=stats_kwargs)
+            paths[suffix] = dnnlib.make_cache_dir_path('gan-metrics', f'{dataset.name}-{what}-{key[:32]}.npz')
+            if _broadcast_flag(os.path.isfile(paths[suffix]), opts):
+                out[suffix] = FeatureStats.load(paths[suffix])
+                continue
+        todo.append((suffix, idx))
+    if not todo:
+        return out
+
+    for suffix, _ in todo:
+        out[suffix] = FeatureStats(max_items=len(indices), **stats_kwargs)
+    shard = _shard(indices, opts)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=opts.batch_size,
+                                         num_workers=opts.num_workers)
+    fn = _feature_fn(detector, what)
+    with dnnlib.ProgressBar(len(indices), desc=f'reals {tag}', unit='img', enabled=opts.progress) as bar:
+        for images, _labels in loader:
+            images = torch.as_tensor(images)
+            for suffix, idx in todo:
+                out[suffix].append_torch(fn(select_rgb(to_uint8(images, dataset.dtype_max), idx)), opts.num_gpus)
+            bar.update(min(images.shape[0] * opts.num_gpus, len(indices) - bar.done))  # The last shards wrap round.
+    for suffix, _ in todo:
+        if opts.cache and opts.rank == 0:
+            out[suffix].save(paths[suffix])
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Generated images.
+
+class GeneratorSampler:
+    """Draws batches from a copy of G, with labels drawn from real labels (optionally of one class)."""
+
+    def __init__(self, opts, dataset, labels: np.ndarray = None, seed_offset: int = 0):
+        if opts.G is None:
+            raise MetricError('this metric needs a generator (G)')
+        img_channels = getattr(opts.G, 'img_channels', None)
+        if img_channels is not None and img_channels != len(dataset.channels):
+            raise MetricError(f'G makes {img_channels}-channel images but {getattr(dataset, "path", "the data")} has '
+                              f'{len(dataset.channels)} channels {list(dataset.channels)}; pass the matching --data')
+        if labels is None:
+            labels = dataset_labels(dataset)
+        self.G = copy.deepcopy(opts.G).eval().requires_grad_(False).to(opts.device)
+        self.G_kwargs = dict(noise_mode='const', **opts.G_kwargs) if 'noise_mode' not in opts.G_kwargs else dict(opts.G_kwargs)
+        self.device = opts.device
+        self.c_dim = int(getattr(self.G, 'c_dim', 0))
+        self.z_dim = int(self.G.z_dim)
+        if self.c_dim > 0 and (labels is None or len(labels) == 0 or labels.shape[1] != self.c_dim):
+            raise MetricError(f'G is conditional (c_dim={self.c_dim}) but the real data has labels of shape '
+                              f'{None if labels is None else list(labels.shape)}; pass --data with the training labels')
+        self.labels = labels
+        # Different ranks draw different samples; the same (seed, rank) always draws the same ones.
+        self.rng = np.random.RandomState([opts.seed, opts.rank, seed_offset])
+
+    def labels_batch(self, n: int) -> torch.Tensor:
+        if self.c_dim == 0:
+            return torch.zeros([n, 0], device=self.device)
+        c = self.labels[self.rng.randint(len(self.labels), size=n)]
+        return torch.from_numpy(c).to(self.device)
+
+    def latents(self, n: int) -> torch.Tensor:
+        return torch.from_numpy(self.rng.randn(n, self.z_dim).astype(np.float32)).to(self.device)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """``[n, C, R, R]`` float32 images in about [-1, 1]."""
+        img = self.G(self.latents(n), self.labels_batch(n), **self.G_kwargs)
+        assert img.ndim == 4 and img.shape[0] == n, img.shape
+        return img.to(torch.float32)
+
+
+def generated_batches(opts, sampler: GeneratorSampler, num_items: int, desc: str = 'fakes'):
+    """Yield this rank's generated batches until ``num_items`` images exist over all ranks."""
+    steps = (num_items - 1) // (opts.batch_size * opts.num_gpus) + 1
+    with dnnlib.ProgressBar(num_items, desc=desc, unit='img', enabled=opts.progress) as bar:
+        for _ in range(steps):
+            yield sampler.sample(opts.batch_size)
+            bar.update(min(opts.batch_size * opts.num_gpus, num_items - bar.done))
+
+
+def compute_feature_stats_for_generator(
+    opts,                       # Metric options.
+    detector,                   # detectors.Detector.
+    sets: list,                 # channel_sets(): [(suffix, indices)].
+    num_items: int,             # Generated images over all ranks.
+    what: str = 'features',     # 'features' or 'class_probs'.
+    labels: np.ndarray = None,  # Labels to condition on (rows drawn at random); None = all real labels.
+    **stats_kwargs,             # capture_all / capture_mean_cov.
+) -> dict:
+    """Statistics of generated images per channel set; one G pass serves every channel set."""
+    sampler = GeneratorSampler(opts, get_dataset(opts), labels)
+    out = {suffix: FeatureStats(max_items=num_items, **stats_kwargs) for suffix, _ in sets}
+    fn = _feature_fn(detector, what)
+    for img in generated_batches(opts, sampler, num_items):
+        for suffix, idx in sets:
+            out[suffix].append_torch(fn(select_rgb(to_uint8(img), idx)), opts.num_gpus)
+    return out
+
+
+def per_channel_results(name: str, values: dict) -> dict:
+    """``{name: value}`` for one channel set; ``{name_<channel>: v, ..., name: mean}`` for several."""
+    if list(values) == [None]:
+        return {name: float(values[None])}
+    out = {f'{name}_{suffix}': float(v) for suffix, v in values.items()}
+    out[name] = float(np.mean(list(values.values())))
+    return out
