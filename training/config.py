@@ -66,6 +66,7 @@ def setup_training_config(
     tick: float = 4,                # kimg per tick.
     snap: int = 50,                 # Ticks per snapshot.
     metrics: str = 'fid50k_full',   # Comma-separated metric names, or 'none'.
+    detector: str = None,           # Inception detector path/URL override for the metrics.
     seed: int = 0,                  # Random seed.
     resume: str = None,             # Snapshot to start from (weights only).
     freezed: int = 0,               # FreezeD layers.
@@ -226,6 +227,7 @@ def setup_training_config(
 
     # Metrics.
     c.metrics = [] if metrics in (None, '', 'none') else [m.strip() for m in metrics.split(',') if m.strip()]
+    c.metric_kwargs = dnnlib.EasyDict(detector_url=detector) if detector else dnnlib.EasyDict()
     if c.metrics:
         from metrics import metric_main
         bad = [m for m in c.metrics if not metric_main.is_valid_metric(m)]

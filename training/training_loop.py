@@ -118,6 +118,7 @@ def training_loop(
     augment_kwargs: dict = None,        # Options for the augmentation pipeline; None = off.
     loss_kwargs: dict = {},             # Options for the loss.
     metrics: list = [],                 # Metrics to evaluate at each network snapshot.
+    metric_kwargs: dict = {},           # Extra options of metric_main.calc_metric (detector_url, num_gen, ...).
     random_seed: int = 0,               # Global random seed.
     num_gpus: int = 1,                  # Number of processes taking part.
     rank: int = 0,                      # Rank of this process in [0, num_gpus).
@@ -376,7 +377,8 @@ def training_loop(
                     run_dir, rank, num_gpus, device, cur_nimg, cur_tick + 1, batch_idx, G, D, G_ema, augment_pipe, loss,
                     phases, dataset_desc, dict(training_set_kwargs=training_set_kwargs, G_kwargs=G_kwargs, D_kwargs=D_kwargs))
             if snapshot_file is not None and len(metrics) > 0 and not stopping:
-                stats_metrics.update(_evaluate_metrics(metrics, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_file))
+                stats_metrics.update(_evaluate_metrics(metrics, metric_kwargs, G_ema, training_set_kwargs, num_gpus, rank,
+                                                       device, run_dir, snapshot_file))
 
             # Collect statistics.
             stats_collector.update()
@@ -457,13 +459,13 @@ def _write_snapshot_and_state(run_dir, rank, num_gpus, device, cur_nimg, cur_tic
     return path
 
 
-def _evaluate_metrics(metrics, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_file):
+def _evaluate_metrics(metrics, metric_kwargs, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_file):
     from metrics import metric_main  # Imported lazily: runs without --metrics never load detectors.
     results = {}
     for metric in metrics:
         result = metric_main.calc_metric(metric=metric, G=G_ema, dataset_kwargs=training_set_kwargs,
-                                         num_gpus=num_gpus, rank=rank, device=device)
+                                         num_gpus=num_gpus, rank=rank, device=device, run_dir=run_dir, **metric_kwargs)
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_file)
-        results.update(result.results)
+        results.update({f'{metric}/{k}' if k != metric else k: v for k, v in result.results.items()})
     return results
