@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # The main job on the built-in phantom source (no download): phantom BraTS cases -> three-plane slice
-# archive -> a short conditional training -> images per plane. Runs on a CPU in a few minutes.
+# archive -> a short conditional training -> images per plane. About 5 minutes on a 2-core CPU; the
+# images show brain-like slices per plane, not finished quality (train longer on a GPU for that).
 # Pass an output folder as the first argument (default: quickstart/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-quickstart}"
 python3 -m pip install -q -r requirements.txt
 mkdir -p "$out"
-python3 dataset_tool.py --source phantom --phantom-cases 4 --seed 0 --kind slices --resolution 32 \
+python3 dataset_tool.py --source phantom --phantom-cases 6 --seed 0 --kind slices --resolution 32 \
     --planes axial,coronal,sagittal --split val=0.25 --dest "$out/phantom-slices.zip"
 python3 train.py --outdir "$out/runs" --data "$out/phantom-slices.zip" --cond=1 --aug=ada --mirror=1 \
-    --cbase 1024 --cmax 64 --map-depth 2 --batch 8 --kimg 0.4 --tick 0.2 --snap 1 --metrics none --workers 0
+    --cbase 1024 --cmax 64 --map-depth 2 --batch 8 --kimg 6 --tick 1 --snap 3 --metrics none --workers 0
 run=$(ls -d "$out"/runs/*/ | sort | tail -n 1)
 for plane in axial coronal sagittal; do
     python3 generate.py --network "$run" --seeds 0-3 --class "$plane" --outdir "$out/images/$plane"

@@ -1,0 +1,144 @@
+#!/usr/bin/env python
+"""Benchmark: BraTS -> archive conversion time against merely loading the same NIfTI files with nibabel.
+
+The target (issue 3): converting a case costs at most twice the time of loading its files, because loading
+.nii.gz is dominated by gzip inflation and the conversion is meant to add little on top. Both are measured in the
+same run on the same files (warm page cache, best of --repeats): the load baseline reads each file the conversion
+reads (the four modalities, plus the labels when a configuration uses them) with `np.asarray(nib.load(f).dataobj)`
+in one process; the conversion runs `mri.convert.convert_brats` end to end (discovery, validation, preprocessing,
+PNG/npy encoding, the zip written and moved into place) with the configuration's worker count.
+
+Cases: the real case from ../shared/data/brats, repeated --cases times under distinct case ids (symlinks), or
+--source phantom cases from mri.phantom. Prints a table and writes JSON.
+
+    python bench/bench_dataset_tool.py --cases 4 --out bench_dataset_tool.json
+"""
+
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+import nibabel as nib
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from mri import brats, convert  # noqa: E402
+
+REAL = Path(__file__).resolve().parents[1].parent / 'shared/data/brats'
+
+CONFIGS = {
+    # name: (ConvertOptions kwargs, needs labels)
+    'slices256-t2w-3planes':        (dict(kind='slices', resolution=256, modalities=('t2w',)), False),  # defaults
+    'slices256-t2w-3planes-rle':    (dict(kind='slices', resolution=256, modalities=('t2w',), compress_level=1), False),
+    'slices128-all+seg-npy':        (dict(kind='slices', resolution=128, modalities=brats.MODALITIES, with_seg=True), True),
+    'volumes128-t2w':               (dict(kind='volumes', volume_size=128, modalities=('t2w',)), False),
+    'volumes64-all+seg':            (dict(kind='volumes', volume_size=64, modalities=brats.MODALITIES, with_seg=True), True),
+}
+
+
+def make_sources(tmp, source, cases):
+    """A folder of `cases` cases: symlinks to the real case under new ids, or phantom cases."""
+    root = Path(tmp) / 'cases'
+    root.mkdir()
+    if source == 'phantom':
+        from mri.phantom import write_phantom_cases
+        write_phantom_cases(root, cases, seed=0, progress=False)
+        return root
+    found = brats.discover_cases(REAL)
+    for k in range(cases):
+        cf = found[k % len(found)]
+        cid = f'BraTS-BENCH-{k:05d}-000'
+        folder = root / cid
+        folder.mkdir()
+        for m, p in list(cf.files.items()) + [('seg', cf.seg)]:
+            if p is not None:
+                (folder / f'{cid}-{m}.nii.gz').symlink_to(p.resolve())
+    return root
+
+
+def cpu_seconds():
+    """CPU time of this process (all threads) and of its finished children (worker processes)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_load(root, with_seg):
+    """(wall, cpu) seconds to read every file the conversion reads, with nibabel, in one process."""
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    for cf in brats.discover_cases(root):
+        paths = [cf.files[m] for m in brats.MODALITIES] + ([cf.seg] if with_seg else [])
+        for p in paths:
+            np.asarray(nib.load(str(p)).dataobj)
+    return time.perf_counter() - t0, cpu_seconds() - c0
+
+
+def time_convert(root, dest, kwargs, workers):
+    opts = convert.ConvertOptions(**kwargs, workers=workers)
+    t0, c0 = time.perf_counter(), cpu_seconds()
+    summary = convert.convert_brats(root, dest, opts, progress=False)
+    return time.perf_counter() - t0, cpu_seconds() - c0, summary['images'], os.path.getsize(dest)
+
+
+@click.command()
+@click.option('--source',  type=click.Choice(['real', 'phantom']), default='real', show_default=True, help='Which cases')
+@click.option('--cases',   metavar='INT', type=click.IntRange(min=1), default=4, show_default=True, help='Cases to convert')
+@click.option('--workers', metavar='LIST', default='1,2', show_default=True, help='Worker counts to time')
+@click.option('--configs', metavar='LIST', default=','.join(CONFIGS), show_default=True, help='Configurations')
+@click.option('--repeats', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Best of')
+@click.option('--out',     metavar='PATH', default='bench_dataset_tool.json', show_default=True, help='JSON results')
+def main(source, cases, workers, configs, repeats, out):
+    if source == 'real' and not REAL.is_dir():
+        print(f'skipped: {REAL} not found (use --source phantom)')
+        return
+    workers = [int(w) for w in workers.split(',')]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix='bench-dataset-tool-') as tmp:
+        root = make_sources(tmp, source, cases)
+        time_load(root, True)  # warm the page cache and the imports
+        for name in configs.split(','):
+            kwargs, with_seg = CONFIGS[name]
+            # Load and conversions are interleaved per repeat, so that both see the same machine load; the ratio
+            # is the median over repeats of conversion time / load time of the same repeat.
+            runs = {w: [] for w in workers}
+            for r in range(repeats):
+                load = time_load(root, with_seg)
+                for w in workers:
+                    dest = Path(tmp) / f'{name}-{w}-{r}.zip'
+                    runs[w].append((load, time_convert(root, dest, kwargs, w)))
+                    dest.unlink()
+            for w in workers:
+                loads = [l for l, _ in runs[w]]
+                convs = [c for _, c in runs[w]]
+                ratio = float(np.median([c[0] / l[0] for l, c in runs[w]]))
+                cpu_ratio = float(np.median([c[1] / l[1] for l, c in runs[w]]))
+                seconds = min(c[0] for c in convs)
+                rows.append(dict(config=name, workers=w, cases=cases, load_s=min(l[0] for l in loads),
+                                 convert_s=seconds, ratio=ratio, load_cpu_s=min(l[1] for l in loads),
+                                 convert_cpu_s=min(c[1] for c in convs), cpu_ratio=cpu_ratio, images=convs[0][2],
+                                 archive_mib=convs[0][3] / 2**20, ms_per_case=1000 * seconds / cases))
+                print(f'{name:30s} workers={w}  load {rows[-1]["load_s"]:6.2f} s  convert {seconds:6.2f} s  '
+                      f'ratio {ratio:5.2f}  (cpu ratio {cpu_ratio:5.2f})', file=sys.stderr)
+    header = (f'{"config":30s} {"workers":>7s} {"cases":>5s} {"load s":>7s} {"convert s":>9s} {"ratio":>6s} '
+              f'{"cpu ratio":>9s} {"images":>6s} {"MiB":>7s}')
+    print(f'times: best of {repeats}; ratio: median over repeats of convert/load measured back to back; load = nibabel '
+          f'only, one process; cpu ratio: the same for CPU seconds (all threads and worker processes)')
+    print(header)
+    print('-' * len(header))
+    for r in rows:
+        print(f'{r["config"]:30s} {r["workers"]:7d} {r["cases"]:5d} {r["load_s"]:7.2f} {r["convert_s"]:9.2f} '
+              f'{r["ratio"]:6.2f} {r["cpu_ratio"]:9.2f} {r["images"]:6d} {r["archive_mib"]:7.1f}')
+    load_avg = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
+    result = {'source': source, 'cases': cases, 'repeats': repeats, 'cpu_count': os.cpu_count(),
+              'load_average_1min': load_avg, 'rows': rows}
+    Path(out).write_text(json.dumps(result, indent=1))
+    print(f'wrote {out}')
+
+
+if __name__ == '__main__':
+    main()

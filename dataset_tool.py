@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Convert BraTS MRI (or a StyleGAN2-ADA image folder) into a training archive: a thin CLI over mri.convert.
+
+The archive format extends StyleGAN2-ADA's (Karras et al., NeurIPS 2020); see docs/data.md for every option,
+the archive layout and the normalisation.
+
+Examples:
+
+\b
+  python dataset_tool.py --source ~/data/BraTS2023 --dest ~/datasets/brats-t2w-256.zip
+  python dataset_tool.py --source brats-africa --brats-root ~/data/BraTS-Africa --dest africa.zip \\
+      --modalities all --with-seg --labels tumour --split val=0.1
+  python dataset_tool.py --source phantom --phantom-cases 8 --dest phantom-vol64.zip --kind volumes --volume-size 64
+"""
+
+import sys
+
+import click
+
+from mri import archive, brats, convert, preprocess
+from mri import download as brats_africa
+
+
+def _parse_list(value, allowed, name, all_value=None):
+    items = [v.strip() for v in value.split(',') if v.strip()]
+    if all_value is not None and items == ['all']:
+        return tuple(all_value)
+    bad = [v for v in items if v not in allowed]
+    if bad or not items:
+        raise click.BadParameter(f'expected a comma-separated list of {", ".join(allowed)}, got {value!r}', param_hint=name)
+    return tuple(items)
+
+
+def _parse_split(values):
+    out = {}
+    for v in values:
+        name, sep, frac = v.partition('=')
+        try:
+            out[name.strip()] = float(frac)
+        except ValueError:
+            raise click.BadParameter(f'expected NAME=FRACTION such as val=0.1, got {v!r}', param_hint='--split') from None
+        if not sep or not name.strip():
+            raise click.BadParameter(f'expected NAME=FRACTION such as val=0.1, got {v!r}', param_hint='--split')
+    return out
+
+
+def _parse_percentiles(value):
+    try:
+        low, high = (float(x) for x in value.split(','))
+    except ValueError:
+        raise click.BadParameter(f'expected LOW,HIGH such as 0.5,99.5, got {value!r}', param_hint='--percentiles') from None
+    return low, high
+
+
+@click.command(help=__doc__)
+@click.option('--source',             metavar='PATH|WORD', required=True, help='Folder of BraTS cases, image folder/zip, brats-africa or phantom')
+@click.option('--dest',               metavar='PATH', required=True, help='Output archive: .zip or folder')
+@click.option('--kind',               type=click.Choice(['slices', 'volumes']), default='slices', show_default=True, help='2D slices or 3D cubes')
+@click.option('--planes',             metavar='LIST', default='axial,coronal,sagittal', show_default=True, help='Slice planes')
+@click.option('--resolution',         metavar='INT', type=click.IntRange(min=4), default=256, show_default=True, help='Slice side (pixels)')
+@click.option('--volume-size',        metavar='INT', type=click.IntRange(min=4), default=128, show_default=True, help='Volume cube side (voxels)')
+@click.option('--modalities',         metavar='LIST', default='t2w', show_default=True, help='t1n,t1c,t2w,t2f or all')
+@click.option('--with-seg',           is_flag=True, help='Add tumour channels seg_netc,seg_snfh,seg_et')
+@click.option('--labels',             metavar='GROUP', multiple=True, help='Extra label group: modality, tumour or a CSV path (repeatable)')
+@click.option('--normalize',          type=click.Choice(['percentile', 'minmax']), default='percentile', show_default=True, help='Per-case intensity range')
+@click.option('--percentiles',        metavar='LOW,HIGH', default='0.5,99.5', show_default=True, help='For --normalize percentile')
+@click.option('--denoise',            metavar='SIGMA', type=click.FloatRange(min=0, min_open=True), default=None, help='Gaussian denoising sigma (voxels)')
+@click.option('--bit-depth',          type=click.Choice(['8', '16']), default='16', show_default=True, help='Image bit depth')
+@click.option('--min-brain-fraction', metavar='FLOAT', type=click.FloatRange(0, 1), default=0.1, show_default=True, help='Skip slices with less brain')
+@click.option('--split',              metavar='NAME=FRAC', multiple=True, help='Case-level split, e.g. val=0.1 (repeatable)')
+@click.option('--split-seed',         metavar='INT', type=int, default=0, show_default=True, help='Seed of the split')
+@click.option('--max-cases',          metavar='INT', type=click.IntRange(min=1), default=None, help='Convert at most this many cases')
+@click.option('--workers',            metavar='INT', type=click.IntRange(min=1), default=1, show_default=True, help='Worker processes')
+@click.option('--on-error',           type=click.Choice(['fail', 'skip']), default='fail', show_default=True, help='Stop at a bad case, or skip it')
+@click.option('--compress-level',     metavar='INT', type=click.IntRange(0, 9), default=0, show_default=True, help='PNG deflate: 0 store, 1 fast RLE, 2-9 zlib')
+@click.option('--brats-root',         metavar='DIR', default=None, help='BraTS-Africa folder (else $BRATS_AFRICA_DIR)')
+@click.option('--download',           metavar='URL', default=None, help='Fetch and extract a BraTS-Africa archive')
+@click.option('--sha256',             metavar='HEX', default=None, help='Expected sha256 of --download')
+@click.option('--phantom-cases',      metavar='INT', type=click.IntRange(min=1), default=8, show_default=True, help='Cases for --source phantom')
+@click.option('--seed',               metavar='INT', type=int, default=0, show_default=True, help='Seed for --source phantom')
+@click.option('--progress/--no-progress', default=True, show_default=True, help='Show a progress line')
+def main(source, dest, kind, planes, resolution, volume_size, modalities, with_seg, labels, normalize, percentiles,
+         denoise, bit_depth, min_brain_fraction, split, split_seed, max_cases, workers, on_error, compress_level,
+         brats_root, download, sha256, phantom_cases, seed, progress):
+    low, high = _parse_percentiles(percentiles)
+    opts = convert.ConvertOptions(
+        kind=kind,
+        planes=_parse_list(planes, preprocess.PLANES, '--planes'),
+        resolution=resolution,
+        volume_size=volume_size,
+        modalities=_parse_list(modalities, brats.MODALITIES, '--modalities', all_value=brats.MODALITIES),
+        with_seg=with_seg,
+        labels=tuple(labels),
+        normalize=normalize,
+        low=low,
+        high=high,
+        denoise=denoise,
+        bit_depth=int(bit_depth),
+        min_brain_fraction=min_brain_fraction,
+        split=_parse_split(split),
+        split_seed=split_seed,
+        max_cases=max_cases,
+        workers=workers,
+        on_error=on_error,
+        compress_level=compress_level,
+    )
+    try:
+        summary = convert.convert_source(source, dest, opts, brats_root=brats_root, download=download, sha256=sha256,
+                                         phantom_cases=phantom_cases, seed=seed, progress=progress)
+    except (brats.BratsError, convert.ConversionError, archive.ArchiveError, brats_africa.NotFound,
+            brats_africa.DownloadError) as e:
+        raise click.ClickException(str(e)) from None
+    except KeyboardInterrupt:
+        click.echo(f'\ninterrupted; nothing was written to {dest}', err=True)
+        sys.exit(130)
+    click.echo(convert.format_summary(summary))
+
+
+if __name__ == '__main__':
+    main()

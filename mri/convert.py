@@ -1,0 +1,531 @@
+"""BraTS cases -> a labelled slice or volume archive for training (the engine behind dataset_tool.py).
+
+One function, `convert_brats`, runs discovery, per-case loading/validation/preprocessing (mri.brats,
+mri.preprocess) in worker processes, and the atomic archive writer (mri.archive). Slices are labelled with their
+plane (one-hot group "plane"), optionally by modality, tumour presence and per-case CSV metadata, so a conditional
+StyleGAN2-ADA generator (Karras et al., NeurIPS 2020) can be asked for e.g. an axial T2w slice with tumour.
+Volumes are cubes with the affine of their grid, for 3D generators and NIfTI export (mri.nifti).
+"""
+
+import csv
+import dataclasses
+import multiprocessing
+import os
+import shutil
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from mri import archive, brats, preprocess
+from mri.seg import SEG_CHANNELS, encode_seg
+
+TUMOUR_VALUES = ('tumour', 'no_tumour')
+
+
+class ConversionError(ValueError):
+    """A conversion cannot proceed (bad options, nothing converted); one line."""
+
+
+@dataclasses.dataclass
+class ConvertOptions:
+    kind: str = 'slices'                    # 'slices' or 'volumes'
+    planes: tuple = preprocess.PLANES       # slice planes, a subset of axial, coronal, sagittal
+    resolution: int = 256                   # slice side in pixels
+    volume_size: int = 128                  # volume cube side in voxels
+    modalities: tuple = ('t2w',)            # channels (or, with labels 'modality', one image per modality)
+    with_seg: bool = False                  # add seg_netc, seg_snfh, seg_et channels
+    labels: tuple = ()                      # extra label groups: 'modality', 'tumour', or CSV paths
+    normalize: str = 'percentile'           # 'percentile' or 'minmax'
+    low: float = 0.5                        # percentiles for normalize='percentile'
+    high: float = 99.5
+    denoise: float = None                   # Gaussian sigma in input voxels, None = off
+    bit_depth: int = 16                     # 8 or 16
+    min_brain_fraction: float = 0.1         # skip slices whose brain covers less of the square slice
+    split: dict = dataclasses.field(default_factory=dict)  # {'val': 0.1, ...}; the rest is 'train'
+    split_seed: int = 0
+    max_cases: int = None                   # None = all
+    workers: int = 1                        # processes
+    on_error: str = 'fail'                  # 'fail' or 'skip'
+    compress_level: int = 0                 # PNG deflate: 0 stored (fastest), 1 fast RLE (~2.8x smaller), 2-9 zlib
+
+    def validate(self):
+        if self.kind not in ('slices', 'volumes'):
+            raise ConversionError(f'--kind must be slices or volumes, got {self.kind!r}')
+        bad = [p for p in self.planes if p not in preprocess.PLANES]
+        if bad or not self.planes:
+            raise ConversionError(f'--planes must be a non-empty subset of {",".join(preprocess.PLANES)}, got {",".join(self.planes)}')
+        bad = [m for m in self.modalities if m not in brats.MODALITIES]
+        if bad or not self.modalities or len(set(self.modalities)) != len(self.modalities):
+            raise ConversionError(f'--modalities must be distinct names from {",".join(brats.MODALITIES)} (or all), got {",".join(self.modalities)}')
+        if self.bit_depth not in (8, 16):
+            raise ConversionError(f'--bit-depth must be 8 or 16, got {self.bit_depth}')
+        if not 0 <= self.low < self.high <= 100:
+            raise ConversionError(f'percentiles must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}')
+        if sum(self.split.values()) >= 1 or any(f < 0 for f in self.split.values()) or 'train' in self.split:
+            raise ConversionError(f'--split fractions must be >= 0, sum below 1 and not name train, got {self.split}')
+        if self.on_error not in ('fail', 'skip'):
+            raise ConversionError(f'--on-error must be fail or skip, got {self.on_error!r}')
+        for size, name in ((self.resolution, '--resolution'), (self.volume_size, '--volume-size')):
+            if size < 4:
+                raise ConversionError(f'{name} must be at least 4, got {size}')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Label groups
+
+
+def read_label_csv(path):
+    """Per-case metadata: {'groups': {column: [values]}, 'cases': {case_id: {column: value}}}."""
+    path = Path(path)
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        raise brats.BratsError(path, f'cannot read the label CSV ({e})') from None
+    if not rows or 'case_id' not in rows[0] or len(rows[0]) < 2:
+        raise brats.BratsError(path, 'a label CSV needs a header with case_id and at least one more column')
+    columns = [c for c in rows[0] if c != 'case_id']
+    cases = {}
+    for i, row in enumerate(rows, start=2):
+        cid = (row.get('case_id') or '').strip()
+        if not cid:
+            raise brats.BratsError(path, f'line {i}: empty case_id')
+        if cid in cases:
+            raise brats.BratsError(path, f'line {i}: case {cid} appears twice')
+        values = {c: (row.get(c) or '').strip() for c in columns}
+        empty = [c for c, v in values.items() if not v]
+        if empty:
+            raise brats.BratsError(path, f'line {i}: case {cid} has no value for {",".join(empty)}')
+        cases[cid] = values
+    groups = {c: sorted({v[c] for v in cases.values()}) for c in columns}
+    return {'path': str(path), 'groups': groups, 'cases': cases}
+
+
+def build_groups(opts, csvs):
+    """The label groups in order (plane first): list of {'name', 'values'}; values are unique label names."""
+    groups = []
+    if opts.kind == 'slices':
+        groups.append({'name': 'plane', 'values': [p for p in preprocess.PLANES if p in opts.planes]})
+    for spec in opts.labels:
+        if spec == 'modality':
+            groups.append({'name': 'modality', 'values': list(opts.modalities)})
+        elif spec == 'tumour':
+            groups.append({'name': 'tumour', 'values': list(TUMOUR_VALUES)})
+    taken = {v for g in groups for v in g['values']}
+    for table in csvs:
+        for column, values in table['groups'].items():
+            if any(g['name'] == column for g in groups):
+                raise brats.BratsError(table['path'], f'column {column} duplicates an existing label group')
+            # A value that would be ambiguous in label_names (e.g. 'yes' in two columns) is qualified as column=value.
+            if taken & set(values) or len(values) != len(set(values)):
+                values = [f'{column}={v}' for v in values]
+            taken |= set(values)
+            groups.append({'name': column, 'values': values, 'csv': table['path']})
+    return groups
+
+
+def label_vector(groups, assignment):
+    """Concatenated one-hot vector from {group name: value name}."""
+    vec = []
+    for g in groups:
+        onehot = [0.0] * len(g['values'])
+        onehot[g['values'].index(assignment[g['name']])] = 1.0
+        vec += onehot
+    return vec
+
+
+def assign_split(case_ids, split, seed):
+    """Case-level split: a seeded shuffle of the sorted ids, the first round(f * N) to each named subset."""
+    ids = sorted(case_ids)
+    order = np.random.RandomState(seed).permutation(len(ids))
+    result = {cid: 'train' for cid in ids}
+    pos = 0
+    for name, frac in split.items():
+        count = int(round(frac * len(ids)))
+        for i in order[pos:pos + count]:
+            result[ids[i]] = name
+        pos += count
+    return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One case (runs in a worker process)
+
+
+def _case_assignment(case_id, groups):
+    """Group values of a case that come from the CSVs."""
+    out = {}
+    for g in groups:
+        table = g.get('csv')
+        if table is None:
+            continue
+        row = _CSV_ROWS[table].get(case_id)
+        if row is None:
+            raise brats.BratsError(table, f'no row for case {case_id}', case_id)
+        raw = row[g['name']]
+        out[g['name']] = raw if raw in g['values'] else f"{g['name']}={raw}"
+    return out
+
+
+_CSV_ROWS = {}  # csv path -> {case_id: row}; set in each process by _init_worker
+
+
+def _init_worker(csv_rows):
+    _CSV_ROWS.clear()
+    _CSV_ROWS.update(csv_rows)
+
+
+def convert_case(case_files, opts, groups, threads=None):
+    """Loads, validates and converts one case. Returns a dict with 'entries' [(relpath, bytes)], 'labels'
+    [(relpath, {group: value})], 'affines', 'counts' and 'skipped_slices' per plane, 'ranges'."""
+    cid = case_files.case_id
+    need_seg = opts.with_seg or 'tumour' in opts.labels
+    base = _case_assignment(cid, groups)
+    case = brats.load_case(case_files, load_seg=need_seg, threads=threads or 1)
+    prep = preprocess.prepare_case(case, opts.modalities, opts.normalize, opts.low, opts.high, opts.denoise)
+    del case  # the full-size arrays are no longer needed
+    vmax = (1 << opts.bit_depth) - 1
+    dtype = np.uint8 if opts.bit_depth == 8 else np.uint16
+    per_modality = 'modality' in opts.labels
+    images = [(m, (m,)) for m in opts.modalities] if per_modality else [(None, tuple(opts.modalities))]
+    result = {'case_id': cid, 'entries': [], 'labels': [], 'affines': {}, 'counts': {}, 'skipped_slices': {},
+              'ranges': {m: list(r) for m, r in prep.ranges.items()}}
+
+    if opts.kind == 'volumes':
+        vols, seg = preprocess.extract_volume(prep, opts.volume_size)
+        affine = preprocess.grid_affine(prep, opts.volume_size).tolist()
+        for tag, mods in images:
+            chans = [preprocess.quantize(vols[m], vmax, dtype) for m in mods]
+            if opts.with_seg:
+                chans += list(encode_seg(seg, vmax, dtype))
+            array = np.stack(chans)
+            relpath = f'{cid}/{cid}-{tag}.npy' if tag else f'{cid}/{cid}.npy'
+            assign = dict(base, **({'modality': tag} if tag else {}))
+            if 'tumour' in opts.labels:
+                assign['tumour'] = TUMOUR_VALUES[0] if seg.any() else TUMOUR_VALUES[1]
+            result['entries'].append((relpath, archive.encode_npy(array)))
+            result['labels'].append((relpath, assign))
+            result['affines'][relpath] = affine
+        result['counts']['volumes'] = len(images)
+        return result
+
+    def one_plane(plane):
+        """Everything for one plane; planes run in parallel threads (numpy, scipy.sparse and zlib release the GIL)."""
+        indices, frac = preprocess.slice_indices(prep, plane, opts.min_brain_fraction)
+        skipped = int(np.count_nonzero(frac > 0) - len(indices))
+        if len(indices) == 0:
+            return plane, skipped, [], []
+        png_only = len(images[0][1]) == 1 and not opts.with_seg
+        slices, seg = preprocess.extract_slices(prep, plane, opts.resolution, indices, gain=vmax if png_only else 1)
+        tumour = seg.reshape(len(indices), -1).any(axis=1) if seg is not None else None
+        axis = preprocess.PLANE_AXIS[plane]
+        names = [f'{plane}-{int(i) + prep.start[axis]:03d}' for i in indices]  # index in the canonical scan
+        entries, labels = [], []
+        for tag, mods in images:
+            prefix = f'{cid}/{tag}-' if tag else f'{cid}/'
+            if png_only:
+                data = archive.encode_pngs(slices[mods[0]], opts.bit_depth, opts.compress_level, threads=1,
+                                           prescaled=True)
+                ext = 'png'
+            else:
+                chans = [preprocess.quantize(slices[m], vmax, dtype) for m in mods]
+                if opts.with_seg:
+                    chans += list(encode_seg(seg, vmax, dtype))
+                stack = np.stack(chans, axis=1)  # (n, C, H, W)
+                data = [archive.encode_npy(s) for s in stack]
+                ext = 'npy'
+            for k, name in enumerate(names):
+                relpath = f'{prefix}{name}.{ext}'
+                assign = dict(base, plane=plane, **({'modality': tag} if tag else {}))
+                if tumour is not None and 'tumour' in opts.labels:
+                    assign['tumour'] = TUMOUR_VALUES[0] if tumour[k] else TUMOUR_VALUES[1]
+                entries.append((relpath, data[k]))
+                labels.append((relpath, assign))
+        return plane, skipped, entries, labels
+
+    if (threads or 1) > 1 and len(opts.planes) > 1:
+        with ThreadPoolExecutor(min(threads, len(opts.planes))) as pool:
+            done = list(pool.map(one_plane, opts.planes))
+    else:
+        done = [one_plane(p) for p in opts.planes]
+    for plane, skipped, entries, labels in done:
+        result['skipped_slices'][plane] = skipped
+        result['counts'][plane] = len(labels)
+        result['entries'] += entries
+        result['labels'] += labels
+    return result
+
+
+def _convert_safe(args):
+    """Worker entry: a bad case comes back as an error record instead of killing the pool.
+
+    With a spool folder the encoded files go to one spool file per case and only their offsets travel back:
+    pickling tens of MB of bytes through the pool's pipe costs more CPU than converting the case."""
+    case_files, opts, groups, threads, spool = args
+    try:
+        result = convert_case(case_files, opts, groups, threads)
+    except brats.BratsError as e:
+        return {'case_id': case_files.case_id, 'error': str(e), 'file': e.path, 'problem': e.problem}
+    if spool is not None:
+        path = os.path.join(spool, f'{os.getpid()}-{case_files.case_id}.bin')
+        index, offset = [], 0
+        with open(path, 'wb') as f:
+            for relpath, data in result['entries']:
+                f.write(data)
+                index.append((relpath, offset, len(data)))
+                offset += len(data)
+        result['entries'] = None
+        result['spool'] = (path, index)
+    return result
+
+
+def _entries(result):
+    """Yields (relpath, bytes-like) of a case result; a spool file is read once and sliced without copies."""
+    if result.get('spool') is None:
+        yield from result['entries']
+        return
+    path, index = result['spool']
+    try:
+        with open(path, 'rb') as f:
+            view = memoryview(f.read())
+    finally:
+        os.remove(path)
+    for relpath, offset, length in index:
+        yield relpath, view[offset:offset + length]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+class Progress:
+    """A one-line status on stderr: done/total, rate, time left, and a free-form tail."""
+
+    def __init__(self, total, unit='cases', enabled=True, stream=None):
+        self.total, self.unit, self.enabled = total, unit, enabled
+        self.stream = stream or sys.stderr
+        self.start = time.time()
+        self.done = 0
+        self._last = 0.0
+        self._tail = ''
+        self._shown = -1
+        tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
+        self._interval, self._end = (0.2, '\r') if tty else (10.0, '\n')  # a log file gets a line every 10 s
+
+    def update(self, done, tail=None, force=False):
+        self.done = done
+        self._tail = self._tail if tail is None else tail
+        now = time.time()
+        if not self.enabled or (not force and now - self._last < self._interval and done < self.total):
+            return
+        self._last, self._shown = now, done
+        elapsed = now - self.start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (self.total - done) / rate if rate > 0 else float('nan')
+        width = 24
+        fill = int(width * done / max(self.total, 1))
+        eta = _fmt_time(left) if left == left else '?'
+        line = (f'[{"#" * fill}{"." * (width - fill)}] {done}/{self.total} {self.unit}  '
+                f'{rate:.2f} {self.unit}/s  {_fmt_time(elapsed)} elapsed, {eta} left  {self._tail}')
+        self.stream.write(f'\r{line}   ' if self._end == '\r' else line + '\n')
+        self.stream.flush()
+
+    def close(self):
+        if self.enabled:
+            if self._shown != self.done:
+                self.update(self.done, force=True)
+            if self._end == '\r':
+                self.stream.write('\n')
+            self.stream.flush()
+
+
+def _fmt_time(s):
+    s = int(round(s))
+    return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}' if s >= 3600 else f'{s // 60}:{s % 60:02d}'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The whole conversion
+
+
+def convert_brats(
+    source,                 # folder of BraTS cases (any depth)
+    dest,                   # .zip or folder
+    opts=None,              # ConvertOptions
+    progress=True,          # status line on stderr
+    source_info=None,       # extra dict recorded in dataset.json "source"
+):
+    """Converts every case under `source` into the archive `dest`. Returns a summary dict.
+
+    With on_error='fail' the first bad case raises BratsError (nothing is written); with 'skip' the bad cases are
+    listed in the summary and in `skipped.json` beside the archive."""
+    opts = opts or ConvertOptions()
+    opts.validate()
+    dest = Path(dest)
+    csvs = [read_label_csv(p) for p in opts.labels if p not in ('modality', 'tumour')]
+    groups = build_groups(opts, csvs)
+    csv_rows = {t['path']: t['cases'] for t in csvs}
+    cases = brats.discover_cases(source)
+    if opts.max_cases is not None:
+        cases = cases[:opts.max_cases]
+    split = assign_split([c.case_id for c in cases], opts.split, opts.split_seed)
+    workers = max(1, min(opts.workers, len(cases)))
+    threads = max(1, (os.cpu_count() or 1) // workers)  # threads per worker: file reads, planes, deflate
+    spool = None  # with workers, their outputs pass through files beside the archive (see _convert_safe)
+
+    t0 = time.time()
+    labels, file_cases, affines, case_split, ranges, skipped = [], {}, {}, {}, {}, []
+    counts, skipped_slices = {}, {}
+    bar = Progress(len(cases), 'cases', enabled=progress)
+    pool = None
+    with archive.ArchiveWriter(dest) as writer:
+        try:
+            if workers > 1:
+                try:
+                    spool = tempfile.mkdtemp(prefix=f'.{dest.name}.', suffix='.spool', dir=dest.parent)
+                except OSError as e:
+                    raise archive.ArchiveError(f'{dest}: cannot write beside the archive ({e.strerror or e})') from None
+            jobs = [(c, opts, groups, threads, spool) for c in cases]
+            if workers > 1:
+                ctx = multiprocessing.get_context('fork' if sys.platform.startswith('linux') else 'spawn')
+                pool = ctx.Pool(workers, initializer=_init_worker, initargs=(csv_rows,))
+                results = pool.imap(_convert_safe, jobs, chunksize=1)
+            else:
+                _init_worker(csv_rows)
+                results = map(_convert_safe, jobs)
+            for done, res in enumerate(results, start=1):
+                cid = res['case_id']
+                if 'error' in res:
+                    if opts.on_error == 'fail':
+                        raise brats.BratsError(res['file'], res['problem'], cid)
+                    skipped.append({'case': cid, 'file': res['file'], 'problem': res['problem']})
+                else:
+                    for relpath, data in _entries(res):
+                        writer.add(relpath, data)
+                        file_cases[relpath] = cid
+                    for relpath, assign in res['labels']:
+                        labels.append([relpath, label_vector(groups, assign)])
+                    affines.update(res['affines'])
+                    case_split[cid] = split[cid]
+                    ranges[cid] = res['ranges']
+                    for k, v in res['counts'].items():
+                        counts[k] = counts.get(k, 0) + v
+                    for k, v in res['skipped_slices'].items():
+                        skipped_slices[k] = skipped_slices.get(k, 0) + v
+                bar.update(done, f'{len(labels)} images, {len(skipped)} skipped')
+        finally:
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+            if spool is not None:
+                shutil.rmtree(spool, ignore_errors=True)
+            bar.close()
+        if not case_split:
+            raise ConversionError(f'{source}: no case could be converted ({len(skipped)} skipped; first: {skipped[0]["file"]}: {skipped[0]["problem"]})'
+                                  if skipped else f'{source}: no cases')
+        channels = ['modality'] if 'modality' in opts.labels else list(opts.modalities)
+        if opts.with_seg:
+            channels += list(SEG_CHANNELS)
+        meta = {
+            'labels': labels,
+            'label_names': [v for g in groups for v in g['values']],
+            'label_groups': [{'name': g['name'], 'values': g['values']} for g in groups],
+            'channels': channels,
+            'kind': opts.kind,
+            'normalization': {'method': opts.normalize, 'low': opts.low if opts.normalize == 'percentile' else 0.0,
+                              'high': opts.high if opts.normalize == 'percentile' else 100.0, 'range': [-1, 1],
+                              'bit_depth': opts.bit_depth, 'denoise': opts.denoise,
+                              'scope': 'per case and modality, over brain voxels; background -1',
+                              'case_ranges': ranges},
+            'cases': case_split,
+            'file_cases': file_cases,
+        }
+        if opts.kind == 'volumes':
+            meta['affines'] = affines
+        meta['resolution'] = opts.volume_size if opts.kind == 'volumes' else opts.resolution
+        meta['source'] = dict(source_info or {}, path=str(source), tool='dataset_tool.py',
+                              # every option that shapes the content; not the worker count, so that the archive
+                              # is byte-identical however many processes wrote it
+                              options=_jsonable({k: v for k, v in dataclasses.asdict(opts).items() if k != 'workers'}),
+                              naming=sorted({c.naming for c in cases}))
+        writer.commit(meta)
+    skipped_json = None
+    if skipped:
+        skipped_json = archive.write_json_atomic(dest.parent / 'skipped.json', skipped)
+    return {
+        'dest': str(dest), 'cases': len(case_split), 'images': len(labels), 'counts': counts,
+        'skipped_slices': skipped_slices, 'skipped_cases': skipped, 'skipped_json': str(skipped_json or ''),
+        'split': {s: sum(1 for v in case_split.values() if v == s) for s in sorted(set(case_split.values()))},
+        'seconds': time.time() - t0, 'min_brain_fraction': opts.min_brain_fraction, 'kind': opts.kind,
+    }
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    return obj if isinstance(obj, (str, int, float, bool)) or obj is None else str(obj)
+
+
+def format_summary(summary):
+    """The human summary printed at the end: cases, images per plane, skipped slices and cases with reasons."""
+    lines = [f"wrote {summary['dest']}: {summary['cases']} cases, {summary['images']} images "
+             f"in {summary['seconds']:.1f} s"]
+    if summary['split']:
+        lines.append('  split: ' + ', '.join(f'{k} {v} cases' for k, v in summary['split'].items()))
+    for k, v in summary['counts'].items():
+        extra = ''
+        if k in summary['skipped_slices']:
+            extra = (f"  ({summary['skipped_slices'][k]} brain slices skipped: brain < "
+                     f"{summary['min_brain_fraction']:g} of the slice)")
+        lines.append(f'  {k}: {v}{extra}')
+    if summary['skipped_cases']:
+        lines.append(f"  skipped {len(summary['skipped_cases'])} cases (listed in {summary['skipped_json']}):")
+        lines += [f"    {s['case']}: {s['file']}: {s['problem']}" for s in summary['skipped_cases']]
+    return '\n'.join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Source words
+
+
+def convert_source(
+    source,                 # folder / zip / 'brats-africa' / 'phantom'
+    dest,
+    opts=None,              # ConvertOptions
+    brats_root=None,        # for 'brats-africa'
+    download=None,          # URL for 'brats-africa'
+    sha256=None,
+    phantom_cases=8,        # for 'phantom'
+    seed=0,
+    progress=True,
+):
+    """Dispatches on the source and converts; returns the summary dict (see format_summary)."""
+    opts = opts or ConvertOptions()
+    src = str(source)
+    if src == 'brats-africa':
+        from mri import download as dl
+        root = dl.resolve_brats_africa(brats_root, download, sha256, progress)
+        return convert_brats(root, dest, opts, progress, {'type': 'brats-africa', 'doi': dl.DOI})
+    if src == 'phantom':
+        from mri.phantom import write_phantom_cases
+        archive.ArchiveWriter(dest).abort()  # fail on an unwritable --dest before generating anything
+        tmp = tempfile.mkdtemp(prefix='mri-phantom-')
+        try:
+            write_phantom_cases(tmp, phantom_cases, seed=seed, workers=opts.workers, progress=progress)
+            return convert_brats(tmp, dest, opts, progress, {'type': 'phantom', 'num_cases': phantom_cases, 'seed': seed})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not Path(src).exists():
+        raise brats.BratsError(src, 'no such file or folder (use a folder of BraTS cases, an image folder or zip, '
+                                    'brats-africa or phantom)')
+    from mri import image_folder
+    if image_folder.is_image_source(src):
+        return image_folder.convert_image_folder(src, dest, opts.resolution, opts.max_cases, opts.compress_level,
+                                                 progress)
+    return convert_brats(src, dest, opts, progress, {'type': 'brats'})
