@@ -16,7 +16,7 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
-from training.labels import ClassSpecError, all_classes, parse_class, valid_names_text
+from training.labels import ClassSpecError, all_classes, parse_class
 
 # BraTS label colours for overlays: NETC red, SNFH (oedema) green, ET yellow.
 SEG_COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [255, 255, 0]], dtype=np.uint8)

@@ -211,6 +211,8 @@ def open_url(
             data = None
             if attempt + 1 < num_attempts:
                 time.sleep(min(2 ** attempt, 5))
+    if data is None and isinstance(last_err, DownloadError):
+        raise last_err  # The server answered, but with other bytes than expected: not a network problem.
     if data is None:
         raise DownloadError(
             f'{url}: download failed ({type(last_err).__name__}); without network, fetch the file elsewhere and '
