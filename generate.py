@@ -25,19 +25,21 @@ SEG_COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [255, 255, 0]], dty
 def _write_png(array, path, bit_depth):
     """[H,W] grey or [H,W,3] RGB from [-1,1] floats; written atomically."""
     x = (np.asarray(array, dtype=np.float64) + 1) / 2
-    tmp = path + '.tmp.png'
     if bit_depth == 16 and x.ndim == 2:
-        PIL.Image.fromarray(np.rint(x.clip(0, 1) * 65535).astype(np.uint16)).save(tmp)
+        image = PIL.Image.fromarray(np.rint(x.clip(0, 1) * 65535).astype(np.uint16))
     else:
-        mode = 'RGB' if x.ndim == 3 else 'L'
-        PIL.Image.fromarray(np.rint(x.clip(0, 1) * 255).astype(np.uint8), mode).save(tmp)
-    os.replace(tmp, path)
+        image = PIL.Image.fromarray(np.rint(x.clip(0, 1) * 255).astype(np.uint8), 'RGB' if x.ndim == 3 else 'L')
+    _save_image(image, path)
+
+
+def _save_image(image, path):
+    with dnnlib.atomic_output(path, suffix='.png') as tmp:
+        image.save(tmp)
 
 
 def _save_npy(array, path):
-    tmp = path + '.tmp.npy'
-    np.save(tmp, array)
-    os.replace(tmp, path)
+    with dnnlib.atomic_output(path, suffix='.npy') as tmp:
+        np.save(tmp, array)
 
 
 def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> list:
@@ -63,9 +65,7 @@ def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> l
     if all(s in names for s in SEG_CHANNELS):
         seg = decode_seg(img_chw[[names.index(s) for s in SEG_CHANNELS]], axis=0).astype(np.uint8)
         written.append(f'{stem}-seg.png')
-        tmp = written[-1] + '.tmp.png'
-        PIL.Image.fromarray(seg, 'L').save(tmp)  # BraTS values 0-3, exact.
-        os.replace(tmp, written[-1])
+        _save_image(PIL.Image.fromarray(seg, 'L'), written[-1])  # BraTS values 0-3, exact.
         anatomy = [n for n in ('t2f', 't1c', 't2w', 't1n') if n in names] or [n for n in names if n not in SEG_CHANNELS]
         if anatomy:
             base = ((img_chw[names.index(anatomy[0])] + 1) * 127.5).clip(0, 255)
@@ -73,9 +73,7 @@ def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> l
             mask = seg > 0
             rgb[mask] = 0.5 * rgb[mask] + 0.5 * SEG_COLOURS[seg[mask]]
             written.append(f'{stem}-overlay.png')
-            tmp = written[-1] + '.tmp.png'
-            PIL.Image.fromarray(np.rint(rgb).astype(np.uint8), 'RGB').save(tmp)
-            os.replace(tmp, written[-1])
+            _save_image(PIL.Image.fromarray(np.rint(rgb).astype(np.uint8), 'RGB'), written[-1])
     written.append(stem + '.npy')
     _save_npy(img_chw.astype(np.float32), written[-1])
     return written

@@ -91,10 +91,8 @@ def launch_training(c: dnnlib.EasyDict, dry_run: bool = False):
         return
     os.makedirs(c.run_dir, exist_ok=True)
     if not c.get('resume_run'):
-        tmp = os.path.join(c.run_dir, 'training_options.json.tmp')
-        with open(tmp, 'wt') as f:
+        with dnnlib.atomic_output(os.path.join(c.run_dir, 'training_options.json')) as tmp, open(tmp, 'wt') as f:
             json.dump(c, f, indent=2)
-        os.replace(tmp, os.path.join(c.run_dir, 'training_options.json'))
 
     torchrun = 'WORLD_SIZE' in os.environ and 'RANK' in os.environ
     if torchrun:

@@ -23,6 +23,8 @@ import PIL.ImageDraw
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import dnnlib  # noqa: E402
+
 VARIANTS = {
     'baseline':  dict(aug='noaug'),
     'ada':       dict(aug='ada'),
@@ -107,9 +109,8 @@ def plot_curves(curves: dict, path: str, title: str, width: int = 720, height: i
             draw.ellipse([px - 3, py - 3, px + 3, py + 3], fill=colour)
         draw.line([right + 15, top + 10 + 18 * i, right + 35, top + 10 + 18 * i], fill=colour, width=3)
         draw.text((right + 40, top + 4 + 18 * i), label, fill='black')
-    tmp = path + '.tmp.png'
-    img.save(tmp)
-    os.replace(tmp, path)
+    with dnnlib.atomic_output(path, suffix='.png') as tmp:
+        img.save(tmp)
 
 
 def run_variant(name, data, outdir, kimg, tick, metric, metric_kwargs, common):

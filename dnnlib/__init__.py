@@ -2,6 +2,7 @@
 
 from .util import (  # noqa: F401
     EasyDict,
+    atomic_output,
     DownloadError,
     ProgressBar,
     call_func_by_name,

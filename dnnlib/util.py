@@ -4,6 +4,7 @@ Written for this project in the spirit of StyleGAN2-ADA's ``dnnlib.util`` so tha
 downloads that are atomic, checked and that fail with one actionable line when the network is absent.
 """
 
+import contextlib
 import hashlib
 import importlib
 import io
@@ -135,6 +136,30 @@ class ProgressBar:
 # ----------------------------------------------------------------------------
 # Cache directories and downloads.
 
+@contextlib.contextmanager
+def atomic_output(path: str, suffix: str = ''):
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error it is removed.
+
+    A killed or failing writer never leaves a half-written file under the real name.
+    ``suffix`` keeps an extension that a writer looks at (e.g. '.png', '.nii.gz').
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix=suffix)
+    os.close(fd)
+    try:
+        yield tmp
+        # mkstemp makes owner-only files; give the result the permissions a plain open() would have.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def make_cache_dir_path(*paths: str) -> str:
     """``$MRI_GAN_CACHE`` if set, else ``~/.cache/mri_gan`` (or a temp dir without a home)."""
     root = os.environ.get('MRI_GAN_CACHE')
@@ -219,16 +244,8 @@ def open_url(
             f'pass its local path instead, or place it at {cache_path}')
 
     if cache:
-        os.makedirs(cache_dir, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=cache_dir, prefix='.tmp-', suffix='.part')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                f.write(data)
-            os.replace(tmp, cache_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with atomic_output(cache_path, suffix='.part') as tmp, open(tmp, 'wb') as f:
+            f.write(data)
         return cache_path if return_filename else open(cache_path, 'rb')
     if return_filename:
         raise ValueError('return_filename=True needs cache=True')

@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import os
-import tempfile
 
 import numpy as np
 import torch
@@ -225,18 +224,8 @@ class FeatureStats:
             arrays['all'] = self.get_all()
         if self.capture_mean_cov and self.raw_sum is not None:
             arrays['raw_sum'], arrays['raw_outer'] = self.raw_sum, self.raw_outer
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix='.tmp-', suffix='.npz')
-        try:
-            with os.fdopen(fd, 'wb') as f:
-                np.savez(f, **arrays)
-            os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; a shared cache should be readable.
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        with dnnlib.atomic_output(path, suffix='.npz') as tmp, open(tmp, 'wb') as f:
+            np.savez(f, **arrays)
 
     @staticmethod
     def load(path: str) -> 'FeatureStats':

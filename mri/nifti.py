@@ -5,12 +5,12 @@ Volume archives record, per volume, the affine of the resampled grid (`dataset.j
 (NIfTI-1: Cox et al., "A (sort of) new image data format standard: NIfTI-1", NeuroImage 22, 2004).
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+import dnnlib
 
 
 def save_volume_nifti(
@@ -42,15 +42,7 @@ def save_volume_nifti(
     img.header.set_sform(affine, code=1)
     if channel_names:
         img.header['descrip'] = ','.join(channel_names)[:79].encode()
-    path.parent.mkdir(parents=True, exist_ok=True)
     suffix = '.nii.gz' if path.name.endswith('.nii.gz') else '.nii'
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix=f'.tmp{suffix}', dir=path.parent)
-    os.close(fd)
-    try:
+    with dnnlib.atomic_output(str(path), suffix=suffix) as tmp:  # the suffix tells nibabel to gzip
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
     return path

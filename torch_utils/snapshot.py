@@ -10,7 +10,6 @@ import copy
 import functools
 import inspect
 import os
-import tempfile
 
 import torch
 
@@ -114,17 +113,8 @@ def build_module(record: dict, source: str = '<snapshot>') -> torch.nn.Module:
 
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save beside the target, then rename: a killed run never leaves half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.pt')
-    os.close(fd)
-    try:
+    with dnnlib.atomic_output(path, suffix='.pt') as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def save_snapshot(path: str, modules: dict, dataset: dict = None, extra: dict = None) -> None:

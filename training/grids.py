@@ -3,10 +3,10 @@
 Any channel count: 1 channel is grey, 3 are RGB, other counts show each channel side by side in grey.
 """
 
-import os
-
 import numpy as np
 import PIL.Image
+
+import dnnlib
 
 
 def to_uint8(images: np.ndarray, drange) -> np.ndarray:
@@ -38,9 +38,8 @@ def save_image_grid(images, path: str, drange, grid_size) -> None:
     for i, tile in enumerate(tiles):
         y, x = divmod(i, gw)
         canvas[y * th:(y + 1) * th, x * tw:(x + 1) * tw] = tile
-    tmp = path + '.tmp.png'
-    PIL.Image.fromarray(canvas, 'RGB' if channels == 3 else 'L').save(tmp)
-    os.replace(tmp, path)
+    with dnnlib.atomic_output(path, suffix='.png') as tmp:
+        PIL.Image.fromarray(canvas, 'RGB' if channels == 3 else 'L').save(tmp)
 
 
 def setup_snapshot_image_grid(training_set, random_seed: int = 0, max_cols: int = 8, max_rows: int = 8,
