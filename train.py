@@ -45,7 +45,7 @@ class Logger:
 def _init_distributed(rank, num_gpus, device, init_file=None):
     import torch
     from torch_utils import training_stats
-    if num_gpus > 1:
+    if num_gpus > 1 and not torch.distributed.is_initialized():
         backend = 'nccl' if device == 'cuda' else 'gloo'
         if init_file is not None:
             torch.distributed.init_process_group(backend=backend, init_method=f'file://{init_file}', rank=rank, world_size=num_gpus)
@@ -73,8 +73,19 @@ def subprocess_fn(rank, c, init_file=None):
             logger.close()
 
 
+def _torchrun_rank():
+    """This process's rank under torchrun (its environment variables), else None."""
+    if 'WORLD_SIZE' in os.environ and 'RANK' in os.environ:
+        return int(os.environ['RANK'])
+    return None
+
+
 def launch_training(c: dnnlib.EasyDict, dry_run: bool = False):
     import torch
+    if _torchrun_rank() not in (None, 0):  # Under torchrun only rank 0 reports and writes the options.
+        if not dry_run:
+            subprocess_fn(rank=_torchrun_rank(), c=c)
+        return
     print()
     print('Training options:')
     print(json.dumps(c, indent=2))
@@ -94,12 +105,8 @@ def launch_training(c: dnnlib.EasyDict, dry_run: bool = False):
         with dnnlib.atomic_output(os.path.join(c.run_dir, 'training_options.json')) as tmp, open(tmp, 'wt') as f:
             json.dump(c, f, indent=2)
 
-    torchrun = 'WORLD_SIZE' in os.environ and 'RANK' in os.environ
-    if torchrun:
-        world = int(os.environ['WORLD_SIZE'])
-        if world != c.num_gpus:
-            c.num_gpus = world
-        subprocess_fn(rank=int(os.environ['RANK']), c=c)
+    if _torchrun_rank() is not None:
+        subprocess_fn(rank=0, c=c)
     elif c.num_gpus == 1:
         subprocess_fn(rank=0, c=c)
     else:
@@ -176,6 +183,15 @@ def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
 def main(**opts):
     """Train a (conditional) StyleGAN2-ADA on a slice archive made by dataset_tool.py."""
     opts = dnnlib.EasyDict(opts)
+    rank = _torchrun_rank()
+    if rank is not None:
+        # torchrun (one or many nodes): its world size is the process count, and rank 0 picks the run dir.
+        import torch
+        opts.gpus = int(os.environ['WORLD_SIZE'])
+        device = opts.device or ('cuda' if torch.cuda.is_available() else 'cpu')
+        if device == 'cuda':
+            torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
+        torch.distributed.init_process_group(backend='nccl' if device == 'cuda' else 'gloo')
     resume = opts.resume
     if resume is not None and os.path.isdir(resume) and opts.data is None:
         c = resume_config(resume, kimg=opts.kimg)
@@ -187,6 +203,11 @@ def main(**opts):
             c.run_dir = c.resume_run
         else:
             c.run_dir = next_run_dir(opts.outdir, describe_run(c, opts.desc))
+    if rank is not None:
+        import torch
+        shared = [c]
+        torch.distributed.broadcast_object_list(shared, src=0)  # Every rank uses rank 0's config and run dir.
+        c = shared[0]
     launch_training(c, dry_run=opts.dry_run)
 
 

@@ -39,3 +39,21 @@ def test_two_process_gloo_keeps_ranks_identical(tmp_path, hooks):
             assert torch.equal(r0[name][key], r1[name][key]), f'{name}.{key} differs between ranks'
     assert float(r0['augment_pipe']['p']) == 0.5
     assert os.path.isfile(os.path.join(c.run_dir, 'network-snapshot-000000.pt'))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_share_one_run_dir(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    data = make_png_folder(str(tmp_path / 'data'), n=8, res=16, num_classes=2)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          'train.py', '--data', data, '--outdir', str(tmp_path / 'runs'), '--cond=1', '--cbase', '256',
+                          '--cmax', '16', '--map-depth', '1', '--batch', '4', '--kimg', '0.008', '--tick', '0.008',
+                          '--snap', '1', '--metrics', 'none', '--workers', '0', '--device', 'cpu'],
+                         cwd=root, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    runs = os.listdir(str(tmp_path / 'runs'))
+    assert runs == ['00000-data-gpus2-batch4-cond']
+    assert os.path.isfile(str(tmp_path / 'runs' / runs[0] / 'network-snapshot-000000.pt'))
