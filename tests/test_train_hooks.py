@@ -65,3 +65,18 @@ def test_hook_trains_snapshots_and_resumes(name, data, tmp_path):
     if name == 'fq':
         resumed = snapshot.load_snapshot(checkpoint.latest_snapshot(run))
         assert not torch.equal(resumed.D.state_dict()['quantizers.8.embed'], embed_before)  # dictionary kept moving
+
+
+def test_freezed_keeps_highest_resolution_blocks_of_D_fixed(data, tmp_path):
+    training_stats.reset()
+    c = setup_training_config(data=data, batch=4, cond=True, cbase=256, cmax=16, map_depth=1, kimg=0.008, tick=0.008,
+                              snap=1, metrics='none', workers=0, device='cpu', aug='noaug', freezed=1, seed=5)
+    kwargs = {k: v for k, v in c.items() if k != 'num_gpus'}
+    kwargs['run_dir'] = str(tmp_path)
+    D = training_loop(**kwargs).D
+    state = checkpoint.load_training_state(str(tmp_path))
+    # Adam keeps moments only for parameters it stepped: the frozen 16x16 block has none, the next block has.
+    names = [n for n, _ in D.named_parameters()]
+    stepped = {names[int(i)] for i in state['optimizers']['D']['state']}
+    assert [n for n in names if n.startswith('b16.')] and not any(n.startswith('b16.') for n in stepped)
+    assert any(n.startswith('b8.') for n in stepped)
