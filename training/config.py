@@ -120,7 +120,6 @@ def setup_training_config(
     c.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
                                             use_labels=cond, max_size=None, xflip=mirror, resolution=res,
                                             subset=subset, random_seed=seed)
-    num_images = len(probe) // 1
     probe.close()
     c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=(device == 'cuda'), num_workers=workers,
                                            prefetch_factor=2 if workers > 0 else None,
@@ -190,7 +189,6 @@ def setup_training_config(
         if not 0 < topk_gamma <= 1 or not 0 < topk_min <= 1:
             raise click.UsageError('--topk-gamma and --topk-min must be in (0, 1]')
         c.loss_kwargs.topk_kwargs = dict(class_name='mri.topk.TopK', gamma=topk_gamma, min_frac=topk_min)
-        c.loss_kwargs.dataset_size = num_images * (2 if mirror else 1)
     c.ema_kimg = spec.ema
     c.ema_rampup = spec.ramp
     c.total_kimg = kimg if kimg is not None else spec.kimg
