@@ -10,7 +10,10 @@ only when complete, so an error or Ctrl-C never leaves a half-written archive be
 
 PNG encoding is done here rather than by Pillow because it is the hot loop of a conversion: a 16-bit slice is
 quantised straight into big-endian PNG rows (filter type 0) and deflated with zlib, whose compressor releases the
-GIL so slices compress in parallel threads. The files are standard PNG (ISO/IEC 15948) that Pillow reads as 'I;16'.
+GIL so slices compress in parallel threads. Uncompressed PNGs (the default, level 0) skip zlib's compressor: a batch
+of slices is quantised in one pass into a buffer laid out as finished files (stored deflate blocks of whole rows),
+and the zip writer takes the CRC-32 computed there instead of reading the 50 MB of a case once more. The files are
+standard PNG (ISO/IEC 15948) that Pillow reads as 'I;16'; the zip is a standard stored zip (PKWARE APPNOTE).
 """
 
 import io
@@ -19,7 +22,6 @@ import os
 import shutil
 import struct
 import tempfile
-import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -105,6 +107,97 @@ def encode_pngs(images, bit_depth=16, level=1, threads=None, prescaled=False):
         return list(pool.map(encode, range(n)))
 
 
+class _StoredLayout:
+    """Byte layout of a PNG whose IDAT is a zlib stream of stored (uncompressed) deflate blocks, each holding whole
+    scanlines, so that every sample has a fixed offset and a batch of images can be quantised straight into place.
+
+    All images of one size share it: the prefix (signature, IHDR, IDAT length) and suffix (IEND) are constant, and so
+    is `crc_fix`, which turns the running CRC-32 of the file up to the end of the IDAT data into the IDAT chunk CRC
+    (CRC-32 is affine in its start value: crc(M, a) ^ crc(M, b) depends only on a ^ b and len(M)), so one CRC pass
+    gives both the chunk CRC and the zip member's CRC."""
+
+    def __init__(self, height, width, bit_depth):
+        self.height, self.width, self.bit_depth = height, width, bit_depth
+        self.row = 1 + width * bit_depth // 8
+        if self.row > 0xFFFF:
+            raise ValueError(f'PNG rows of {self.row} bytes do not fit a stored deflate block')
+        self.rows_per_block = 0xFFFF // self.row
+        blocks = -(-height // self.rows_per_block)
+        data = height * self.row + 5 * blocks                        # scanlines + stored block headers
+        self.idat_len = 2 + data + 4                                 # zlib header, blocks, Adler-32
+        ihdr = struct.pack('>IIBBBBB', width, height, bit_depth, 0, 0, 0, 0)
+        prefix = b''.join([_PNG_SIGNATURE, *_chunk(b'IHDR', ihdr), struct.pack('>I', self.idat_len)])
+        self.idat_start = len(prefix)                                # offset of the b'IDAT' tag
+        self.data_end = self.idat_start + 4 + self.idat_len          # end of the CRC'd IDAT tag + data
+        self.size = self.data_end + 4 + 12                           # + IDAT CRC + IEND chunk
+        self.template = np.zeros(self.size, np.uint8)
+        self.template[:len(prefix)] = np.frombuffer(prefix, np.uint8)
+        head = self.idat_start + 4
+        self.template[self.idat_start:head] = np.frombuffer(b'IDAT', np.uint8)
+        self.template[head:head + 2] = (0x78, 0x01)                  # zlib: deflate, 32K window, no dictionary
+        self.blocks = []                                             # (first row, rows, offset of first row)
+        pos = head + 2
+        for first in range(0, height, self.rows_per_block):
+            rows = min(self.rows_per_block, height - first)
+            length = rows * self.row
+            final = first + rows == height
+            self.template[pos:pos + 5] = np.frombuffer(struct.pack('<BHH', final, length, length ^ 0xFFFF), np.uint8)
+            self.blocks.append((first, rows, pos + 5))
+            pos += 5 + length
+        self.adler_at = pos
+        self.template[self.data_end + 4:] = np.frombuffer(b''.join(_chunk(b'IEND', b'')), np.uint8)
+        zeros = bytes(self.data_end - self.idat_start)
+        self.crc_fix = zlib.crc32(zeros, zlib.crc32(prefix)) ^ zlib.crc32(zeros)
+
+
+_LAYOUTS = {}
+
+
+def encode_stored_pngs(images, bit_depth=16, prescaled=False):
+    """(N, H, W) images -> N uncompressed PNGs (deflate 'stored' blocks, filter type 0) written into one buffer.
+
+    Input as for `encode_pngs`: uint8/uint16 stored as is, float in [0, 1] (or [0, vmax] when `prescaled`) quantised
+    to round(x * vmax). Returns (list of N memoryviews of the PNG files, list of their CRC-32s for the zip entries).
+    Quantisation, byte order and placement are one pass; then one Adler-32 and one CRC-32 pass per image."""
+    assert images.ndim == 3, f'expected (N, H, W), got {images.shape}'
+    assert bit_depth in (8, 16), bit_depth
+    n, h, w = images.shape
+    key = (h, w, bit_depth)
+    lay = _LAYOUTS.get(key)
+    if lay is None:
+        lay = _LAYOUTS[key] = _StoredLayout(h, w, bit_depth)
+    buf = np.empty((n, lay.size), np.uint8)
+    buf[...] = lay.template  # headers; the rest is overwritten below
+    vmax = (1 << bit_depth) - 1
+    dtype = np.dtype('>u2') if bit_depth == 16 else np.dtype(np.uint8)
+    floats = images.dtype.kind == 'f'
+    if floats and not prescaled:
+        images = np.clip(images * np.float32(vmax), 0, vmax)
+    for first, rows, offset in lay.blocks:
+        buf[:, offset:offset + rows * lay.row:lay.row] = 0  # filter byte 0 (None) of each scanline
+        dst = np.ndarray((n, rows, w), dtype, buffer=buf, offset=offset + 1, strides=(lay.size, lay.row, dtype.itemsize))
+        src = images[:, first:first + rows]
+        if floats:
+            # Prescaled input is a convex combination of [0, 1] values times vmax (mri.preprocess): within [0, vmax]
+            # up to float rounding, so rounding is x + 0.5 truncated, fused with the cast to big-endian samples.
+            np.add(src, np.float32(0.5), out=dst, casting='unsafe')
+        else:
+            dst[...] = src
+    adler_at, data_end = lay.adler_at, lay.data_end
+    views, crcs = [], []
+    for i in range(n):
+        png = memoryview(buf[i])
+        adler = 1
+        for _, rows, offset in lay.blocks:
+            adler = zlib.adler32(png[offset:offset + rows * lay.row], adler)
+        png[adler_at:adler_at + 4] = struct.pack('>I', adler)
+        crc = zlib.crc32(png[:data_end])
+        png[data_end:data_end + 4] = struct.pack('>I', crc ^ lay.crc_fix)
+        crcs.append(zlib.crc32(png[data_end:], crc))
+        views.append(png)
+    return views, crcs
+
+
 def encode_png(image, level=1):
     """One (H, W) uint8 or uint16 array as a PNG (8- or 16-bit by dtype)."""
     image = np.asarray(image)
@@ -130,6 +223,70 @@ def temp_path_beside(dest, tag='tmp'):
     return dest.parent / f'.{dest.name}.{tag}-{os.getpid()}'
 
 
+class _StoredZip:
+    """A minimal writer of uncompressed (stored) zip files (PKWARE APPNOTE 6.3), ZIP64 where sizes, offsets or the
+    entry count need it, as `zipfile` reads them. Unlike `zipfile.ZipFile.writestr` it takes the member's CRC-32
+    when the caller already has it (mri.archive.encode_stored_pngs computes it in the pass that fills the PNG), and
+    writes bytes-like data without copying it."""
+
+    _DOS_TIME, _DOS_DATE = 0, (_ZIP_TIME[0] - 1980) << 9 | _ZIP_TIME[1] << 5 | _ZIP_TIME[2]
+
+    def __init__(self, f):
+        self._f = f  # a binary file opened for writing, empty
+        self._pos = 0
+        self._central = []
+
+    def add(self, name, data, crc=None):
+        data = memoryview(data).cast('B')
+        size = data.nbytes
+        if crc is None:
+            crc = zlib.crc32(data)
+        encoded = name.encode('utf-8')
+        flags = 0 if encoded.isascii() else 0x800  # bit 11: the name is UTF-8
+        big = size >= 0xFFFFFFFF
+        extra = struct.pack('<HHQQ', 1, 16, size, size) if big else b''
+        size32 = 0xFFFFFFFF if big else size
+        header = struct.pack('<IHHHHHIIIHH', 0x04034B50, 45 if big else 20, flags, 0, self._DOS_TIME, self._DOS_DATE,
+                             crc, size32, size32, len(encoded), len(extra))
+        self._f.write(header + encoded + extra)
+        self._f.write(data)
+        self._central.append((encoded, flags, crc, size, self._pos))
+        self._pos += len(header) + len(encoded) + len(extra) + size
+
+    def close(self):
+        """Writes the central directory and closes the file."""
+        if self._f is None:
+            return
+        start = self._pos
+        parts = []
+        for encoded, flags, crc, size, offset in self._central:
+            z64 = []
+            if size >= 0xFFFFFFFF:
+                z64 += [size, size]
+            if offset >= 0xFFFFFFFF:
+                z64.append(offset)
+            extra = struct.pack(f'<HH{len(z64)}Q', 1, 8 * len(z64), *z64) if z64 else b''
+            size32 = 0xFFFFFFFF if size >= 0xFFFFFFFF else size
+            parts.append(struct.pack('<IHHHHHHIIIHHHHHII', 0x02014B50, 3 << 8 | (45 if z64 else 20), 45 if z64 else 20,
+                                     flags, 0, self._DOS_TIME, self._DOS_DATE, crc, size32, size32, len(encoded),
+                                     len(extra), 0, 0, 0, 0o644 << 16, min(offset, 0xFFFFFFFF)))
+            parts.append(encoded)
+            parts.append(extra)
+        central = b''.join(parts)
+        count, end = len(self._central), start + len(central)
+        tail = b''
+        if count >= 0xFFFF or start >= 0xFFFFFFFF or len(central) >= 0xFFFFFFFF:
+            tail = struct.pack('<IQHHIIQQQQ', 0x06064B50, 44, 45, 45, 0, 0, count, count, len(central), start)
+            tail += struct.pack('<IIQI', 0x07064B50, 0, end, 1)
+        tail += struct.pack('<IHHHHIIH', 0x06054B50, 0, 0, min(count, 0xFFFF), min(count, 0xFFFF),
+                            min(len(central), 0xFFFFFFFF), min(start, 0xFFFFFFFF), 0)
+        f, self._f = self._f, None
+        try:
+            f.write(central + tail)
+        finally:
+            f.close()
+
+
 class ArchiveWriter:
     """Writes a dataset archive atomically. Use as a context manager; `commit(dataset_json)` makes it visible.
 
@@ -153,10 +310,11 @@ class ArchiveWriter:
             self.dest.parent.mkdir(parents=True, exist_ok=True)
             if self.is_zip:
                 fd, tmp = tempfile.mkstemp(prefix=f'.{self.dest.name}.', suffix='.tmp', dir=self.dest.parent)
-                os.close(fd)
                 self._tmp = Path(tmp)
+                # Written through mkstemp's descriptor: reopening the name with truncation would make ext4
+                # (auto_da_alloc) flush the whole archive to disk when it is closed.
+                self._zip = _StoredZip(os.fdopen(fd, 'wb'))
                 os.chmod(self._tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the archive private
-                self._zip = zipfile.ZipFile(self._tmp, 'w', compression=zipfile.ZIP_STORED, allowZip64=True)
             else:
                 self._tmp = Path(tempfile.mkdtemp(prefix=f'.{self.dest.name}.', suffix='.tmp', dir=self.dest.parent))
                 os.chmod(self._tmp, 0o777 & ~_umask())
@@ -164,14 +322,14 @@ class ArchiveWriter:
             self._cleanup()
             raise ArchiveError(f'{self.dest}: cannot write the archive ({e.strerror or e})') from None
 
-    def add(self, relpath, data):
-        """Adds one file (bytes) at the archive-relative POSIX path `relpath`."""
+    def add(self, relpath, data, crc=None):
+        """Adds one file (bytes-like) at the archive-relative POSIX path `relpath`; `crc` is its CRC-32 if known."""
         if relpath in self.names:
             raise ValueError(f'{self.dest}: duplicate archive entry {relpath}')
         self.names.add(relpath)
         try:
             if self._zip is not None:
-                self._zip.writestr(zipfile.ZipInfo(relpath, date_time=_ZIP_TIME), data)
+                self._zip.add(relpath, data, crc)
             else:
                 path = self._tmp / relpath
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -179,13 +179,17 @@ def _init_worker(csv_rows):
     _CSV_ROWS.update(csv_rows)
 
 
-def convert_case(case_files, opts, groups, threads=None):
-    """Loads, validates and converts one case. Returns a dict with 'entries' [(relpath, bytes)], 'labels'
-    [(relpath, {group: value})], 'affines', 'counts' and 'skipped_slices' per plane, 'ranges'."""
+def convert_case(case_files, opts, groups, threads=None, loading=None):
+    """Loads, validates and converts one case. Returns a dict with 'entries' [(relpath, bytes-like, CRC-32 or None)],
+    'labels' [(relpath, {group: value})] (one per entry, same order), 'affines', 'counts' and 'skipped_slices' per
+    plane, 'ranges'. `loading`: a future of the brats.Case when the caller reads the files ahead."""
     cid = case_files.case_id
     need_seg = opts.with_seg or 'tumour' in opts.labels
     base = _case_assignment(cid, groups)
-    case = brats.load_case(case_files, load_seg=need_seg, threads=threads or 1)
+    if loading is not None:
+        case = loading.result()  # read ahead in a background thread (see _convert_in_process); raises its BratsError
+    else:
+        case = brats.load_case(case_files, load_seg=need_seg, threads=threads or 1)
     prep = preprocess.prepare_case(case, opts.modalities, opts.normalize, opts.low, opts.high, opts.denoise)
     del case  # the full-size arrays are no longer needed
     vmax = (1 << opts.bit_depth) - 1
@@ -207,27 +211,32 @@ def convert_case(case_files, opts, groups, threads=None):
             assign = dict(base, **({'modality': tag} if tag else {}))
             if 'tumour' in opts.labels:
                 assign['tumour'] = TUMOUR_VALUES[0] if seg.any() else TUMOUR_VALUES[1]
-            result['entries'].append((relpath, archive.encode_npy(array)))
+            result['entries'].append((relpath, archive.encode_npy(array), None))
             result['labels'].append((relpath, assign))
             result['affines'][relpath] = affine
         result['counts']['volumes'] = len(images)
         return result
 
-    def one_plane(plane):
-        """Everything for one plane; planes run in parallel threads (numpy, scipy.sparse and zlib release the GIL)."""
-        indices, frac = preprocess.slice_indices(prep, plane, opts.min_brain_fraction)
-        skipped = int(np.count_nonzero(frac > 0) - len(indices))
-        if len(indices) == 0:
-            return plane, skipped, [], []
-        png_only = len(images[0][1]) == 1 and not opts.with_seg
+    png_only = len(images[0][1]) == 1 and not opts.with_seg
+    stored = png_only and opts.compress_level == 0
+
+    def chunk(plane, indices):
+        """Entries and labels of the slices `indices` of `plane`: chunks run in parallel threads (numpy, scipy.sparse
+        and zlib release the GIL), each resampling and encoding its slices in one go."""
         slices, seg = preprocess.extract_slices(prep, plane, opts.resolution, indices, gain=vmax if png_only else 1)
         tumour = seg.reshape(len(indices), -1).any(axis=1) if seg is not None else None
         axis = preprocess.PLANE_AXIS[plane]
         names = [f'{plane}-{int(i) + prep.start[axis]:03d}' for i in indices]  # index in the canonical scan
-        entries, labels = [], []
+        out = []
         for tag, mods in images:
+            entries, labels = [], []
+            out.append((entries, labels))
             prefix = f'{cid}/{tag}-' if tag else f'{cid}/'
-            if png_only:
+            crcs = [None] * len(names)
+            if stored:
+                data, crcs = archive.encode_stored_pngs(slices[mods[0]], opts.bit_depth, prescaled=True)
+                ext = 'png'
+            elif png_only:
                 data = archive.encode_pngs(slices[mods[0]], opts.bit_depth, opts.compress_level, threads=1,
                                            prescaled=True)
                 ext = 'png'
@@ -243,48 +252,87 @@ def convert_case(case_files, opts, groups, threads=None):
                 assign = dict(base, plane=plane, **({'modality': tag} if tag else {}))
                 if tumour is not None and 'tumour' in opts.labels:
                     assign['tumour'] = TUMOUR_VALUES[0] if tumour[k] else TUMOUR_VALUES[1]
-                entries.append((relpath, data[k]))
+                entries.append((relpath, data[k], crcs[k]))
                 labels.append((relpath, assign))
-        return plane, skipped, entries, labels
+        return out  # per image tag
 
-    if (threads or 1) > 1 and len(opts.planes) > 1:
-        with ThreadPoolExecutor(min(threads, len(opts.planes))) as pool:
-            done = list(pool.map(one_plane, opts.planes))
+    # Work items: each plane's slices in `parts` contiguous runs, so that two threads stay busy with three planes.
+    parts = 1 if (threads or 1) == 1 else 2 * threads
+    jobs = []
+    for plane in opts.planes:
+        indices, frac = preprocess.slice_indices(prep, plane, opts.min_brain_fraction)
+        result['skipped_slices'][plane] = int(np.count_nonzero(frac > 0) - len(indices))
+        result['counts'][plane] = len(indices) * len(images)
+        if len(indices):
+            jobs += [(plane, run) for run in np.array_split(indices, min(parts, len(indices))) if len(run)]
+    if (threads or 1) > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            done = list(pool.map(lambda job: chunk(*job), jobs))
     else:
-        done = [one_plane(p) for p in opts.planes]
-    for plane, skipped, entries, labels in done:
-        result['skipped_slices'][plane] = skipped
-        result['counts'][plane] = len(labels)
-        result['entries'] += entries
-        result['labels'] += labels
+        done = [chunk(*job) for job in jobs]
+    # Entries in a fixed order (plane, image tag, slice) however the slices were split: identical archives for any
+    # thread and worker count.
+    for plane in opts.planes:
+        for t in range(len(images)):
+            for (p, _), out in zip(jobs, done):
+                if p == plane:
+                    result['entries'] += out[t][0]
+                    result['labels'] += out[t][1]
     return result
 
 
-def _convert_safe(args):
+def _convert_safe(args, loading=None):
     """Worker entry: a bad case comes back as an error record instead of killing the pool.
 
     With a spool folder the encoded files go to one spool file per case and only their offsets travel back:
     pickling tens of MB of bytes through the pool's pipe costs more CPU than converting the case."""
     case_files, opts, groups, threads, spool = args
     try:
-        result = convert_case(case_files, opts, groups, threads)
+        result = convert_case(case_files, opts, groups, threads, **({'loading': loading} if loading else {}))
     except brats.BratsError as e:
         return {'case_id': case_files.case_id, 'error': str(e), 'file': e.path, 'problem': e.problem}
     if spool is not None:
         path = os.path.join(spool, f'{os.getpid()}-{case_files.case_id}.bin')
         index, offset = [], 0
         with open(path, 'wb') as f:
-            for relpath, data in result['entries']:
+            for relpath, data, crc in result['entries']:
+                size = memoryview(data).nbytes
                 f.write(data)
-                index.append((relpath, offset, len(data)))
-                offset += len(data)
+                index.append((relpath, offset, size, crc))
+                offset += size
         result['entries'] = None
         result['spool'] = (path, index)
     return result
 
 
+def _convert_in_process(jobs):
+    """Converts the jobs one after another in this process, reading the next case's files in a background thread
+    while the current case is processed: inflating gzip releases the GIL, so with two or more cores the reading of
+    case k + 1 overlaps the resampling, encoding and writing of case k. Yields what _convert_safe returns."""
+    threads = jobs[0][3] if jobs else 1
+    if threads < 2 or len(jobs) < 2:
+        yield from map(_convert_safe, jobs)
+        return
+
+    def load(job):
+        case_files, opts = job[0], job[1]
+        need_seg = opts.with_seg or 'tumour' in opts.labels
+        return brats.load_case(case_files, load_seg=need_seg, threads=threads)
+    reader = ThreadPoolExecutor(1)
+    try:
+        ahead = reader.submit(load, jobs[0])
+        for k, job in enumerate(jobs):
+            loading, ahead = ahead, (reader.submit(load, jobs[k + 1]) if k + 1 < len(jobs) else None)
+            yield _convert_safe(job, loading)
+            del loading  # the case's arrays can go as soon as it is converted
+    finally:
+        if ahead is not None:
+            ahead.cancel()
+        reader.shutdown(wait=True)
+
+
 def _entries(result):
-    """Yields (relpath, bytes-like) of a case result; a spool file is read once and sliced without copies."""
+    """Yields (relpath, bytes-like, CRC-32 or None) of a case result; a spool file is read once and sliced without copies."""
     if result.get('spool') is None:
         yield from result['entries']
         return
@@ -294,8 +342,8 @@ def _entries(result):
             view = memoryview(f.read())
     finally:
         os.remove(path)
-    for relpath, offset, length in index:
-        yield relpath, view[offset:offset + length]
+    for relpath, offset, length, crc in index:
+        yield relpath, view[offset:offset + length], crc
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -381,7 +429,14 @@ def convert_brats(
     labels, file_cases, affines, case_split, ranges, skipped = [], {}, {}, {}, {}, []
     counts, skipped_slices = {}, {}
     bar = Progress(len(cases), 'cases', enabled=progress)
-    pool = None
+    pool = results = pending = None
+
+    def store(res):
+        for relpath, data, crc in _entries(res):
+            writer.add(relpath, data, crc)
+    # Files are written to the archive in a thread of their own, while the next case converts; one case at a time,
+    # in case order, so the archive is the same as if written inline.
+    storing = ThreadPoolExecutor(1)
     with archive.ArchiveWriter(dest) as writer:
         try:
             if workers > 1:
@@ -396,7 +451,7 @@ def convert_brats(
                 results = pool.imap(_convert_safe, jobs, chunksize=1)
             else:
                 _init_worker(csv_rows)
-                results = map(_convert_safe, jobs)
+                results = _convert_in_process(jobs)
             for done, res in enumerate(results, start=1):
                 cid = res['case_id']
                 if 'error' in res:
@@ -404,10 +459,11 @@ def convert_brats(
                         raise brats.BratsError(res['file'], res['problem'], cid)
                     skipped.append({'case': cid, 'file': res['file'], 'problem': res['problem']})
                 else:
-                    for relpath, data in _entries(res):
-                        writer.add(relpath, data)
+                    if pending is not None:
+                        pending.result()  # raises the previous case's write error, if any
+                    pending = storing.submit(store, res)
+                    for relpath, assign in res['labels']:  # one label per file, in file order
                         file_cases[relpath] = cid
-                    for relpath, assign in res['labels']:
                         labels.append([relpath, label_vector(groups, assign)])
                     affines.update(res['affines'])
                     case_split[cid] = split[cid]
@@ -417,7 +473,12 @@ def convert_brats(
                     for k, v in res['skipped_slices'].items():
                         skipped_slices[k] = skipped_slices.get(k, 0) + v
                 bar.update(done, f'{len(labels)} images, {len(skipped)} skipped')
+            if pending is not None:
+                pending.result()
         finally:
+            storing.shutdown(wait=True)  # before the writer is committed or cleaned up
+            if hasattr(results, 'close'):
+                results.close()  # stops the read-ahead thread of _convert_in_process
             if pool is not None:
                 pool.terminate()
                 pool.join()
