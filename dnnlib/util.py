@@ -86,7 +86,10 @@ def format_time(seconds: float) -> str:
 
 
 class ProgressBar:
-    """A one-line status on stderr: done/total, rate and time left. Quiet when ``enabled`` is False."""
+    """A one-line status on stderr: done/total, rate, time left and an optional tail; quiet when not ``enabled``.
+
+    On a terminal the line is redrawn in place; in a log (not a tty) a line is written at most every 10 s.
+    """
 
     def __init__(self, total: int, desc: str = '', unit: str = 'it', enabled: bool = True, stream=None, min_interval: float = 0.5):
         self.total = max(int(total), 0)
@@ -94,28 +97,34 @@ class ProgressBar:
         self.unit = unit
         self.enabled = enabled
         self.stream = stream if stream is not None else sys.stderr
-        self.min_interval = min_interval
         self.done = 0
+        self.tail = ''
         self.start = time.time()
         self._last = 0.0
+        self._shown = -1
         self._tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
-        if not self._tty:
-            self.min_interval = max(self.min_interval, 10.0)  # Logs get a line every 10 s, not a flood.
+        self.min_interval = min_interval if self._tty else max(min_interval, 10.0)
 
-    def update(self, n: int = 1) -> None:
-        self.done += n
+    def update(self, n: int = 1, done: int = None, tail: str = None) -> None:
+        """Advance by ``n`` (or set the absolute count ``done``); ``tail`` replaces the free text at the end."""
+        self.done = self.done + n if done is None else done
+        if tail is not None:
+            self.tail = tail
         now = time.time()
         if self.enabled and (now - self._last >= self.min_interval or self.done >= self.total):
             self._last = now
             self._print(final=False)
 
     def _print(self, final: bool) -> None:
+        self._shown = self.done
         elapsed = max(time.time() - self.start, 1e-9)
         rate = self.done / elapsed
         left = (self.total - self.done) / rate if rate > 0 and self.total else 0
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        line = f'{self.desc} {self.done}/{self.total} ({pct:5.1f}%) {rate:.1f} {self.unit}/s'
+        line = f'{self.desc} {self.done}/{self.total} {self.unit} ({pct:5.1f}%) {rate:.1f} {self.unit}/s'.lstrip()
         line += f', {format_time(elapsed)} elapsed' if final else f', {format_time(left)} left'
+        if self.tail:
+            line += f'  {self.tail}'
         if self._tty:
             self.stream.write('\r' + line + ('\n' if final else ''))
         else:

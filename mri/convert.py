@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+import dnnlib
 from mri import archive, brats, preprocess
 from mri.seg import SEG_CHANNELS, encode_seg
 
@@ -347,56 +348,6 @@ def _entries(result):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Progress
-
-
-class Progress:
-    """A one-line status on stderr: done/total, rate, time left, and a free-form tail."""
-
-    def __init__(self, total, unit='cases', enabled=True, stream=None):
-        self.total, self.unit, self.enabled = total, unit, enabled
-        self.stream = stream or sys.stderr
-        self.start = time.time()
-        self.done = 0
-        self._last = 0.0
-        self._tail = ''
-        self._shown = -1
-        tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
-        self._interval, self._end = (0.2, '\r') if tty else (10.0, '\n')  # a log file gets a line every 10 s
-
-    def update(self, done, tail=None, force=False):
-        self.done = done
-        self._tail = self._tail if tail is None else tail
-        now = time.time()
-        if not self.enabled or (not force and now - self._last < self._interval and done < self.total):
-            return
-        self._last, self._shown = now, done
-        elapsed = now - self.start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = (self.total - done) / rate if rate > 0 else float('nan')
-        width = 24
-        fill = int(width * done / max(self.total, 1))
-        eta = _fmt_time(left) if left == left else '?'
-        line = (f'[{"#" * fill}{"." * (width - fill)}] {done}/{self.total} {self.unit}  '
-                f'{rate:.2f} {self.unit}/s  {_fmt_time(elapsed)} elapsed, {eta} left  {self._tail}')
-        self.stream.write(f'\r{line}   ' if self._end == '\r' else line + '\n')
-        self.stream.flush()
-
-    def close(self):
-        if self.enabled:
-            if self._shown != self.done:
-                self.update(self.done, force=True)
-            if self._end == '\r':
-                self.stream.write('\n')
-            self.stream.flush()
-
-
-def _fmt_time(s):
-    s = int(round(s))
-    return f'{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}' if s >= 3600 else f'{s // 60}:{s % 60:02d}'
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # The whole conversion
 
 
@@ -428,7 +379,7 @@ def convert_brats(
     t0 = time.time()
     labels, file_cases, affines, case_split, ranges, skipped = [], {}, {}, {}, {}, []
     counts, skipped_slices = {}, {}
-    bar = Progress(len(cases), 'cases', enabled=progress)
+    bar = dnnlib.ProgressBar(len(cases), unit='cases', enabled=progress)
     pool = results = pending = None
 
     def store(res):
@@ -472,7 +423,7 @@ def convert_brats(
                         counts[k] = counts.get(k, 0) + v
                     for k, v in res['skipped_slices'].items():
                         skipped_slices[k] = skipped_slices.get(k, 0) + v
-                bar.update(done, f'{len(labels)} images, {len(skipped)} skipped')
+                bar.update(done=done, tail=f'{len(labels)} images, {len(skipped)} skipped')
             if pending is not None:
                 pending.result()
         finally:

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+import dnnlib
 from mri import archive, brats
-from mri.convert import Progress
+
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.webp')
 
@@ -75,7 +76,7 @@ def convert_image_folder(
         images = images[:max_images]
     given = dict((k, v) for k, v in (meta or {}).get('labels') or [])
     labels = [] if given else None
-    bar = Progress(len(images), 'images', enabled=progress)
+    bar = dnnlib.ProgressBar(len(images), unit='images', enabled=progress)
     t0 = time.time()
     with archive.ArchiveWriter(dest) as writer:
         for i, name in enumerate(images):
@@ -97,7 +98,7 @@ def convert_image_folder(
                 if name not in given:
                     raise brats.BratsError(f'{source}/dataset.json', f'no label for {name}')
                 labels.append([relpath, given[name]])
-            bar.update(i + 1)
+            bar.update(done=i + 1)
         bar.close()
         writer.commit({'labels': labels, 'source': {'path': str(source), 'tool': 'dataset_tool.py',
                                                     'resolution': resolution, 'type': 'image-folder'}})

@@ -24,12 +24,13 @@ under a second on one CPU core.
 import os
 import shutil
 import sys
-import time
 
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import scipy.ndimage
+
+import dnnlib
 
 REF_SHAPE = (240, 240, 155)                 # BraTS grid (voxels), SRI24 space
 _FOV_MM = np.array(REF_SHAPE, np.float64)   # anatomy lives in this box; any grid shape samples all of it
@@ -532,17 +533,8 @@ def write_phantom_cases(
     os.makedirs(out_dir, exist_ok=True)
     jobs = [dict(out_dir=os.fspath(out_dir), number=seed + i, shape=tuple(shape), spacing=spacing, prefix=prefix,
                  threads=2 if workers <= 1 else 1) for i in range(num_cases)]
-    dirs, written, start = [], 0, time.time()
-
-    def report(done):
-        if not progress:
-            return
-        rate = (time.time() - start) / max(written, 1)
-        timing = f', {rate:.1f} s/case, {rate * (num_cases - done):.0f} s left' if written else ''
-        end = '\n' if done == num_cases or not sys.stderr.isatty() else ''
-        sys.stderr.write(f'\rphantom: {done}/{num_cases} cases in {out_dir} ({done - written} already there)'
-                         f'{timing}   {end}')
-        sys.stderr.flush()
+    dirs, written = [], 0
+    bar = dnnlib.ProgressBar(num_cases, desc=f'phantom cases in {out_dir}:', unit='cases', enabled=progress and num_cases > 0)
 
     if workers <= 1:
         results = map(_write_job, jobs)
@@ -556,10 +548,11 @@ def write_phantom_cases(
         for case_dir, was_written in results:
             dirs.append(case_dir)
             written += int(was_written)
-            report(len(dirs))
+            bar.update(done=len(dirs), tail=f'({len(dirs) - written} already there)')
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+        bar.close()
     if progress and num_cases == 0:
         sys.stderr.write('phantom: nothing to write (0 cases)\n')
     return dirs
