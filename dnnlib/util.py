@@ -101,7 +101,6 @@ class ProgressBar:
         self.tail = ''
         self.start = time.time()
         self._last = 0.0
-        self._shown = -1
         self._tty = hasattr(self.stream, 'isatty') and self.stream.isatty()
         self.min_interval = min_interval if self._tty else max(min_interval, 10.0)
 
@@ -111,12 +110,11 @@ class ProgressBar:
         if tail is not None:
             self.tail = tail
         now = time.time()
-        if self.enabled and (now - self._last >= self.min_interval or self.done >= self.total):
+        if self.enabled and now - self._last >= self.min_interval:  # close() writes the final line.
             self._last = now
             self._print(final=False)
 
     def _print(self, final: bool) -> None:
-        self._shown = self.done
         elapsed = max(time.time() - self.start, 1e-9)
         rate = self.done / elapsed
         left = (self.total - self.done) / rate if rate > 0 and self.total else 0
