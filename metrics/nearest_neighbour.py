@@ -32,12 +32,12 @@ def _shrink(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _case_ids(dataset) -> np.ndarray:
     """Case id per item (for excluding same-case neighbours), or None when the archive does not record cases."""
-    if hasattr(dataset, 'file_case'):
-        return np.array([str(dataset.file_case(i)) for i in range(len(dataset))])
-    file_cases = (getattr(dataset, '_meta', None) or {}).get('file_cases')
-    if not file_cases or not hasattr(dataset, 'image_fname'):
+    if not hasattr(dataset, 'file_case'):
         return None
-    return np.array([str(file_cases.get(dataset.image_fname(i), f'#{i}')) for i in range(len(dataset))])
+    ids = [dataset.file_case(i) for i in range(len(dataset))]
+    if all(case is None for case in ids):
+        return None
+    return np.array([str(case) if case is not None else f'#{i}' for i, case in enumerate(ids)])
 
 
 def load_real_pool(opts, dataset, idx: list, max_items: int = None) -> torch.Tensor:

@@ -54,6 +54,8 @@ def test_subset_uses_case_split(tmp_path):
     assert len(train) == 6 and len(val) == 2
     names_val = {val.image_fname(i) for i in range(len(val))}
     assert names_val == {'img0000.png', 'img0004.png'}  # case0 only
+    assert {val.file_case(i) for i in range(len(val))} == {'case0'}
+    assert ImageFolderDataset(make_png_folder(str(tmp_path / 'f'), n=2, res=8)).file_case(0) is None
     with pytest.raises(DatasetError, match='no case-level split'):
         ImageFolderDataset(make_png_folder(str(tmp_path / 'e'), n=2, res=8), subset='val')
 

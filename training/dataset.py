@@ -320,6 +320,10 @@ class ImageFolderDataset(Dataset):
     def image_fname(self, idx) -> str:
         return self._image_fnames[self._raw_idx[idx]]
 
+    def file_case(self, idx):
+        """The case (patient) an item comes from, per dataset.json ``file_cases``; None when not recorded."""
+        return (self._meta.get('file_cases') or {}).get(self.image_fname(idx))
+
     def content_hash(self) -> str:
         """Digest of the archive content (names + bytes): caches keyed on it go stale when the data changes."""
         h = hashlib.sha256()

@@ -183,7 +183,7 @@ def training_loop(
         _load_weights(resume_pkl, allow_pickle, dict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe), rank)
     if augment_pipe is not None and state is None:
         augment_pipe.p.copy_(torch.as_tensor(augment_p))
-    if rank == 0:
+    if rank == 0 and state is None:  # A resumed run already printed its networks in log.txt.
         z = torch.empty([batch_gpu, G.z_dim], device=device)
         c = torch.empty([batch_gpu, G.c_dim], device=device)
         img = misc.print_module_summary(G, [z, c])
