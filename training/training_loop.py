@@ -349,22 +349,8 @@ def training_loop(
 
             # Tick: status line and statistics.
             tick_end_time = time.time()
-            fields = []
-            fields += [f"tick {training_stats.report0('Progress/tick', cur_tick):<5d}"]
-            fields += [f"kimg {training_stats.report0('Progress/kimg', cur_nimg / 1e3):<8.3f}"]
-            fields += [f"time {dnnlib.format_time(training_stats.report0('Timing/total_sec', tick_end_time - start_time)):<12s}"]
-            fields += [f"sec/tick {training_stats.report0('Timing/sec_per_tick', tick_end_time - tick_start_time):<7.1f}"]
-            fields += [f"sec/kimg {training_stats.report0('Timing/sec_per_kimg', (tick_end_time - tick_start_time) / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}"]
-            fields += [f"maintenance {training_stats.report0('Timing/maintenance_sec', maintenance_time):<6.1f}"]
-            cpumem = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
-            fields += [f"cpumem {training_stats.report0('Resources/cpu_mem_gb', cpumem):<6.2f}"]
-            if device.type == 'cuda':
-                fields += [f"gpumem {training_stats.report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2 ** 30):<6.2f}"]
-                torch.cuda.reset_peak_memory_stats()
-            fields += [f"augment {training_stats.report0('Progress/augment', float(augment_pipe.p.cpu()) if augment_pipe is not None else 0):.3f}"]
-            if getattr(loss, 'topk', None) is not None:
-                fields += [f"topk {training_stats.report0('Progress/topk_fraction', loss.topk_fraction):.3f}"]
-            log(' '.join(fields))
+            log(_tick_status(cur_tick, cur_nimg, tick_start_nimg, start_time, tick_start_time, tick_end_time,
+                             maintenance_time, device, augment_pipe, loss))
 
             # Snapshot, state and metrics.
             snap_now = network_snapshot_ticks is not None and (done or stopping or cur_tick % network_snapshot_ticks == 0)
@@ -381,20 +367,7 @@ def training_loop(
                                                        device, run_dir, snapshot_file))
 
             # Collect statistics.
-            stats_collector.update()
-            stats_dict = stats_collector.as_dict()
-            timestamp = time.time()
-            if stats_jsonl is not None:
-                stats_jsonl.write(json.dumps(dict(stats_dict, timestamp=timestamp)) + '\n')
-                stats_jsonl.flush()
-            if stats_tfevents is not None:
-                global_step = int(cur_nimg / 1e3)
-                walltime = timestamp - start_time
-                for name, value in stats_dict.items():
-                    stats_tfevents.add_scalar(name, value.mean, global_step=global_step, walltime=walltime)
-                for name, value in stats_metrics.items():
-                    stats_tfevents.add_scalar(f'Metrics/{name}', value, global_step=global_step, walltime=walltime)
-                stats_tfevents.flush()
+            _write_stats(stats_collector, stats_metrics, stats_jsonl, stats_tfevents, cur_nimg, start_time)
 
             cur_tick += 1
             tick_start_nimg = cur_nimg
@@ -411,6 +384,46 @@ def training_loop(
     log()
     log('Exiting...' if done else 'Stopped before the end; resume with --resume ' + os.path.abspath(run_dir))
     return dnnlib.EasyDict(cur_nimg=cur_nimg, done=done, G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe)
+
+
+def _tick_status(cur_tick, cur_nimg, tick_start_nimg, start_time, tick_start_time, tick_end_time, maintenance_time,
+                 device, augment_pipe, loss) -> str:
+    """The status line of a tick; every number is also reported to training_stats (and so to stats.jsonl)."""
+    report0 = training_stats.report0
+    tick_sec = tick_end_time - tick_start_time
+    fields = [
+        f"tick {report0('Progress/tick', cur_tick):<5d}",
+        f"kimg {report0('Progress/kimg', cur_nimg / 1e3):<8.3f}",
+        f"time {dnnlib.format_time(report0('Timing/total_sec', tick_end_time - start_time)):<12s}",
+        f"sec/tick {report0('Timing/sec_per_tick', tick_sec):<7.1f}",
+        f"sec/kimg {report0('Timing/sec_per_kimg', tick_sec / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}",
+        f"maintenance {report0('Timing/maintenance_sec', maintenance_time):<6.1f}",
+        f"cpumem {report0('Resources/cpu_mem_gb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20):<6.2f}",
+    ]
+    if device.type == 'cuda':
+        fields.append(f"gpumem {report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2 ** 30):<6.2f}")
+        torch.cuda.reset_peak_memory_stats()
+    fields.append(f"augment {report0('Progress/augment', float(augment_pipe.p.cpu()) if augment_pipe is not None else 0):.3f}")
+    if getattr(loss, 'topk', None) is not None:
+        fields.append(f"topk {report0('Progress/topk_fraction', loss.topk_fraction):.3f}")
+    return ' '.join(fields)
+
+
+def _write_stats(collector, metric_values, jsonl, tfevents, cur_nimg, start_time):
+    """Append the tick's statistics to stats.jsonl and TensorBoard (rank 0 holds the files)."""
+    collector.update()  # Every rank: the reduction across ranks happens here.
+    stats = collector.as_dict()
+    timestamp = time.time()
+    if jsonl is not None:
+        jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
+        jsonl.flush()
+    if tfevents is not None:
+        step, walltime = int(cur_nimg / 1e3), timestamp - start_time
+        for name, value in stats.items():
+            tfevents.add_scalar(name, value.mean, global_step=step, walltime=walltime)
+        for name, value in metric_values.items():
+            tfevents.add_scalar(f'Metrics/{name}', value, global_step=step, walltime=walltime)
+        tfevents.flush()
 
 
 @torch.no_grad()
