@@ -90,6 +90,7 @@ class StyleGAN2Loss(Loss):
 
     def _generator_loss(self, gen_logits, cur_nimg):
         per_sample = F.softplus(-gen_logits).flatten()  # -log(sigmoid(D(G(z)))): large logit = "real".
+        training_stats.report('Loss/G/loss', per_sample)  # The whole batch's loss, whatever top-k keeps.
         if self.topk is None:
             return per_sample
         epoch = cur_nimg / self.dataset_size
@@ -117,7 +118,6 @@ class StyleGAN2Loss(Loss):
                 training_stats.report('Loss/scores/fake', gen_logits)
                 training_stats.report('Loss/signs/fake', gen_logits.sign())
                 loss_Gmain = self._generator_loss(gen_logits, cur_nimg)
-                training_stats.report('Loss/G/loss', loss_Gmain)
             with torch.autograd.profiler.record_function('Gmain_backward'):
                 loss_Gmain.mean().mul(gain).backward()
 
