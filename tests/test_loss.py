@@ -68,6 +68,7 @@ def test_without_topk_every_fake_counts_and_r1_penalises_slope():
     assert torch.count_nonzero(G.synthesis.scale.grad) == n
     # D(x) = w x: |dD/dx|^2 = w^2 per sample, so the R1 loss gamma/2 * w^2 has gradient gamma * w = 2 at w = 1.
     real = torch.randn(n, 1, 1, 1)
+    D.w.grad = None  # The loop freezes D during G's phase; this stub does not.
     loss.accumulate_gradients('Dreg', real, torch.zeros(n, 0), z, torch.zeros(n, 0), gain=1, cur_nimg=0)
     assert math.isclose(float(D.w.grad), 2.0, rel_tol=1e-6)
     assert math.isclose(float(loss.real_sign_acc[1]), n)  # ADA statistics counted the real logits
