@@ -36,6 +36,9 @@ DEFAULT_ATTENTION = 'mri.attention.SelfAttention'
 __all__ = ['Generator', 'Discriminator', 'MappingNetwork', 'SynthesisNetwork', 'ALLOW_CPU_FP16']
 
 
+CPU_CHANNELS_LAST = True   # D blocks on CPU use channels_last activations (measured faster; see bench_networks).
+
+
 def _block_dtype(use_fp16: bool, force_fp32: bool, device: torch.device) -> torch.dtype:
     if use_fp16 and not force_fp32 and (device.type == 'cuda' or ALLOW_CPU_FP16):
         return torch.float16
@@ -351,8 +354,11 @@ class DiscriminatorBlock(torch.nn.Module):
                                     channels_last=self.channels_last)
 
     def forward(self, x: torch.Tensor, img: torch.Tensor, force_fp32: bool = False):
-        dtype = _block_dtype(self.use_fp16, force_fp32, (x if x is not None else img).device)
-        memory_format = torch.channels_last if self.channels_last and not force_fp32 else torch.contiguous_format
+        device = (x if x is not None else img).device
+        dtype = _block_dtype(self.use_fp16, force_fp32, device)
+        # On CPU, oneDNN's convolutions and the depthwise FIR filters run faster on channels_last activations.
+        cl = (self.channels_last and not force_fp32) or (device.type == 'cpu' and CPU_CHANNELS_LAST)
+        memory_format = torch.channels_last if cl else torch.contiguous_format
         if x is not None:
             misc.assert_shape(x, [None, self.in_channels, self.resolution, self.resolution])  # [NCHW]
             x = x.to(dtype=dtype, memory_format=memory_format)
