@@ -32,7 +32,7 @@ def latest_snapshot(run_dir: str):
 def rng_states() -> dict:
     state = {
         'torch': torch.get_rng_state(),
-        'numpy': torch.from_numpy(np.frombuffer(np.array(np.random.get_state()[1], dtype=np.uint32).tobytes(), dtype=np.uint8).copy()),
+        'numpy': torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
         'numpy_pos': int(np.random.get_state()[2]),
         'python': torch.tensor(list(random.getstate()[1]), dtype=torch.int64),
     }
@@ -43,8 +43,7 @@ def rng_states() -> dict:
 
 def set_rng_states(state: dict) -> None:
     torch.set_rng_state(state['torch'])
-    keys = np.frombuffer(state['numpy'].numpy().tobytes(), dtype=np.uint32)
-    np.random.set_state(('MT19937', keys, state['numpy_pos'], 0, 0.0))
+    np.random.set_state(('MT19937', state['numpy'].numpy().astype(np.uint32), state['numpy_pos'], 0, 0.0))
     py = tuple(int(v) for v in state['python'].tolist())
     random.setstate((3, py, None))
     if 'cuda' in state and torch.cuda.is_available():
