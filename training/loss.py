@@ -19,6 +19,16 @@ class Loss:
     def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, gain, cur_nimg):
         raise NotImplementedError
 
+    def accumulate_phase(self, phase, rounds, gain, cur_nimg):
+        """All accumulation rounds of one phase, ``rounds`` = [(real_img, real_c, gen_z, gen_c), ...].
+
+        The loop calls this once per phase; the default runs the rounds one by one. A loss whose rule
+        needs the whole batch at once (e.g. top-k over the batch) overrides it.
+        """
+        for real_img, real_c, gen_z, gen_c in rounds:
+            self.accumulate_gradients(phase=phase, real_img=real_img, real_c=real_c, gen_z=gen_z, gen_c=gen_c,
+                                      gain=gain, cur_nimg=cur_nimg)
+
 
 class StyleGAN2Loss(Loss):
     def __init__(

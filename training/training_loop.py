@@ -291,9 +291,7 @@ def training_loop(
                     param.requires_grad_(not (phase.module is D and name in frozen))
                 # Ranks draw different latents (seeded by rank), so each uses the first rounds of its own draw.
                 rounds = list(zip(phase_real_img, phase_real_c, phase_gen_z, phase_gen_c))
-                for real_img, real_c, gen_z, gen_c in rounds:
-                    loss.accumulate_gradients(phase=phase.name, real_img=real_img, real_c=real_c, gen_z=gen_z,
-                                              gen_c=gen_c, gain=phase.interval / len(rounds), cur_nimg=cur_nimg)
+                loss.accumulate_phase(phase=phase.name, rounds=rounds, gain=phase.interval / len(rounds), cur_nimg=cur_nimg)
                 phase.module.requires_grad_(False)
 
                 with torch.autograd.profiler.record_function(phase.name + '_opt'):
