@@ -43,7 +43,7 @@ def _snapshot_defaults(snap) -> dict:
 
 
 def calc_metrics(
-    network: str,               # Snapshot path (.pt; .pkl only with allow_pickle).
+    network: str,               # Snapshot path (.pt, or an NVlabs .pkl: read without running code).
     metrics: list,              # Metric names.
     data: str = None,           # Real data; None = the snapshot's.
     subset: str = None,         # 'train', 'val' or 'all'; None = the snapshot's, else 'all'.
@@ -53,7 +53,6 @@ def calc_metrics(
     num_gen: int = None,        # Generated count override.
     detector: str = None,       # Inception override.
     vgg_detector: str = None,   # VGG16 override.
-    allow_pickle: bool = False, # Allow .pkl networks/detectors (runs code).
     run_dir: str = None,        # Where metric-<name>.jsonl goes; None = the snapshot's folder.
     batch: int = 64,            # Images per process per step.
     rank: int = 0,              # This process (set by the launcher).
@@ -64,7 +63,7 @@ def calc_metrics(
         if not metric_main.is_valid_metric(metric):
             raise metric_utils.MetricError(f'unknown metric {metric!r}; valid metrics: {", ".join(metric_main.list_valid_metrics())}')
     device = torch.device('cuda', rank) if torch.cuda.is_available() else torch.device('cpu')
-    snap = snapshot.load_snapshot(network, device='cpu', allow_pickle=allow_pickle)
+    snap = snapshot.load_snapshot(network, device='cpu')
     G = snap.get('G_ema') or snap.get('G')
     if G is None:
         raise metric_utils.MetricError(f'{network}: holds no generator (G_ema or G)')
@@ -84,7 +83,7 @@ def calc_metrics(
     for metric in metrics:
         result = metric_main.calc_metric(metric, G=G, dataset_kwargs=dataset_kwargs, num_gpus=gpus, rank=rank, device=device,
                                          progress=progress, channel=channel, detector_url=detector,
-                                         vgg_detector_url=vgg_detector, allow_pickle=allow_pickle, num_gen=num_gen,
+                                         vgg_detector_url=vgg_detector, num_gen=num_gen,
                                          batch_size=batch, run_dir=run_dir)
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=network)
@@ -109,7 +108,7 @@ def _metric_list(_ctx, _param, value):
 
 
 @click.command()
-@click.option('--network', 'network',   help='Network snapshot (.pt)', metavar='PATH', required=True)
+@click.option('--network', 'network',   help='Network snapshot (.pt, or NVlabs .pkl)', metavar='PATH', required=True)
 @click.option('--metrics',              help='Comma-separated metrics', metavar='LIST', default='fid50k_full', show_default=True,
               callback=_metric_list)
 @click.option('--data',                 help='Real data [default: the snapshot\'s]', metavar='ZIP|DIR')
@@ -122,12 +121,14 @@ def _metric_list(_ctx, _param, value):
               metavar='INT')
 @click.option('--detector',             help='Inception network (path or URL) [default: NVIDIA\'s]', metavar='PATH|URL')
 @click.option('--vgg-detector',         help='VGG16 network for PR and PPL [default: NVIDIA\'s]', metavar='PATH|URL')
-@click.option('--allow-pickle',         help='Allow .pkl files (unpickling runs code)', is_flag=True)
+@click.option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', is_flag=True, hidden=True)
 @click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR')
 @click.option('--batch',                help='Images per GPU per step', type=click.IntRange(min=1), default=64, show_default=True)
 def main(**kwargs):
     """Compute metrics of a generator snapshot."""
     kwargs = dnnlib.EasyDict(kwargs)
+    if kwargs.pop('allow_pickle'):
+        snapshot.warn_allow_pickle()
     try:
         if kwargs.gpus > 1:
             if torch.cuda.is_available() and torch.cuda.device_count() < kwargs.gpus:

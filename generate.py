@@ -4,6 +4,7 @@ Examples:
   python generate.py --network runs/00000-x/network-snapshot-000000.pt --seeds 0-3 --class axial --outdir out
   python generate.py --network runs/00000-x --seeds 0-7 --class all --outdir out          # newest snapshot, grid
   python generate.py --network net.pt --seeds 0 --class axial,t2w --format png16 --outdir out
+  python generate.py --network stylegan2-ada-network.pkl --seeds 0-3 --outdir out   # NVlabs pickle, no code run
 
 Single-channel images become grey PNGs (8- or 16-bit); multi-channel archives (modalities, tumour labels)
 give one image per channel, the decoded BraTS label map and a colour overlay, plus an ``.npy`` of the stack.
@@ -100,7 +101,6 @@ def generate_images(
     truncation_psi: float = 1.0,    # Truncation; 1 = none.
     noise_mode: str = 'const',      # 'const', 'random' or 'none'.
     fmt: str = 'png',               # 'png', 'png16' or 'npy'.
-    allow_pickle: bool = False,     # Allow NVlabs pickles (runs code).
     device: str = None,             # None = cuda when available.
     verbose: bool = True,
 ) -> list:
@@ -109,7 +109,7 @@ def generate_images(
     from training.grids import save_image_grid
 
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    data = snapshot.load_snapshot(resolve_network(network), device=device, allow_pickle=allow_pickle)
+    data = snapshot.load_snapshot(resolve_network(network), device=device)
     G = data.G_ema if data.G_ema is not None else data.G
     if G is None:
         raise snapshot.SnapshotError(f'{network}: holds no generator')
@@ -150,24 +150,26 @@ def generate_images(
 
 
 @click.command()
-@click.option('--network', 'network',   help='Snapshot .pt (or run dir: newest snapshot)', metavar='PATH', required=True)
+@click.option('--network', 'network',   help='Snapshot .pt, NVlabs .pkl, or run dir (newest snapshot)', metavar='PATH', required=True)
 @click.option('--seeds',                help='Seeds, e.g. 0-3,7', metavar='LIST', type=str, required=True)
 @click.option('--trunc', 'truncation_psi', help='Truncation psi', metavar='FLOAT', type=float, default=1, show_default=True)
 @click.option('--class', 'class_spec',  help='Class: name(s) one per group (axial,t2w), index, or all', metavar='NAME|IDX|all', type=str)
 @click.option('--noise-mode',           help='Noise mode', type=click.Choice(['const', 'random', 'none']), default='const', show_default=True)
 @click.option('--outdir',               help='Where to save the output images', metavar='DIR', type=str, required=True)
 @click.option('--format', 'fmt',        help='Output format', type=click.Choice(['png', 'png16', 'npy']), default='png', show_default=True)
-@click.option('--allow-pickle',         help='Load NVlabs .pkl files (a pickle runs code)', is_flag=True)
+@click.option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', is_flag=True, hidden=True)
 @click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
 def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, allow_pickle, device):
     """Generate images by class from a trained network."""
-    from torch_utils.snapshot import SnapshotError
+    from torch_utils.snapshot import SnapshotError, warn_allow_pickle
+    if allow_pickle:
+        warn_allow_pickle()
     try:
         seed_list = dnnlib.parse_range(seeds)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--seeds') from None
     try:
-        generate_images(network, seed_list, outdir, class_spec, truncation_psi, noise_mode, fmt, allow_pickle, device)
+        generate_images(network, seed_list, outdir, class_spec, truncation_psi, noise_mode, fmt, device=device)
     except (ClassSpecError, SnapshotError) as err:
         raise click.ClickException(str(err)) from None
 

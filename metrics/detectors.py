@@ -68,8 +68,9 @@ def read_torchscript(path: str, allow_pickle: bool = False) -> torch.nn.Module:
     """Load a TorchScript module from ``path`` on the CPU.
 
     A zip archive goes straight to ``torch.jit.load`` (which builds the graph from TorchScript source and
-    runs no Python code). A pickle is first searched for an embedded TorchScript archive; only if none is
-    found, and the caller opted in with ``allow_pickle``, is it unpickled.
+    runs no Python code). A pickle is searched for an embedded TorchScript archive (NVlabs' detector pickles
+    hold one); a pickle without one is refused, since unpickling it would run code. ``allow_pickle`` is
+    deprecated and ignored.
     """
     with open(path, 'rb') as f:
         data = f.read()
@@ -81,14 +82,8 @@ def read_torchscript(path: str, allow_pickle: bool = False) -> torch.nn.Module:
                 return torch.jit.load(io.BytesIO(payload), map_location='cpu')
         except RuntimeError as err:
             raise DetectorError(f'{path}: not a readable TorchScript archive ({str(err).splitlines()[0][:200]})') from None
-    if not allow_pickle:
-        raise DetectorError(f'{path}: is a Python pickle without an embedded TorchScript archive; unpickling runs code, '
-                            f'pass --allow-pickle only if you trust where this file came from')
-    import pickle  # Only behind the explicit opt-in.
-    module = pickle.loads(data)  # noqa: S301 (allow_pickle opt-in)
-    if not isinstance(module, torch.nn.Module):
-        raise DetectorError(f'{path}: pickle holds {type(module).__name__}, expected a network')
-    return module
+    raise DetectorError(f'{path}: is a Python pickle without an embedded TorchScript archive; it is not loaded, '
+                        f'since unpickling runs code (save the detector with torch.jit.save)')
 
 
 def _forward_arg_names(module) -> list:

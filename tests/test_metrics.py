@@ -282,8 +282,10 @@ def test_detector_embedded_in_pickle_is_read_without_unpickling(detector_path, t
     assert det.lpips_features(torch.rand(2, 3, 8, 8) * 255).shape == (2, 8 * 64)
     with open(str(tmp_path / 'plain.pkl'), 'wb') as f:
         pickle.dump({'x': 1}, f)
-    with pytest.raises(detectors.DetectorError, match='--allow-pickle'):
+    with pytest.raises(detectors.DetectorError, match='unpickling runs code'):
         detectors.load_detector('inception', url=str(tmp_path / 'plain.pkl'))
+    with pytest.raises(detectors.DetectorError, match='unpickling runs code'):  # The old opt-in no longer opens it.
+        detectors.load_detector('inception', url=str(tmp_path / 'plain.pkl'), allow_pickle=True)
 
 
 def _offline(monkeypatch):

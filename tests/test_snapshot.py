@@ -59,7 +59,7 @@ def test_crafted_pickle_is_not_run(tmp_path):
     pkl = str(tmp_path / 'network.pkl')
     with open(pkl, 'wb') as f:
         pickle.dump({'G_ema': _Boom(marker)}, f)
-    with pytest.raises(snapshot.PickleRefused, match='--allow-pickle'):
+    with pytest.raises(snapshot.PickleRefused, match='refuses to unpickle builtins.open|io.open'):
         snapshot.load_snapshot(pkl)
     assert not os.path.exists(marker)
     # A torch.save zip whose pickle names code is refused by weights_only loading too.
@@ -77,6 +77,7 @@ def test_crafted_pickle_is_not_run(tmp_path):
         assert res.returncode != 0
         assert 'Traceback' not in res.stderr
         assert not os.path.exists(marker)
-    # With the explicit opt-in the pickle is loaded (and so runs): the flag is the only way in.
-    snapshot.load_snapshot(pkl, allow_pickle=True)
-    assert os.path.exists(marker)
+    # The old opt-in no longer opens a way in: nothing unpickles code.
+    with pytest.raises(snapshot.PickleRefused):
+        snapshot.load_snapshot(pkl, allow_pickle=True)
+    assert not os.path.exists(marker)

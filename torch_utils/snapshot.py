@@ -2,8 +2,8 @@
 
 StyleGAN2-ADA pickles whole modules, so loading a snapshot runs whatever code the pickle names. Here a
 snapshot holds plain data only; loading rebuilds each network from a class of this project and its recorded
-constructor arguments. An NVlabs ``.pkl`` is refused unless the caller opts in (``allow_pickle=True``),
-because unpickling runs code.
+constructor arguments. An NVlabs ``.pkl`` is read by ``torch_utils.legacy``'s restricted unpickler, which runs
+no code from the file and hands back the same plain data, so both kinds load through one path.
 """
 
 import copy
@@ -24,7 +24,7 @@ class SnapshotError(RuntimeError):
 
 
 class PickleRefused(SnapshotError):
-    """A pickle was offered without the explicit opt-in."""
+    """A pickle names a global outside the admitted set (it would run code)."""
 
 
 def _is_plain(value) -> bool:
@@ -103,8 +103,15 @@ def build_module(record: dict, source: str = '<snapshot>') -> torch.nn.Module:
     cls = dnnlib.get_obj_by_name(class_name)
     if not getattr(cls, '_persistent', False):
         raise SnapshotError(f'{source}: {class_name} is not a snapshot class')
-    module = cls(**record['init_kwargs'])
-    missing, unexpected = module.load_state_dict(record['state_dict'], strict=False)
+    try:
+        module = cls(**record['init_kwargs'])
+    except (TypeError, ValueError) as err:  # Arguments this version of the class does not take.
+        raise SnapshotError(f'{source}: cannot build {class_name} from its recorded arguments ({err})') from None
+    try:
+        missing, unexpected = module.load_state_dict(record['state_dict'], strict=False)
+    except RuntimeError as err:  # Shape mismatches.
+        raise SnapshotError(f'{source}: {class_name} state does not fit its constructor '
+                            f'({str(err).splitlines()[-1].strip()[:200]})') from None
     if missing or unexpected:
         raise SnapshotError(f'{source}: {class_name} state does not fit its constructor '
                             f'(missing {missing[:3]}, unexpected {unexpected[:3]})')
@@ -128,20 +135,6 @@ def save_snapshot(path: str, modules: dict, dataset: dict = None, extra: dict = 
     atomic_torch_save(data, path)
 
 
-def _load_pickle(path: str, device) -> dnnlib.EasyDict:
-    import pickle  # Only reached behind the explicit allow_pickle opt-in.
-    with open(path, 'rb') as f:
-        data = pickle.load(f)  # noqa: S301 (allow_pickle opt-in)
-    if not isinstance(data, dict):
-        raise SnapshotError(f'{path}: pickle holds {type(data).__name__}, expected a dict of networks')
-    out = dnnlib.EasyDict(G=None, D=None, G_ema=None, augment_pipe=None, dataset={}, extra={})
-    for key, value in data.items():
-        if isinstance(value, torch.nn.Module):
-            value = value.to(device)
-        out[key] = value
-    return out
-
-
 def is_pickle(path: str) -> bool:
     """True for NVlabs-style pickles: a ``.pkl`` name, or not the zip container that ``torch.save`` writes."""
     with open(path, 'rb') as f:
@@ -149,20 +142,33 @@ def is_pickle(path: str) -> bool:
     return str(path).endswith('.pkl') or head != b'PK'
 
 
-def load_snapshot(path: str, device='cpu', allow_pickle: bool = False) -> dnnlib.EasyDict:
-    """Load a snapshot: ``EasyDict(G, D, G_ema, augment_pipe, dataset, extra)`` with modules on ``device``."""
+def warn_allow_pickle() -> None:
+    """--allow-pickle is kept so that old command lines still run; it no longer changes anything."""
+    import sys
+    print('--allow-pickle is deprecated and ignored: NVlabs .pkl files are read without running code from them',
+          file=sys.stderr, flush=True)
+
+
+def read_snapshot_data(path: str) -> dict:
+    """The plain data of a snapshot: a ``.pt`` through ``torch.load(weights_only=True)``, an NVlabs ``.pkl``
+    through the restricted unpickler of ``torch_utils.legacy``. Nothing is built yet."""
     path = str(path)
     if not os.path.isfile(path):
         raise SnapshotError(f'{path}: no such snapshot file')
     if is_pickle(path):
-        if not allow_pickle:
-            raise PickleRefused(f'{path}: is a pickle; loading a pickle runs arbitrary code. Pass --allow-pickle '
-                                f'only if you trust where this file came from')
-        return _load_pickle(path, device)
+        from torch_utils import legacy  # legacy imports this module.
+        return legacy.read_nvlabs_pickle(path)
     try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or hostile files.
         raise SnapshotError(f'{path}: not a readable snapshot ({type(err).__name__}: {str(err).splitlines()[0][:200]})') from None
+
+
+def load_snapshot(path: str, device='cpu', allow_pickle: bool = None) -> dnnlib.EasyDict:
+    """Load a snapshot (ours or an NVlabs pickle): ``EasyDict(G, D, G_ema, augment_pipe, dataset, extra)`` with
+    modules on ``device``. ``allow_pickle`` is ignored: pickles are read without running code."""
+    path = str(path)
+    data = read_snapshot_data(path)
     if not isinstance(data, dict) or data.get('format') != SNAPSHOT_FORMAT:
         raise SnapshotError(f'{path}: not a snapshot of this project (format {data.get("format") if isinstance(data, dict) else None!r})')
     out = dnnlib.EasyDict(G=None, D=None, G_ema=None, augment_pipe=None)

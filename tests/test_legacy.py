@@ -1,0 +1,148 @@
+"""NVlabs pickles load without running code from the file; anything outside the admitted globals is refused."""
+
+import os
+import pickle
+import pickletools
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from tests.nvlabs_fake import PERSISTENCE, tiny_nvlabs_nets, write_nvlabs_pickle
+from torch_utils import legacy, snapshot
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# State-dict names of NVlabs' StyleGAN2-ADA networks (training/networks.py of stylegan2-ada-pytorch) for an 8-px
+# conditional G (2 mapping layers) and resnet D, written out by hand from their constructors.
+NVLABS_G_NAMES = sorted(
+    ['mapping.embed.weight', 'mapping.embed.bias', 'mapping.fc0.weight', 'mapping.fc0.bias', 'mapping.fc1.weight',
+     'mapping.fc1.bias', 'mapping.w_avg', 'synthesis.b4.const', 'synthesis.b4.resample_filter']
+    + [f'synthesis.b4.conv1.{n}' for n in ('weight', 'bias', 'noise_strength', 'noise_const', 'resample_filter',
+                                           'affine.weight', 'affine.bias')]
+    + [f'synthesis.b4.torgb.{n}' for n in ('weight', 'bias', 'affine.weight', 'affine.bias')]
+    + ['synthesis.b8.resample_filter']
+    + [f'synthesis.b8.{c}.{n}' for c in ('conv0', 'conv1') for n in ('weight', 'bias', 'noise_strength', 'noise_const',
+                                                                       'resample_filter', 'affine.weight', 'affine.bias')]
+    + [f'synthesis.b8.torgb.{n}' for n in ('weight', 'bias', 'affine.weight', 'affine.bias')])
+NVLABS_D_NAMES = sorted(
+    ['b8.resample_filter', 'b8.skip.weight', 'b8.skip.resample_filter']
+    + [f'b8.{c}.{n}' for c in ('fromrgb', 'conv0', 'conv1') for n in ('weight', 'bias', 'resample_filter')]
+    + [f'mapping.{n}' for n in ('embed.weight', 'embed.bias', 'fc0.weight', 'fc0.bias', 'fc1.weight', 'fc1.bias')]
+    + ['b4.conv.weight', 'b4.conv.bias', 'b4.conv.resample_filter', 'b4.fc.weight', 'b4.fc.bias', 'b4.out.weight',
+       'b4.out.bias'])
+
+
+def test_state_names_match_nvlabs():
+    nets = tiny_nvlabs_nets()
+    assert sorted(nets['G'][0].state_dict()) == NVLABS_G_NAMES
+    assert sorted(nets['D'][0].state_dict()) == NVLABS_D_NAMES
+
+
+@pytest.mark.parametrize('protocol', [2, 4])
+def test_nvlabs_pickle_loads_identically(tmp_path, protocol):
+    marker = str(tmp_path / 'ran-code')
+    nets = tiny_nvlabs_nets()
+    pkl = write_nvlabs_pickle(str(tmp_path / 'network-snapshot-000100.pkl'), nets, marker, protocol=protocol,
+                              training_set_kwargs=dict(class_name='training.dataset.ImageFolderDataset',
+                                                       path='/data/ffhq8.zip', use_labels=True, xflip=False, resolution=8))
+    globals_named = {arg for op, arg, _ in pickletools.genops(open(pkl, 'rb').read()) if op.name == 'GLOBAL'}
+    if protocol == 2:  # The format really is NVlabs': the reconstruct call names their module.
+        assert f'{PERSISTENCE} _reconstruct_persistent_obj' in globals_named
+    assert PERSISTENCE not in sys.modules
+
+    data = snapshot.load_snapshot(pkl)
+    assert not os.path.exists(marker)
+    assert type(data.G_ema).__module__ == 'training.networks' and type(data.D).__module__ == 'training.networks'
+    assert data.dataset.resolution == 8 and data.dataset.channels == ['red', 'green', 'blue']
+    assert data.extra.training_set_kwargs['path'] == '/data/ffhq8.zip'
+    z, c = torch.randn(3, 8), torch.eye(2)[[0, 1, 0]]
+    for key in ('G', 'G_ema'):
+        torch.testing.assert_close(data[key](z, c, noise_mode='const'), nets[key][0](z, c, noise_mode='const'), rtol=0, atol=0)
+        torch.testing.assert_close(data[key](z, c, truncation_psi=0.5, noise_mode='const'),
+                                   nets[key][0](z, c, truncation_psi=0.5, noise_mode='const'), rtol=0, atol=0)
+    img = torch.randn(4, 3, 8, 8)
+    c4 = torch.eye(2)[[0, 1, 1, 0]]
+    torch.testing.assert_close(data.D(img, c4), nets['D'][0](img, c4), rtol=0, atol=0)
+    assert float(data.augment_pipe.p) == pytest.approx(0.3)
+    assert data.augment_pipe.init_kwargs['rotate90'] == 1
+    # What NVlabs' defaults mean is kept where ours differ (their fp16 and clamping defaults are off).
+    raw = legacy.read_nvlabs_pickle(pkl)
+    assert raw['modules']['G']['init_kwargs']['synthesis_kwargs']['num_fp16_res'] == 0
+
+
+class _Gadget:
+    def __init__(self, func, args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _typed_storage():
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # TypedStorage deprecation: NVlabs-era pickles hold typed storages.
+        return torch.zeros(2).storage()
+
+
+def _gadgets(marker):
+    touch = f'open({marker!r}, "w").close()'
+    return {
+        'os.system': _Gadget(os.system, (f'touch {marker}',)),
+        'builtins.eval': _Gadget(eval, (touch,)),
+        'builtins.exec': _Gadget(exec, (touch,)),
+        'open': _Gadget(open, (marker, 'w')),
+        # The storage path: bytes that torch's *unrestricted* legacy loader would unpickle.
+        'storage': _Gadget(torch.storage._load_from_bytes, (pickle.dumps(_Gadget(open, (marker, 'w'))),)),
+        # A tensor whose rebuild arguments carry backward hooks (made of admitted parts, so the hook check refuses).
+        'hook': _Gadget(torch._utils._rebuild_tensor_v2, (_typed_storage(), 0, (2,), (1,), False,
+                                                         {'h': 1})),
+    }
+
+
+@pytest.mark.parametrize('name', ['os.system', 'builtins.eval', 'builtins.exec', 'open', 'storage', 'hook'])
+def test_malicious_pickle_refused(tmp_path, name):
+    marker = str(tmp_path / 'pwned')
+    pkl = str(tmp_path / 'network-snapshot.pkl')
+    with open(pkl, 'wb') as f:
+        pickle.dump({'G_ema': _gadgets(marker)[name]}, f)
+    with pytest.raises(snapshot.SnapshotError) as info:
+        snapshot.load_snapshot(pkl)
+    message = str(info.value)
+    assert '\n' not in message and message.startswith(pkl)
+    assert not os.path.exists(marker)
+    if name in ('os.system', 'builtins.eval', 'builtins.exec', 'open'):
+        assert isinstance(info.value, snapshot.PickleRefused) and 'refuses to unpickle' in message
+
+
+def test_refusal_names_the_global(tmp_path):
+    pkl = str(tmp_path / 'x.pkl')
+    with open(pkl, 'wb') as f:
+        pickle.dump({'G': _Gadget(eval, ('1',))}, f)
+    with pytest.raises(snapshot.PickleRefused, match=r'builtins\.eval'):
+        legacy.read_nvlabs_pickle(pkl)
+    # Not an NVlabs network (plain data of the admitted kinds): a clear one-liner as well.
+    with open(pkl, 'wb') as f:
+        pickle.dump({'G': np.float32(1)}, f)
+    with pytest.raises(snapshot.SnapshotError, match='not an NVlabs persistent network'):
+        legacy.read_nvlabs_pickle(pkl)
+
+
+def test_clis_take_nvlabs_pickles_without_a_flag(tmp_path):
+    marker = str(tmp_path / 'ran-code')
+    pkl = write_nvlabs_pickle(str(tmp_path / 'net.pkl'), tiny_nvlabs_nets(), marker)
+    out = str(tmp_path / 'out')
+    res = subprocess.run([sys.executable, 'generate.py', '--network', pkl, '--seeds', '0-1', '--class', 'class1',
+                          '--outdir', out, '--device', 'cpu'], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ['seed0000.png', 'seed0001.png'] and not os.path.exists(marker)
+    evil = str(tmp_path / 'evil.pkl')
+    with open(evil, 'wb') as f:
+        pickle.dump({'G_ema': _Gadget(os.system, (f'touch {marker}',))}, f)
+    res = subprocess.run([sys.executable, 'generate.py', '--network', evil, '--seeds', '0', '--outdir', out,
+                          '--allow-pickle'], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode != 0 and 'Traceback' not in res.stderr and not os.path.exists(marker)
+    assert 'system' in res.stderr and evil in res.stderr
