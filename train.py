@@ -3,7 +3,8 @@
 Examples:
   python train.py --outdir runs --data slices.zip --cond=1 --mirror=1 --kimg 5000
   python train.py --outdir runs --data slices.zip --cond=1 --cbase 1024 --cmax 64 --batch 8 --kimg 0.2 --metrics none
-  python train.py --resume runs/00003-slices-gpus1-batch8-cond       # continue that run exactly
+  python train.py --resume runs/00003-slices-gpus1-batch8-cond --kimg 8000   # continue that run exactly, longer
+  python train.py --resume other/network-snapshot-000200000.pt --outdir runs --data slices.zip   # new run from weights
   torchrun --nproc_per_node 4 train.py --outdir runs --data slices.zip --gpus 4
 """
 
@@ -15,7 +16,8 @@ import tempfile
 import click
 
 import dnnlib
-from training.config import AUGPIPE_NAMES, CFG_SPECS, describe_run, next_run_dir, setup_training_config
+from training.config import (AUGPIPE_NAMES, CFG_SPECS, MID_RUN_OPTIONS, describe_run, next_run_dir, resume_run_config,
+                             save_options, setup_training_config)
 
 
 class Logger:
@@ -101,9 +103,7 @@ def launch_training(c: dnnlib.EasyDict, dry_run: bool = False):
         print('Dry run; exiting.')
         return
     os.makedirs(c.run_dir, exist_ok=True)
-    if not c.get('resume_run'):
-        with dnnlib.atomic_output(os.path.join(c.run_dir, 'training_options.json')) as tmp, open(tmp, 'wt') as f:
-            json.dump(c, f, indent=2)
+    save_options(c)  # A continued run saves the options it changed, so a later plain --resume keeps them.
 
     if _torchrun_rank() is not None:
         subprocess_fn(rank=0, c=c)
@@ -115,18 +115,52 @@ def launch_training(c: dnnlib.EasyDict, dry_run: bool = False):
             torch.multiprocessing.spawn(fn=subprocess_fn, args=(c, os.path.join(os.path.abspath(temp_dir), '.torch_distributed_init')), nprocs=c.num_gpus)
 
 
-def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
-    """Reload a run's options to continue it in place; ``--kimg`` may extend it."""
-    path = os.path.join(run_dir, 'training_options.json')
-    if not os.path.isfile(path):
-        raise click.UsageError(f'--resume: {run_dir} has no training_options.json; is it a run dir?')
-    with open(path) as f:
-        c = json.load(f, object_hook=dnnlib.EasyDict)
-    c.pop('resume_pkl', None)
-    c.resume_run = os.path.abspath(run_dir)
-    c.run_dir = os.path.abspath(run_dir)
-    if kimg is not None:
-        c.total_kimg = kimg
+def _explicit_options(ctx: click.Context) -> set:
+    """Names of the options given on the command line (or by environment), as opposed to defaults."""
+    given = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
+    return {name for name in ctx.params if ctx.get_parameter_source(name) in given}
+
+
+def _flag(name: str) -> str:
+    return '--' + name.replace('_', '-')
+
+
+def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
+    """The run's config, every check done before any directory exists (docs/training.md, "Resume").
+
+    ``--resume RUN_DIR`` continues in place and takes only the MID_RUN_OPTIONS (saved for later resumes); any
+    other option given explicitly is refused. Otherwise ``--outdir`` and ``--data`` make a new run, which
+    ``--resume SNAPSHOT`` starts from that snapshot's weights."""
+    if opts.allow_pickle:
+        from torch_utils.snapshot import warn_allow_pickle
+        warn_allow_pickle()
+    resume = opts.resume
+    if resume is not None:
+        if not os.path.exists(resume):
+            raise click.UsageError(f'--resume {resume}: no such run dir or snapshot file')
+    if resume is not None and os.path.isdir(resume):
+        refused = sorted(explicit - set(MID_RUN_OPTIONS) - {'resume', 'dry_run', 'allow_pickle'})
+        if refused:
+            raise click.UsageError(
+                f'--resume {resume}: continues that run with its own options; {", ".join(map(_flag, refused))} '
+                f'cannot change mid-run (allowed: {", ".join(map(_flag, MID_RUN_OPTIONS))}). To start a new run from '
+                f'its weights: --resume {os.path.join(resume, "network-snapshot-....pt")} --outdir DIR --data DATA')
+        return resume_run_config(resume, **{k: opts[k] for k in MID_RUN_OPTIONS if k in explicit})
+    missing = [_flag(k) for k in ('outdir', 'data') if opts[k] is None]
+    if missing:
+        hint = ('--resume SNAPSHOT starts a new run from its weights' if resume is not None
+                else 'or --resume RUN_DIR alone to continue a run')
+        raise click.UsageError(f'{" and ".join(missing)} required ({hint})')
+    outdir = opts.outdir
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.UsageError(f'--outdir {outdir}: exists and is not a directory')
+    parent = outdir if os.path.isdir(outdir) else os.path.dirname(os.path.abspath(outdir))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise click.UsageError(f'--outdir {outdir}: {parent} is not writable')
+    c = setup_training_config(**opts)
+    c.run_dir = next_run_dir(outdir, describe_run(c, opts.desc))
     return c
 
 
@@ -143,9 +177,10 @@ def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
 @click.option('--p',            help='Probability for --aug=fixed', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
 @click.option('--target',       help='Target value for --aug=ada', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.6, show_default=True)
 @click.option('--augpipe',      help='Augmentation pipeline', type=click.Choice(AUGPIPE_NAMES), default='bgc', show_default=True)
-@click.option('--resume',       help='Continue a run dir exactly, or start from a snapshot', metavar='[RUN_DIR|PT]', type=str)
+@click.option('--resume',       help='Continue a run dir in place, or start a new run from a snapshot (.pt, NVlabs .pkl)', metavar='[RUN_DIR|PT|PKL]', type=str)
+@click.option('--resume-partial', help='With --resume SNAPSHOT: start from the matching tensors even if the snapshot does not fit', is_flag=True)
 @click.option('--freezed',      help='Freeze the first layers of D (FreezeD)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--allow-pickle', help='Let --resume load NVlabs .pkl files (a pickle runs code)', is_flag=True)
+@click.option('--allow-pickle', help='Deprecated, ignored: .pkl files load without running code', is_flag=True, hidden=True)
 # Hyperparameters.
 @click.option('--cfg',          help='Base configuration', type=click.Choice(list(CFG_SPECS)), default='auto', show_default=True)
 @click.option('--batch',        help='Total batch size [default: preset]', metavar='INT', type=click.IntRange(min=1))
@@ -192,17 +227,9 @@ def main(**opts):
         if device == 'cuda':
             torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
         torch.distributed.init_process_group(backend='nccl' if device == 'cuda' else 'gloo')
-    resume = opts.resume
-    if resume is not None and os.path.isdir(resume) and opts.data is None:
-        c = resume_config(resume, kimg=opts.kimg)
-    else:
-        if opts.outdir is None or opts.data is None:
-            raise click.UsageError('--outdir and --data are required (or --resume RUN_DIR alone to continue a run)')
-        c = setup_training_config(**opts)
-        if c.get('resume_run'):
-            c.run_dir = c.resume_run
-        else:
-            c.run_dir = next_run_dir(opts.outdir, describe_run(c, opts.desc))
+    c = build_config(opts, _explicit_options(click.get_current_context()))
+    if rank is not None and c.num_gpus != opts.gpus:
+        raise click.UsageError(f'--resume {opts.resume}: the run used {c.num_gpus} processes; torchrun started {opts.gpus}')
     if rank is not None:
         import torch
         shared = [c]

@@ -7,6 +7,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.helpers import make_png_folder
+from training import checkpoint
 
 
 def _worker(rank, c, init_file, out_dir):
@@ -38,7 +39,7 @@ def test_two_process_gloo_keeps_ranks_identical(tmp_path, hooks):
         for key in r0[name]:
             assert torch.equal(r0[name][key], r1[name][key]), f'{name}.{key} differs between ranks'
     assert float(r0['augment_pipe']['p']) == 0.5
-    assert os.path.isfile(os.path.join(c.run_dir, 'network-snapshot-000000.pt'))
+    assert checkpoint.latest_snapshot(c.run_dir) is not None
 
 
 @pytest.mark.slow
@@ -56,4 +57,4 @@ def test_torchrun_two_processes_share_one_run_dir(tmp_path):
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     runs = os.listdir(str(tmp_path / 'runs'))
     assert runs == ['00000-data-gpus2-batch4-cond']
-    assert os.path.isfile(str(tmp_path / 'runs' / runs[0] / 'network-snapshot-000000.pt'))
+    assert checkpoint.latest_snapshot(str(tmp_path / 'runs' / runs[0])) is not None

@@ -46,7 +46,7 @@ def run_dir(data_dir, tmp_path_factory):
 
 def test_run_dir_contents(run_dir):
     for name in ['training_options.json', 'log.txt', 'stats.jsonl', 'reals.png', 'fakes_init.png',
-                 'fakes000000.png', 'network-snapshot-000000.pt', 'training-state.pt']:
+                 'fakes000000104.png', 'fakes000000200.png', 'network-snapshot-000000200.pt', 'training-state.pt']:
         assert os.path.isfile(os.path.join(run_dir, name)), name
     # Conditional grid: one row per class (2 classes) of 32x32 images.
     grid = np.array(PIL.Image.open(os.path.join(run_dir, 'fakes_init.png')))
@@ -56,13 +56,13 @@ def test_run_dir_contents(run_dir):
     assert stats[-1]['Progress/augment']['mean'] > 0  # ADA with target 0 raises p
     log = open(os.path.join(run_dir, 'log.txt')).read()
     assert 'sec/kimg' in log and 'augment' in log
-    data = snapshot.load_snapshot(os.path.join(run_dir, 'network-snapshot-000000.pt'))
+    data = snapshot.load_snapshot(os.path.join(run_dir, 'network-snapshot-000000200.pt'))
     assert data.dataset.label_names == ['class0', 'class1'] and data.G_ema.img_channels == 1
 
 
 def test_generate_by_class(run_dir, tmp_path):
     out = str(tmp_path / 'gen')
-    _run(['generate.py', '--network', os.path.join(run_dir, 'network-snapshot-000000.pt'), '--seeds', '0-3',
+    _run(['generate.py', '--network', os.path.join(run_dir, 'network-snapshot-000000200.pt'), '--seeds', '0-3',
           '--class', '1', '--outdir', out])
     files = sorted(os.listdir(out))
     assert files == [f'seed{i:04d}.png' for i in range(4)]
@@ -90,7 +90,7 @@ def test_resume_continues_counters(run_dir, tmp_path):
     # augment p carries on from where it was (ADA moves it by at most a few steps per tick).
     p0 = before[-1]['Progress/augment']['mean']
     assert abs(resumed[0]['Progress/augment']['mean'] - p0) < 0.01 and p0 > 0
-    assert os.path.isfile(os.path.join(run2, 'network-snapshot-000000.pt'))
+    assert os.path.isfile(os.path.join(run2, 'network-snapshot-000000304.pt'))
 
 
 def test_resume_is_exact(data_dir, tmp_path):
@@ -102,8 +102,8 @@ def test_resume_is_exact(data_dir, tmp_path):
     (run_b,) = glob.glob(str(tmp_path / 'b' / '*'))
     _run(['train.py', '--resume', run_b, '--kimg', '0.3'])
     (run_a,) = glob.glob(str(tmp_path / 'a' / '*'))
-    a = snapshot.load_snapshot(os.path.join(run_a, 'network-snapshot-000000.pt'))
-    b = snapshot.load_snapshot(os.path.join(run_b, 'network-snapshot-000000.pt'))
+    a = snapshot.load_snapshot(os.path.join(run_a, 'network-snapshot-000000304.pt'))
+    b = snapshot.load_snapshot(os.path.join(run_b, 'network-snapshot-000000304.pt'))
     for name in ['G', 'D', 'G_ema']:
         for (k, va), vb in zip(a[name].state_dict().items(), b[name].state_dict().values()):
             torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=f'{name}.{k}')

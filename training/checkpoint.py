@@ -1,8 +1,12 @@
 """Snapshots and the exact-resume training state.
 
-Beside each ``network-snapshot-NNNNNN.pt`` the loop writes ``training-state.pt``: optimizer states, the
-image counter, tick, augment probability, top-k fraction, path-length mean, ADA accumulators and the RNG
-states. ``--resume RUN_DIR`` reloads both and continues the run where it stopped; every write is atomic.
+Snapshots and image grids are named by the number of real images shown so far (``network-snapshot-
+000000200.pt``, ``fakes000000200.png``; nine digits, more past 10^9), so short runs never reuse a name. Runs
+made before kept the kimg (``network-snapshot-000012.pt``, six digits, also NVlabs' ``.pkl`` naming); both
+kinds are still found and ordered. Beside the newest snapshot the loop writes ``training-state.pt``:
+optimizer states, the image counter, tick, augment probability, top-k fraction, path-length mean, ADA
+accumulators and the RNG states, and the snapshot it belongs to. ``--resume RUN_DIR`` reloads both and
+continues the run where it stopped; every write is atomic.
 """
 
 import glob
@@ -16,17 +20,61 @@ import torch
 from torch_utils import snapshot
 
 STATE_NAME = 'training-state.pt'
+_SNAPSHOT_RE = re.compile(r'network-snapshot-(\d+)\.(pt|pkl)$')
 
 
 def snapshot_path(run_dir: str, cur_nimg: int) -> str:
-    return os.path.join(run_dir, f'network-snapshot-{cur_nimg // 1000:06d}.pt')
+    return os.path.join(run_dir, f'network-snapshot-{int(cur_nimg):09d}.pt')
+
+
+def grid_path(run_dir: str, cur_nimg: int) -> str:
+    return os.path.join(run_dir, f'fakes{int(cur_nimg):09d}.png')
+
+
+def snapshot_nimg(path: str):
+    """Images seen at a snapshot, from its name: nine or more digits count images, six (older runs and NVlabs'
+    pickles) count kimg. None for other names."""
+    m = _SNAPSHOT_RE.search(os.path.basename(path))
+    if m is None:
+        return None
+    digits = m.group(1)
+    return int(digits) * 1000 if len(digits) <= 6 else int(digits)
 
 
 def latest_snapshot(run_dir: str):
-    """The newest ``network-snapshot-*.pt`` of a run dir by its kimg number, or None."""
-    files = glob.glob(os.path.join(run_dir, 'network-snapshot-*.pt'))
-    numbered = [(int(m.group(1)), f) for f in files if (m := re.search(r'network-snapshot-(\d+)\.pt$', f))]
-    return max(numbered)[1] if numbered else None
+    """The newest ``network-snapshot-*.pt`` (or NVlabs ``.pkl``) of a run dir by images seen, or None.
+    On a tie our ``.pt`` wins over a ``.pkl``, and the new naming over the old."""
+    ranked = []
+    for f in glob.glob(os.path.join(glob.escape(run_dir), 'network-snapshot-*')):
+        nimg = snapshot_nimg(f)
+        if nimg is not None:
+            ranked.append((nimg, f.endswith('.pt'), len(os.path.basename(f)), f))
+    return max(ranked)[-1] if ranked else None
+
+
+def transfer_weights(data: dict, modules: dict):
+    """Copy every tensor of a snapshot's plain data (``snapshot.read_snapshot_data``) into ``modules`` whose
+    name and shape match. Returns ``(copied, total, first_mismatch)``: counts over the modules' state-dict
+    tensors, and a description of the first tensor left as it was (None when all were copied)."""
+    copied = total = 0
+    first = None
+    records = data.get('modules') or {}
+    with torch.no_grad():
+        for key, module in modules.items():
+            if module is None:
+                continue
+            record = records.get(key)
+            source = (record or {}).get('state_dict') or {}
+            for name, tensor in module.state_dict(keep_vars=True).items():
+                total += 1
+                src = source.get(name)
+                if src is not None and tuple(src.shape) == tuple(tensor.shape):
+                    tensor.copy_(src)
+                    copied += 1
+                elif first is None:
+                    found = 'absent' if src is None else f'{list(src.shape)} in the snapshot'
+                    first = f'{key}.{name} {list(tensor.shape)} here, {found}'
+    return copied, total, first
 
 
 def rng_states() -> dict:

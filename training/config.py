@@ -1,9 +1,13 @@
 """Training configuration as data: presets, validation and the EasyDict that the loop consumes.
 
-``setup_training_config(**opts)`` is pure (no I/O besides reading the dataset header) so tests and other
-front ends can build a run without the CLI. Presets follow the StyleGAN2-ADA paper's configurations.
+``setup_training_config(**opts)`` is pure (no I/O besides reading the dataset header and, for ``resume``, the
+snapshot) so tests and other front ends can build a run without the CLI; every check that can fail runs here,
+before a run dir exists. ``resume_run_config(run_dir, **changes)`` reloads a run's options to continue it in
+place with the options that may change mid-run (``MID_RUN_OPTIONS``). Presets follow the StyleGAN2-ADA paper's
+configurations.
 """
 
+import json
 import os
 import re
 
@@ -68,13 +72,13 @@ def setup_training_config(
     metrics: str = 'fid50k_full',   # Comma-separated metric names, or 'none'.
     detector: str = None,           # Inception detector path/URL override for the metrics.
     seed: int = 0,                  # Random seed.
-    resume: str = None,             # Snapshot to start from (weights only).
+    resume: str = None,             # Snapshot (.pt or NVlabs .pkl) to start a new run from (weights only).
+    resume_partial: bool = False,   # Start from the tensors that match even if the snapshot does not fit.
     freezed: int = 0,               # FreezeD layers.
     fp32: bool = False,             # Disable mixed precision.
     nobench: bool = False,          # Disable cuDNN benchmarking.
     allow_tf32: bool = False,       # Allow TF32.
     workers: int = 3,               # DataLoader workers.
-    allow_pickle: bool = False,     # Let --resume read NVlabs pickles (runs code).
     device: str = None,             # 'cuda' or 'cpu'; None = cuda when available.
     topk: bool = False,             # Top-k generator updates (Sinha et al. 2020).
     topk_gamma: float = 0.99,       # Top-k decay per epoch.
@@ -101,15 +105,13 @@ def setup_training_config(
     c.num_gpus = gpus
 
     # Dataset.
-    from training.dataset import DatasetError, ImageFolderDataset
-    try:
-        probe = ImageFolderDataset(path=data, use_labels=True, max_size=None, xflip=False)
-    except DatasetError as err:
-        raise click.UsageError(f'--data: {err}') from None
+    probe = _open_dataset(data, '--data', subset='all')
     if subset is None:
         subset = 'train' if probe.split else 'all'
     if subset != 'all' and not probe.split:
         raise click.UsageError(f'--subset={subset}: {data} has no case-level split; rebuild it with dataset_tool.py --split val=0.1')
+    if subset != 'all':
+        _open_dataset(data, f'--subset={subset}', subset=subset).close()  # An empty split fails here, not in the run.
     if cond and not probe.has_labels:
         raise click.UsageError(f'--cond=1: {data} has no labels in dataset.json; use --cond=0 or add labels')
     res = probe.resolution
@@ -120,10 +122,10 @@ def setup_training_config(
     c.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
                                             use_labels=cond, max_size=None, xflip=mirror, resolution=res,
                                             subset=subset, random_seed=seed)
+    facts = dict(resolution=res, num_channels=probe.num_channels, channels=list(probe.channels),
+                 c_dim=probe.label_dim if cond else 0, label_names=list(probe.label_names) if cond else [])
     probe.close()
-    c.data_loader_kwargs = dnnlib.EasyDict(pin_memory=(device == 'cuda'), num_workers=workers,
-                                           prefetch_factor=2 if workers > 0 else None,
-                                           persistent_workers=workers > 0)
+    c.data_loader_kwargs = data_loader_kwargs(workers, device)
 
     # Preset, with auto values as in StyleGAN2-ADA.
     if cfg not in CFG_SPECS:
@@ -224,34 +226,158 @@ def setup_training_config(
         raise click.UsageError('--p only applies to --aug=fixed')
 
     # Metrics.
-    c.metrics = [] if metrics in (None, '', 'none') else [m.strip() for m in metrics.split(',') if m.strip()]
+    c.metrics = parse_metrics(metrics)
     c.metric_kwargs = dnnlib.EasyDict(detector_url=detector) if detector else dnnlib.EasyDict()
-    if c.metrics:
-        from metrics import metric_main
-        bad = [m for m in c.metrics if not metric_main.is_valid_metric(m)]
-        if bad:
-            raise click.UsageError(f'--metrics: unknown {", ".join(bad)}; valid: {", ".join(metric_main.list_valid_metrics())}')
 
     # Resume and freezing.
     if resume is not None:
         if os.path.isdir(resume):
-            c.resume_run = os.path.abspath(resume)
-        elif os.path.isfile(resume):
-            from torch_utils.snapshot import is_pickle
-            if is_pickle(resume) and not allow_pickle:
-                raise click.UsageError(f'--resume: {resume} is a pickle; loading a pickle runs arbitrary code. '
-                                       f'Pass --allow-pickle only if you trust where it came from')
-            c.resume_pkl = os.path.abspath(resume)
-            c.ema_rampup = None  # Fine-tuning keeps the full EMA from the start.
-        else:
-            raise click.UsageError(f'--resume: {resume} is neither a run dir nor a snapshot file')
-    c.allow_pickle = allow_pickle
+            raise click.UsageError(f'--resume {resume}: a run dir is continued by itself (train.py --resume RUN_DIR); '
+                                   f'to start a new run from its weights, give one of its snapshot files')
+        if not os.path.isfile(resume):
+            raise click.UsageError(f'--resume {resume}: no such run dir or snapshot file')
+        c.resume_pkl = os.path.abspath(resume)
+        c.resume_partial = bool(resume_partial)
+        c.ema_rampup = None  # Fine-tuning keeps the full EMA from the start.
+        check_resume_snapshot(c, facts, resume)
+    elif resume_partial:
+        raise click.UsageError('--resume-partial only applies to --resume SNAPSHOT')
     if freezed < 0:
         raise click.UsageError('--freezed must be non-negative')
     c.freezed = freezed
     c.cudnn_benchmark = not nobench
     c.allow_tf32 = allow_tf32
     return c
+
+
+def _open_dataset(data: str, flag: str, subset: str):
+    """Open the archive (labels on), or fail with one line naming ``flag``."""
+    from training.dataset import DatasetError, ImageFolderDataset
+    try:
+        return ImageFolderDataset(path=data, use_labels=True, max_size=None, xflip=False, subset=subset)
+    except DatasetError as err:
+        raise click.UsageError(f'{flag}: {err}') from None
+    except OSError as err:  # Permissions, a folder that vanished, I/O errors.
+        raise click.UsageError(f'{flag}: {data}: cannot be read ({err.strerror or err})') from None
+
+
+def data_loader_kwargs(workers: int, device: str) -> dnnlib.EasyDict:
+    return dnnlib.EasyDict(pin_memory=(device == 'cuda'), num_workers=workers,
+                           prefetch_factor=2 if workers > 0 else None, persistent_workers=workers > 0)
+
+
+def parse_metrics(metrics) -> list:
+    """'a,b' or a list -> validated metric names; None, '' and 'none' -> []."""
+    if isinstance(metrics, (list, tuple)):
+        names = [str(m).strip() for m in metrics if str(m).strip()]
+    else:
+        names = [] if metrics in (None, '', 'none') else [m.strip() for m in metrics.split(',') if m.strip()]
+    if names:
+        from metrics import metric_main
+        bad = [m for m in names if not metric_main.is_valid_metric(m)]
+        if bad:
+            raise click.UsageError(f'--metrics: unknown {", ".join(bad)}; valid: {", ".join(metric_main.list_valid_metrics())}')
+    return names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resume. Two rules: a run dir continues in place with its own options (only MID_RUN_OPTIONS may change); a
+# snapshot file starts a new run from its weights, which must fit the new run unless resume_partial.
+
+MID_RUN_OPTIONS = ('kimg', 'metrics', 'detector', 'snap', 'tick', 'workers')
+
+
+def check_resume_snapshot(c: dnnlib.EasyDict, facts: dict, path: str):
+    """Refuse (one line) a snapshot that does not fit the run ``c`` describes: resolution, channels, labels or
+    network widths differ, so fewer than all tensors would be copied. ``c.resume_partial`` accepts that.
+    Returns ``(copied, total)``."""
+    import torch
+    from torch_utils import snapshot
+    from training import checkpoint
+    try:
+        data = snapshot.read_snapshot_data(path)
+    except snapshot.SnapshotError as err:
+        raise click.UsageError(f'--resume: {err}') from None
+    if not isinstance(data, dict) or data.get('format') != snapshot.SNAPSHOT_FORMAT:
+        raise click.UsageError(f'--resume: {path}: not a snapshot of this project')
+    record = (data.get('modules') or {}).get('G_ema') or (data.get('modules') or {}).get('G') or {}
+    kw = record.get('init_kwargs') or {}
+    desc = data.get('dataset') or {}
+    differences = []
+    for what, theirs, ours in [('resolution', kw.get('img_resolution'), facts['resolution']),
+                               ('channels', kw.get('img_channels'), facts['num_channels']),
+                               ('label dimension (c_dim)', kw.get('c_dim'), facts['c_dim'])]:
+        if theirs is not None and theirs != ours:
+            differences.append(f'{what} {theirs} in the snapshot, {ours} here')
+    if not differences:  # Same counts: do the names agree where both sides record them?
+        for what, key in [('channels', 'channels'), ('labels', 'label_names')]:
+            theirs, ours = desc.get(key), facts[key]
+            if theirs and ours and list(theirs) != list(ours) and data.get('extra', {}).get('source') != 'nvlabs-pickle':
+                differences.append(f'{what} {",".join(theirs)} in the snapshot, {",".join(ours)} here')
+    common = dict(c_dim=facts['c_dim'], img_resolution=facts['resolution'], img_channels=facts['num_channels'])
+    with torch.random.fork_rng():  # Throw-away networks: do not disturb the caller's random stream.
+        modules = dict(G=dnnlib.construct_class_by_name(**c.G_kwargs, **common),
+                       D=dnnlib.construct_class_by_name(**c.D_kwargs, **common))
+        modules['G_ema'] = modules['G']
+        if c.augment_kwargs is not None:
+            modules['augment_pipe'] = dnnlib.construct_class_by_name(**c.augment_kwargs)
+    copied, total, first = checkpoint.transfer_weights(data, modules)
+    if (differences or copied < total) and not c.get('resume_partial'):
+        why = '; '.join(differences) or f'network widths differ ({first})'
+        raise click.UsageError(f'--resume {path}: does not fit this run ({why}): {copied} of {total} tensors would be '
+                               f'copied. Match the options, or pass --resume-partial to start from those tensors only')
+    return copied, total
+
+
+def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
+    """A run's saved options, to continue it in place, with ``changes`` (keys of MID_RUN_OPTIONS; None = keep)."""
+    import torch
+    from training import checkpoint
+    path = os.path.join(run_dir, 'training_options.json')
+    if not os.path.isfile(path):
+        raise click.UsageError(f'--resume {run_dir}: has no training_options.json; is it a run dir?')
+    state_path = os.path.join(run_dir, checkpoint.STATE_NAME)
+    if not os.path.isfile(state_path):
+        raise click.UsageError(f'--resume {run_dir}: has no {checkpoint.STATE_NAME}: the run stopped before its first '
+                               f'snapshot; start it again')
+    with open(path) as f:
+        try:
+            c = json.load(f, object_hook=dnnlib.EasyDict)
+        except json.JSONDecodeError as err:
+            raise click.UsageError(f'--resume {run_dir}: training_options.json is not valid JSON ({err})') from None
+    for key in ('resume_pkl', 'resume_partial', 'resume_run', 'allow_pickle'):  # Not options of a continued run.
+        c.pop(key, None)
+    c.resume_run = c.run_dir = os.path.abspath(run_dir)
+    unknown = set(changes) - set(MID_RUN_OPTIONS)
+    if unknown:
+        raise ValueError(f'resume_run_config: {sorted(unknown)} cannot change mid-run')
+    if changes.get('kimg') is not None:
+        c.total_kimg = changes['kimg']
+    if changes.get('metrics') is not None:
+        c.metrics = parse_metrics(changes['metrics'])
+    if changes.get('detector') is not None:
+        c.metric_kwargs = dnnlib.EasyDict(c.get('metric_kwargs') or {}, detector_url=changes['detector'])
+    if changes.get('snap') is not None:
+        c.image_snapshot_ticks = c.network_snapshot_ticks = changes['snap']
+    if changes.get('tick') is not None:
+        c.kimg_per_tick = changes['tick']
+    if changes.get('workers') is not None:
+        c.data_loader_kwargs = data_loader_kwargs(changes['workers'], c.device)
+    try:
+        done_nimg = int(torch.load(state_path, map_location='cpu', weights_only=True, mmap=True)['cur_nimg'])
+    except Exception as err:  # torch raises many types for a damaged file.
+        raise click.UsageError(f'--resume {run_dir}: {checkpoint.STATE_NAME} is unreadable ({type(err).__name__})') from None
+    if done_nimg >= int(c.total_kimg * 1000):
+        flag = f'--kimg {changes["kimg"]}' if changes.get('kimg') is not None else f'its --kimg {c.total_kimg}'
+        raise click.UsageError(f'--resume {run_dir}: already at {done_nimg / 1000:.3f} kimg, {flag} is reached; '
+                               f'give a larger --kimg to train on')
+    return c
+
+
+def save_options(c: dnnlib.EasyDict) -> None:
+    """training_options.json of the run dir: what a later plain --resume continues with."""
+    with dnnlib.atomic_output(os.path.join(c.run_dir, 'training_options.json')) as tmp, open(tmp, 'wt') as f:
+        json.dump({k: v for k, v in c.items() if k != 'resume_run'}, f, indent=2)
 
 
 def describe_run(c: dnnlib.EasyDict, desc: str = None) -> str:

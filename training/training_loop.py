@@ -69,14 +69,14 @@ def _build_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device):
     return G, D, G_ema, augment_pipe
 
 
-def _load_weights(resume_path, allow_pickle, modules: dict, rank: int):
-    if rank == 0:
-        print(f'Loading networks from "{resume_path}"...')
-    data = snapshot.load_snapshot(resume_path, device='cpu', allow_pickle=allow_pickle)
-    for name, module in modules.items():
-        if module is not None and data.get(name) is not None:
-            misc.copy_params_and_buffers(data[name], module, require_all=False)
-    return data
+def _load_weights(resume_path, modules: dict, partial: bool, log):
+    """Copy a snapshot's tensors (ours or an NVlabs pickle) into the new networks by name and shape."""
+    log(f'Loading networks from "{resume_path}"...')
+    copied, total, first = checkpoint.transfer_weights(snapshot.read_snapshot_data(resume_path), modules)
+    log(f'  copied {copied} of {total} tensors' + (f' (first left as initialised: {first})' if first else ''))
+    if copied < total and not partial:
+        raise snapshot.SnapshotError(f'{resume_path}: copies only {copied} of {total} tensors into this run '
+                                     f'({first}); pass resume_partial=True (--resume-partial) to accept that')
 
 
 def _setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval):
@@ -139,7 +139,7 @@ def training_loop(
     network_snapshot_ticks: int = 50,   # Snapshot interval in ticks; None = never.
     resume_pkl: str = None,             # Initialise weights from this snapshot (new run, counters at 0).
     resume_run: str = None,             # Continue this run dir exactly (counters, optimizers, RNG).
-    allow_pickle: bool = False,         # Let resume_pkl be an NVlabs pickle (pickles run code).
+    resume_partial: bool = False,       # Let resume_pkl fill only the tensors that match (else all must).
     freezed: int = 0,                   # Freeze the N highest-resolution blocks of D.
     cudnn_benchmark: bool = True,       # torch.backends.cudnn.benchmark.
     allow_tf32: bool = False,           # TF32 matmul/conv on Ampere+ GPUs.
@@ -160,7 +160,7 @@ def training_loop(
     training_set, training_set_iterator = _setup_data(training_set_kwargs, data_loader_kwargs, random_seed, rank,
                                                       num_gpus, batch_size, cur_nimg, log)
     G, D, G_ema, augment_pipe = _setup_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device, resume_pkl,
-                                                allow_pickle, augment_p, state, batch_gpu, num_gpus, rank, log)
+                                                resume_partial, augment_p, state, batch_gpu, num_gpus, rank, log)
     loss, phases, frozen = _setup_loss_and_phases(training_set, G, D, augment_pipe, loss_kwargs, G_opt_kwargs,
                                                   D_opt_kwargs, G_reg_interval, D_reg_interval, freezed, device, rank)
     ada = None
@@ -250,13 +250,13 @@ def _setup_data(training_set_kwargs, data_loader_kwargs, random_seed, rank, num_
     return training_set, iter(loader)
 
 
-def _setup_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device, resume_pkl, allow_pickle, augment_p,
+def _setup_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device, resume_pkl, resume_partial, augment_p,
                     state, batch_gpu, num_gpus, rank, log):
     """G, D, G_ema and the augmentation pipe: built, initialised from a snapshot if any, and synced to rank 0."""
     log('Constructing networks...')
     G, D, G_ema, augment_pipe = _build_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device)
     if resume_pkl is not None:
-        _load_weights(resume_pkl, allow_pickle, dict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe), rank)
+        _load_weights(resume_pkl, dict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe), resume_partial, log)
     if augment_pipe is not None and state is None:
         augment_pipe.p.copy_(torch.as_tensor(augment_p))
     if rank == 0 and state is None:  # A resumed run already printed its networks in log.txt.
@@ -445,7 +445,7 @@ def _maintenance(cur_tick, cur_nimg, batch_idx, done, stopping, nets, loss, phas
     """Image grid, snapshot and training state, metrics, then the tick's statistics."""
     snap_now = network_snapshot_ticks is not None and (done or stopping or cur_tick % network_snapshot_ticks == 0)
     if rank == 0 and image_snapshot_ticks is not None and (done or cur_tick % image_snapshot_ticks == 0):
-        _save_fakes(nets.G_ema, grid, os.path.join(run_dir, f'fakes{cur_nimg // 1000:06d}.png'))
+        _save_fakes(nets.G_ema, grid, checkpoint.grid_path(run_dir, cur_nimg))
     snapshot_file = None
     if snap_now:
         snapshot_file = _write_snapshot_and_state(

@@ -1,0 +1,172 @@
+"""Resume semantics (docs/training.md, "Resume"), snapshot names of short runs, checks before the run dir."""
+
+import json
+import os
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+import train
+from tests.helpers import make_png_folder
+from tests.nvlabs_fake import write_nvlabs_pickle
+from torch_utils import training_stats
+from training import checkpoint
+
+# A 16-px conditional run: 0.2 kimg in ticks of 56 images, a snapshot each tick (the default --workers).
+TINY = ['--cond=1', '--cbase', '256', '--cmax', '16', '--map-depth', '1', '--batch', '8', '--metrics', 'none',
+        '--device', 'cpu', '--workers', '2']
+
+
+def _train(args, ok=True):
+    training_stats.reset()  # Several runs in this process (the CLI in-process saves starting Python each time).
+    result = CliRunner().invoke(train.main, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output[-3000:] + repr(result.exception)
+    return result
+
+
+def _refused(args, *expected):
+    """A refusal: usage exit status, one error line naming what is wrong, no traceback."""
+    result = _train(list(args) + ['--dry-run'], ok=False)  # Were it not refused, it would only print.
+    assert result.exit_code == 2, result.output[-2000:] + repr(result.exception)
+    error = [line for line in result.output.splitlines() if line.startswith('Error:')]
+    assert len(error) == 1 and 'Traceback' not in result.output, result.output
+    for text in expected:
+        assert text in error[0], error[0]
+    return error[0]
+
+
+def _options(run_dir):
+    with open(os.path.join(run_dir, 'training_options.json')) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope='module')
+def data(tmp_path_factory):
+    return make_png_folder(str(tmp_path_factory.mktemp('data') / 'pngs'), n=16, res=16, num_classes=2, with_split=True)
+
+
+@pytest.fixture(scope='module')
+def run(data, tmp_path_factory):
+    outdir = tmp_path_factory.mktemp('runs')
+    _train(['--outdir', outdir, '--data', data, '--kimg', '0.2', '--tick', '0.05', '--snap', '1'] + TINY)
+    (run_dir,) = [str(p) for p in outdir.iterdir()]
+    return run_dir
+
+
+def test_short_run_keeps_one_file_per_snapshot(run, tmp_path):
+    names = sorted(os.listdir(run))
+    snaps = [n for n in names if n.startswith('network-snapshot-')]
+    grids = [n for n in names if n.startswith('fakes') and n != 'fakes_init.png']
+    assert snaps == [f'network-snapshot-{n:09d}.pt' for n in (56, 112, 168, 200)]
+    assert grids == [f'fakes{n:09d}.png' for n in (56, 112, 168, 200)]
+    assert checkpoint.latest_snapshot(run) == os.path.join(run, 'network-snapshot-000000200.pt')
+    import generate
+    assert generate.resolve_network(run) == os.path.join(run, 'network-snapshot-000000200.pt')
+    # Names of older runs (kimg, six digits; also NVlabs' .pkl) are still read and ordered by images seen.
+    mixed = str(tmp_path / 'mixed')
+    os.makedirs(mixed)
+    for name in ['network-snapshot-000000.pt', 'network-snapshot-000000200.pt', 'network-snapshot-000000150.pkl']:
+        open(os.path.join(mixed, name), 'w').close()
+    assert os.path.basename(checkpoint.latest_snapshot(mixed)) == 'network-snapshot-000000200.pt'
+    open(os.path.join(mixed, 'network-snapshot-000001.pkl'), 'w').close()  # 1 kimg = 1000 images: newer.
+    assert os.path.basename(checkpoint.latest_snapshot(mixed)) == 'network-snapshot-000001.pkl'
+
+
+def test_resume_run_takes_mid_run_flags_and_keeps_them(run, tmp_path):
+    run2 = str(tmp_path / 'run')
+    shutil.copytree(run, run2)
+    result = _train(['--resume', run2, '--kimg', '0.25', '--tick', '0.04', '--snap', '2', '--workers', '1'])
+    assert 'Resuming' in result.output
+    opts = _options(run2)
+    assert opts['total_kimg'] == 0.25 and opts['kimg_per_tick'] == 0.04 and opts['network_snapshot_ticks'] == 2
+    assert opts['data_loader_kwargs']['num_workers'] == 1 and 'resume_run' not in opts
+    assert os.path.isfile(os.path.join(run2, 'network-snapshot-000000256.pt'))
+    # A later plain resume keeps the saved total: it is reached, so it asks for a larger --kimg.
+    _refused(['--resume', run2], 'already at 0.256 kimg', 'its --kimg 0.25')
+    # --metrics is checked before anything is written.
+    _refused(['--resume', run2, '--kimg', '1', '--metrics', 'fid_bogus'], '--metrics: unknown fid_bogus')
+    assert _options(run2) == opts
+
+
+def test_resume_run_refuses_model_and_data_flags(run, tmp_path):
+    before = sorted(os.listdir(run))
+    _refused(['--resume', run, '--outdir', tmp_path / 'other', '--data', run], '--data, --outdir cannot change mid-run')
+    _refused(['--resume', run, '--kimg', '1', '--cbase', '512', '--cond=1'], '--cbase, --cond cannot change mid-run')
+    _refused(['--resume', run, '--resume-partial'], '--resume-partial cannot change mid-run')
+    assert not os.path.exists(tmp_path / 'other') and sorted(os.listdir(run)) == before
+    _refused(['--resume', tmp_path / 'nonexistent'], 'no such run dir or snapshot file')
+    _refused(['--resume', os.path.join(run, 'network-snapshot-000000200.pt')], '--outdir and --data required')
+
+
+def test_resume_snapshot_starts_a_new_run(run, data, tmp_path):
+    snap = os.path.join(run, 'network-snapshot-000000200.pt')
+    outdir = tmp_path / 'new'
+    result = _train(['--resume', snap, '--outdir', outdir, '--data', data, '--kimg', '0.008', '--tick', '0.008'] + TINY)
+    assert 'copied 159 of 159 tensors' in result.output
+    (new_run,) = os.listdir(outdir)
+    assert _options(outdir / new_run)['resume_pkl'] == snap
+
+
+def test_resume_snapshot_refuses_what_does_not_fit(run, data, tmp_path):
+    snap = os.path.join(run, 'network-snapshot-000000200.pt')
+    outdir = tmp_path / 'out'
+    uncond = [a for a in TINY if a != '--cond=1']
+    _refused(['--resume', snap, '--outdir', outdir, '--data', data] + uncond,
+             'label dimension (c_dim) 2 in the snapshot, 0 here', '--resume-partial')
+    _refused(['--resume', snap, '--outdir', outdir, '--data', data] + TINY + ['--cmax', '8'],
+             'network widths differ', 'b4.const')
+    data8 = make_png_folder(str(tmp_path / 'png8'), n=4, res=8, num_classes=2)
+    _refused(['--resume', snap, '--outdir', outdir, '--data', data8] + TINY, 'resolution 16 in the snapshot, 8 here')
+    labelled = make_png_folder(str(tmp_path / 'planes'), n=4, res=16, num_classes=2, labels='groups')
+    _refused(['--resume', snap, '--outdir', outdir, '--data', labelled] + TINY,
+             'labels class0,class1 in the snapshot, axial,coronal here')
+    assert not os.path.exists(outdir)
+    result = _train(['--resume', snap, '--outdir', outdir, '--data', data, '--resume-partial', '--kimg', '0.008',
+                     '--tick', '0.008'] + uncond)
+    assert 'copied 133 of 137 tensors' in result.output
+
+
+def test_resume_from_nvlabs_pickle_fits(data, tmp_path):
+    """An NVlabs pickle of the same architecture starts a new run with every tensor copied, no flag needed."""
+    from training.config import setup_training_config
+    from training.networks import Discriminator, Generator
+    from training.augment import AugmentPipe
+    c = setup_training_config(data=data, cond=True, cbase=256, cmax=16, map_depth=1, batch=8, metrics='none', device='cpu')
+    common = dict(c_dim=2, img_resolution=16, img_channels=1)
+    g_kwargs = dict(z_dim=512, w_dim=512, mapping_kwargs=c.G_kwargs.mapping_kwargs, **common,
+                    synthesis_kwargs=dict(channel_base=256, channel_max=16, num_fp16_res=0, conv_clamp=None))
+    d_kwargs = dict(architecture='resnet', channel_base=256, channel_max=16, **common,
+                    epilogue_kwargs=c.D_kwargs.epilogue_kwargs)
+    a_kwargs = {k: v for k, v in c.augment_kwargs.items() if k != 'class_name'}
+    G = Generator(**g_kwargs)
+    nets = dict(G=(G, 'Generator', g_kwargs), G_ema=(G, 'Generator', g_kwargs),
+                D=(Discriminator(**d_kwargs), 'Discriminator', d_kwargs),
+                augment_pipe=(AugmentPipe(**a_kwargs), 'AugmentPipe', a_kwargs))
+    marker = str(tmp_path / 'ran-code')
+    pkl = write_nvlabs_pickle(str(tmp_path / 'network-snapshot-000100.pkl'), nets, marker)
+    result = _train(['--resume', pkl, '--outdir', tmp_path / 'out', '--data', data, '-n'] + TINY)
+    assert 'Dry run' in result.output and not os.path.exists(marker)
+    from training.config import check_resume_snapshot
+    c.resume_partial = False
+    facts = dict(resolution=16, num_channels=1, channels=['gray'], c_dim=2, label_names=['class0', 'class1'])
+    assert check_resume_snapshot(c, facts, pkl) == (159, 159)
+
+
+def test_checks_run_before_the_run_dir(data, tmp_path):
+    outdir = tmp_path / 'runs'
+    no_val = make_png_folder(str(tmp_path / 'noval'), n=8, res=16, num_classes=2, with_split=True)
+    with open(os.path.join(no_val, 'dataset.json')) as f:
+        meta = json.load(f)
+    meta['cases'] = {case: 'train' for case in meta['cases']}  # A split whose val part is empty.
+    with open(os.path.join(no_val, 'dataset.json'), 'w') as f:
+        json.dump(meta, f)
+    _refused(['--outdir', outdir, '--data', no_val, '--subset', 'val'] + TINY, '--subset=val', "no images found in subset 'val'")
+    bad_zip = tmp_path / 'bad.zip'
+    bad_zip.write_bytes(b'not a zip at all')
+    _refused(['--outdir', outdir, '--data', bad_zip] + TINY, '--data', 'not a readable zip')
+    _refused(['--outdir', outdir, '--data', data, '--metrics', 'fid50k_full,fid_bogus'] + TINY[:-6],
+             '--metrics: unknown fid_bogus')
+    _refused(['--outdir', bad_zip, '--data', data] + TINY, 'exists and is not a directory')
+    assert not os.path.exists(outdir)
