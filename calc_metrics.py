@@ -1,6 +1,6 @@
 """Compute quality metrics of a trained generator snapshot (docs/metrics.md lists them).
 
-    python calc_metrics.py --network run/network-snapshot-001000.pt --metrics fid10k_full,msssim_div
+    python calc_metrics.py --network run/network-snapshot-001000000.pt --metrics fid10k_full,msssim_div
     python calc_metrics.py --network net.pt --metrics fid50k_full --data brats.zip --subset val --gpus 4
 
 Defaults for the real data (path, resolution, mirroring, subset) come from the snapshot's dataset description.

@@ -1,7 +1,7 @@
 """Generate images from a trained snapshot, by class name.
 
 Examples:
-  python generate.py --network runs/00000-x/network-snapshot-000000.pt --seeds 0-3 --class axial --outdir out
+  python generate.py --network runs/00000-x/network-snapshot-000200000.pt --seeds 0-3 --class axial --outdir out
   python generate.py --network runs/00000-x --seeds 0-7 --class all --outdir out          # newest snapshot, grid
   python generate.py --network net.pt --seeds 0 --class axial,t2w --format png16 --outdir out
   python generate.py --network stylegan2-ada-network.pkl --seeds 0-3 --outdir out   # NVlabs pickle, no code run
@@ -86,7 +86,7 @@ def resolve_network(path: str) -> str:
         from training.checkpoint import latest_snapshot
         found = latest_snapshot(path)
         if found is None:
-            raise click.BadParameter(f'{path}: run dir has no network-snapshot-*.pt', param_hint='--network')
+            raise click.BadParameter(f'{path}: run dir has no network-snapshot-*.pt (or .pkl)', param_hint='--network')
         return found
     if not os.path.isfile(path):
         raise click.BadParameter(f'{path}: no such file', param_hint='--network')
