@@ -79,7 +79,7 @@ def nvlabs_record(module, class_name, init_kwargs, reconstruct, src, extra_buffe
     return obj
 
 
-def write_nvlabs_pickle(path, nets: dict, marker: str, protocol: int = 4, training_set_kwargs=None):
+def write_nvlabs_pickle(path, nets: dict, marker: str, protocol: int = 4, training_set_kwargs=None, extra_src=''):
     """``nets``: key -> (module, NVlabs class name, init kwargs[, extra buffers]). Writes ``path``."""
     fake = types.ModuleType(PERSISTENCE)
 
@@ -92,7 +92,7 @@ def write_nvlabs_pickle(path, nets: dict, marker: str, protocol: int = 4, traini
     previous = sys.modules.get(PERSISTENCE)
     sys.modules[PERSISTENCE] = fake
     try:
-        src = module_source(marker)
+        src = module_source(marker) + extra_src
         data = {key: nvlabs_record(spec[0], spec[1], spec[2], _reconstruct_persistent_obj, src,
                                    spec[3] if len(spec) > 3 else None)
                 for key, spec in nets.items()}

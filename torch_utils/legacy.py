@@ -267,6 +267,8 @@ def module_from_record(record, where: str) -> dict:
     """A persistent record of an NVlabs network -> ``{class_name, init_kwargs, state_dict}`` of ours."""
     if not isinstance(record, PersistentRecord):
         raise SnapshotError(f'{where} is {type(record).__name__}, not an NVlabs persistent network')
+    if isinstance(record.module_src, str) and 'class SynthesisInput' in record.module_src:  # Read as text only.
+        raise SnapshotError(f'{where} is a StyleGAN3 {record.class_name}; only StyleGAN2-ADA networks are rebuilt')
     if record.class_name not in NVLABS_CLASSES:
         raise SnapshotError(f'{where} is an NVlabs {record.class_name}; only {", ".join(NVLABS_CLASSES)} '
                             f'(StyleGAN2-ADA) are rebuilt')
