@@ -106,6 +106,21 @@ class Plan:
     def source_of(self, k: int):
         return self.sources[k if len(self.sources) > 1 else 0] if self.sources else None
 
+    def training_items(self, k: int, arm: str, pools: dict) -> TrainingItems:
+        """What fold k, arm trains on: every arm but `synthetic` has exactly the fold's real training items."""
+        real_items = self.train_items[k]
+        pool = pools.get(k if len(self.sources) > 1 else 0)
+        return TrainingItems(self.real, [] if arm == 'synthetic' else real_items, pool, synthetic_count(arm, len(real_items)))
+
+    def initial_model(self, k: int, arm: str) -> tuple:
+        """(segmenter, spec) before training: the same seeded weights for every arm of a fold, or the pretrained ones."""
+        engine.seed_everything(self.fold_seed(k))
+        if arm == 'pretrained+finetune':
+            model, spec = load_segmenter(self.cfg.pretrained)
+            return model, dict(spec, patch=self.patch)
+        cfg = self.cfg
+        return build_segmenter(cfg.arch, self.real.spatial_dims, len(self.real.input_idx), cfg.features, cfg.levels), self.spec
+
     def pool_counts(self) -> dict:
         """Synthetic items each source must supply (the most any fold and arm needs)."""
         counts = {}
@@ -145,16 +160,8 @@ def _write_json(path, obj):
 def _run_one(plan, k, arm, pools, bar, done_steps):
     """Train and evaluate fold k, arm; returns the fold record (also written to disk)."""
     cfg, real = plan.cfg, plan.real
-    real_items = plan.train_items[k]
-    n_syn = synthetic_count(arm, len(real_items))
-    items = TrainingItems(real, [] if arm == 'synthetic' else real_items,
-                          pools.get(k if len(plan.sources) > 1 else 0), n_syn)
-    engine.seed_everything(plan.fold_seed(k))
-    model = build_segmenter(cfg.arch, real.spatial_dims, len(real.input_idx), cfg.features, cfg.levels)
-    spec = plan.spec
-    if arm == 'pretrained+finetune':
-        model, spec = load_segmenter(cfg.pretrained)
-        spec = dict(spec, patch=plan.patch)
+    items = plan.training_items(k, arm, pools)
+    model, spec = plan.initial_model(k, arm)
     start = time.time()
 
     def on_step(step, loss):
@@ -165,8 +172,8 @@ def _run_one(plan, k, arm, pools, bar, done_steps):
     train_time = time.time() - start
     per_case = engine.evaluate_cases(model, real, plan.folds[k], plan.patch, plan.device, batch=cfg.batch)
     save_segmenter(os.path.join(cfg.outdir, 'checkpoints', f'fold{k}-{arm}.pt'), model, spec)
-    record = dict(fold=k, arm=arm, test_cases=plan.folds[k], num_real=0 if arm == 'synthetic' else len(real_items),
-                  num_synthetic=n_syn, seed=plan.fold_seed(k), train_seconds=train_time,
+    record = dict(fold=k, arm=arm, test_cases=plan.folds[k], num_real=len(items.real_indices),
+                  num_synthetic=items.num_synthetic, seed=plan.fold_seed(k), train_seconds=train_time,
                   eval_seconds=time.time() - start - train_time, per_case=per_case, mean=engine.fold_means(per_case))
     _write_json(os.path.join(cfg.outdir, 'folds', f'fold{k}-{arm}.json'), record)
     return record
