@@ -63,6 +63,8 @@ class Plan:
     def __init__(self, cfg):
         self.cfg = cfg
         self.device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+        if self.device.type == 'cuda' and not torch.cuda.is_available():
+            raise SegmentationError('--device cuda: this machine has no CUDA device (use --device cpu)')
         self.real = RealArchive(cfg.data)
         self.arms = expand_arms(cfg.arms, cfg.ratios)
         self.folds = make_folds(self.real.case_ids, cfg.folds, cfg.seed)
@@ -170,7 +172,8 @@ def _run_one(plan, k, arm, pools, bar, done_steps):
     model = engine.train_segmenter(model, items, cfg.steps, cfg.batch, cfg.lr, plan.fold_seed(k), plan.device,
                                    plan.patch, cfg.augment, cfg.workers, on_step)
     train_time = time.time() - start
-    per_case = engine.evaluate_cases(model, real, plan.folds[k], plan.patch, plan.device, batch=cfg.batch)
+    eval_batch = cfg.batch if real.spatial_dims == 2 else 1  # a volume is already many windows
+    per_case = engine.evaluate_cases(model, real, plan.folds[k], plan.patch, plan.device, batch=eval_batch)
     save_segmenter(os.path.join(cfg.outdir, 'checkpoints', f'fold{k}-{arm}.pt'), model, spec)
     record = dict(fold=k, arm=arm, test_cases=plan.folds[k], num_real=len(items.real_indices),
                   num_synthetic=items.num_synthetic, seed=plan.fold_seed(k), train_seconds=train_time,
