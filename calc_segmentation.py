@@ -57,6 +57,8 @@ def _sigterm_as_interrupt(_signum, _frame):
 @click.option('--network',         metavar='PATH[,PATH..]', default='', help='Joint image+mask snapshot or run dir; or one per fold')
 @click.option('--outdir',          metavar='DIR', required=True, help='Where results, checkpoints and pools go (resumable)')
 @click.option('--folds',           metavar='INT', type=click.IntRange(min=2), default=5, show_default=True, help='Cross-validation folds (by case)')
+@click.option('--test-subset',     type=click.Choice(['all', 'val', 'train']), default='all', show_default=True,
+              help='Cases the folds test on (a case-level split of --data); the others always train')
 @click.option('--arms',            metavar='LIST', default='real,real+synthetic,synthetic', show_default=True, callback=_arms,
               help=f'Arms among {",".join(ARM_KINDS)} (real is always run)')
 @click.option('--synthetic-ratio', 'ratios', metavar='LIST', default='1', show_default=True, callback=_ratios,
@@ -75,12 +77,12 @@ def _sigterm_as_interrupt(_signum, _frame):
 @click.option('--workers',         metavar='INT', type=click.IntRange(min=0), default=2, show_default=True, help='DataLoader worker processes')
 @click.option('--device',          type=click.Choice(['cuda', 'cpu']), default=None, help='Device [default: cuda if available]')
 @click.option('--progress/--no-progress', default=True, show_default=True, help='Show a progress line')
-def main(data, network, outdir, folds, arms, ratios, pretrained, arch, features, levels, steps, batch, lr, patch, augment,
-         seed, trunc, workers, device, progress):
+def main(data, network, outdir, folds, test_subset, arms, ratios, pretrained, arch, features, levels, steps, batch, lr,
+         patch, augment, seed, trunc, workers, device, progress):
     if pretrained and 'pretrained+finetune' not in arms:
         arms = arms + ['pretrained+finetune']
-    cfg = default_config(data=data, networks=_split(network), outdir=outdir, folds=folds, arms=arms, ratios=ratios,
-                         pretrained=pretrained, arch=arch, features=features, levels=levels, steps=steps, batch=batch,
+    cfg = default_config(data=data, networks=_split(network), outdir=outdir, folds=folds, test_subset=test_subset,
+                         arms=arms, ratios=ratios, pretrained=pretrained, arch=arch, features=features, levels=levels, steps=steps, batch=batch,
                          lr=lr, patch=patch, augment=augment, seed=seed, trunc=trunc, workers=workers, device=device,
                          progress=progress)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)

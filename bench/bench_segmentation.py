@@ -13,6 +13,7 @@ the BraTS-Africa command that asks that).
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -23,14 +24,21 @@ import click
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(name, args, log):
-    start = time.time()
+def _cpu_seconds():
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _run(name, args, log, cpu):
+    """Run one phase; returns its wall seconds and records its CPU seconds (all its processes) in ``cpu``."""
+    start, cpu_start = time.time(), _cpu_seconds()
     res = subprocess.run([sys.executable] + [str(a) for a in args], cwd=ROOT, capture_output=True, text=True)
     seconds = time.time() - start
+    cpu[name] = _cpu_seconds() - cpu_start
     log.write(f'$ {" ".join(map(str, args))}\n{res.stdout}\n{res.stderr}\n')
     if res.returncode != 0:
         sys.exit(f'{name} failed (exit {res.returncode}); see {log.name}:\n{res.stderr[-2000:]}')
-    print(f'{name:<14} {seconds:8.1f} s', flush=True)
+    print(f'{name:<14} {seconds:8.1f} s wall {cpu[name]:8.1f} s CPU', flush=True)
     return seconds
 
 
@@ -48,30 +56,35 @@ def main(outdir, out, cases, res, kimg, folds, steps, ratio, device):
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     archive, runs, evaluation = outdir / 'phantom-seg.zip', outdir / 'runs', outdir / 'seg-eval'
-    times = {}
+    times, cpu = {}, {}
     with open(outdir / 'bench.log', 'w') as log:
         if not archive.exists():
             times['archive'] = _run('archive', ['dataset_tool.py', '--source', 'phantom', '--phantom-cases', cases,
                                                 '--modalities', 'all', '--with-seg', '--resolution', res, '--planes',
-                                                'axial', '--dest', archive, '--no-progress'], log)
+                                                'axial', '--dest', archive, '--no-progress'], log, cpu)
         if not runs.exists():
             times['generator'] = _run('generator', ['train.py', '--data', archive, '--outdir', runs, '--cond=1',
                                                     '--kimg', kimg, '--tick', kimg, '--snap', 1, '--cbase', 2048,
                                                     '--cmax', 64, '--map-depth', 2, '--batch', 8, '--metrics', 'none',
-                                                    '--device', device], log)
+                                                    # workers 0: train.py's zip reads race in forked workers (issue 8)
+                                                    '--workers', 0, '--device', device], log, cpu)
+        reused = [name for name in ('archive', 'generator') if name not in times]
+        if reused:
+            print(f'reused from {outdir}: {", ".join(reused)} (not timed)')
         (run,) = sorted(runs.iterdir())
         times['segmentation'] = _run('segmentation', ['calc_segmentation.py', '--data', archive, '--network', run,
                                                       '--outdir', evaluation, '--folds', folds, '--synthetic-ratio', ratio,
                                                       '--steps', steps, '--batch', 8, '--device', device,
-                                                      '--no-progress'], log)
+                                                      '--no-progress'], log, cpu)
     results = json.loads((evaluation / 'results.json').read_text())
     total = sum(times.values())
-    print(f'{"total":<14} {total:8.1f} s  (target: under 900 s at 64 px on a CPU with 2 folds)\n')
+    print(f'{"total":<14} {total:8.1f} s wall {sum(cpu.values()):8.1f} s CPU  (target: under 900 s at 64 px on a CPU, '
+          f'2 folds)\n')
     print((evaluation / 'results.md').read_text())
     per_arm = {arm: {r: results['summary'][arm][r]['dice']['mean'] for r in results['regions']} for arm in results['arms']}
     train_s = {arm: sum(f['train_seconds'] for f in results['per_fold'][arm]) for arm in results['arms']}
     record = dict(machine=os.environ.get('BENCH_MACHINE', 'unnamed'), device=device, cases=cases, res=res, kimg=kimg,
-                  folds=folds, steps=steps, ratio=ratio, seconds=times, total_seconds=total, dice=per_arm,
+                  folds=folds, steps=steps, ratio=ratio, seconds=times, cpu_seconds=cpu, reused=reused, total_seconds=total, dice=per_arm,
                   train_seconds_per_arm=train_s, items=results['folds'])
     with open(out, 'w') as f:
         json.dump(record, f, indent=1)

@@ -40,7 +40,7 @@ def _encode(labels, rnd, with_seg=True):
     return np.rint(np.stack(chans).astype(np.float64) * 65535).astype(np.uint16)
 
 
-def make_seg_archive(path, cases=6, per_case=6, res=16, volumes=False, with_seg=True, seed=0):
+def make_seg_archive(path, cases=6, per_case=6, res=16, volumes=False, with_seg=True, seed=0, val_cases=0):
     """A zip in dataset_tool.py's format: t2w (+ seg channels), labels by plane, file_cases; blobs in
     alternating quadrants, and every third slice without tumour."""
     rnd = np.random.RandomState(seed)
@@ -50,7 +50,7 @@ def make_seg_archive(path, cases=6, per_case=6, res=16, volumes=False, with_seg=
     with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
         for c in range(cases):
             case = f'BraTS-TST-{c:05d}-000'
-            meta['cases'][case] = 'train'
+            meta['cases'][case] = 'val' if c < val_cases else 'train'
             for s in range(1 if volumes else per_case):
                 shape = (res,) * (3 if volumes else 2)
                 q = (c * per_case + s) % 4
@@ -154,6 +154,23 @@ def test_folds_never_share_a_case(files):
         assert not set(real.items_of(test)) & set(train)
         assert len(real.items_of(test)) + len(train) == len(real)
         assert not {real.item_cases[i] for i in train} & set(test)
+    # --test-subset val: the folds test only on the val split, the train split always trains, and a generator
+    # trained on the train split has seen no test case.
+    split = make_seg_archive(files['tmp'] / 'split.zip', val_cases=4)
+    snap = make_snapshot(files['tmp'] / 'split-joint.pt', split)
+    cfg = default_config(data=split, networks=[snap], folds=2, test_subset='val', outdir=str(files['tmp'] / 'unused'))
+    plan = Plan(cfg)
+    val = [f'BraTS-TST-{c:05d}-000' for c in range(4)]
+    assert sorted(sum(plan.folds, [])) == val and plan.generator_saw_test_cases
+    real = RealArchive(split)
+    for test, train in zip(plan.folds, plan.train_items):
+        assert {real.item_cases[i] for i in train} == set(real.case_ids) - set(test)
+    snapshot = torch.load(snap, weights_only=True)
+    snapshot['dataset']['subset'] = 'train'
+    torch.save(snapshot, snap)
+    assert not Plan(cfg).generator_saw_test_cases
+    with pytest.raises(SegmentationError, match="its 'val' split has only 4 cases"):
+        Plan(default_config(**dict(cfg, folds=5)))
 
 
 def test_each_arm_sees_the_same_real_images(files):
@@ -238,7 +255,7 @@ def test_cli_end_to_end_and_resume(files):
             '--synthetic-ratio', '0.5,1', '--steps', '6', '--batch', '4', '--features', '4', '--levels', '2']
     res = _cli(*args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
-    assert 'the test cases of every fold' in res.stdout  # the generator was trained on all of --data
+    assert 'that the folds test on' in res.stdout  # the generator was trained on all of --data
     results = json.loads((out / 'results.json').read_text())
     arms = ['real', 'real+synthetic@0.5', 'real+synthetic@1', 'synthetic']
     assert results['arms'] == arms and results['folds_complete'] == [0, 1]

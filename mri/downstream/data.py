@@ -96,13 +96,13 @@ def to_item(raw, input_idx, seg_idx, dtype_max):
     return x[input_idx].contiguous(), decode_seg(x[seg_idx], axis=0).to(torch.int64)
 
 
-def make_folds(case_ids: list, folds: int, seed: int) -> list:
+def make_folds(case_ids: list, folds: int, seed: int, what: str = 'the archive') -> list:
     """Split cases into ``folds`` disjoint test groups of near-equal size (seeded shuffle): ``[[case, ...], ...]``."""
     case_ids = sorted(case_ids)
     if folds < 2:
         raise SegmentationError(f'--folds {folds}: cross-validation needs at least 2 folds')
     if len(case_ids) < folds:
-        raise SegmentationError(f'--folds {folds}: the archive has only {len(case_ids)} cases; every fold needs at '
+        raise SegmentationError(f'--folds {folds}: {what} has only {len(case_ids)} cases; every fold needs at '
                                 f'least one test case (use --folds {max(len(case_ids), 2)} or more cases)')
     order = np.random.RandomState(seed).permutation(len(case_ids))
     return [sorted(case_ids[i] for i in part) for part in np.array_split(order, folds)]
@@ -153,10 +153,13 @@ class SnapshotSource:
         self.seg_idx = [channels.index(s) for s in SEG_CHANNELS]
         self.trained_on = dict(data.dataset or {})
 
-    def sees_test_cases(self, real: RealArchive) -> bool:
-        """True when the generator was trained on every case of --data (so on each fold's test cases too)."""
+    def sees_test_cases(self, real: RealArchive, test_subset: str = 'all') -> bool:
+        """True when the generator was trained on cases of --data that some fold tests on."""
         src = self.trained_on.get('path')
-        return bool(src) and os.path.abspath(src) == os.path.abspath(real.path) and self.trained_on.get('subset', 'all') == 'all'
+        if not src or os.path.abspath(src) != os.path.abspath(real.path):
+            return False
+        trained = self.trained_on.get('subset') or 'all'
+        return trained == 'all' or test_subset in ('all', trained)
 
     @torch.no_grad()
     def sample(self, first: int, count: int):

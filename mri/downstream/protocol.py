@@ -50,9 +50,10 @@ def synthetic_count(arm: str, num_real: int) -> int:
 
 
 def default_config(**overrides) -> dnnlib.EasyDict:
-    cfg = dnnlib.EasyDict(data=None, networks=[], outdir=None, folds=5, arms=['real', 'real+synthetic', 'synthetic'],
-                          ratios=[1.0], pretrained=None, arch='unet', features=16, levels=4, steps=2000, batch=16,
-                          lr=1e-3, patch=None, augment=True, seed=0, trunc=1.0, workers=2, device=None, progress=True)
+    cfg = dnnlib.EasyDict(data=None, networks=[], outdir=None, folds=5, test_subset='all',
+                          arms=['real', 'real+synthetic', 'synthetic'], ratios=[1.0], pretrained=None, arch='unet',
+                          features=16, levels=4, steps=2000, batch=16, lr=1e-3, patch=None, augment=True, seed=0,
+                          trunc=1.0, workers=2, device=None, progress=True)
     cfg.update(overrides)
     return cfg
 
@@ -67,7 +68,8 @@ class Plan:
             raise SegmentationError('--device cuda: this machine has no CUDA device (use --device cpu)')
         self.real = RealArchive(cfg.data)
         self.arms = expand_arms(cfg.arms, cfg.ratios)
-        self.folds = make_folds(self.real.case_ids, cfg.folds, cfg.seed)
+        self.folds = make_folds(self._test_pool(), cfg.folds, cfg.seed,
+                                'the archive' if cfg.test_subset == 'all' else f'its {cfg.test_subset!r} split')
         self.patch = self._patch()
         self.spec = dict(arch=cfg.arch, spatial_dims=self.real.spatial_dims, in_channels=len(self.real.input_idx),
                          input_names=self.real.input_names, features=cfg.features, levels=cfg.levels, patch=self.patch)
@@ -78,10 +80,21 @@ class Plan:
         if cfg.networks and len(cfg.networks) not in (1, cfg.folds):
             raise SegmentationError(f'--network: give one snapshot, or one per fold ({cfg.folds}); got {len(cfg.networks)}')
         self.sources = [SnapshotSource(n, self.real, self.device, cfg.trunc) for n in cfg.networks] if needs_syn else []
-        self.generator_saw_test_cases = any(s.sees_test_cases(self.real) for s in self.sources)
+        self.generator_saw_test_cases = any(s.sees_test_cases(self.real, cfg.test_subset) for s in self.sources)
         if 'pretrained+finetune' in self.arms:
             self._check_pretrained()
         self.train_items = [self.real.items_of(sorted(set(self.real.case_ids) - set(test))) for test in self.folds]
+
+    def _test_pool(self) -> list:
+        """The cases the folds test on: all, or one case-level split of the archive (the rest always train)."""
+        subset = self.cfg.test_subset
+        if subset == 'all':
+            return self.real.case_ids
+        split = self.real.dataset.split
+        if not split:
+            raise SegmentationError(f'--test-subset {subset}: {self.cfg.data} has no case-level split; rebuild it with '
+                                    f'dataset_tool.py --split val=0.4')
+        return [c for c in self.real.case_ids if split.get(c) == subset]
 
     def _patch(self) -> list:
         cfg, shape = self.cfg, self.real.spatial_shape
@@ -187,8 +200,8 @@ def run_protocol(cfg) -> dict:
     plan = Plan(cfg)  # Every check of the inputs happens here, before anything is written.
     _prepare_outdir(cfg)
     if plan.generator_saw_test_cases and cfg.progress:
-        print(f'warning: the generator was trained on all cases of {cfg.data}, the test cases of every fold included; '
-              f'the synthetic arms may look better than they would on unseen patients (see docs/segmentation.md)')
+        print(f'warning: the generator was trained on cases of {cfg.data} that the folds test on; the synthetic arms may '
+              f'look better than they would on unseen patients (see --test-subset in docs/segmentation.md)')
     pools = {key: ensure_pool(plan.sources[key], count, os.path.join(cfg.outdir, 'synthetic'), f'pool{key}',
                               batch=cfg.batch, progress=cfg.progress)
              for key, count in plan.pool_counts().items() if count > 0}

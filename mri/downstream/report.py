@@ -135,7 +135,8 @@ def draw_plot(stats: dict, arms: list, path: str) -> None:
             for v in s['per_fold']:
                 d.ellipse([cx - 3, y_of(v) - 3, cx + 3, y_of(v) + 3], fill=colour)
             label = PIL.Image.new('RGB', (bottom - 6, 12), 'white')
-            PIL.ImageDraw.Draw(label).text((0, 0), arm[:22], fill=colour, font=font)
+            ld = PIL.ImageDraw.Draw(label)
+            ld.text((label.width - ld.textlength(arm[:22], font=font), 0), arm[:22], fill=colour, font=font)  # ends at the panel
             img.paste(label.rotate(90, expand=True), (cx - 6, top + panel_h + 4))
     with dnnlib.atomic_output(path, suffix='.png') as tmp:
         img.save(tmp)
