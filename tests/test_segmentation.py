@@ -298,6 +298,14 @@ def test_volumes_and_pretrained_finetune(tmp_path):
     assert second['arms'] == ['real', 'pretrained+finetune']
     assert [r['num_real'] for r in second['per_fold']['pretrained+finetune']] == [2, 2, 2]
     assert 'pretrained+finetune' in second['paired']
+    # mask_dice on volumes: [N, C, D, H, W] from the generator, the 3D segmenter of fold 0.
+    from metrics import metric_main
+    from mri.downstream.data import RealArchive
+    real = RealArchive(archive)
+    res = metric_main.calc_metric('mask_dice', G=_PairsG([real.load(i) for i in range(len(real))], shuffle=False),
+                                  dataset_kwargs=dict(path=archive, use_labels=True), segmenter=ckpt, num_gen=3,
+                                  batch_size=2, device='cpu', cache=False).results
+    assert 0 <= res.mask_dice <= 1 and set(res) >= {'mask_dice_wt', 'mask_dice_snfh'}
 
 
 # ----------------------------------------------------------------------------
