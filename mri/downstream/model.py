@@ -40,7 +40,8 @@ def build_segmenter(
 
 
 def min_size(levels: int) -> int:
-    """The smallest side a patch may have (and the multiple it must be) for ``levels`` levels."""
+    """The multiple a patch side must be for ``levels`` levels (the bottleneck must keep at least 2 voxels per axis,
+    so a side is also at least twice this)."""
     return 2 ** (levels - 1)
 
 

@@ -100,9 +100,9 @@ class Plan:
         cfg, shape = self.cfg, self.real.spatial_shape
         patch = [min(cfg.patch, s) for s in shape] if cfg.patch else (list(shape) if len(shape) == 2 else [min(96, s) for s in shape])
         step = min_size(cfg.levels)
-        if any(p % step for p in patch):
-            raise SegmentationError(f'--patch: {"x".join(map(str, patch))} is not a multiple of {step} (needed by '
-                                    f'--levels {cfg.levels}); choose --patch or --levels to fit')
+        if any(p % step or p < 2 * step for p in patch):
+            raise SegmentationError(f'--patch: {"x".join(map(str, patch))} must be a multiple of {step} and at least '
+                                    f'{2 * step} per axis for --levels {cfg.levels}; choose --patch or --levels to fit')
         return patch
 
     def _check_pretrained(self):
