@@ -73,7 +73,7 @@ class Plan:
         self.patch = self._patch()
         self.spec = dict(arch=cfg.arch, spatial_dims=self.real.spatial_dims, in_channels=len(self.real.input_idx),
                          input_names=self.real.input_names, features=cfg.features, levels=cfg.levels, patch=self.patch)
-        needs_syn = any(synthetic_count(a, 1) for a in self.arms)
+        needs_syn = any(a == 'synthetic' or a.startswith('real+synthetic@') for a in self.arms)
         if needs_syn and not cfg.networks:
             raise SegmentationError('--network: the arms real+synthetic and synthetic need a joint image+mask snapshot '
                                     '(or pass --arms real,pretrained+finetune)')
