@@ -22,7 +22,7 @@ import numpy as np
 
 import dnnlib
 from mri import archive, brats, preprocess
-from mri.seg import SEG_CHANNELS, encode_seg
+from mri.seg import SEG_CHANNELS, SEG_STORAGE
 
 TUMOUR_VALUES = ('tumour', 'no_tumour')
 
@@ -51,7 +51,8 @@ class ConvertOptions:
     max_cases: int = None                   # None = all
     workers: int = 1                        # processes
     on_error: str = 'fail'                  # 'fail' or 'skip'
-    compress_level: int = 0                 # PNG deflate: 0 stored (fastest), 1 fast RLE (~2.8x smaller), 2-9 zlib
+    compress_level: int = 0                 # deflate of PNG and .npy files: 0 stored (fastest), 1 fast RLE, 2-9 zlib
+    overwrite: bool = False                 # replace an existing --dest
 
     def validate(self):
         if self.kind not in ('slices', 'volumes'):
@@ -181,7 +182,8 @@ def _init_worker(csv_rows):
 
 
 def convert_case(case_files, opts, groups, threads=None, loading=None):
-    """Loads, validates and converts one case. Returns a dict with 'entries' [(relpath, bytes-like, CRC-32 or None)],
+    """Loads, validates and converts one case. Returns a dict with 'entries' [(relpath, bytes-like, CRC-32 or None,
+    deflated size or None)],
     'labels' [(relpath, {group: value})] (one per entry, same order), 'affines', 'counts' and 'skipped_slices' per
     plane, 'ranges'. `loading`: a future of the brats.Case when the caller reads the files ahead."""
     cid = case_files.case_id
@@ -206,13 +208,13 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
         for tag, mods in images:
             chans = [preprocess.quantize(vols[m], vmax, dtype) for m in mods]
             if opts.with_seg:
-                chans += list(encode_seg(seg, vmax, dtype))
+                chans.append(seg.astype(dtype))  # one label-map channel, values 0-3 (SEG_STORAGE)
             array = np.stack(chans)
             relpath = f'{cid}/{cid}-{tag}.npy' if tag else f'{cid}/{cid}.npy'
             assign = dict(base, **({'modality': tag} if tag else {}))
             if 'tumour' in opts.labels:
                 assign['tumour'] = TUMOUR_VALUES[0] if seg.any() else TUMOUR_VALUES[1]
-            result['entries'].append((relpath, archive.encode_npy(array), None))
+            result['entries'].append((relpath, *_npy_entry(array, opts.compress_level)))
             result['labels'].append((relpath, assign))
             result['affines'][relpath] = affine
         result['counts']['volumes'] = len(images)
@@ -233,7 +235,7 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
             entries, labels = [], []
             out.append((entries, labels))
             prefix = f'{cid}/{tag}-' if tag else f'{cid}/'
-            crcs = [None] * len(names)
+            crcs, sizes = [None] * len(names), [None] * len(names)
             if stored:
                 data, crcs = archive.encode_stored_pngs(slices[mods[0]], opts.bit_depth, prescaled=True)
                 ext = 'png'
@@ -244,16 +246,16 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
             else:
                 chans = [preprocess.quantize(slices[m], vmax, dtype) for m in mods]
                 if opts.with_seg:
-                    chans += list(encode_seg(seg, vmax, dtype))
+                    chans.append(seg.astype(dtype))  # one label-map channel, values 0-3 (SEG_STORAGE)
                 stack = np.stack(chans, axis=1)  # (n, C, H, W)
-                data = [archive.encode_npy(s) for s in stack]
+                data, crcs, sizes = zip(*[_npy_entry(s, opts.compress_level) for s in stack])
                 ext = 'npy'
             for k, name in enumerate(names):
                 relpath = f'{prefix}{name}.{ext}'
                 assign = dict(base, plane=plane, **({'modality': tag} if tag else {}))
                 if tumour is not None and 'tumour' in opts.labels:
                     assign['tumour'] = TUMOUR_VALUES[0] if tumour[k] else TUMOUR_VALUES[1]
-                entries.append((relpath, data[k], crcs[k]))
+                entries.append((relpath, data[k], crcs[k], sizes[k]))
                 labels.append((relpath, assign))
         return out  # per image tag
 
@@ -282,6 +284,13 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
     return result
 
 
+def _npy_entry(array, level):
+    """(data, CRC-32, size) of an array as a .npy archive entry: stored (CRC-32 and size None) at level 0, else
+    deflated (size = the .npy's size; see archive.deflate)."""
+    data = archive.encode_npy(array)
+    return archive.deflate(data, level) if level > 0 else (data, None, None)
+
+
 def _convert_safe(args, loading=None):
     """Worker entry: a bad case comes back as an error record instead of killing the pool.
 
@@ -296,11 +305,11 @@ def _convert_safe(args, loading=None):
         path = os.path.join(spool, f'{os.getpid()}-{case_files.case_id}.bin')
         index, offset = [], 0
         with open(path, 'wb') as f:
-            for relpath, data, crc in result['entries']:
-                size = memoryview(data).nbytes
+            for relpath, data, crc, size in result['entries']:
+                length = memoryview(data).nbytes
                 f.write(data)
-                index.append((relpath, offset, size, crc))
-                offset += size
+                index.append((relpath, offset, length, crc, size))
+                offset += length
         result['entries'] = None
         result['spool'] = (path, index)
     return result
@@ -333,7 +342,8 @@ def _convert_in_process(jobs):
 
 
 def _entries(result):
-    """Yields (relpath, bytes-like, CRC-32 or None) of a case result; a spool file is read once and sliced without copies."""
+    """Yields (relpath, bytes-like, CRC-32 or None, deflated size or None) of a case result; a spool file is read once
+    and sliced without copies."""
     if result.get('spool') is None:
         yield from result['entries']
         return
@@ -343,8 +353,8 @@ def _entries(result):
             view = memoryview(f.read())
     finally:
         os.remove(path)
-    for relpath, offset, length, crc in index:
-        yield relpath, view[offset:offset + length], crc
+    for relpath, offset, length, crc, size in index:
+        yield relpath, view[offset:offset + length], crc, size
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,8 +393,8 @@ def convert_brats(
     pool = results = pending = None
 
     def store(res):
-        for relpath, data, crc in _entries(res):
-            writer.add(relpath, data, crc)
+        for relpath, data, crc, size in _entries(res):
+            writer.add(relpath, data, crc, size)
     # Files are written to the archive in a thread of their own, while the next case converts; one case at a time,
     # in case order, so the archive is the same as if written inline.
     storing = ThreadPoolExecutor(1)
@@ -456,13 +466,16 @@ def convert_brats(
             'cases': case_split,
             'file_cases': file_cases,
         }
+        if opts.with_seg:
+            meta['seg_storage'] = SEG_STORAGE
         if opts.kind == 'volumes':
             meta['affines'] = affines
         meta['resolution'] = opts.volume_size if opts.kind == 'volumes' else opts.resolution
         meta['source'] = dict(source_info or {}, path=str(source), tool='dataset_tool.py',
                               # every option that shapes the content; not the worker count, so that the archive
                               # is byte-identical however many processes wrote it
-                              options=_jsonable({k: v for k, v in dataclasses.asdict(opts).items() if k != 'workers'}),
+                              options=_jsonable({k: v for k, v in dataclasses.asdict(opts).items()
+                                                 if k not in ('workers', 'overwrite')}),
                               naming=sorted({c.naming for c in cases}))
         writer.commit(meta)
     skipped_json = None

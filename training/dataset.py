@@ -240,6 +240,15 @@ class ImageFolderDataset(Dataset):
             image = np.clip(image, 0, 65535).astype(np.uint16)
         if image.dtype not in (np.uint8, np.uint16):
             raise DatasetError(f'{self._path}/{fname}: pixel type {image.dtype} is not uint8 or uint16')
+        if self._meta.get('seg_storage') == 'labelmap' and image.ndim in (3, 4):
+            # The archive stores the tumour label map (values 0-3) as the last channel; the networks see the three
+            # one-hot channels seg_netc, seg_snfh, seg_et (0 / dtype max), as in archives written before.
+            vmax = np.iinfo(image.dtype).max
+            out = np.empty((image.shape[0] + 2,) + image.shape[1:], image.dtype)
+            out[:-3] = image[:-1]
+            for k in range(3):
+                np.multiply(image[-1] == k + 1, vmax, out=out[image.shape[0] - 1 + k], casting='unsafe')
+            image = out
         return image
 
     def _load_raw_labels(self):
