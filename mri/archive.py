@@ -222,6 +222,13 @@ def deflate(data, level):
     return comp.compress(data) + comp.flush(), zlib.crc32(data), data.nbytes
 
 
+def npy_entry(array, level=0):
+    """An array as a .npy archive entry: (data,) stored at level 0, else deflated (data, CRC-32, size) (see
+    `deflate`); `ArchiveWriter.add(relpath, *npy_entry(...))` takes either."""
+    data = encode_npy(array)
+    return deflate(data, level) if level > 0 else (data,)
+
+
 def _umask():
     mask = os.umask(0)
     os.umask(mask)

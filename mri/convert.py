@@ -285,10 +285,9 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
 
 
 def _npy_entry(array, level):
-    """(data, CRC-32, size) of an array as a .npy archive entry: stored (CRC-32 and size None) at level 0, else
-    deflated (size = the .npy's size; see archive.deflate)."""
-    data = archive.encode_npy(array)
-    return archive.deflate(data, level) if level > 0 else (data, None, None)
+    """(data, CRC-32 or None, deflated size or None): an entry of `entries` after its relpath."""
+    entry = archive.npy_entry(array, level)
+    return entry if len(entry) == 3 else (entry[0], None, None)
 
 
 def _convert_safe(args, loading=None):
@@ -378,7 +377,8 @@ def convert_brats(
     csvs = [read_label_csv(p) for p in opts.labels if p not in ('modality', 'tumour')]
     groups = build_groups(opts, csvs)
     csv_rows = {t['path']: t['cases'] for t in csvs}
-    cases = brats.discover_cases(source)
+    unreadable = [] if opts.on_error == 'skip' else None  # folders that cannot be listed: an error, or skipped
+    cases = brats.discover_cases(source, unreadable)
     if opts.max_cases is not None:
         cases = cases[:opts.max_cases]
     split = assign_split([c.case_id for c in cases], opts.split, opts.split_seed)
@@ -387,7 +387,8 @@ def convert_brats(
     spool = None  # with workers, their outputs pass through files beside the archive (see _convert_safe)
 
     t0 = time.time()
-    labels, file_cases, affines, case_split, ranges, skipped = [], {}, {}, {}, {}, []
+    labels, file_cases, affines, case_split, ranges = [], {}, {}, {}, {}
+    skipped = [{'case': e.case_id, 'file': e.path, 'problem': e.problem} for e in unreadable or []]
     counts, skipped_slices = {}, {}
     bar = dnnlib.ProgressBar(len(cases), unit='cases', enabled=progress)
     pool = results = pending = None
@@ -398,7 +399,7 @@ def convert_brats(
     # Files are written to the archive in a thread of their own, while the next case converts; one case at a time,
     # in case order, so the archive is the same as if written inline.
     storing = ThreadPoolExecutor(1)
-    with archive.ArchiveWriter(dest) as writer:
+    with archive.ArchiveWriter(dest, opts.overwrite) as writer:
         try:
             if workers > 1:
                 try:
@@ -478,13 +479,19 @@ def convert_brats(
                                                  if k not in ('workers', 'overwrite')}),
                               naming=sorted({c.naming for c in cases}))
         writer.commit(meta)
-    skipped_json = None
+    skipped_json = dest.parent / 'skipped.json'
     if skipped:
-        skipped_json = archive.write_json_atomic(dest.parent / 'skipped.json', skipped)
+        archive.write_json_atomic(skipped_json, skipped)
+    else:
+        skipped_json.unlink(missing_ok=True)  # a list from an earlier run would describe cases this run converted
+    counts_by_split = {s: sum(1 for v in case_split.values() if v == s) for s in sorted(set(case_split.values()))}
+    warnings = [f'--split {name}={frac:g} of {len(case_split)} cases gives no {name} cases (round({frac:g} x '
+                f'{len(case_split)}) = 0); use a larger fraction or more cases'
+                for name, frac in opts.split.items() if not counts_by_split.get(name)]
     return {
         'dest': str(dest), 'cases': len(case_split), 'images': len(labels), 'counts': counts,
-        'skipped_slices': skipped_slices, 'skipped_cases': skipped, 'skipped_json': str(skipped_json or ''),
-        'split': {s: sum(1 for v in case_split.values() if v == s) for s in sorted(set(case_split.values()))},
+        'skipped_slices': skipped_slices, 'skipped_cases': skipped, 'skipped_json': str(skipped_json) if skipped else '',
+        'split': counts_by_split, 'warnings': warnings,
         'seconds': time.time() - t0, 'min_brain_fraction': opts.min_brain_fraction, 'kind': opts.kind,
     }
 
@@ -539,7 +546,7 @@ def convert_source(
         return convert_brats(root, dest, opts, progress, {'type': 'brats-africa', 'doi': dl.DOI})
     if src == 'phantom':
         from mri.phantom import write_phantom_cases
-        archive.ArchiveWriter(dest).abort()  # fail on an unwritable --dest before generating anything
+        archive.ArchiveWriter(dest, opts.overwrite).abort()  # fail on a bad --dest before generating anything
         tmp = tempfile.mkdtemp(prefix='mri-phantom-')
         try:
             write_phantom_cases(tmp, phantom_cases, seed=seed, workers=opts.workers, progress=progress)
@@ -551,6 +558,5 @@ def convert_source(
                                     'brats-africa or phantom)')
     from mri import image_folder
     if image_folder.is_image_source(src):
-        return image_folder.convert_image_folder(src, dest, opts.resolution, opts.max_cases, opts.compress_level,
-                                                 progress)
+        return image_folder.convert_image_folder(src, dest, opts, progress)
     return convert_brats(src, dest, opts, progress, {'type': 'brats'})

@@ -363,8 +363,11 @@ def test_save_volume_nifti_multichannel(tmp_path):
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     vol = np.random.RandomState(0).rand(3, 4, 5, 6).astype(np.float32)
     img = nib.load(str(save_volume_nifti(tmp_path / 'x.nii', vol, affine)))
-    assert img.shape == (4, 5, 6, 3) and np.allclose(img.affine, affine)
-    assert np.allclose(np.moveaxis(np.asarray(img.dataobj), -1, 0), vol)
+    # A vector image as 3D Slicer / ITK read it: channels in dim[5] with NIFTI_INTENT_VECTOR, dim[4] (time) = 1.
+    assert img.shape == (4, 5, 6, 1, 3) and np.allclose(img.affine, affine)
+    assert img.header.get_intent()[0] == 'vector' and int(img.header['intent_code']) == 1007
+    assert img.header['dim'][4] == 1 and img.header['dim'][5] == 3
+    assert np.allclose(np.moveaxis(np.asarray(img.dataobj)[:, :, :, 0], -1, 0), vol)
 
 
 def test_png_encoder_roundtrip():
