@@ -215,10 +215,11 @@ def encode_npy(array):
 def deflate(data, level):
     """Raw deflate stream (zip method 8) of the bytes-like `data` at zlib `level` 1-9. Returns (compressed bytes,
     CRC-32 of `data`, len(data)), the arguments `ArchiveWriter.add` takes after the name. zlib releases the GIL, so
-    threads compress in parallel. Level 1 uses the run-length strategy: on archive arrays, whose background is long
-    runs of zeros, it is as small as level 6 and several times faster."""
+    threads compress in parallel. On .npy slices (about 60% background zeros, the brain barely compressible 16-bit
+    samples) level 1 is within 1% of level 9's size; its stream also inflates faster than the run-length strategy's
+    (which PNG rows use), because zero runs come out as fewer, longer matches."""
     data = memoryview(data).cast('B')
-    comp = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_RLE if level == 1 else zlib.Z_DEFAULT_STRATEGY)
+    comp = zlib.compressobj(level, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY)
     return comp.compress(data) + comp.flush(), zlib.crc32(data), data.nbytes
 
 
