@@ -20,7 +20,7 @@ import dnnlib
 from torch_utils import misc, snapshot, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
 from training import checkpoint
-from training.grids import save_image_grid, setup_snapshot_image_grid
+from training.grids import grid_style, save_image_grid, setup_snapshot_image_grid
 
 
 class StopRequested:
@@ -233,18 +233,19 @@ def training_loop(
             f'augment p {float(augment_pipe.p) if augment_pipe is not None else 0:.3f}')
 
     # Image grids.
-    grid_size = grid_z = grid_c = None
+    grid_size = grid_z = grid_c = grid_kw = None
     if rank == 0:
         grid_size, images, labels = setup_snapshot_image_grid(training_set=training_set)
+        grid_kw = grid_style(training_set, labels, grid_size)  # channel names (seg overlay) and a name per row
         if state is None:
             log('Exporting sample images...')
-            save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max], grid_size=grid_size)
+            save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max], grid_size=grid_size, **grid_kw)
         gen = torch.Generator().manual_seed(random_seed)
         grid_z = torch.randn([labels.shape[0], G.z_dim], generator=gen).to(device).split(batch_gpu)
         grid_c = torch.from_numpy(labels).to(device).split(batch_gpu)
         if state is None:
             images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid_z, grid_c)]).numpy()
-            save_image_grid(images, os.path.join(run_dir, 'fakes_init.png'), drange=[-1, 1], grid_size=grid_size)
+            save_image_grid(images, os.path.join(run_dir, 'fakes_init.png'), drange=[-1, 1], grid_size=grid_size, **grid_kw)
 
     # Logs.
     stats_collector = training_stats.Collector(regex='.*')
@@ -354,7 +355,7 @@ def training_loop(
             snap_now = network_snapshot_ticks is not None and (done or stopping or cur_tick % network_snapshot_ticks == 0)
             if rank == 0 and image_snapshot_ticks is not None and (done or cur_tick % image_snapshot_ticks == 0):
                 images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid_z, grid_c)]).numpy()
-                save_image_grid(images, os.path.join(run_dir, f'fakes{cur_nimg // 1000:06d}.png'), drange=[-1, 1], grid_size=grid_size)
+                save_image_grid(images, os.path.join(run_dir, f'fakes{cur_nimg // 1000:06d}.png'), drange=[-1, 1], grid_size=grid_size, **grid_kw)
             snapshot_file = None
             if snap_now:
                 snapshot_file = _write_snapshot_and_state(
