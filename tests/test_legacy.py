@@ -151,3 +151,14 @@ def test_clis_take_nvlabs_pickles_without_a_flag(tmp_path):
     assert 'deprecated and ignored' in res.output
     error = [line for line in res.output.splitlines() if line.startswith('Error:')]
     assert len(error) == 1 and 'system' in error[0] and evil in error[0]
+
+
+def test_calc_metrics_takes_an_nvlabs_pickle(tmp_path):
+    import calc_metrics
+    from tests.helpers import make_png_folder
+    marker = str(tmp_path / 'ran-code')
+    pkl = write_nvlabs_pickle(str(tmp_path / 'net.pkl'), tiny_nvlabs_nets(), marker)
+    data = make_png_folder(str(tmp_path / 'rgb'), n=8, res=8, num_classes=2, channels=3)
+    (result,) = calc_metrics.calc_metrics(pkl, ['mse_nn'], data=data, num_gen=4, batch=4, progress=False,
+                                          run_dir=str(tmp_path))
+    assert np.isfinite(result.results['mse_nn']) and not os.path.exists(marker)
