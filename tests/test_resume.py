@@ -97,6 +97,13 @@ def test_resume_run_refuses_model_and_data_flags(run, tmp_path):
     _refused(['--resume', run, '--resume-partial'], '--resume-partial cannot change mid-run')
     assert not os.path.exists(tmp_path / 'other') and sorted(os.listdir(run)) == before
     _refused(['--resume', tmp_path / 'nonexistent'], 'no such run dir or snapshot file')
+    moved = str(tmp_path / 'moved')
+    shutil.copytree(run, moved)
+    opts = _options(moved)
+    opts['training_set_kwargs']['path'] = str(tmp_path / 'gone.zip')
+    with open(os.path.join(moved, 'training_options.json'), 'w') as f:
+        json.dump(opts, f)
+    _refused(['--resume', moved, '--kimg', '1'], 'its training data', 'gone.zip is missing')
     _refused(['--resume', os.path.join(run, 'network-snapshot-000000200.pt')], '--outdir and --data required')
 
 

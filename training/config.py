@@ -348,6 +348,9 @@ def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
     for key in ('resume_pkl', 'resume_partial', 'resume_run', 'allow_pickle'):  # Not options of a continued run.
         c.pop(key, None)
     c.resume_run = c.run_dir = os.path.abspath(run_dir)
+    data = (c.get('training_set_kwargs') or {}).get('path')
+    if data and not os.path.exists(data):
+        raise click.UsageError(f'--resume {run_dir}: its training data {data} is missing (moved or deleted?)')
     unknown = set(changes) - set(MID_RUN_OPTIONS)
     if unknown:
         raise ValueError(f'resume_run_config: {sorted(unknown)} cannot change mid-run')
