@@ -158,14 +158,18 @@ def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
 @click.option('--gamma',        help='R1 regularization weight [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--mbstd-group',  help='Minibatch std group size [default: preset]', metavar='INT', type=click.IntRange(min=0))
 # MRI training hooks.
-@click.option('--topk',         help='Top-k generator updates (Sinha et al. 2020)', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--topk-gamma',   help='Top-k decay per epoch', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.99, show_default=True)
-@click.option('--topk-min',     help='Top-k minimum fraction', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.5, show_default=True)
+@click.option('--topk',         help='Top-k generator updates over the whole batch (Sinha et al. 2020)', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--topk-gamma',   help='Top-k decay per epoch of distinct images', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.99, show_default=True)
+@click.option('--topk-min',     help='Top-k minimum fraction (nu)', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.75, show_default=True)
+@click.option('--topk-global',  help='Top-k over the batch of all GPUs, not each GPU\'s', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--fq-res',       help='D feature quantization resolutions, e.g. 32,16', metavar='LIST', type=str)
 @click.option('--fq-dict',      help='FQ dictionary size', metavar='INT', type=click.IntRange(min=2), default=256, show_default=True)
-@click.option('--fq-decay',     help='FQ dictionary EMA decay', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.8, show_default=True)
-@click.option('--fq-weight',    help='FQ commitment loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
-@click.option('--attn-res',     help='Self-attention resolutions in G and D, e.g. 32,64', metavar='LIST', type=str)
+@click.option('--fq-decay',     help='FQ dictionary EMA decay per D step', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.8, show_default=True)
+@click.option('--fq-weight',    help='FQ commitment loss weight (D, and G on fakes)', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option('--fq-mode',      help='forward: D continues with the codes (R1 on the unquantized D); loss: commitment loss and dictionary only', type=click.Choice(['forward', 'loss']), default='forward', show_default=True)
+@click.option('--attn-res',     help="Self-attention in G and D at these resolutions, 4 .. res/2, e.g. 16,32. "
+                                     "Memory per layer in R1/path-length passes: 8*N*L*L' bytes, L=R*R, L'=L/4 from 64x64 "
+                                     "(1 GiB at 64, batch-gpu 32)", metavar='LIST', type=str)
 # Misc settings.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--metrics',      help='Quality metrics at each snapshot, or none', metavar='[NAME|A,B,C|none]', type=str, default='fid50k_full', show_default=True)

@@ -199,7 +199,8 @@ def training_loop(
     # Loss, optimizers and phases.
     loss_kwargs = dict(loss_kwargs)
     if loss_kwargs.get('topk_kwargs'):
-        loss_kwargs.setdefault('dataset_size', len(training_set))  # The subset trained on, mirrored copies included.
+        # Epochs count distinct training images (the subset trained on): --mirror's flipped copies are not new images.
+        loss_kwargs.setdefault('dataset_size', len(training_set) // (2 if training_set_kwargs.get('xflip') else 1))
     loss = dnnlib.construct_class_by_name(device=device, G=G, D=D, augment_pipe=augment_pipe, **loss_kwargs)
     frozen = _frozen_param_names(D, freezed)
     phases = _setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
