@@ -126,7 +126,8 @@ def test_topk_keeps_exactly_the_k_best_of_the_whole_batch_whatever_batch_gpu(bat
     torch.testing.assert_close(z.grad, z2.grad, rtol=1e-4, atol=1e-6)
 
 
-def test_topk_discarded_fakes_get_exactly_zero_gradient_with_minibatch_std_noise_mixing_and_ada():
+@pytest.mark.parametrize('batch_gpu', [4, 8])   # replayed rounds; one round
+def test_topk_discarded_fakes_get_exactly_zero_gradient_with_minibatch_std_noise_mixing_and_ada(batch_gpu):
     # Minibatch-std groups of 4 mix kept and discarded fakes; noise, style mixing and ADA draw random numbers,
     # which the gradient pass replays: its logits equal the scores exactly, and no gradient reaches a discarded
     # fake, not even through the group statistic (z.grad rows exactly 0).
@@ -136,7 +137,7 @@ def test_topk_discarded_fakes_get_exactly_zero_gradient_with_minibatch_std_noise
     z = torch.randn([8, 8], generator=torch.Generator().manual_seed(2)).requires_grad_(True)
     loss = StyleGAN2Loss(device=torch.device('cpu'), G=G, D=D, augment_pipe=pipe, topk_kwargs=TOPK, dataset_size=8,
                          style_mixing_prob=0.9, pl_weight=0, r1_gamma=0)
-    loss.accumulate_phase('Gmain', _rounds(z, 4), gain=0.5, cur_nimg=8)
+    loss.accumulate_phase('Gmain', _rounds(z, batch_gpu), gain=batch_gpu / 8, cur_nimg=8)
     keep = loss.topk_last['keep']
     assert int(keep.sum()) == 4 and float(loss.topk_last['replay_error']) == 0
     row = z.grad.abs().sum(1)

@@ -5,11 +5,13 @@ Sec. 3.2 path length, Eq. 4). Two generic hooks serve the MRI extensions without
 ``topk_kwargs`` (a class_name such as ``mri.topk.TopK``: top-k generator updates, Sinha et al. 2020) and
 ``fq_weight`` (the weight of the discriminator's feature-quantization loss that D returns in its aux dict).
 
-Top-k is a rule over the whole batch of a G phase (all accumulation rounds; with ``topk_global`` all ranks):
-a no-grad pass scores every fake, the k best of the batch are chosen, then the gradient pass replays each round
-with the same RNG state (noise, style mixing, augmentation), so it sees the same fakes and logits. In that pass
-the discarded fakes enter D detached: minibatch-std still groups them with the kept ones (the logits equal the
-scores), but no gradient reaches G through them, not even through the group statistic.
+Top-k is a rule over the whole batch of a G phase (all accumulation rounds; with ``topk_global`` all ranks).
+With one round per phase, one pass: D's input gradient is taken, the discarded fakes' rows are zeroed, then it
+flows into G. With several rounds, a no-grad pass scores every fake, the k best of the batch are chosen, then the
+gradient pass replays each round with the same RNG state (noise, style mixing, augmentation), so it sees the same
+fakes and logits; there the discarded fakes enter D detached. Either way minibatch-std still groups discarded
+fakes with kept ones (the logits are those scored), but no gradient reaches G through a discarded fake, not even
+through the group statistic.
 """
 
 import contextlib
@@ -164,8 +166,20 @@ class StyleGAN2Loss(Loss):
         keep[self.topk.select(all_scores, k)] = True
         return keep[offset:offset + scores.numel()], all_scores.numel() / k, k
 
+    def _topk_report(self, scores, cur_nimg):
+        training_stats.report('Loss/scores/fake', scores)
+        training_stats.report('Loss/signs/fake', scores.sign())
+        training_stats.report('Loss/G/loss', F.softplus(-scores))    # The whole batch's loss, whatever top-k keeps.
+        keep, weight, k = self._topk_select(scores, cur_nimg)
+        training_stats.report('Loss/topk_fraction', self.topk_fraction)
+        self.topk_last = dict(scores=scores, keep=keep, k=k, replay_error=torch.zeros_like(scores[0]))
+        return keep, weight
+
     def _topk_generator_phase(self, rounds, gain, cur_nimg):
         """Gmain with top-k over the whole batch (Sinha et al. 2020, Algorithm 1), memory bounded per round."""
+        if len(rounds) == 1:
+            self._topk_one_round(rounds[0], gain, cur_nimg)
+            return
         # 1. Score every fake of the phase without a graph, remembering each round's RNG state.
         states, scores = [], []
         with torch.no_grad():
@@ -176,12 +190,7 @@ class StyleGAN2Loss(Loss):
                 scores.append(logits.flatten())
         end_state = self._rng_state()
         scores = torch.cat(scores)
-        training_stats.report('Loss/scores/fake', scores)
-        training_stats.report('Loss/signs/fake', scores.sign())
-        training_stats.report('Loss/G/loss', F.softplus(-scores))    # The whole batch's loss, whatever top-k keeps.
-        keep, weight, k = self._topk_select(scores, cur_nimg)
-        training_stats.report('Loss/topk_fraction', self.topk_fraction)
-        self.topk_last = dict(scores=scores, keep=keep, k=k, replay_error=torch.zeros_like(scores[0]))
+        keep, weight = self._topk_report(scores, cur_nimg)
 
         # 2. Gradient pass, round by round, replaying the RNG so the fakes and logits are those scored.
         pos = 0
@@ -205,6 +214,23 @@ class StyleGAN2Loss(Loss):
             with torch.autograd.profiler.record_function('Gmain_topk_backward'):
                 loss.mul(gain).backward()
         self._set_rng_state(end_state)
+
+    def _topk_one_round(self, phase_round, gain, cur_nimg):
+        """The whole batch in one round: one pass, no replay. D's input gradient is taken first and the
+        discarded fakes' rows are zeroed before it enters G, which is exactly the gradient of the multi-round
+        path (there the discarded fakes enter D as constants; the partial derivatives of the kept rows agree)."""
+        _real_img, _real_c, gen_z, gen_c = phase_round
+        with torch.autograd.profiler.record_function('Gmain_topk_forward'):
+            gen_img, _ws = self.run_G(gen_z, gen_c)
+            img = gen_img.detach().requires_grad_(True)
+            logits, aux = self.run_D(img, gen_c)
+            keep, weight = self._topk_report(logits.detach().flatten(), cur_nimg)
+            loss = F.softplus(-logits).flatten() * keep.to(logits.dtype) * weight
+            loss = loss.mean() + self._fq_term(aux, 'G_fake')
+        with torch.autograd.profiler.record_function('Gmain_topk_backward'):
+            (img_grad,) = torch.autograd.grad(loss.mul(gain), [img])
+            img_grad = img_grad * keep.reshape([-1] + [1] * (img_grad.ndim - 1)).to(img_grad.dtype)
+            gen_img.backward(img_grad)
 
     def _accumulate_round(self, phase, real_img, real_c, gen_z, gen_c, gain):
         assert phase in ['Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth']
