@@ -54,8 +54,8 @@ class StyleGAN2Loss(Loss):
         pl_batch_shrink: int = 2,       # Path-length batch = batch // shrink (saves memory).
         pl_decay: float = 0.01,         # EMA decay of the path-length target a.
         pl_no_weight_grad: bool = False,  # Skip weight gradients of convs in the path-length backward.
-        topk_kwargs: dict = None,       # e.g. {'class_name': 'mri.topk.TopK', 'gamma': .99, 'min_frac': .5}; None = off.
-        dataset_size: int = None,       # Images per epoch, for the top-k schedule.
+        topk_kwargs: dict = None,       # e.g. {'class_name': 'mri.topk.TopK', 'gamma': .99, 'min_frac': .75}; None = off.
+        dataset_size: int = None,       # Distinct images per epoch, for the top-k schedule.
         fq_weight: float = 0,           # Weight of D's feature-quantization loss (FQ-GAN's beta), in D's and G's loss; 0 = ignore it.
         topk_global: bool = False,      # Top-k over the batch of all ranks (all_gather of the scores) instead of each rank's.
     ):
