@@ -64,6 +64,7 @@ def calc_metrics(
     rank: int = 0,              # This process (set by the launcher).
     progress: bool = True,      # Status lines on stderr.
     share: bool = True,         # Metrics share detector features (one pass of the reals).
+    segmenter: str = None,      # Segmenter checkpoint of calc_segmentation.py (mask_dice).
 ) -> list:
     """Evaluate ``metrics`` on this rank; returns the result dicts (rank 0 also reports them)."""
     if not metrics:
@@ -94,7 +95,8 @@ def calc_metrics(
     results = metric_main.calc_metrics(metrics, share=share, G=G, dataset_kwargs=dataset_kwargs, num_gpus=gpus, rank=rank,
                                        device=device, progress=progress, channel=channel, detector_url=detector,
                                        vgg_detector_url=vgg_detector, allow_pickle=allow_pickle, num_gen=num_gen,
-                                       batch_size=batch, run_dir=run_dir, xflip_reals=bool(mirror))
+                                       batch_size=batch, run_dir=run_dir, xflip_reals=bool(mirror),
+                                       segmenter=segmenter)
     if rank == 0:
         for result in results:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=network)
@@ -143,6 +145,8 @@ def _metric_list(_ctx, _param, value):
 @click.option('--vgg-detector',         help='VGG16 network for PR and PPL [default: NVIDIA\'s]', metavar='PATH|URL', type=PATH)
 @bool_option('--allow-pickle',          help='Allow .pkl files (unpickling runs code)')
 @click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR',
+              type=PATH)
+@click.option('--segmenter',            help='Segmenter for mask_dice (calc_segmentation.py checkpoint)', metavar='PATH',
               type=PATH)
 @click.option('--batch',                help='Images per GPU per step', type=click.IntRange(min=1), default=64, show_default=True)
 def main(**kwargs):

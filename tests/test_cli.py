@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(ROOT, 'bench'))
 
 COMMANDS = {'train.py': train.main, 'generate.py': generate.main, 'calc_metrics.py': calc_metrics.main,
             'dataset_tool.py': dataset_tool.main, 'bench/ablation.py': importlib.import_module('ablation').main,
-            'bench/bench_metrics.py': importlib.import_module('bench_metrics').main}
+            'bench/bench_metrics.py': importlib.import_module('bench_metrics').main,
+            'bench/bench_dataset_tool.py': importlib.import_module('bench_dataset_tool').main}
 # Documented exceptions: an off-switch spelling kept for old scripts (same as --progress=0).
 NOT_SWITCHES = {('dataset_tool.py', 'no_progress'), }
 

@@ -20,7 +20,7 @@ import dnnlib
 from torch_utils import misc, snapshot, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
 from training import checkpoint
-from training.grids import save_image_grid, setup_snapshot_image_grid
+from training.grids import grid_style, save_image_grid, setup_snapshot_image_grid
 
 
 class StopRequested:
@@ -310,13 +310,15 @@ def _restore_state(state, phases, loss, augment_pipe, device, rank, resume_run, 
 
 def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh, log):
     """Rank 0's fixed latents and labels for the image grids; a fresh run also writes reals.png and fakes_init.png."""
-    grid = dnnlib.EasyDict(size=None, z=None, c=None)
+    grid = dnnlib.EasyDict(size=None, z=None, c=None, style={})
     if rank != 0:
         return grid
     grid.size, images, labels = setup_snapshot_image_grid(training_set=training_set)
+    grid.style = grid_style(training_set, labels, grid.size)  # channel names (seg overlay) and a name per row
     if fresh:
         log('Exporting sample images...')
-        save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max], grid_size=grid.size)
+        save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max], grid_size=grid.size,
+                        **grid.style)
     gen = torch.Generator().manual_seed(random_seed)
     grid.z = torch.randn([labels.shape[0], G.z_dim], generator=gen).to(device).split(batch_gpu)
     grid.c = torch.from_numpy(labels).to(device).split(batch_gpu)
@@ -327,7 +329,7 @@ def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, ru
 
 def _save_fakes(G_ema, grid, path):
     images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid.z, grid.c)]).numpy()
-    save_image_grid(images, path, drange=[-1, 1], grid_size=grid.size)
+    save_image_grid(images, path, drange=[-1, 1], grid_size=grid.size, **grid.style)
 
 
 class _Logs:
