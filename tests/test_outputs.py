@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import PIL.Image
-import pytest
 import torch
 
 import generate
