@@ -4,7 +4,6 @@ import os
 
 import numpy as np
 import PIL.Image
-import torch
 
 import generate
 from torch_utils import snapshot
