@@ -10,6 +10,7 @@ import re
 import click
 
 import dnnlib
+from training.cli import shape_problem
 
 # Preset hyper-parameters (Karras et al. 2020, "Training GANs with Limited Data", Appendix D / Table 3).
 CFG_SPECS = {
@@ -22,6 +23,31 @@ CFG_SPECS = {
 }
 
 AUGPIPE_NAMES = ['blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']
+
+# Ranges of the numeric options, defined once: train.py's --help shows them and setup_training_config enforces them.
+RANGES = dict(
+    gpus=click.IntRange(min=1),
+    p=click.FloatRange(min=0, max=1),
+    target=click.FloatRange(min=0, max=1),
+    freezed=click.IntRange(min=0),
+    kimg=click.FloatRange(min=0, min_open=True),
+    tick=click.FloatRange(min=0, min_open=True),
+    topk_gamma=click.FloatRange(min=0, max=1, min_open=True),       # 1 = no decay; 0 would drop every fake.
+    topk_min=click.FloatRange(min=0, max=1, min_open=True),
+    fq_dict=click.IntRange(min=2),
+    fq_decay=click.FloatRange(min=0, max=1, min_open=True, max_open=True),  # 1 would freeze the dictionary.
+    fq_weight=click.FloatRange(min=0),
+)
+
+
+def check_range(name: str, value):
+    """``value`` of option ``name`` (RANGES) or a click.UsageError naming ``--name`` and the range."""
+    if value is None:
+        return value
+    try:
+        return RANGES[name].convert(value, None, None)
+    except click.BadParameter as err:
+        raise click.UsageError(f'--{name.replace("_", "-")}: {err.message}') from None
 
 
 def parse_int_list(value, flag: str):
@@ -94,6 +120,7 @@ def setup_training_config(
     snap: int = 50,                 # Ticks per snapshot.
     metrics: str = 'fid50k_full',   # Comma-separated metric names, or 'none'.
     detector: str = None,           # Inception detector path/URL override for the metrics.
+    vgg_detector: str = None,       # VGG16 detector path/URL override (pr*, ppl*).
     seed: int = 0,                  # Random seed.
     resume: str = None,             # Snapshot to start from (weights only).
     freezed: int = 0,               # FreezeD layers.
@@ -122,8 +149,8 @@ def setup_training_config(
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.UsageError('--device=cuda: no CUDA device is available; use --device=cpu')
-    if gpus < 1:
-        raise click.UsageError('--gpus must be at least 1')
+    for name, value in dict(gpus=gpus, p=p, target=target, freezed=freezed, kimg=kimg, tick=tick).items():
+        check_range(name, value)
     if device == 'cuda' and gpus > torch.cuda.device_count():
         raise click.UsageError(f'--gpus={gpus}: only {torch.cuda.device_count()} CUDA device(s) visible')
     c.device = device
@@ -144,8 +171,9 @@ def setup_training_config(
     res = probe.resolution
     if len(probe.image_shape) != 3:
         raise click.UsageError(f'--data: {data} holds {probe.kind} of shape {probe.image_shape}; the 2D trainer needs slices')
-    if res < 4 or (res & (res - 1)) != 0:
-        raise click.UsageError(f'--data: resolution {res} is not a power of two')
+    problem = shape_problem(probe.image_shape[1:])
+    if problem:
+        raise click.UsageError(f'--data: {data} holds images of {problem}; convert it again with dataset_tool.py --resolution')
     c.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
                                             use_labels=cond, max_size=None, xflip=mirror, resolution=res,
                                             subset=subset, random_seed=seed)
@@ -202,10 +230,8 @@ def setup_training_config(
     fq = parse_int_list(fq_res, '--fq-res')
     _check_resolutions(fq, res, '--fq-res')
     if fq:
-        if fq_dict < 2:
-            raise click.UsageError('--fq-dict must be at least 2')
-        if not 0 < fq_decay < 1:
-            raise click.UsageError('--fq-decay must be in (0, 1)')
+        check_range('fq_dict', fq_dict)
+        check_range('fq_decay', fq_decay)
         if fq_mode not in ('forward', 'loss'):
             raise click.UsageError(f'--fq-mode={fq_mode}: choose forward or loss')
         c.D_kwargs.quantize_kwargs = dict(class_name='mri.fq.FeatureQuantizer', resolutions=fq, dict_size=fq_dict,
@@ -220,20 +246,16 @@ def setup_training_config(
                                     style_mixing_prob=0 if cfg == 'cifar' else 0.9,
                                     pl_weight=0 if cfg == 'cifar' else 2)
     if fq:
-        c.loss_kwargs.fq_weight = fq_weight
+        c.loss_kwargs.fq_weight = check_range('fq_weight', fq_weight)
     if topk:
-        if not 0 < topk_gamma <= 1 or not 0 < topk_min <= 1:
-            raise click.UsageError('--topk-gamma and --topk-min must be in (0, 1]')
+        check_range('topk_gamma', topk_gamma)
+        check_range('topk_min', topk_min)
         c.loss_kwargs.topk_kwargs = dict(class_name='mri.topk.TopK', gamma=topk_gamma, min_frac=topk_min)
         if topk_global:
             c.loss_kwargs.topk_global = True
     c.ema_kimg = spec.ema
     c.ema_rampup = spec.ramp
     c.total_kimg = kimg if kimg is not None else spec.kimg
-    if c.total_kimg <= 0:
-        raise click.UsageError('--kimg must be positive')
-    if tick <= 0:
-        raise click.UsageError('--tick must be positive')
     c.kimg_per_tick = tick
     c.image_snapshot_ticks = c.network_snapshot_ticks = snap
     c.random_seed = seed
@@ -250,8 +272,6 @@ def setup_training_config(
             raise click.UsageError(f'--augpipe={augpipe}: unknown; choose from {", ".join(augpipe_specs)}')
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **augpipe_specs[augpipe])
         if aug == 'ada':
-            if not 0 <= target <= 1:
-                raise click.UsageError('--target must be in [0, 1]')
             c.ada_target = target
             c.ada_kimg = 100 if cfg == 'cifar' else 500
         else:
@@ -263,7 +283,11 @@ def setup_training_config(
 
     # Metrics.
     c.metrics = [] if metrics in (None, '', 'none') else [m.strip() for m in metrics.split(',') if m.strip()]
-    c.metric_kwargs = dnnlib.EasyDict(detector_url=detector) if detector else dnnlib.EasyDict()
+    c.metric_kwargs = dnnlib.EasyDict()
+    if detector:
+        c.metric_kwargs.detector_url = detector
+    if vgg_detector:
+        c.metric_kwargs.vgg_detector_url = vgg_detector
     if c.metrics:
         from metrics import metric_main
         bad = [m for m in c.metrics if not metric_main.is_valid_metric(m)]
@@ -284,8 +308,6 @@ def setup_training_config(
         else:
             raise click.UsageError(f'--resume: {resume} is neither a run dir nor a snapshot file')
     c.allow_pickle = allow_pickle
-    if freezed < 0:
-        raise click.UsageError('--freezed must be non-negative')
     c.freezed = freezed
     c.cudnn_benchmark = not nobench
     c.allow_tf32 = allow_tf32

@@ -20,7 +20,7 @@ import dnnlib
 from torch_utils import misc, snapshot, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
 from training import checkpoint
-from training.grids import save_image_grid, setup_snapshot_image_grid
+from training.grids import grid_style, save_image_grid, setup_snapshot_image_grid
 
 
 class StopRequested:
@@ -312,13 +312,15 @@ def _restore_state(state, phases, loss, augment_pipe, device, rank, resume_run, 
 
 def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh, log):
     """Rank 0's fixed latents and labels for the image grids; a fresh run also writes reals.png and fakes_init.png."""
-    grid = dnnlib.EasyDict(size=None, z=None, c=None)
+    grid = dnnlib.EasyDict(size=None, z=None, c=None, style={})
     if rank != 0:
         return grid
     grid.size, images, labels = setup_snapshot_image_grid(training_set=training_set)
+    grid.style = grid_style(training_set, labels, grid.size)  # channel names (seg overlay) and a name per row
     if fresh:
         log('Exporting sample images...')
-        save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max], grid_size=grid.size)
+        save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max], grid_size=grid.size,
+                        **grid.style)
     gen = torch.Generator().manual_seed(random_seed)
     grid.z = torch.randn([labels.shape[0], G.z_dim], generator=gen).to(device).split(batch_gpu)
     grid.c = torch.from_numpy(labels).to(device).split(batch_gpu)
@@ -329,7 +331,7 @@ def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, ru
 
 def _save_fakes(G_ema, grid, path):
     images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid.z, grid.c)]).numpy()
-    save_image_grid(images, path, drange=[-1, 1], grid_size=grid.size)
+    save_image_grid(images, path, drange=[-1, 1], grid_size=grid.size, **grid.style)
 
 
 class _Logs:
@@ -546,11 +548,15 @@ def _write_snapshot_and_state(run_dir, rank, num_gpus, device, cur_nimg, cur_tic
 
 
 def _evaluate_metrics(metrics, metric_kwargs, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_file):
+    """Every metric of a snapshot, sharing detector features; rank 0 shows calc_metrics.py's progress lines
+    (images, rate, time left) in the log, and reports each result."""
     from metrics import metric_main  # Imported lazily: runs without --metrics never load detectors.
+    kwargs = dict(progress=rank == 0)
+    kwargs.update(metric_kwargs)
+    done = metric_main.calc_metrics(metrics, G=G_ema, dataset_kwargs=training_set_kwargs, num_gpus=num_gpus, rank=rank,
+                                    device=device, run_dir=run_dir, **kwargs)
     results = {}
-    for metric in metrics:
-        result = metric_main.calc_metric(metric=metric, G=G_ema, dataset_kwargs=training_set_kwargs,
-                                         num_gpus=num_gpus, rank=rank, device=device, run_dir=run_dir, **metric_kwargs)
+    for metric, result in zip(metrics, done):
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_file)
         results.update({f'{metric}/{k}' if k != metric else k: v for k, v in result.results.items()})
