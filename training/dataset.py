@@ -159,6 +159,7 @@ class ImageFolderDataset(Dataset):
     ):
         self._path = str(path)
         self._zipfile = None
+        self._zipfile_pid = None
         if subset not in ('all', 'train', 'val'):
             raise DatasetError(f'{path}: unknown subset {subset!r}; expected all, train or val')
         if os.path.isdir(self._path):
@@ -195,8 +196,11 @@ class ImageFolderDataset(Dataset):
 
     def _get_zipfile(self):
         assert self._type == 'zip'
-        if self._zipfile is None:
+        if self._zipfile is None or self._zipfile_pid != os.getpid():
+            # A forked DataLoader worker inherits the parent's open file and with it one shared file offset:
+            # workers reading at once would interleave seeks and reads (Bad CRC-32). Each process opens its own.
             self._zipfile = zipfile.ZipFile(self._path)
+            self._zipfile_pid = os.getpid()
         return self._zipfile
 
     def _open_file(self, fname):
