@@ -15,6 +15,7 @@ import dnnlib
 from metrics import frechet_inception_distance
 from metrics import inception_score
 from metrics import kernel_inception_distance
+from metrics import mask_dice as mask_dice_module
 from metrics import metric_utils
 from metrics import msssim
 from metrics import nearest_neighbour
@@ -202,3 +203,10 @@ def mse_nn(opts):
     _full(opts)
     nn = nearest_neighbour.compute_nn(opts, 'mse', num_gen=metric_utils.num_generated(opts, 1000))
     return dict(mse_nn=nn['mean'], mse_nn_frac_closer=nn['frac_closer'], mse_nn_real_median=nn['real_median'])
+
+
+@register_metric
+def mask_dice(opts):
+    _full(opts)
+    per = mask_dice_module.compute_mask_dice(opts, num_gen=metric_utils.num_generated(opts, 1000))
+    return mask_dice_module.results(per)
