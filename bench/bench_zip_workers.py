@@ -9,7 +9,7 @@ process, and counts the runs that failed or printed a zip/read error (must be 0)
 training runs once more with `--workers 0` (the main process reads), so the s/kimg of the two are measured on
 the same machine in the same session. Prints a table and writes JSON.
 
-    nice python bench/bench_zip_workers.py --out bench_zip_workers.json
+    OMP_NUM_THREADS=1 nice python bench/bench_zip_workers.py --out bench_zip_workers.json
 """
 
 import json
@@ -72,6 +72,28 @@ def train_once(data: Path, outdir: Path, kimg: float, workers: int, net_args: li
                 tail=output[-1500:] if failed else '')
 
 
+def summarize(runs, archive, resolution, kimg, net, workers, repeats, out):
+    """The JSON record (rewritten after every run, so a run cut short still leaves its figures)."""
+    stressed = [r for r in runs if r['workers'] == workers]
+    base = [r for r in runs if r['workers'] == 0]
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return round(sum(values) / len(values), 2) if values else None
+    summary = dict(
+        machine=f'{platform.machine()} {os.cpu_count()}-core CPU ({platform.platform()})',
+        command=' '.join(['python', 'bench/bench_zip_workers.py'] + sys.argv[1:]),
+        archive=dict(archive, path=os.path.basename(archive['path'])), resolution=resolution, kimg_per_run=kimg,
+        omp_num_threads=os.environ.get('OMP_NUM_THREADS'), load_average_1min=round(os.getloadavg()[0], 1),
+        network_args=net, workers=workers, repeats=repeats, runs_done=len(stressed),
+        failed_runs=sum(r['failed'] for r in stressed), sec_per_kimg_workers=mean(r['sec_per_kimg'] for r in stressed),
+        sec_per_kimg_baseline_workers0=mean(r['sec_per_kimg'] for r in base) if base else None, runs=runs)
+    tmp_out = out + '.tmp'
+    with open(tmp_out, 'w') as f:
+        json.dump(summary, f, indent=2)
+    os.replace(tmp_out, out)
+    return summary
+
+
 @click.command()
 @click.option('--source',     type=click.Choice(['auto', 'real', 'phantom']), default='auto', show_default=True,
               help='auto: the real case when ../shared/data/brats has it, else phantom cases')
@@ -98,20 +120,9 @@ def main(source, resolution, kimg, workers, repeats, baseline, net, out):
             status = 'FAILED ' + '; '.join(r['errors']) if r['failed'] else 'ok'
             print(f'run {i + 1}/{len(plan)}: workers {w}, {r["kimg"]} kimg, {r["sec_per_kimg"]} s/kimg, '
                   f'{r["wall_sec"]} s wall: {status}', flush=True)
+            summarize(runs, archive, resolution, kimg, net, workers, repeats, out)
 
-    stressed = [r for r in runs if r['workers'] == workers]
-    base = [r for r in runs if r['workers'] == 0]
-    def mean(values):
-        values = [v for v in values if v is not None]
-        return round(sum(values) / len(values), 2) if values else None
-    summary = dict(
-        machine=f'{platform.machine()} {os.cpu_count()}-core CPU ({platform.platform()})',
-        command=' '.join(['python', 'bench/bench_zip_workers.py'] + sys.argv[1:]),
-        archive=dict(archive, path=os.path.basename(archive['path'])), resolution=resolution, kimg_per_run=kimg,
-        network_args=net, workers=workers, repeats=repeats,
-        failed_runs=sum(r['failed'] for r in stressed), sec_per_kimg_workers=mean(r['sec_per_kimg'] for r in stressed),
-        sec_per_kimg_baseline_workers0=mean(r['sec_per_kimg'] for r in base) if base else None, runs=runs)
-
+    summary = summarize(runs, archive, resolution, kimg, net, workers, repeats, out)
     print()
     print(f'{"run":>4}  {"workers":>7}  {"kimg":>6}  {"s/kimg":>7}  {"wall s":>7}  errors')
     for i, r in enumerate(runs):
@@ -119,11 +130,7 @@ def main(source, resolution, kimg, workers, repeats, baseline, net, out):
               f'{r["wall_sec"]:>7.1f}  {", ".join(r["errors"]) or ("exit " + str(r["returncode"]) if r["failed"] else "0")}')
     print(f'\nfailed runs with {workers} workers: {summary["failed_runs"]} of {repeats}; '
           f'mean s/kimg {summary["sec_per_kimg_workers"]}'
-          + (f' (workers 0: {summary["sec_per_kimg_baseline_workers0"]})' if base else ''))
-    tmp_out = out + '.tmp'
-    with open(tmp_out, 'w') as f:
-        json.dump(summary, f, indent=2)
-    os.replace(tmp_out, out)
+          + (f' (workers 0: {summary["sec_per_kimg_baseline_workers0"]})' if baseline else ''))
     print(f'wrote {out}')
     sys.exit(1 if summary['failed_runs'] else 0)
 
