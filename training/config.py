@@ -10,6 +10,7 @@ import re
 import click
 
 import dnnlib
+from training.cli import shape_problem
 
 # Preset hyper-parameters (Karras et al. 2020, "Training GANs with Limited Data", Appendix D / Table 3).
 CFG_SPECS = {
@@ -22,6 +23,31 @@ CFG_SPECS = {
 }
 
 AUGPIPE_NAMES = ['blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']
+
+# Ranges of the numeric options, defined once: train.py's --help shows them and setup_training_config enforces them.
+RANGES = dict(
+    gpus=click.IntRange(min=1),
+    p=click.FloatRange(min=0, max=1),
+    target=click.FloatRange(min=0, max=1),
+    freezed=click.IntRange(min=0),
+    kimg=click.FloatRange(min=0, min_open=True),
+    tick=click.FloatRange(min=0, min_open=True),
+    topk_gamma=click.FloatRange(min=0, max=1, min_open=True),       # 1 = no decay; 0 would drop every fake.
+    topk_min=click.FloatRange(min=0, max=1, min_open=True),
+    fq_dict=click.IntRange(min=2),
+    fq_decay=click.FloatRange(min=0, max=1, min_open=True, max_open=True),  # 1 would freeze the dictionary.
+    fq_weight=click.FloatRange(min=0),
+)
+
+
+def check_range(name: str, value):
+    """``value`` of option ``name`` (RANGES) or a click.UsageError naming ``--name`` and the range."""
+    if value is None:
+        return value
+    try:
+        return RANGES[name].convert(value, None, None)
+    except click.BadParameter as err:
+        raise click.UsageError(f'--{name.replace("_", "-")}: {err.message}') from None
 
 
 def parse_int_list(value, flag: str):
@@ -40,6 +66,33 @@ def _check_resolutions(values, resolution, flag):
     for res in values:
         if res < 4 or res > resolution or (res & (res - 1)) != 0:
             raise click.UsageError(f'{flag}: {res} is not a power-of-two resolution between 4 and {resolution}')
+
+
+ATTN_MEMORY_FRACTION = 0.5          # Warn when attention's math path would need more than this share of the device.
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of the training device: the first CUDA device, or this machine's RAM for 'cpu'."""
+    if device == 'cuda':
+        import torch
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return int(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
+
+
+def _warn_attention_memory(attn: list, attn_kwargs: dict, batch_gpu: int, device: str):
+    """One line on stderr when the attention layers' math path (R1 / path-length passes) would need more than
+    ATTN_MEMORY_FRACTION of the device. The attention class states its own cost (``memory_bytes``)."""
+    cls = dnnlib.get_obj_by_name(attn_kwargs['class_name'])
+    if not attn or not hasattr(cls, 'memory_bytes'):
+        return
+    need = 2 * sum(cls.memory_bytes(batch_gpu, r) for r in attn)    # A layer in G and one in D per resolution.
+    total = device_memory_bytes(device)
+    if need > ATTN_MEMORY_FRACTION * total:
+        per = ', '.join(f'{r}: {cls.memory_bytes(batch_gpu, r) / 2 ** 30:.2f} GiB' for r in attn)
+        click.echo(f'warning: --attn-res {",".join(map(str, attn))} at --batch-gpu {batch_gpu} needs about '
+                   f'{need / 2 ** 30:.1f} GiB for attention in R1/path-length passes ({per} per layer), more than '
+                   f'{ATTN_MEMORY_FRACTION:.0%} of the {device} memory ({total / 2 ** 30:.1f} GiB); lower --batch-gpu '
+                   f'or the resolution', err=True)
 
 
 def setup_training_config(
@@ -67,6 +120,7 @@ def setup_training_config(
     snap: int = 50,                 # Ticks per snapshot.
     metrics: str = 'fid50k_full',   # Comma-separated metric names, or 'none'.
     detector: str = None,           # Inception detector path/URL override for the metrics.
+    vgg_detector: str = None,       # VGG16 detector path/URL override (pr*, ppl*).
     seed: int = 0,                  # Random seed.
     resume: str = None,             # Snapshot to start from (weights only).
     freezed: int = 0,               # FreezeD layers.
@@ -77,12 +131,14 @@ def setup_training_config(
     allow_pickle: bool = False,     # Let --resume read NVlabs pickles (runs code).
     device: str = None,             # 'cuda' or 'cpu'; None = cuda when available.
     topk: bool = False,             # Top-k generator updates (Sinha et al. 2020).
-    topk_gamma: float = 0.99,       # Top-k decay per epoch.
-    topk_min: float = 0.5,          # Top-k floor fraction.
+    topk_gamma: float = 0.99,       # Top-k decay per epoch (distinct training images).
+    topk_min: float = 0.75,         # Top-k floor fraction (Sinha et al.'s nu; see docs/hooks.md).
+    topk_global: bool = False,      # Top-k over the batch of all processes, not each process's own.
     fq_res: str = None,             # D resolutions to quantize, e.g. '32,16'; None = off.
     fq_dict: int = 256,             # FQ dictionary size.
-    fq_decay: float = 0.8,          # FQ EMA decay.
-    fq_weight: float = 1.0,         # FQ commitment-loss weight.
+    fq_decay: float = 0.8,          # FQ EMA decay per D step.
+    fq_weight: float = 1.0,         # FQ commitment-loss weight (in D's loss and, for fakes, G's).
+    fq_mode: str = 'forward',       # 'forward': D continues with the codes; 'loss': loss and dictionary only.
     attn_res: str = None,           # Self-attention resolutions in G and D, e.g. '32'; None = off.
     **_unused,
 ) -> dnnlib.EasyDict:
@@ -93,8 +149,8 @@ def setup_training_config(
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.UsageError('--device=cuda: no CUDA device is available; use --device=cpu')
-    if gpus < 1:
-        raise click.UsageError('--gpus must be at least 1')
+    for name, value in dict(gpus=gpus, p=p, target=target, freezed=freezed, kimg=kimg, tick=tick).items():
+        check_range(name, value)
     if device == 'cuda' and gpus > torch.cuda.device_count():
         raise click.UsageError(f'--gpus={gpus}: only {torch.cuda.device_count()} CUDA device(s) visible')
     c.device = device
@@ -115,8 +171,9 @@ def setup_training_config(
     res = probe.resolution
     if len(probe.image_shape) != 3:
         raise click.UsageError(f'--data: {data} holds {probe.kind} of shape {probe.image_shape}; the 2D trainer needs slices')
-    if res < 4 or (res & (res - 1)) != 0:
-        raise click.UsageError(f'--data: resolution {res} is not a power of two')
+    problem = shape_problem(probe.image_shape[1:])
+    if problem:
+        raise click.UsageError(f'--data: {data} holds images of {problem}; convert it again with dataset_tool.py --resolution')
     c.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
                                             use_labels=cond, max_size=None, xflip=mirror, resolution=res,
                                             subset=subset, random_seed=seed)
@@ -154,7 +211,11 @@ def setup_training_config(
     conv_clamp = None if num_fp16_res == 0 else 256
     attn = parse_int_list(attn_res, '--attn-res')
     _check_resolutions(attn, res, '--attn-res')
+    if res in attn:
+        raise click.UsageError(f'--attn-res: {res} is the full resolution; D has no {res}x{res} block output to attend '
+                               f'over, so choose from {", ".join(str(2 ** i) for i in range(2, res.bit_length() - 1))}')
     attn_kwargs = dict(class_name='mri.attention.SelfAttention')
+    _warn_attention_memory(attn, attn_kwargs, c.batch_gpu, device)
 
     c.G_kwargs = dnnlib.EasyDict(class_name='training.networks.Generator', z_dim=512, w_dim=512,
                                  mapping_kwargs=dict(num_layers=map_depth if map_depth is not None else spec.map),
@@ -169,11 +230,12 @@ def setup_training_config(
     fq = parse_int_list(fq_res, '--fq-res')
     _check_resolutions(fq, res, '--fq-res')
     if fq:
-        if fq_dict < 2:
-            raise click.UsageError('--fq-dict must be at least 2')
-        if not 0 < fq_decay < 1:
-            raise click.UsageError('--fq-decay must be in (0, 1)')
-        c.D_kwargs.quantize_kwargs = dict(class_name='mri.fq.FeatureQuantizer', resolutions=fq, dict_size=fq_dict, decay=fq_decay)
+        check_range('fq_dict', fq_dict)
+        check_range('fq_decay', fq_decay)
+        if fq_mode not in ('forward', 'loss'):
+            raise click.UsageError(f'--fq-mode={fq_mode}: choose forward or loss')
+        c.D_kwargs.quantize_kwargs = dict(class_name='mri.fq.FeatureQuantizer', resolutions=fq, dict_size=fq_dict,
+                                          decay=fq_decay, mode=fq_mode)
 
     lr_g = glr if glr is not None else spec.lrate
     lr_d = dlr if dlr is not None else spec.lrate
@@ -184,18 +246,16 @@ def setup_training_config(
                                     style_mixing_prob=0 if cfg == 'cifar' else 0.9,
                                     pl_weight=0 if cfg == 'cifar' else 2)
     if fq:
-        c.loss_kwargs.fq_weight = fq_weight
+        c.loss_kwargs.fq_weight = check_range('fq_weight', fq_weight)
     if topk:
-        if not 0 < topk_gamma <= 1 or not 0 < topk_min <= 1:
-            raise click.UsageError('--topk-gamma and --topk-min must be in (0, 1]')
+        check_range('topk_gamma', topk_gamma)
+        check_range('topk_min', topk_min)
         c.loss_kwargs.topk_kwargs = dict(class_name='mri.topk.TopK', gamma=topk_gamma, min_frac=topk_min)
+        if topk_global:
+            c.loss_kwargs.topk_global = True
     c.ema_kimg = spec.ema
     c.ema_rampup = spec.ramp
     c.total_kimg = kimg if kimg is not None else spec.kimg
-    if c.total_kimg <= 0:
-        raise click.UsageError('--kimg must be positive')
-    if tick <= 0:
-        raise click.UsageError('--tick must be positive')
     c.kimg_per_tick = tick
     c.image_snapshot_ticks = c.network_snapshot_ticks = snap
     c.random_seed = seed
@@ -215,8 +275,6 @@ def setup_training_config(
             raise click.UsageError(f'--augpipe={augpipe}: unknown; choose from {", ".join(augpipe_specs)}')
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **augpipe_specs[augpipe])
         if aug == 'ada':
-            if not 0 <= target <= 1:
-                raise click.UsageError('--target must be in [0, 1]')
             c.ada_target = target
             c.ada_kimg = 500  # 100 when starting from a snapshot: see below.
         else:
@@ -226,7 +284,11 @@ def setup_training_config(
 
     # Metrics.
     c.metrics = [] if metrics in (None, '', 'none') else [m.strip() for m in metrics.split(',') if m.strip()]
-    c.metric_kwargs = dnnlib.EasyDict(detector_url=detector) if detector else dnnlib.EasyDict()
+    c.metric_kwargs = dnnlib.EasyDict()
+    if detector:
+        c.metric_kwargs.detector_url = detector
+    if vgg_detector:
+        c.metric_kwargs.vgg_detector_url = vgg_detector
     if c.metrics:
         from metrics import metric_main
         bad = [m for m in c.metrics if not metric_main.is_valid_metric(m)]
@@ -249,8 +311,6 @@ def setup_training_config(
         else:
             raise click.UsageError(f'--resume: {resume} is neither a run dir nor a snapshot file')
     c.allow_pickle = allow_pickle
-    if freezed < 0:
-        raise click.UsageError('--freezed must be non-negative')
     c.freezed = freezed
     c.cudnn_benchmark = not nobench
     c.allow_tf32 = allow_tf32

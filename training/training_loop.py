@@ -277,7 +277,9 @@ def _setup_loss_and_phases(training_set, G, D, augment_pipe, loss_kwargs, G_opt_
     """The loss, the phases (each with its optimizer and, on CUDA, timing events) and D's frozen parameter names."""
     loss_kwargs = dict(loss_kwargs)
     if loss_kwargs.get('topk_kwargs'):
-        loss_kwargs.setdefault('dataset_size', len(training_set))  # The subset trained on, mirrored copies included.
+        # Epochs count distinct images of the subset trained on: --mirror's flipped copies are not new images.
+        flipped = getattr(training_set, '_xflip', None)
+        loss_kwargs.setdefault('dataset_size', int((flipped == 0).sum()) if flipped is not None else len(training_set))
     loss = dnnlib.construct_class_by_name(device=device, G=G, D=D, augment_pipe=augment_pipe, **loss_kwargs)
     frozen = _frozen_param_names(D, freezed)
     phases = _setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
@@ -546,11 +548,15 @@ def _write_snapshot_and_state(run_dir, rank, num_gpus, device, cur_nimg, cur_tic
 
 
 def _evaluate_metrics(metrics, metric_kwargs, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_file):
+    """Every metric of a snapshot, sharing detector features; rank 0 shows calc_metrics.py's progress lines
+    (images, rate, time left) in the log, and reports each result."""
     from metrics import metric_main  # Imported lazily: runs without --metrics never load detectors.
+    kwargs = dict(progress=rank == 0)
+    kwargs.update(metric_kwargs)
+    done = metric_main.calc_metrics(metrics, G=G_ema, dataset_kwargs=training_set_kwargs, num_gpus=num_gpus, rank=rank,
+                                    device=device, run_dir=run_dir, **kwargs)
     results = {}
-    for metric in metrics:
-        result = metric_main.calc_metric(metric=metric, G=G_ema, dataset_kwargs=training_set_kwargs,
-                                         num_gpus=num_gpus, rank=rank, device=device, run_dir=run_dir, **metric_kwargs)
+    for metric, result in zip(metrics, done):
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_file)
         results.update({f'{metric}/{k}' if k != metric else k: v for k, v in result.results.items()})
