@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 
 import click
 
@@ -20,10 +21,13 @@ from training.config import AUGPIPE_NAMES, CFG_SPECS, RANGES, describe_run, next
 
 
 class Logger:
-    """Tee stdout/stderr into ``log.txt`` of the run dir (append, so a resumed run keeps its history)."""
+    """Tee stdout/stderr into ``log.txt`` of the run dir (append, so a resumed run keeps its history).
+
+    Only rank 0 tees its output; a crash on any rank is appended by ``log_crash``.
+    """
 
     def __init__(self, file_name: str):
-        self.file = open(file_name, 'a')
+        self.file = open(file_name, 'a', buffering=1)  # Line-buffered: `tail -f` and other ranks' crash blocks see whole lines.
         self.stdout, self.stderr = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = self, self
 
@@ -41,6 +45,33 @@ class Logger:
     def close(self):
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.file.close()
+
+
+def log_crash(run_dir: str, rank: int, num_gpus: int, logger: Logger = None):
+    """Append the exception being handled, with its full traceback, to ``log.txt`` of the run dir.
+
+    For a cluster job that file is often the only record. Rank 0 writes through its logger (the file only:
+    the console gets the traceback when the exception leaves the process). Other ranks append one block
+    whose every line starts with ``[rank N]``, in a single write so blocks of several ranks never interleave.
+    Never raises: a failure to log must not hide the crash itself.
+    """
+    import time
+    text = traceback.format_exc()
+    where = f' on rank {rank} of {num_gpus}' if num_gpus > 1 else ''
+    block = f'\nTraining crashed{where} (pid {os.getpid()}, {time.strftime("%Y-%m-%d %H:%M:%S")}):\n{text}'
+    try:
+        if logger is not None:
+            logger.file.write(block)
+            logger.file.flush()
+        elif os.path.isdir(run_dir):  # Under torchrun rank 0 may not have made the run dir yet.
+            data = ''.join(f'[rank {rank}] {line}\n' for line in block.strip('\n').splitlines()).encode()
+            fd = os.open(os.path.join(run_dir, 'log.txt'), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+    except OSError:
+        pass
 
 
 def _init_distributed(rank, num_gpus, device, init_file=None):
@@ -67,6 +98,13 @@ def subprocess_fn(rank, c, init_file=None):
         _init_distributed(rank, c.num_gpus, c.device, init_file)
         kwargs = {k: v for k, v in c.items() if k not in ('num_gpus', 'run_dir')}
         training_loop(rank=rank, num_gpus=c.num_gpus, run_dir=c.run_dir, **kwargs)
+    except (Exception, KeyboardInterrupt) as err:  # KeyboardInterrupt: a second Ctrl-C while saving.
+        log_crash(c.run_dir, rank, c.num_gpus, logger)
+        # Release what the failed frames hold, the DataLoader iterator first, so that its workers stop through
+        # their own shutdown path now; left to interpreter exit, multiprocessing terminates them and a
+        # spawned rank prints a second, misleading error ("DataLoader worker ... killed by signal").
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
         if c.num_gpus > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -159,14 +197,18 @@ def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
 @click.option('--gamma',        help='R1 regularization weight [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--mbstd-group',  help='Minibatch std group size [default: preset]', metavar='INT', type=click.IntRange(min=0))
 # MRI training hooks.
-@bool_option('--topk',          help='Top-k generator updates (Sinha et al. 2020)')
-@click.option('--topk-gamma',   help='Top-k decay per epoch', metavar='FLOAT', type=RANGES['topk_gamma'], default=0.99, show_default=True)
-@click.option('--topk-min',     help='Top-k minimum fraction', metavar='FLOAT', type=RANGES['topk_min'], default=0.5, show_default=True)
+@bool_option('--topk',          help='Top-k generator updates over the whole batch (Sinha et al. 2020)')
+@click.option('--topk-gamma',   help='Top-k decay per epoch of distinct images', metavar='FLOAT', type=RANGES['topk_gamma'], default=0.99, show_default=True)
+@click.option('--topk-min',     help='Top-k minimum fraction (nu)', metavar='FLOAT', type=RANGES['topk_min'], default=0.75, show_default=True)
+@bool_option('--topk-global',   help="Top-k over the batch of all GPUs, not each GPU's")
 @click.option('--fq-res',       help='D feature quantization resolutions, e.g. 32,16', metavar='LIST', type=str)
 @click.option('--fq-dict',      help='FQ dictionary size', metavar='INT', type=RANGES['fq_dict'], default=256, show_default=True)
-@click.option('--fq-decay',     help='FQ dictionary EMA decay', metavar='FLOAT', type=RANGES['fq_decay'], default=0.8, show_default=True)
-@click.option('--fq-weight',    help='FQ commitment loss weight', metavar='FLOAT', type=RANGES['fq_weight'], default=1.0, show_default=True)
-@click.option('--attn-res',     help='Self-attention resolutions in G and D, e.g. 32,64', metavar='LIST', type=str)
+@click.option('--fq-decay',     help='FQ dictionary EMA decay per D step', metavar='FLOAT', type=RANGES['fq_decay'], default=0.8, show_default=True)
+@click.option('--fq-weight',    help='FQ commitment loss weight (D, and G on fakes)', metavar='FLOAT', type=RANGES['fq_weight'], default=1.0, show_default=True)
+@click.option('--fq-mode',      help='forward: D continues with the codes (R1 on the unquantized D); loss: commitment loss and dictionary only', type=click.Choice(['forward', 'loss']), default='forward', show_default=True)
+@click.option('--attn-res',     help="Self-attention in G and D at these resolutions, 4 .. res/2, e.g. 16,32. "
+                                     "Memory per layer in R1/path-length passes: 8*N*L*L' bytes, L=R*R, L'=L/4 from 64x64 "
+                                     "(1 GiB at 64, batch-gpu 32)", metavar='LIST', type=str)
 # Misc settings.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--metrics',      help='Quality metrics at each snapshot, or none', metavar='[NAME|A,B,C|none]', type=str, default='fid50k_full', show_default=True)
