@@ -268,6 +268,9 @@ def setup_training_config(
     c.augment_kwargs = None
     if aug not in ('ada', 'noaug', 'fixed'):
         raise click.UsageError(f'--aug={aug}: choose ada, noaug or fixed')
+    if p is not None and aug != 'fixed':  # As StyleGAN2-ADA: never ignore an option silently.
+        raise click.UsageError(f'--p can only be specified with --aug=fixed (--aug={aug} '
+                               f'{"adjusts p itself toward --target" if aug == "ada" else "does not augment"})')
     if aug != 'noaug':
         from training.augment import augpipe_specs
         if augpipe not in augpipe_specs:
@@ -275,13 +278,11 @@ def setup_training_config(
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **augpipe_specs[augpipe])
         if aug == 'ada':
             c.ada_target = target
-            c.ada_kimg = 100 if cfg == 'cifar' else 500
+            c.ada_kimg = 500  # 100 when starting from a snapshot: see below.
         else:
             if p is None:
                 raise click.UsageError('--aug=fixed needs --p')
             c.augment_p = p
-    elif p is not None:
-        raise click.UsageError('--p only applies to --aug=fixed')
 
     # Metrics.
     c.metrics = parse_metrics(metrics)
@@ -301,6 +302,8 @@ def setup_training_config(
         c.resume_pkl = os.path.abspath(resume)
         c.resume_partial = bool(resume_partial)
         c.ema_rampup = None  # Fine-tuning keeps the full EMA from the start.
+        if c.ada_target is not None:
+            c.ada_kimg = 100  # As StyleGAN2-ADA for transfer learning: let p react faster at the start.
         check_resume_snapshot(c, facts, resume)
     elif resume_partial:
         raise click.UsageError('--resume-partial only applies to --resume SNAPSHOT')
