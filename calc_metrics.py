@@ -53,6 +53,7 @@ def calc_metrics(
     num_gen: int = None,        # Generated count override.
     detector: str = None,       # Inception override.
     vgg_detector: str = None,   # VGG16 override.
+    detector3d: str = None,     # 3D feature network (TorchScript) for fid3d_full.
     allow_pickle: bool = False, # Allow .pkl networks/detectors (runs code).
     run_dir: str = None,        # Where metric-<name>.jsonl goes; None = the snapshot's folder.
     batch: int = 64,            # Images per process per step.
@@ -85,7 +86,7 @@ def calc_metrics(
         result = metric_main.calc_metric(metric, G=G, dataset_kwargs=dataset_kwargs, num_gpus=gpus, rank=rank, device=device,
                                          progress=progress, channel=channel, detector_url=detector,
                                          vgg_detector_url=vgg_detector, allow_pickle=allow_pickle, num_gen=num_gen,
-                                         batch_size=batch, run_dir=run_dir)
+                                         batch_size=batch, run_dir=run_dir, detector3d=detector3d)
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=network)
         results.append(result)
@@ -122,6 +123,7 @@ def _metric_list(_ctx, _param, value):
               metavar='INT')
 @click.option('--detector',             help='Inception network (path or URL) [default: NVIDIA\'s]', metavar='PATH|URL')
 @click.option('--vgg-detector',         help='VGG16 network for PR and PPL [default: NVIDIA\'s]', metavar='PATH|URL')
+@click.option('--detector3d',           help='3D feature network for fid3d_full (TorchScript; docs/volumes.md)', metavar='PATH|URL')
 @click.option('--allow-pickle',         help='Allow .pkl files (unpickling runs code)', is_flag=True)
 @click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR')
 @click.option('--batch',                help='Images per GPU per step', type=click.IntRange(min=1), default=64, show_default=True)

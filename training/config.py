@@ -67,6 +67,7 @@ def setup_training_config(
     snap: int = 50,                 # Ticks per snapshot.
     metrics: str = 'fid50k_full',   # Comma-separated metric names, or 'none'.
     detector: str = None,           # Inception detector path/URL override for the metrics.
+    detector3d: str = None,         # 3D feature network (TorchScript) for fid3d_full.
     seed: int = 0,                  # Random seed.
     resume: str = None,             # Snapshot to start from (weights only).
     freezed: int = 0,               # FreezeD layers.
@@ -231,6 +232,11 @@ def setup_training_config(
         bad = [m for m in c.metrics if not metric_main.is_valid_metric(m)]
         if bad:
             raise click.UsageError(f'--metrics: unknown {", ".join(bad)}; valid: {", ".join(metric_main.list_valid_metrics())}')
+        problem = metric_main.metrics_problem(c.metrics, len(probe.image_shape) == 4, detector3d)
+        if problem:
+            raise click.UsageError(f'--metrics: {problem}')
+    if detector3d:
+        c.metric_kwargs.detector3d = detector3d
 
     # Resume and freezing.
     if resume is not None:
