@@ -147,15 +147,7 @@ def training_loop(
     progress_fn=None,                   # Callback: progress_fn(cur_nimg, total_nimg).
 ):
     start_time = time.time()
-    device = torch.device(device)
-    np.random.seed(random_seed * num_gpus + rank)
-    torch.manual_seed(random_seed * num_gpus + rank)
-    if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-        torch.backends.cudnn.allow_tf32 = allow_tf32
-    conv2d_gradfix.enabled = True
-    grid_sample_gradfix.enabled = True
+    device = _setup_device(device, random_seed, num_gpus, rank, cudnn_benchmark, allow_tf32)
     log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
 
     # Training state to resume from, if any.
@@ -165,99 +157,23 @@ def training_loop(
         resume_pkl = os.path.join(resume_run, state['snapshot'])
     cur_nimg = int(state['cur_nimg']) if state else 0
 
-    # Data.
-    log('Loading training set...')
-    training_set = dnnlib.construct_class_by_name(**training_set_kwargs)
-    sampler = misc.InfiniteSampler(training_set, rank=rank, num_replicas=num_gpus, seed=random_seed, start_index=cur_nimg)
-    loader = torch.utils.data.DataLoader(training_set, sampler=sampler, batch_size=batch_size // num_gpus, **data_loader_kwargs)
-    training_set_iterator = iter(loader)
-    log(f'  images {len(training_set)}, shape {training_set.image_shape}, labels {training_set.label_dim} '
-        f'({", ".join(training_set.label_names) or "none"}), channels {training_set.channels}')
-    dataset_desc = training_set.describe()
-    scale = 2.0 / training_set.dtype_max
-
-    # Networks.
-    log('Constructing networks...')
-    G, D, G_ema, augment_pipe = _build_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device)
-    if resume_pkl is not None:
-        _load_weights(resume_pkl, allow_pickle, dict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe), rank)
-    if augment_pipe is not None and state is None:
-        augment_pipe.p.copy_(torch.as_tensor(augment_p))
-    if rank == 0 and state is None:  # A resumed run already printed its networks in log.txt.
-        z = torch.empty([batch_gpu, G.z_dim], device=device)
-        c = torch.empty([batch_gpu, G.c_dim], device=device)
-        img = misc.print_module_summary(G, [z, c])
-        misc.print_module_summary(D, [img, c])
-
-    # Sync the initial weights of every rank to rank 0's.
-    if num_gpus > 1:
-        for module in [G, D, G_ema, augment_pipe]:
-            if module is not None:
-                for tensor in misc.params_and_buffers(module):
-                    torch.distributed.broadcast(tensor, src=0)
-
-    # Loss, optimizers and phases.
-    loss_kwargs = dict(loss_kwargs)
-    if loss_kwargs.get('topk_kwargs'):
-        loss_kwargs.setdefault('dataset_size', len(training_set))  # The subset trained on, mirrored copies included.
-    loss = dnnlib.construct_class_by_name(device=device, G=G, D=D, augment_pipe=augment_pipe, **loss_kwargs)
-    frozen = _frozen_param_names(D, freezed)
-    phases = _setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
-    for phase in phases:
-        phase.start_event = phase.end_event = None
-        if rank == 0 and device.type == 'cuda':
-            phase.start_event = torch.cuda.Event(enable_timing=True)
-            phase.end_event = torch.cuda.Event(enable_timing=True)
-
-    # Counters, restored exactly on resume.
-    cur_tick = 0
-    batch_idx = 0
+    training_set, training_set_iterator = _setup_data(training_set_kwargs, data_loader_kwargs, random_seed, rank,
+                                                      num_gpus, batch_size, cur_nimg, log)
+    G, D, G_ema, augment_pipe = _setup_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device, resume_pkl,
+                                                allow_pickle, augment_p, state, batch_gpu, num_gpus, rank, log)
+    loss, phases, frozen = _setup_loss_and_phases(training_set, G, D, augment_pipe, loss_kwargs, G_opt_kwargs,
+                                                  D_opt_kwargs, G_reg_interval, D_reg_interval, freezed, device, rank)
     ada = None
     if ada_target is not None and augment_pipe is not None:
         from training.augment import AdaController
         ada = AdaController(target=ada_target, interval=ada_interval, kimg=ada_kimg, batch_size=batch_size)
-    if state is not None:
-        cur_tick = int(state['cur_tick'])
-        batch_idx = int(state['batch_idx'])
-        opts = {phase.name[0]: phase.opt for phase in phases}
-        for key, opt in opts.items():
-            opt.load_state_dict(state['optimizers'][key])
-        if 'pl_mean' in state:
-            loss.pl_mean.copy_(state['pl_mean'].to(device))
-        if 'augment_p' in state and augment_pipe is not None:
-            augment_pipe.p.copy_(state['augment_p'].to(augment_pipe.p.device))
-        checkpoint.set_rng_states(state['rng'][rank] if rank < len(state['rng']) else state['rng'][0])
-        if 'ada_pending' in state and rank < len(state['ada_pending']):
-            loss.real_sign_acc.copy_(state['ada_pending'][rank].to(device))
-        log(f'Resuming "{resume_run}" at {cur_nimg / 1000:.3f} kimg, tick {cur_tick}, '
-            f'augment p {float(augment_pipe.p) if augment_pipe is not None else 0:.3f}')
-
-    # Image grids.
-    grid_size = grid_z = grid_c = None
-    if rank == 0:
-        grid_size, images, labels = setup_snapshot_image_grid(training_set=training_set)
-        if state is None:
-            log('Exporting sample images...')
-            save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max], grid_size=grid_size)
-        gen = torch.Generator().manual_seed(random_seed)
-        grid_z = torch.randn([labels.shape[0], G.z_dim], generator=gen).to(device).split(batch_gpu)
-        grid_c = torch.from_numpy(labels).to(device).split(batch_gpu)
-        if state is None:
-            images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid_z, grid_c)]).numpy()
-            save_image_grid(images, os.path.join(run_dir, 'fakes_init.png'), drange=[-1, 1], grid_size=grid_size)
-
-    # Logs.
-    stats_collector = training_stats.Collector(regex='.*')
-    stats_metrics = dict()
-    stats_jsonl = None
-    stats_tfevents = None
-    if rank == 0:
-        stats_jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
-        try:
-            import torch.utils.tensorboard as tensorboard
-            stats_tfevents = tensorboard.SummaryWriter(run_dir)
-        except ImportError:
-            pass
+    cur_tick, batch_idx = _restore_state(state, phases, loss, augment_pipe, device, rank, resume_run, cur_nimg, log)
+    grid = _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh=state is None, log=log)
+    logs = _Logs(run_dir, rank)
+    nets = dnnlib.EasyDict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe)
+    # What every snapshot records: the data it was trained on and the configs that rebuild its networks.
+    record = dnnlib.EasyDict(dataset=training_set.describe(), config=dict(
+        training_set_kwargs=training_set_kwargs, G_kwargs=G_kwargs, D_kwargs=D_kwargs))
 
     log(f'Training for {total_kimg} kimg...')
     log()
@@ -269,74 +185,13 @@ def training_loop(
     done = False
     try:
         while True:
-            # Fetch a batch: reals in [-1, 1], and latents/labels for the phases.
-            with torch.autograd.profiler.record_function('data_fetch'):
-                phase_real_img, phase_real_c = next(training_set_iterator)
-                phase_real_img = (phase_real_img.to(device).to(torch.float32) * scale - 1).split(batch_gpu)
-                phase_real_c = phase_real_c.to(device).split(batch_gpu)
-                all_gen_z = torch.randn([len(phases) * batch_size, G.z_dim], device=device)
-                all_gen_z = [phase_gen_z.split(batch_gpu) for phase_gen_z in all_gen_z.split(batch_size)]
-                all_gen_c = [training_set.get_label(np.random.randint(len(training_set))) for _ in range(len(phases) * batch_size)]
-                all_gen_c = torch.from_numpy(np.stack(all_gen_c)).to(device)
-                all_gen_c = [phase_gen_c.split(batch_gpu) for phase_gen_c in all_gen_c.split(batch_size)]
-
-            for phase, phase_gen_z, phase_gen_c in zip(phases, all_gen_z, all_gen_c):
-                if batch_idx % phase.interval != 0:
-                    continue
-                if phase.start_event is not None:
-                    phase.start_event.record(torch.cuda.current_stream(device))
-
-                phase.opt.zero_grad(set_to_none=True)
-                for name, param in phase.module.named_parameters():
-                    param.requires_grad_(not (phase.module is D and name in frozen))
-                # Ranks draw different latents (seeded by rank), so each uses the first rounds of its own draw.
-                rounds = list(zip(phase_real_img, phase_real_c, phase_gen_z, phase_gen_c))
-                loss.accumulate_phase(phase=phase.name, rounds=rounds, gain=phase.interval / len(rounds), cur_nimg=cur_nimg)
-                phase.module.requires_grad_(False)
-
-                with torch.autograd.profiler.record_function(phase.name + '_opt'):
-                    params = [param for param in phase.module.parameters() if param.grad is not None]
-                    if len(params) > 0:
-                        flat = torch.cat([param.grad.flatten() for param in params])
-                        if num_gpus > 1:
-                            torch.distributed.all_reduce(flat)
-                            flat /= num_gpus
-                        torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
-                        grads = flat.split([param.numel() for param in params])
-                        for param, grad in zip(params, grads):
-                            param.grad = grad.reshape(param.shape)
-                    phase.opt.step()
-                if phase.end_event is not None:
-                    phase.end_event.record(torch.cuda.current_stream(device))
-
-            # Running averages in buffers (e.g. w_avg) see each rank's own latents: average them so that every
-            # rank keeps identical networks.
-            if num_gpus > 1:
-                _average_buffers(G, num_gpus)
-
-            # G_ema: exponential moving average of G's weights, with a ramp-up early in training.
-            with torch.autograd.profiler.record_function('Gema'):
-                ema_nimg = ema_kimg * 1000
-                if ema_rampup is not None:
-                    ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
-                ema_beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
-                with torch.no_grad():
-                    for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-                        p_ema.copy_(p.lerp(p_ema, ema_beta))
-                    for b_ema, b in zip(G_ema.buffers(), G.buffers()):
-                        b_ema.copy_(b)
-
+            _train_step(training_set, training_set_iterator, G, D, phases, loss, frozen, batch_size, batch_gpu,
+                        batch_idx, cur_nimg, num_gpus, device)
+            _update_ema(G, G_ema, ema_kimg, ema_rampup, batch_size, cur_nimg)
             cur_nimg += batch_size
             batch_idx += 1
-
-            # ADA heuristic (Karras et al. 2020, Sec. 3): move p toward the target overfitting signal r_t.
             if ada is not None and batch_idx % ada_interval == 0:
-                acc = loss.real_sign_acc.clone()
-                if num_gpus > 1:
-                    torch.distributed.all_reduce(acc)
-                loss.real_sign_acc.zero_()
-                ada.accumulate(*acc.tolist())
-                ada.update_from_accumulated(augment_pipe)
+                _update_ada(ada, loss, augment_pipe, num_gpus)
 
             if progress_fn is not None:
                 progress_fn(cur_nimg // 1000, total_kimg)
@@ -345,28 +200,14 @@ def training_loop(
             if not done and not stopping and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
                 continue
 
-            # Tick: status line and statistics.
+            # Tick: status line, grids, snapshot and state, metrics, statistics.
             tick_end_time = time.time()
             log(_tick_status(cur_tick, cur_nimg, tick_start_nimg, start_time, tick_start_time, tick_end_time,
                              maintenance_time, device, augment_pipe, loss))
-
-            # Snapshot, state and metrics.
-            snap_now = network_snapshot_ticks is not None and (done or stopping or cur_tick % network_snapshot_ticks == 0)
-            if rank == 0 and image_snapshot_ticks is not None and (done or cur_tick % image_snapshot_ticks == 0):
-                images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid_z, grid_c)]).numpy()
-                save_image_grid(images, os.path.join(run_dir, f'fakes{cur_nimg // 1000:06d}.png'), drange=[-1, 1], grid_size=grid_size)
-            snapshot_file = None
-            if snap_now:
-                snapshot_file = _write_snapshot_and_state(
-                    run_dir, rank, num_gpus, device, cur_nimg, cur_tick + 1, batch_idx, G, D, G_ema, augment_pipe, loss,
-                    phases, dataset_desc, dict(training_set_kwargs=training_set_kwargs, G_kwargs=G_kwargs, D_kwargs=D_kwargs))
-            if snapshot_file is not None and len(metrics) > 0 and not stopping:
-                stats_metrics.update(_evaluate_metrics(metrics, metric_kwargs, G_ema, training_set_kwargs, num_gpus, rank,
-                                                       device, run_dir, snapshot_file))
-
-            # Collect statistics.
-            _write_stats(stats_collector, stats_metrics, stats_jsonl, stats_tfevents, cur_nimg, start_time)
-
+            _maintenance(cur_tick, cur_nimg, batch_idx, done, stopping, nets, loss, phases, grid, logs, record,
+                         metrics=metrics, metric_kwargs=metric_kwargs, image_snapshot_ticks=image_snapshot_ticks,
+                         network_snapshot_ticks=network_snapshot_ticks, run_dir=run_dir, rank=rank,
+                         num_gpus=num_gpus, device=device, start_time=start_time)
             cur_tick += 1
             tick_start_nimg = cur_nimg
             tick_start_time = time.time()
@@ -375,13 +216,245 @@ def training_loop(
                 break
     finally:
         stop.__exit__(None, None, None)
-        if stats_jsonl is not None:
-            stats_jsonl.close()
-        if stats_tfevents is not None:
-            stats_tfevents.close()
+        logs.close()
     log()
     log('Exiting...' if done else 'Stopped before the end; resume with --resume ' + os.path.abspath(run_dir))
     return dnnlib.EasyDict(cur_nimg=cur_nimg, done=done, G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Set-up phases, in the order the loop runs them (the order fixes the RNG stream, so exact resume depends on it).
+
+def _setup_device(device, random_seed, num_gpus, rank, cudnn_benchmark, allow_tf32):
+    """Seed this rank and set the backends' switches; returns the torch.device."""
+    device = torch.device(device)
+    np.random.seed(random_seed * num_gpus + rank)
+    torch.manual_seed(random_seed * num_gpus + rank)
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
+        torch.backends.cudnn.allow_tf32 = allow_tf32
+    conv2d_gradfix.enabled = True
+    grid_sample_gradfix.enabled = True
+    return device
+
+
+def _setup_data(training_set_kwargs, data_loader_kwargs, random_seed, rank, num_gpus, batch_size, cur_nimg, log):
+    """The training set and an endless iterator over this rank's share, continuing after ``cur_nimg`` images."""
+    log('Loading training set...')
+    training_set = dnnlib.construct_class_by_name(**training_set_kwargs)
+    sampler = misc.InfiniteSampler(training_set, rank=rank, num_replicas=num_gpus, seed=random_seed, start_index=cur_nimg)
+    loader = torch.utils.data.DataLoader(training_set, sampler=sampler, batch_size=batch_size // num_gpus, **data_loader_kwargs)
+    log(f'  images {len(training_set)}, shape {training_set.image_shape}, labels {training_set.label_dim} '
+        f'({", ".join(training_set.label_names) or "none"}), channels {training_set.channels}')
+    return training_set, iter(loader)
+
+
+def _setup_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device, resume_pkl, allow_pickle, augment_p,
+                    state, batch_gpu, num_gpus, rank, log):
+    """G, D, G_ema and the augmentation pipe: built, initialised from a snapshot if any, and synced to rank 0."""
+    log('Constructing networks...')
+    G, D, G_ema, augment_pipe = _build_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device)
+    if resume_pkl is not None:
+        _load_weights(resume_pkl, allow_pickle, dict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe), rank)
+    if augment_pipe is not None and state is None:
+        augment_pipe.p.copy_(torch.as_tensor(augment_p))
+    if rank == 0 and state is None:  # A resumed run already printed its networks in log.txt.
+        z = torch.empty([batch_gpu, G.z_dim], device=device)
+        c = torch.empty([batch_gpu, G.c_dim], device=device)
+        img = misc.print_module_summary(G, [z, c])
+        misc.print_module_summary(D, [img, c])
+    if num_gpus > 1:
+        for module in [G, D, G_ema, augment_pipe]:
+            if module is not None:
+                for tensor in misc.params_and_buffers(module):
+                    torch.distributed.broadcast(tensor, src=0)
+    return G, D, G_ema, augment_pipe
+
+
+def _setup_loss_and_phases(training_set, G, D, augment_pipe, loss_kwargs, G_opt_kwargs, D_opt_kwargs, G_reg_interval,
+                           D_reg_interval, freezed, device, rank):
+    """The loss, the phases (each with its optimizer and, on CUDA, timing events) and D's frozen parameter names."""
+    loss_kwargs = dict(loss_kwargs)
+    if loss_kwargs.get('topk_kwargs'):
+        loss_kwargs.setdefault('dataset_size', len(training_set))  # The subset trained on, mirrored copies included.
+    loss = dnnlib.construct_class_by_name(device=device, G=G, D=D, augment_pipe=augment_pipe, **loss_kwargs)
+    frozen = _frozen_param_names(D, freezed)
+    phases = _setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
+    for phase in phases:
+        phase.start_event = phase.end_event = None
+        if rank == 0 and device.type == 'cuda':
+            phase.start_event = torch.cuda.Event(enable_timing=True)
+            phase.end_event = torch.cuda.Event(enable_timing=True)
+    return loss, phases, frozen
+
+
+def _restore_state(state, phases, loss, augment_pipe, device, rank, resume_run, cur_nimg, log):
+    """Counters, optimizers, ADA's p and pending signs, and the RNG streams of a resumed run; (tick, batch_idx)."""
+    if state is None:
+        return 0, 0
+    opts = {phase.name[0]: phase.opt for phase in phases}
+    for key, opt in opts.items():
+        opt.load_state_dict(state['optimizers'][key])
+    if 'pl_mean' in state:
+        loss.pl_mean.copy_(state['pl_mean'].to(device))
+    if 'augment_p' in state and augment_pipe is not None:
+        augment_pipe.p.copy_(state['augment_p'].to(augment_pipe.p.device))
+    checkpoint.set_rng_states(state['rng'][rank] if rank < len(state['rng']) else state['rng'][0])
+    if 'ada_pending' in state and rank < len(state['ada_pending']):
+        loss.real_sign_acc.copy_(state['ada_pending'][rank].to(device))
+    log(f'Resuming "{resume_run}" at {cur_nimg / 1000:.3f} kimg, tick {state["cur_tick"]}, '
+        f'augment p {float(augment_pipe.p) if augment_pipe is not None else 0:.3f}')
+    return int(state['cur_tick']), int(state['batch_idx'])
+
+
+def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh, log):
+    """Rank 0's fixed latents and labels for the image grids; a fresh run also writes reals.png and fakes_init.png."""
+    grid = dnnlib.EasyDict(size=None, z=None, c=None)
+    if rank != 0:
+        return grid
+    grid.size, images, labels = setup_snapshot_image_grid(training_set=training_set)
+    if fresh:
+        log('Exporting sample images...')
+        save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max], grid_size=grid.size)
+    gen = torch.Generator().manual_seed(random_seed)
+    grid.z = torch.randn([labels.shape[0], G.z_dim], generator=gen).to(device).split(batch_gpu)
+    grid.c = torch.from_numpy(labels).to(device).split(batch_gpu)
+    if fresh:
+        _save_fakes(G_ema, grid, os.path.join(run_dir, 'fakes_init.png'))
+    return grid
+
+
+def _save_fakes(G_ema, grid, path):
+    images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid.z, grid.c)]).numpy()
+    save_image_grid(images, path, drange=[-1, 1], grid_size=grid.size)
+
+
+class _Logs:
+    """stats.jsonl and (when tensorboard imports) TensorBoard events; rank 0 holds the files."""
+
+    def __init__(self, run_dir, rank):
+        self.collector = training_stats.Collector(regex='.*')
+        self.metrics = dict()
+        self.jsonl = self.tfevents = None
+        if rank == 0:
+            self.jsonl = open(os.path.join(run_dir, 'stats.jsonl'), 'at')
+            try:
+                import torch.utils.tensorboard as tensorboard
+                self.tfevents = tensorboard.SummaryWriter(run_dir)
+            except ImportError:
+                pass
+
+    def close(self):
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.tfevents is not None:
+            self.tfevents.close()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The phases of one training step.
+
+def _fetch_batch(training_set, training_set_iterator, num_phases, batch_size, batch_gpu, G, device):
+    """Reals in [-1, 1] split into rounds, and per phase the latents and labels of the fakes, split likewise."""
+    with torch.autograd.profiler.record_function('data_fetch'):
+        scale = 2.0 / training_set.dtype_max
+        real_img, real_c = next(training_set_iterator)
+        real_img = (real_img.to(device).to(torch.float32) * scale - 1).split(batch_gpu)
+        real_c = real_c.to(device).split(batch_gpu)
+        all_gen_z = torch.randn([num_phases * batch_size, G.z_dim], device=device)
+        all_gen_z = [phase_gen_z.split(batch_gpu) for phase_gen_z in all_gen_z.split(batch_size)]
+        all_gen_c = [training_set.get_label(np.random.randint(len(training_set))) for _ in range(num_phases * batch_size)]
+        all_gen_c = torch.from_numpy(np.stack(all_gen_c)).to(device)
+        all_gen_c = [phase_gen_c.split(batch_gpu) for phase_gen_c in all_gen_c.split(batch_size)]
+    return real_img, real_c, all_gen_z, all_gen_c
+
+
+def _train_step(training_set, training_set_iterator, G, D, phases, loss, frozen, batch_size, batch_gpu, batch_idx,
+                cur_nimg, num_gpus, device):
+    """One batch through every phase that is due: accumulate gradients over the rounds, reduce, step."""
+    real_img, real_c, all_gen_z, all_gen_c = _fetch_batch(training_set, training_set_iterator, len(phases),
+                                                          batch_size, batch_gpu, G, device)
+    for phase, phase_gen_z, phase_gen_c in zip(phases, all_gen_z, all_gen_c):
+        if batch_idx % phase.interval != 0:
+            continue
+        if phase.start_event is not None:
+            phase.start_event.record(torch.cuda.current_stream(device))
+        phase.opt.zero_grad(set_to_none=True)
+        for name, param in phase.module.named_parameters():
+            param.requires_grad_(not (phase.module is D and name in frozen))
+        # Ranks draw different latents (seeded by rank), so each uses the first rounds of its own draw.
+        rounds = list(zip(real_img, real_c, phase_gen_z, phase_gen_c))
+        loss.accumulate_phase(phase=phase.name, rounds=rounds, gain=phase.interval / len(rounds), cur_nimg=cur_nimg)
+        phase.module.requires_grad_(False)
+        with torch.autograd.profiler.record_function(phase.name + '_opt'):
+            _reduce_gradients(phase.module, num_gpus)
+            phase.opt.step()
+        if phase.end_event is not None:
+            phase.end_event.record(torch.cuda.current_stream(device))
+    # Running averages in buffers (e.g. w_avg) see each rank's own latents: average them so that every rank keeps
+    # identical networks.
+    if num_gpus > 1:
+        _average_buffers(G, num_gpus)
+
+
+def _reduce_gradients(module, num_gpus):
+    """Average the gradients over the ranks (one flat all-reduce) and replace NaN/Inf, as StyleGAN2-ADA does."""
+    params = [param for param in module.parameters() if param.grad is not None]
+    if len(params) == 0:
+        return
+    flat = torch.cat([param.grad.flatten() for param in params])
+    if num_gpus > 1:
+        torch.distributed.all_reduce(flat)
+        flat /= num_gpus
+    torch.nan_to_num(flat, nan=0, posinf=1e5, neginf=-1e5, out=flat)
+    grads = flat.split([param.numel() for param in params])
+    for param, grad in zip(params, grads):
+        param.grad = grad.reshape(param.shape)
+
+
+@torch.no_grad()
+def _update_ema(G, G_ema, ema_kimg, ema_rampup, batch_size, cur_nimg):
+    """G_ema: exponential moving average of G's weights, with a ramp-up early in training."""
+    with torch.autograd.profiler.record_function('Gema'):
+        ema_nimg = ema_kimg * 1000
+        if ema_rampup is not None:
+            ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
+        ema_beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
+        for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+            p_ema.copy_(p.lerp(p_ema, ema_beta))
+        for b_ema, b in zip(G_ema.buffers(), G.buffers()):
+            b_ema.copy_(b)
+
+
+def _update_ada(ada, loss, augment_pipe, num_gpus):
+    """ADA heuristic (Karras et al. 2020, Sec. 3): move p toward the target overfitting signal r_t."""
+    acc = loss.real_sign_acc.clone()
+    if num_gpus > 1:
+        torch.distributed.all_reduce(acc)
+    loss.real_sign_acc.zero_()
+    ada.accumulate(*acc.tolist())
+    ada.update_from_accumulated(augment_pipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The end of a tick.
+
+def _maintenance(cur_tick, cur_nimg, batch_idx, done, stopping, nets, loss, phases, grid, logs, record, *, metrics,
+                 metric_kwargs, image_snapshot_ticks, network_snapshot_ticks, run_dir, rank, num_gpus, device, start_time):
+    """Image grid, snapshot and training state, metrics, then the tick's statistics."""
+    snap_now = network_snapshot_ticks is not None and (done or stopping or cur_tick % network_snapshot_ticks == 0)
+    if rank == 0 and image_snapshot_ticks is not None and (done or cur_tick % image_snapshot_ticks == 0):
+        _save_fakes(nets.G_ema, grid, os.path.join(run_dir, f'fakes{cur_nimg // 1000:06d}.png'))
+    snapshot_file = None
+    if snap_now:
+        snapshot_file = _write_snapshot_and_state(
+            run_dir, rank, num_gpus, device, cur_nimg, cur_tick + 1, batch_idx, nets.G, nets.D, nets.G_ema,
+            nets.augment_pipe, loss, phases, record.dataset, record.config)
+    if snapshot_file is not None and len(metrics) > 0 and not stopping:
+        logs.metrics.update(_evaluate_metrics(metrics, metric_kwargs, nets.G_ema, record.config['training_set_kwargs'],
+                                              num_gpus, rank, device, run_dir, snapshot_file))
+    _write_stats(logs.collector, logs.metrics, logs.jsonl, logs.tfevents, cur_nimg, start_time)
 
 
 def _tick_status(cur_tick, cur_nimg, tick_start_nimg, start_time, tick_start_time, tick_end_time, maintenance_time,
