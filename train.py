@@ -166,6 +166,8 @@ def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
 @click.option('--fq-decay',     help='FQ dictionary EMA decay', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.8, show_default=True)
 @click.option('--fq-weight',    help='FQ commitment loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option('--attn-res',     help='Self-attention resolutions in G and D, e.g. 32,64', metavar='LIST', type=str)
+@click.option('--checkpointing', help='Volumes: recompute block activations in backward (less memory, more time)', is_flag=True)
+@click.option('--bf16',         help='Volumes: bfloat16 instead of float16 in the mixed-precision blocks', is_flag=True)
 # Misc settings.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--metrics',      help='Quality metrics at each snapshot, or none', metavar='[NAME|A,B,C|none]', type=str, default='fid50k_full', show_default=True)

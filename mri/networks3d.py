@@ -434,6 +434,11 @@ class Generator(torch.nn.Module):
         self.num_ws = self.synthesis.num_ws
         self.mapping = MappingNetwork(z_dim=z_dim, c_dim=c_dim, w_dim=w_dim, num_ws=self.num_ws, **mapping_kwargs)
 
+    @staticmethod
+    def check_resolution(img_resolution):
+        """Raise ShapeError (one line) for a shape these networks cannot build; config validation calls this."""
+        volume_geometry(img_resolution)
+
     def forward(self, z, c, truncation_psi=1, truncation_cutoff=None, update_emas=False, noise_mode='random',
                 force_fp32=False, **synthesis_kwargs):
         """z [N, z_dim], c [N, c_dim] -> volumes [N, img_channels, D, H, W] in roughly [-1, 1]."""
