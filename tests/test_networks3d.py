@@ -136,3 +136,20 @@ def test_cuda_fp16_matches_fp32():
     b = G(z, c, noise_mode='const', force_fp32=True)
     assert (a - b).abs().max() < 0.05
     assert (D(a, c) - D(a, c, force_fp32=True)).abs().max() < 0.05
+
+
+def test_bench_3d_dry_run(tmp_path):
+    """bench/bench_3d.py's tiny mode measures every task and writes its JSON."""
+    import importlib.util
+    import json
+    import os
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench', 'bench_3d.py')
+    spec = importlib.util.spec_from_file_location('bench_3d', path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = str(tmp_path / 'b.json')
+    bench.main(['--dry-run', '--device', 'cpu', '--out', out])
+    (result,) = json.load(open(out))['results']
+    for key in ['G_fwd_vol_per_s', 'D_fwd_bwd_vol_per_s', 'bare_fwd_bwd_vol_per_s', 'step_vol_per_s', 'step_over_bare',
+                'per_volume_gb']:
+        assert np.isfinite(result[key]), key
