@@ -109,6 +109,8 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def resolution(self):
+        if len(self.image_shape) == 4:  # Volumes: the largest side (a base x 2^k box, e.g. 160x192x160, is no cube).
+            return max(self.image_shape[1:])
         assert self.image_shape[-1] == self.image_shape[-2]
         return self.image_shape[-1]
 
