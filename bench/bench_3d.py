@@ -15,9 +15,9 @@ Every configuration runs in its own process (so peak RSS belongs to it alone). A
 are written as JSON. ``--dry-run`` runs one tiny configuration in this process, in seconds (the tests call it).
 
 Examples:
-    python bench/bench_3d.py --res 16,32,64 --batch 2 --device cpu --out bench3d-cpu.json
-    python bench/bench_3d.py --res 128 --batch 1 --channels 7 --cbase 4096 --cmax 256 --skip-timing --device cpu
-    python bench/bench_3d.py --res 128,160x192x160 --batch 8,2 --channels 7 --precision fp16 --checkpointing 0,1
+    python bench/bench_3d.py --res 16,32,64 --batch 2 --cbase 1024 --cmax 128 --device cpu --out bench3d-cpu.json
+    python bench/bench_3d.py --res 32,64 --batch 1,2 --skip-timing --device cpu --out bench3d-mem.json
+    python bench/bench_3d.py --res 128,160x192x160 --batch 8,2 --checkpointing 0,1 --device cuda
 """
 
 import argparse
@@ -239,22 +239,24 @@ def main(argv=None):
     parser.add_argument('--batch', default='2', help='Batch sizes, comma-separated')
     parser.add_argument('--channels', type=int, default=7, help='Volume channels (4 modalities + 3 label channels)')
     parser.add_argument('--cond', type=int, default=2, help='Label dimension (0 = unconditional)')
-    parser.add_argument('--precision', default='fp32', help='fp32, fp16, bf16 (comma-separated; reduced = CUDA blocks)')
+    parser.add_argument('--precision', default=None, help='fp32, fp16, bf16 (comma-separated) [default: fp16 on CUDA, fp32 on CPU]')
     parser.add_argument('--checkpointing', default='0', help='0, 1 or 0,1')
-    parser.add_argument('--cbase', type=int, default=1024, help='channel_base (the vol presets use 4096)')
-    parser.add_argument('--cmax', type=int, default=128, help='channel_max (the vol presets use 256)')
+    parser.add_argument('--cbase', type=int, default=4096, help='channel_base (the vol32-vol128 presets)')
+    parser.add_argument('--cmax', type=int, default=256, help='channel_max (the vol presets)')
     parser.add_argument('--iters', type=int, default=2, help='Timed iterations of each network task')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--skip-timing', action='store_true', help='Only the peak memory of one full step (all phases)')
     parser.add_argument('--timeout', type=float, default=1800, help='Seconds per configuration')
     parser.add_argument('--out', default='bench3d.json', help='JSON results')
-    parser.add_argument('--dry-run', action='store_true', help='One tiny configuration (8^3, batch 2), in seconds')
+    parser.add_argument('--dry-run', '--tiny', action='store_true', help='One tiny configuration (8^3, batch 2), in seconds')
     parser.add_argument('--one', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
         with open(args.one) as f:
             print(json.dumps(run_one(json.load(f))))
         return None
+    if args.precision is None:
+        args.precision = 'fp16' if args.device == 'cuda' else 'fp32'
     if args.dry_run:
         args.res, args.batch, args.channels, args.cbase, args.cmax, args.iters = '8', '2', 2, 64, 8, 1
     configs = [dict(res=res, batch=int(b), channels=args.channels, c_dim=args.cond, precision=prec,
