@@ -143,6 +143,10 @@ def test_bad_combinations_fail_in_one_line(setup, tmp_path):
     r = run('--network', setup['net'], '--data', bad, '--metrics', 'mmd3d', '--num-gen', 4, '--run-dir', tmp_path)
     assert r.exit_code == 1 and r.output.count('\n') == 1
     assert 'BraTS-GLI-00003-000-1.npy: volume of shape (3, 15, 16, 16)' in r.output and 'every volume' in r.output
+    import click
+    from training.config import setup_training_config
+    with pytest.raises(click.UsageError, match='--data: .*bad.zip/BraTS-GLI-00003-000/BraTS-GLI-00003-000-1.npy: volume'):
+        setup_training_config(data=bad, metrics='none', device='cpu')
     # train.py checks the metrics against the data before it starts.
     assert 'measure 2D images' in metric_main.metrics_problem(['fid10k_full'], True)
     assert 'measure volumes' in metric_main.metrics_problem(['mmd3d'], False)
