@@ -170,7 +170,7 @@ def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
 @click.option('--bf16',         help='Volumes: bfloat16 instead of float16 in the mixed-precision blocks', is_flag=True)
 # Misc settings.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
-@click.option('--metrics',      help='Quality metrics at each snapshot, or none', metavar='[NAME|A,B,C|none]', type=str, default='fid50k_full', show_default=True)
+@click.option('--metrics',      help='Quality metrics at each snapshot, or none [default: fid50k_full; fid25d_full for volumes]', metavar='[NAME|A,B,C|none]', type=str)
 @click.option('--detector',     help='Inception detector for --metrics (path or URL) [default: canonical]', metavar='PATH|URL', type=str)
 @click.option('--detector3d',   help='3D feature network for --metrics fid3d_full (TorchScript)', metavar='PATH|URL', type=str)
 @click.option('--kimg',         help='Total training duration [default: preset]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))

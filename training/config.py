@@ -79,7 +79,7 @@ def setup_training_config(
     kimg: float = None,             # Training length; None = preset.
     tick: float = 4,                # kimg per tick.
     snap: int = 50,                 # Ticks per snapshot.
-    metrics: str = 'fid50k_full',   # Comma-separated metric names, or 'none'.
+    metrics: str = None,            # Comma-separated metric names, or 'none'; None = fid50k_full (fid25d_full for volumes).
     detector: str = None,           # Inception detector path/URL override for the metrics.
     detector3d: str = None,         # 3D feature network (TorchScript) for fid3d_full.
     seed: int = 0,                  # Random seed.
@@ -262,7 +262,9 @@ def setup_training_config(
         raise click.UsageError('--p only applies to --aug=fixed')
 
     # Metrics.
-    c.metrics = [] if metrics in (None, '', 'none') else [m.strip() for m in metrics.split(',') if m.strip()]
+    if metrics is None:
+        metrics = 'fid25d_full' if len(probe.image_shape) == 4 else 'fid50k_full'
+    c.metrics = [] if metrics in ('', 'none') else [m.strip() for m in metrics.split(',') if m.strip()]
     c.metric_kwargs = dnnlib.EasyDict(detector_url=detector) if detector else dnnlib.EasyDict()
     if c.metrics:
         from metrics import metric_main
