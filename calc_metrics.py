@@ -59,6 +59,7 @@ def calc_metrics(
     batch: int = 64,            # Images per process per step.
     rank: int = 0,              # This process (set by the launcher).
     progress: bool = True,      # Status lines on stderr.
+    segmenter: str = None,      # Segmenter checkpoint of calc_segmentation.py (mask_dice).
 ) -> list:
     """Evaluate ``metrics`` on this rank; returns the result dicts (rank 0 also reports them)."""
     for metric in metrics:
@@ -86,7 +87,7 @@ def calc_metrics(
         result = metric_main.calc_metric(metric, G=G, dataset_kwargs=dataset_kwargs, num_gpus=gpus, rank=rank, device=device,
                                          progress=progress, channel=channel, detector_url=detector,
                                          vgg_detector_url=vgg_detector, allow_pickle=allow_pickle, num_gen=num_gen,
-                                         batch_size=batch, run_dir=run_dir, detector3d=detector3d)
+                                         batch_size=batch, run_dir=run_dir, detector3d=detector3d, segmenter=segmenter)
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=network)
         results.append(result)
@@ -126,6 +127,7 @@ def _metric_list(_ctx, _param, value):
 @click.option('--detector3d',           help='3D feature network for fid3d_full (TorchScript; docs/volumes.md)', metavar='PATH|URL')
 @click.option('--allow-pickle',         help='Allow .pkl files (unpickling runs code)', is_flag=True)
 @click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR')
+@click.option('--segmenter',            help='Segmenter for mask_dice (calc_segmentation.py checkpoint)', metavar='PATH')
 @click.option('--batch',                help='Images per GPU per step', type=click.IntRange(min=1), default=64, show_default=True)
 def main(**kwargs):
     """Compute metrics of a generator snapshot."""

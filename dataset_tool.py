@@ -13,6 +13,8 @@ Examples:
   python dataset_tool.py --source phantom --phantom-cases 8 --dest phantom-vol64.zip --kind volumes --volume-size 64
 """
 
+import os
+import signal
 import sys
 
 import click
@@ -79,10 +81,12 @@ def _parse_percentiles(value):
 @click.option('--phantom-cases',      metavar='INT', type=click.IntRange(min=1), default=8, show_default=True, help='Cases for --source phantom')
 @click.option('--seed',               metavar='INT', type=int, default=0, show_default=True, help='Seed for --source phantom')
 @click.option('--progress/--no-progress', default=True, show_default=True, help='Show a progress line')
+@click.option('--overwrite',          is_flag=True, help='Replace an existing --dest')
 def main(source, dest, kind, planes, resolution, volume_size, modalities, with_seg, labels, normalize, percentiles,
          denoise, bit_depth, min_brain_fraction, split, split_seed, max_cases, workers, on_error, compress_level,
-         brats_root, download, sha256, phantom_cases, seed, progress):
+         brats_root, download, sha256, phantom_cases, seed, progress, overwrite):
     low, high = _parse_percentiles(percentiles)
+    resolution, volume_size = _cube_side(kind, resolution, volume_size)
     opts = convert.ConvertOptions(
         kind=kind,
         planes=_parse_list(planes, preprocess.PLANES, '--planes'),
@@ -103,7 +107,10 @@ def main(source, dest, kind, planes, resolution, volume_size, modalities, with_s
         workers=workers,
         on_error=on_error,
         compress_level=compress_level,
+        overwrite=overwrite,
     )
+    terminated = []
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt(terminated))
     try:
         summary = convert.convert_source(source, dest, opts, brats_root=brats_root, download=download, sha256=sha256,
                                          phantom_cases=phantom_cases, seed=seed, progress=progress)
@@ -111,9 +118,45 @@ def main(source, dest, kind, planes, resolution, volume_size, modalities, with_s
             brats_africa.DownloadError) as e:
         raise click.ClickException(str(e)) from None
     except KeyboardInterrupt:
-        click.echo(f'\ninterrupted; nothing was written to {dest}', err=True)
-        sys.exit(130)
+        # The writers' cleanup ran on the way out: no temporary archive, spool or phantom folder is left.
+        click.echo(f'\n{"terminated (SIGTERM)" if terminated else "interrupted"}; nothing was written to {dest}',
+                   err=True)
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     click.echo(convert.format_summary(summary))
+    for line in summary.get('warnings', []):
+        click.echo(f'warning: {line}', err=True)
+
+
+def _cube_side(kind, resolution, volume_size):
+    """For volumes, an explicit --resolution is the cube side (as --volume-size); both, differing, are refused."""
+    ctx = click.get_current_context(silent=True)
+    if kind != 'volumes' or ctx is None:
+        return resolution, volume_size
+    given = {name: ctx.get_parameter_source(name) not in (click.core.ParameterSource.DEFAULT, None)
+             for name in ('resolution', 'volume_size')}
+    if given['resolution'] and given['volume_size'] and resolution != volume_size:
+        raise click.UsageError(f'--kind volumes: --resolution {resolution} and --volume-size {volume_size} disagree; '
+                               f'give one of them (the cube side)')
+    if given['resolution']:
+        volume_size = resolution
+    return resolution, volume_size
+
+
+def _sigterm_as_interrupt(flag):
+    """A SIGTERM handler that raises KeyboardInterrupt in this process, so that a terminated conversion cleans up
+    exactly like Ctrl-C. Forked worker processes inherit it; they die of the signal as before."""
+    pid = os.getpid()
+
+    def handler(signum, frame):
+        if os.getpid() != pid:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        flag.append(signum)
+        raise KeyboardInterrupt
+    return handler
 
 
 if __name__ == '__main__':

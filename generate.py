@@ -6,7 +6,9 @@ Examples:
   python generate.py --network net.pt --seeds 0 --class axial,t2w --format png16 --outdir out
 
 Single-channel images become grey PNGs (8- or 16-bit); multi-channel archives (modalities, tumour labels)
-give one image per channel, the decoded BraTS label map and a colour overlay, plus an ``.npy`` of the stack.
+give one image per channel, the decoded BraTS label map (a palette PNG: pixel values are the labels 0-3, shown in
+the colours of training.grids.LABEL_COLOURS) and a colour overlay, plus an ``.npy`` of the stack. A status line
+shows images done, rate and time left.
 A volume snapshot writes NIfTI per modality and the tumour labels, and a three-plane montage per seed
 (mri/volume_output.py, docs/volumes.md):
   python generate.py --network runs/00001-vol --seeds 0-3 --class ssa --outdir out --native-grid
@@ -19,10 +21,17 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
+from training.grids import LABEL_COLOURS, overlay
 from training.labels import ClassSpecError, all_classes, parse_class
 
-# BraTS label colours for overlays: NETC red, SNFH (oedema) green, ET yellow.
-SEG_COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [255, 255, 0]], dtype=np.uint8)
+
+def label_png(seg: np.ndarray) -> PIL.Image.Image:
+    """[H,W] labels 0-3 as a palette ('P') image: the pixel values stay the labels, viewers show the colours."""
+    image = PIL.Image.fromarray(seg.astype(np.uint8), 'P')
+    palette = np.zeros((256, 3), np.uint8)
+    palette[:len(LABEL_COLOURS)] = LABEL_COLOURS  # NETC red, SNFH green, ET yellow
+    image.putpalette(palette.ravel().tolist())
+    return image
 
 
 def _write_png(array, path, bit_depth):
@@ -68,15 +77,12 @@ def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> l
     if all(s in names for s in SEG_CHANNELS):
         seg = decode_seg(img_chw[[names.index(s) for s in SEG_CHANNELS]], axis=0).astype(np.uint8)
         written.append(f'{stem}-seg.png')
-        _save_image(PIL.Image.fromarray(seg, 'L'), written[-1])  # BraTS values 0-3, exact.
+        _save_image(label_png(seg), written[-1])  # BraTS values 0-3, exact, with a palette
         anatomy = [n for n in ('t2f', 't1c', 't2w', 't1n') if n in names] or [n for n in names if n not in SEG_CHANNELS]
         if anatomy:
-            base = ((img_chw[names.index(anatomy[0])] + 1) * 127.5).clip(0, 255)
-            rgb = np.repeat(base[..., None], 3, axis=2)
-            mask = seg > 0
-            rgb[mask] = 0.5 * rgb[mask] + 0.5 * SEG_COLOURS[seg[mask]]
+            base = np.rint((img_chw[names.index(anatomy[0])] + 1) * 127.5).clip(0, 255).astype(np.uint8)
             written.append(f'{stem}-overlay.png')
-            _save_image(PIL.Image.fromarray(np.rint(rgb).astype(np.uint8), 'RGB'), written[-1])
+            _save_image(PIL.Image.fromarray(overlay(base, seg), 'RGB'), written[-1])
     written.append(stem + '.npy')
     _save_npy(img_chw.astype(np.float32), written[-1])
     return written
@@ -144,22 +150,24 @@ def generate_images(
         if G.c_dim == 0:
             raise ClassSpecError('--class all: this network is unconditional')
         classes = all_classes(label_names, label_groups)
-        rows = []
-        for name, label in classes:
-            for seed in seeds:
-                rows.append(run(seed, label))
-                written += write_outputs(rows[-1], channels, os.path.join(outdir, f'seed{seed:04d}-{name.replace(",", "-")}'), fmt)
-        grid = os.path.join(outdir, 'class_grid.png')
-        save_image_grid(np.stack(rows), grid, drange=[-1, 1], grid_size=(len(seeds), len(classes)))
-        written.append(grid)
-        if verbose:
-            print(f'Rows of {grid}: ' + ' | '.join(name for name, _ in classes))
+        jobs = [(seed, label, f'seed{seed:04d}-{name.replace(",", "-")}') for name, label in classes for seed in seeds]
     else:
         label = parse_class(class_spec, label_names, label_groups)
-        for seed in seeds:
-            if verbose:
-                print(f'Generating image for seed {seed}...')
-            written += write_outputs(run(seed, label), channels, os.path.join(outdir, f'seed{seed:04d}'), fmt)
+        jobs = [(seed, label, f'seed{seed:04d}') for seed in seeds]
+    bar = dnnlib.ProgressBar(len(jobs), desc='Generating', unit='images', enabled=verbose)
+    rows = []
+    for done, (seed, label, stem) in enumerate(jobs, start=1):
+        rows.append(run(seed, label))
+        written += write_outputs(rows[-1], channels, os.path.join(outdir, stem), fmt)
+        bar.update(done=done, tail=stem)
+    bar.close()
+    if class_spec == 'all':
+        grid = os.path.join(outdir, 'class_grid.png')
+        save_image_grid(np.stack(rows), grid, drange=[-1, 1], grid_size=(len(seeds), len(classes)), channels=channels,
+                        row_labels=[name for name, _ in classes])
+        written.append(grid)
+        if verbose:
+            print(f'Rows of {grid} (named in its left margin): ' + ' | '.join(name for name, _ in classes))
     return written
 
 

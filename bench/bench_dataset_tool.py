@@ -13,8 +13,19 @@ Cases: the real case from ../shared/data/brats, repeated --cases times under dis
 --source phantom cases from mri.phantom. Prints a table and writes JSON.
 
     python bench/bench_dataset_tool.py --cases 4 --out bench_dataset_tool.json
+
+--storage compares archive layouts of one configuration (default: all four modalities + seg, 256^2, three planes)
+in one run (issue 11): the layout archives had before label maps (three one-hot uint16 seg channels, stored; rebuilt
+here from the new archive, pixel for pixel), the label-map layout stored (--compress-level 0) and deflated
+(--compress-level 1). Per layout: archive size, conversion time, and training-time loading: every image read
+through training.dataset.ImageFolderDataset (what each DataLoader worker runs), wall and CPU img/s, best of
+--repeats, the layouts interleaved within each repeat. "before" rows read the old layout with the reader the project
+had before (np.load on the member's bytes), i.e. what training cost until now.
+
+    python bench/bench_dataset_tool.py --storage --repeats 5 --out bench_storage.json
 """
 
+import io
 import json
 import os
 import resource
@@ -108,6 +119,94 @@ def time_convert(root, dest, kwargs, workers):
     return time.perf_counter() - t0, cpu_seconds() - c0, summary['images'], os.path.getsize(dest)
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# --storage: archive layouts, size and loading speed
+
+
+def write_onehot_layout(src, dest):
+    """The archive `src` (label-map layout) rewritten in the layout archives had before: the seg channels as three
+    stored one-hot uint16 channels, no "seg_storage". The images are what the loader yields for `src`, so both
+    archives hold the same pixels."""
+    import zipfile
+    from training.dataset import ImageFolderDataset
+    d = ImageFolderDataset(str(src))
+    with zipfile.ZipFile(src) as z:
+        meta = json.loads(z.read('dataset.json'))
+    meta.pop('seg_storage', None)
+    with zipfile.ZipFile(dest, 'w', zipfile.ZIP_STORED) as z:
+        for i in range(len(d)):
+            buf = io.BytesIO()
+            np.save(buf, d[i][0])
+            z.writestr(d.image_fname(i), buf.getvalue())
+        z.writestr('dataset.json', json.dumps(meta))
+
+
+def _legacy_read_npy(f):
+    """How training.dataset read a .npy member before issue 11."""
+    return np.load(io.BytesIO(f.read()), allow_pickle=False)
+
+
+def time_loading(path, legacy_reader):
+    """(images, wall s, CPU s) to read every image of the archive through ImageFolderDataset.__getitem__."""
+    import training.dataset as td
+    reader = td._read_npy
+    td._read_npy = _legacy_read_npy if legacy_reader else reader
+    try:
+        d = td.ImageFolderDataset(str(path))
+        d[0]  # open the zip
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(len(d)):
+            d[i]
+        return len(d), time.perf_counter() - t0, time.process_time() - c0
+    finally:
+        td._read_npy = reader
+
+
+def run_storage(root, tmp, kwargs, repeats):
+    """Rows of the storage comparison (see the module docstring)."""
+    layouts = {}
+    for name, level in (('labelmap-stored', 0), ('labelmap-deflate1', 1)):
+        dest = Path(tmp) / f'{name}.zip'
+        t0 = time.perf_counter()
+        convert.convert_brats(root, dest, convert.ConvertOptions(**kwargs, compress_level=level), progress=False)
+        layouts[name] = dict(path=dest, convert_s=time.perf_counter() - t0)
+    onehot = Path(tmp) / 'onehot-stored.zip'
+    write_onehot_layout(layouts['labelmap-stored']['path'], onehot)
+    layouts = {'onehot-stored': dict(path=onehot, convert_s=None), **layouts}
+    readers = [('onehot-stored', True), ('onehot-stored', False), ('labelmap-stored', False), ('labelmap-deflate1', False)]
+    best = {}
+    for _ in range(repeats):
+        for name, legacy in readers:
+            n, wall, cpu = time_loading(layouts[name]['path'], legacy)
+            w, c = best.get((name, legacy), (0.0, 0.0))
+            best[(name, legacy)] = (max(w, n / wall), max(c, n / cpu))
+    base_size = onehot.stat().st_size
+    base_wall, base_cpu = best[('onehot-stored', True)]
+    rows = []
+    for name, legacy in readers:
+        size = layouts[name]['path'].stat().st_size
+        wall, cpu = best[(name, legacy)]
+        rows.append(dict(layout=name, reader='before' if legacy else 'now', archive_mb=size / 1e6,
+                         size_vs_before=size / base_size, convert_s=layouts[name]['convert_s'], images=n,
+                         load_img_s=wall, load_cpu_img_s=cpu, load_vs_before=wall / base_wall,
+                         load_cpu_vs_before=cpu / base_cpu))
+    return rows
+
+
+def print_storage(rows, repeats):
+    header = (f'{"layout":18s} {"reader":>6s} {"MB":>7s} {"size":>6s} {"convert s":>9s} {"img/s":>7s} '
+              f'{"x":>5s} {"cpu img/s":>9s} {"x":>5s}')
+    print(f'loading: every image through ImageFolderDataset, best of {repeats}; x = against the old layout read as '
+          f'before; size = against the old layout')
+    print(header)
+    print('-' * len(header))
+    for r in rows:
+        conv = f'{r["convert_s"]:9.1f}' if r['convert_s'] is not None else f'{"-":>9s}'
+        print(f'{r["layout"]:18s} {r["reader"]:>6s} {r["archive_mb"]:7.1f} {r["size_vs_before"]:6.3f} {conv} '
+              f'{r["load_img_s"]:7.0f} {r["load_vs_before"]:5.2f} {r["load_cpu_img_s"]:9.0f} '
+              f'{r["load_cpu_vs_before"]:5.2f}')
+
+
 @click.command()
 @click.option('--source',  type=click.Choice(['real', 'phantom']), default='real', show_default=True, help='Which cases')
 @click.option('--cases',   metavar='INT', type=click.IntRange(min=1), default=4, show_default=True, help='Cases to convert')
@@ -115,13 +214,27 @@ def time_convert(root, dest, kwargs, workers):
 @click.option('--configs', metavar='LIST', default=','.join(CONFIGS), show_default=True, help='Configurations')
 @click.option('--repeats', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Best of')
 @click.option('--out',     metavar='PATH', default='bench_dataset_tool.json', show_default=True, help='JSON results')
+@click.option('--storage', is_flag=True, help='Compare archive layouts: size and loading (see the docstring)')
+@click.option('--resolution', metavar='INT', type=click.IntRange(min=4), default=256, show_default=True, help='For --storage')
 @click.option('--measure', hidden=True, help='internal: one measurement in this fresh process')
-def main(source, cases, workers, configs, repeats, out, measure):
+def main(source, cases, workers, configs, repeats, out, storage, resolution, measure):
     if measure:
         _measure(measure)
         return
     if source == 'real' and not REAL.is_dir():
         print(f'skipped: {REAL} not found (use --source phantom)')
+        return
+    if storage:
+        with tempfile.TemporaryDirectory(prefix='bench-storage-') as tmp:
+            root = make_sources(tmp, source, cases)
+            kwargs = dict(kind='slices', resolution=resolution, modalities=brats.MODALITIES, with_seg=True, workers=1)
+            rows = run_storage(root, tmp, kwargs, repeats)
+        print_storage(rows, repeats)
+        load_avg = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
+        Path(out).write_text(json.dumps({'mode': 'storage', 'source': source, 'cases': cases, 'repeats': repeats,
+                                         'resolution': resolution, 'cpu_count': os.cpu_count(),
+                                         'load_average_1min': load_avg, 'rows': rows}, indent=1))
+        print(f'wrote {out}')
         return
     workers = [int(w) for w in workers.split(',')]
     rows = []

@@ -361,6 +361,8 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=4, metavar='INT', help='interleaved rounds; the best is kept')
     parser.add_argument('--warmup', type=int, default=1, metavar='INT', help='untimed iterations per task')
     parser.add_argument('--threads', type=int, default=None, metavar='INT', help='torch CPU threads (default: torch)')
+    parser.add_argument('--plugins', choices=['on', 'off'], default='on',
+                        help='CUDA plugins for upfirdn2d/bias_act (off: the PyTorch references; CPU always uses them)')
     parser.add_argument('--baseline', action='store_true', help='also measure the plain reference design')
     parser.add_argument('--baseline-modconv', choices=['ada', 'unfused'], default='ada',
                         help="baseline G: 'ada' = grouped conv at inference, unfused in training (ADA's rule); "
@@ -374,6 +376,9 @@ def main(argv=None):
         return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
+    if args.plugins == 'off':
+        upfirdn2d._plugin.disable('--plugins off')
+        bias_act._plugin.disable('--plugins off')
     device = torch.device(args.device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
@@ -419,7 +424,9 @@ def main(argv=None):
         print(line)
 
     if args.out:
-        result = dict(machine=info, config=config, results=rows, ratio_ours_over_baseline=ratios)
+        plugins = {op: ('reference (CPU)' if device.type != 'cuda' else mod._plugin.failure or 'plugin')
+                   for op, mod in (('upfirdn2d', upfirdn2d), ('bias_act', bias_act))}
+        result = dict(machine=info, config=config, plugins=plugins, results=rows, ratio_ours_over_baseline=ratios)
         directory = os.path.dirname(os.path.abspath(args.out))
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.json')

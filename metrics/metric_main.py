@@ -15,6 +15,7 @@ import dnnlib
 from metrics import frechet_inception_distance
 from metrics import inception_score
 from metrics import kernel_inception_distance
+from metrics import mask_dice as mask_dice_module
 from metrics import metric_utils
 from metrics import msssim
 from metrics import nearest_neighbour
@@ -205,6 +206,13 @@ def mse_nn(opts):
     return dict(mse_nn=nn['mean'], mse_nn_frac_closer=nn['frac_closer'], mse_nn_real_median=nn['real_median'])
 
 
+@register_metric
+def mask_dice(opts):
+    _full(opts)
+    per = mask_dice_module.compute_mask_dice(opts, num_gen=metric_utils.num_generated(opts, 1000))
+    return mask_dice_module.results(per)
+
+
 # ----------------------------------------------------------------------------
 # Metrics of volumes (archives of kind volumes; metrics/volumes.py, docs/volumes.md). Volumes cost ~10^3 times a
 # slice, so the generated counts are smaller.
@@ -251,9 +259,12 @@ def mse3d_nn(opts):
     return dict(mse3d_nn=nn['mean'], mse3d_nn_frac_closer=nn['frac_closer'], mse3d_nn_real_median=nn['real_median'])
 
 
+ANY_KIND = ('mask_dice',)  # metrics that measure slices and volumes alike
+
+
 def metrics_problem(metrics: list, is_volumes: bool, detector3d: str = None) -> str:
     """Why ``metrics`` cannot run on this kind of data (one line), or None: checked before training starts."""
-    wrong = [m for m in metrics if (m in volumes.VOLUME_METRICS) != is_volumes]
+    wrong = [m for m in metrics if m not in ANY_KIND and (m in volumes.VOLUME_METRICS) != is_volumes]
     if wrong:
         if is_volumes:
             return (f'{", ".join(wrong)} measure 2D images, and the data holds volumes; use '

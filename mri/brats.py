@@ -14,6 +14,7 @@ Every problem is raised as `BratsError`, a one-line message that names the file 
 
 import dataclasses
 import gzip
+import os
 import re
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -92,19 +93,45 @@ def is_nifti(path):
     return bool(_NIFTI_RE.search(Path(path).name))
 
 
-def discover_cases(source):
+def is_os_debris(path):
+    """macOS archive debris: `__MACOSX/` folders and AppleDouble `._name` files (resource forks, not images)."""
+    return path.name.startswith('._') or '__MACOSX' in path.parts
+
+
+def walk_files(source, unreadable=None):
+    """Every file under the folder `source` (sorted Paths), without macOS debris (`is_os_debris`).
+
+    A folder that cannot be listed raises BratsError, or, when `unreadable` is a list, is appended to it as a
+    BratsError and skipped: never dropped silently (Path.rglob would skip it without a word)."""
+    source = Path(source)
+
+    def failed(err):
+        folder = Path(err.filename) if err.filename else source
+        problem = BratsError(folder, f'folder cannot be read ({err.strerror or err})', folder.name)
+        if unreadable is None:
+            raise problem
+        unreadable.append(problem)
+    out = []
+    for root, dirs, files in os.walk(source, onerror=failed):
+        dirs[:] = [d for d in dirs if d != '__MACOSX']
+        out += [Path(root, f) for f in files if not f.startswith('._')]
+    return sorted(out)
+
+
+def discover_cases(source, unreadable=None):
     """Finds every BraTS case under the folder `source` (any depth). Returns a list of CaseFiles sorted by case id.
 
     Raises BratsError for an empty folder, a file that appears twice (same case and modality), mixed naming
-    schemes within one case, or a missing modality file. A missing label file is checked later, only when the
-    conversion needs the labels.
+    schemes within one case, or a missing modality file; a folder that cannot be read raises too, or is appended to
+    the list `unreadable` (see walk_files). macOS debris (`__MACOSX/`, `._*`) is ignored. A missing label file is
+    checked later, only when the conversion needs the labels.
     """
     source = Path(source)
     if not source.is_dir():
         raise BratsError(source, 'not a folder of BraTS cases')
     found = {}  # case_id -> CaseFiles
     nifti_seen = []
-    for path in sorted(p for p in source.rglob('*') if p.is_file() and is_nifti(p)):
+    for path in (p for p in walk_files(source, unreadable) if is_nifti(p)):
         nifti_seen.append(path)
         parsed = parse_name(path)
         if parsed is None:
@@ -120,7 +147,7 @@ def discover_cases(source):
             cf.seg = path
         else:
             cf.files[modality] = path
-    if not found:
+    if not found and not unreadable:
         what = f'{len(nifti_seen)} NIfTI files but none named like a BraTS case' if nifti_seen else 'no NIfTI files'
         raise BratsError(source, f'{what} (expected <case>-t1n.nii.gz ... or <case>_t1.nii.gz ..., at any depth)')
     cases = [found[k] for k in sorted(found)]

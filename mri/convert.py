@@ -22,7 +22,7 @@ import numpy as np
 
 import dnnlib
 from mri import archive, brats, cohort, preprocess, volume_space
-from mri.seg import SEG_CHANNELS, encode_seg
+from mri.seg import SEG_CHANNELS, SEG_STORAGE
 
 TUMOUR_VALUES = ('tumour', 'no_tumour')
 
@@ -51,7 +51,8 @@ class ConvertOptions:
     max_cases: int = None                   # None = all
     workers: int = 1                        # processes
     on_error: str = 'fail'                  # 'fail' or 'skip'
-    compress_level: int = 0                 # PNG deflate: 0 stored (fastest), 1 fast RLE (~2.8x smaller), 2-9 zlib
+    compress_level: int = 0                 # deflate of PNG and .npy files: 0 stored (fastest), 1 fast RLE, 2-9 zlib
+    overwrite: bool = False                 # replace an existing --dest
 
     def validate(self):
         if self.kind not in ('slices', 'volumes'):
@@ -190,7 +191,8 @@ def _init_worker(csv_rows):
 
 
 def convert_case(case_files, opts, groups, threads=None, loading=None):
-    """Loads, validates and converts one case. Returns a dict with 'entries' [(relpath, bytes-like, CRC-32 or None)],
+    """Loads, validates and converts one case. Returns a dict with 'entries' [(relpath, bytes-like, CRC-32 or None,
+    deflated size or None)],
     'labels' [(relpath, {group: value})] (one per entry, same order), 'affines', 'counts' and 'skipped_slices' per
     plane, 'ranges'. `loading`: a future of the brats.Case when the caller reads the files ahead."""
     cid = case_files.case_id
@@ -218,13 +220,13 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
         for tag, mods in images:
             chans = [preprocess.quantize(vols[m], vmax, dtype) for m in mods]
             if opts.with_seg:
-                chans += list(encode_seg(seg, vmax, dtype))
+                chans.append(seg.astype(dtype))  # one label-map channel, values 0-3 (SEG_STORAGE)
             array = np.stack(chans)
             relpath = f'{cid}/{cid}-{tag}.npy' if tag else f'{cid}/{cid}.npy'
             assign = dict(base, **({'modality': tag} if tag else {}))
             if 'tumour' in opts.labels:
                 assign['tumour'] = TUMOUR_VALUES[0] if seg.any() else TUMOUR_VALUES[1]
-            result['entries'].append((relpath, archive.encode_npy(array), None))
+            result['entries'].append((relpath, *_npy_entry(array, opts.compress_level)))
             result['labels'].append((relpath, assign))
             result['affines'][relpath] = affine
         result['counts']['volumes'] = len(images)
@@ -246,7 +248,7 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
             entries, labels = [], []
             out.append((entries, labels))
             prefix = f'{cid}/{tag}-' if tag else f'{cid}/'
-            crcs = [None] * len(names)
+            crcs, sizes = [None] * len(names), [None] * len(names)
             if stored:
                 data, crcs = archive.encode_stored_pngs(slices[mods[0]], opts.bit_depth, prescaled=True)
                 ext = 'png'
@@ -257,16 +259,16 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
             else:
                 chans = [preprocess.quantize(slices[m], vmax, dtype) for m in mods]
                 if opts.with_seg:
-                    chans += list(encode_seg(seg, vmax, dtype))
+                    chans.append(seg.astype(dtype))  # one label-map channel, values 0-3 (SEG_STORAGE)
                 stack = np.stack(chans, axis=1)  # (n, C, H, W)
-                data = [archive.encode_npy(s) for s in stack]
+                data, crcs, sizes = zip(*[_npy_entry(s, opts.compress_level) for s in stack])
                 ext = 'npy'
             for k, name in enumerate(names):
                 relpath = f'{prefix}{name}.{ext}'
                 assign = dict(base, plane=plane, **({'modality': tag} if tag else {}))
                 if tumour is not None and 'tumour' in opts.labels:
                     assign['tumour'] = TUMOUR_VALUES[0] if tumour[k] else TUMOUR_VALUES[1]
-                entries.append((relpath, data[k], crcs[k]))
+                entries.append((relpath, data[k], crcs[k], sizes[k]))
                 labels.append((relpath, assign))
         return out  # per image tag
 
@@ -295,6 +297,12 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
     return result
 
 
+def _npy_entry(array, level):
+    """(data, CRC-32 or None, deflated size or None): an entry of `entries` after its relpath."""
+    entry = archive.npy_entry(array, level)
+    return entry if len(entry) == 3 else (entry[0], None, None)
+
+
 def _convert_safe(args, loading=None):
     """Worker entry: a bad case comes back as an error record instead of killing the pool.
 
@@ -309,11 +317,11 @@ def _convert_safe(args, loading=None):
         path = os.path.join(spool, f'{os.getpid()}-{case_files.case_id}.bin')
         index, offset = [], 0
         with open(path, 'wb') as f:
-            for relpath, data, crc in result['entries']:
-                size = memoryview(data).nbytes
+            for relpath, data, crc, size in result['entries']:
+                length = memoryview(data).nbytes
                 f.write(data)
-                index.append((relpath, offset, size, crc))
-                offset += size
+                index.append((relpath, offset, length, crc, size))
+                offset += length
         result['entries'] = None
         result['spool'] = (path, index)
     return result
@@ -346,7 +354,8 @@ def _convert_in_process(jobs):
 
 
 def _entries(result):
-    """Yields (relpath, bytes-like, CRC-32 or None) of a case result; a spool file is read once and sliced without copies."""
+    """Yields (relpath, bytes-like, CRC-32 or None, deflated size or None) of a case result; a spool file is read once
+    and sliced without copies."""
     if result.get('spool') is None:
         yield from result['entries']
         return
@@ -356,8 +365,8 @@ def _entries(result):
             view = memoryview(f.read())
     finally:
         os.remove(path)
-    for relpath, offset, length, crc in index:
-        yield relpath, view[offset:offset + length], crc
+    for relpath, offset, length, crc, size in index:
+        yield relpath, view[offset:offset + length], crc, size
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -380,7 +389,8 @@ def convert_brats(
     dest = Path(dest)
     csvs = [read_label_csv(p) for p in opts.labels if p not in ('modality', 'tumour') and not cohort.is_cohort_spec(p)]
     csv_rows = {t['path']: t['cases'] for t in csvs}
-    cases = brats.discover_cases(source)
+    unreadable = [] if opts.on_error == 'skip' else None  # folders that cannot be listed: an error, or skipped
+    cases = brats.discover_cases(source, unreadable)
     if opts.max_cases is not None:
         cases = cases[:opts.max_cases]
     groups = build_groups(opts, csvs, _cohort_values(opts, cases))
@@ -390,18 +400,19 @@ def convert_brats(
     spool = None  # with workers, their outputs pass through files beside the archive (see _convert_safe)
 
     t0 = time.time()
-    labels, file_cases, affines, case_split, ranges, skipped = [], {}, {}, {}, {}, []
+    labels, file_cases, affines, case_split, ranges = [], {}, {}, {}, {}
+    skipped = [{'case': e.case_id, 'file': e.path, 'problem': e.problem} for e in unreadable or []]
     counts, skipped_slices, natives = {}, {}, {}
     bar = dnnlib.ProgressBar(len(cases), unit='cases', enabled=progress)
     pool = results = pending = None
 
     def store(res):
-        for relpath, data, crc in _entries(res):
-            writer.add(relpath, data, crc)
+        for relpath, data, crc, size in _entries(res):
+            writer.add(relpath, data, crc, size)
     # Files are written to the archive in a thread of their own, while the next case converts; one case at a time,
     # in case order, so the archive is the same as if written inline.
     storing = ThreadPoolExecutor(1)
-    with archive.ArchiveWriter(dest) as writer:
+    with archive.ArchiveWriter(dest, opts.overwrite) as writer:
         try:
             if workers > 1:
                 try:
@@ -471,6 +482,8 @@ def convert_brats(
             'cases': case_split,
             'file_cases': file_cases,
         }
+        if opts.with_seg:
+            meta['seg_storage'] = SEG_STORAGE
         if opts.kind == 'volumes':
             meta['affines'] = affines
             meta['space'] = volume_space.archive_space(natives)  # the frame of generated volumes (generate.py)
@@ -479,16 +492,23 @@ def convert_brats(
         meta['source'] = dict(source_info or {}, path=str(source), tool='dataset_tool.py',
                               # every option that shapes the content; not the worker count, so that the archive
                               # is byte-identical however many processes wrote it
-                              options=_jsonable({k: v for k, v in dataclasses.asdict(opts).items() if k != 'workers'}),
+                              options=_jsonable({k: v for k, v in dataclasses.asdict(opts).items()
+                                                 if k not in ('workers', 'overwrite')}),
                               naming=sorted({c.naming for c in cases}))
         writer.commit(meta)
-    skipped_json = None
+    skipped_json = dest.parent / 'skipped.json'
     if skipped:
-        skipped_json = archive.write_json_atomic(dest.parent / 'skipped.json', skipped)
+        archive.write_json_atomic(skipped_json, skipped)
+    else:
+        skipped_json.unlink(missing_ok=True)  # a list from an earlier run would describe cases this run converted
+    counts_by_split = {s: sum(1 for v in case_split.values() if v == s) for s in sorted(set(case_split.values()))}
+    warnings = [f'--split {name}={frac:g} of {len(case_split)} cases gives no {name} cases (round({frac:g} x '
+                f'{len(case_split)}) = 0); use a larger fraction or more cases'
+                for name, frac in opts.split.items() if not counts_by_split.get(name)]
     return {
         'dest': str(dest), 'cases': len(case_split), 'images': len(labels), 'counts': counts,
-        'skipped_slices': skipped_slices, 'skipped_cases': skipped, 'skipped_json': str(skipped_json or ''),
-        'split': {s: sum(1 for v in case_split.values() if v == s) for s in sorted(set(case_split.values()))},
+        'skipped_slices': skipped_slices, 'skipped_cases': skipped, 'skipped_json': str(skipped_json) if skipped else '',
+        'split': counts_by_split, 'warnings': warnings,
         'seconds': time.time() - t0, 'min_brain_fraction': opts.min_brain_fraction, 'kind': opts.kind,
         'cohorts': _cohort_counts(case_split, groups),
     }
@@ -572,7 +592,7 @@ def convert_source(
         return convert_brats(root, dest, opts, progress, {'type': 'brats-africa', 'doi': dl.DOI})
     if src == 'phantom':
         from mri.phantom import write_phantom_cases
-        archive.ArchiveWriter(dest).abort()  # fail on an unwritable --dest before generating anything
+        archive.ArchiveWriter(dest, opts.overwrite).abort()  # fail on a bad --dest before generating anything
         tmp = tempfile.mkdtemp(prefix='mri-phantom-')
         try:
             write_phantom_cases(tmp, phantom_cases, seed=seed, workers=opts.workers, progress=progress)
@@ -584,6 +604,5 @@ def convert_source(
                                     'brats-africa or phantom)')
     from mri import image_folder
     if image_folder.is_image_source(src):
-        return image_folder.convert_image_folder(src, dest, opts.resolution, opts.max_cases, opts.compress_level,
-                                                 progress)
+        return image_folder.convert_image_folder(src, dest, opts, progress)
     return convert_brats(src, dest, opts, progress, {'type': 'brats'})

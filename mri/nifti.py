@@ -19,16 +19,21 @@ def save_volume_nifti(
     affine,                 # 4x4 voxel-to-scanner (RAS, mm) matrix, e.g. dataset.json "affines"[relpath]
     channel_names=None,     # optional list of C names, stored in the header description
 ):
-    """Writes `array` atomically. One channel gives a 3D image; C > 1 channels give a 4D image with channels last
-    (the NIfTI convention for vector-valued voxels). Returns the path."""
+    """Writes `array` atomically. Returns the path.
+
+    One channel gives a 3D image. C > 1 channels give a vector image as the NIfTI-1 standard defines it and ITK-based
+    viewers (3D Slicer, ITK-SNAP) read it: shape (x, y, z, 1, C), the channels in the 5th dimension (dim[5]) with
+    intent code NIFTI_INTENT_VECTOR (1007); dim[4] is time and stays 1, so viewers show one multi-component volume
+    rather than C time frames. nibabel reads it back as a 5D array."""
     path = Path(path)
     if not (path.name.endswith('.nii') or path.name.endswith('.nii.gz')):
         raise ValueError(f'{path}: a NIfTI file name must end in .nii or .nii.gz')
     if hasattr(array, 'detach'):
         array = array.detach().cpu().numpy()
     array = np.asarray(array)
+    vector = array.ndim == 4 and array.shape[0] > 1
     if array.ndim == 4:
-        array = array[0] if array.shape[0] == 1 else np.moveaxis(array, 0, -1)
+        array = np.moveaxis(array, 0, -1)[:, :, :, None, :] if vector else array[0]
     elif array.ndim != 3:
         raise ValueError(f'{path}: expected a (C, D, H, W) or (D, H, W) array, got shape {array.shape}')
     affine = np.asarray(affine, dtype=np.float64)
@@ -38,6 +43,8 @@ def save_volume_nifti(
         array = array.astype(np.float32)
     img = nib.Nifti1Image(np.ascontiguousarray(array), affine)
     img.header.set_xyzt_units('mm')
+    if vector:
+        img.header.set_intent('vector', (), name='channels')
     img.header.set_qform(affine, code=1)  # code 1: scanner-anatomical coordinates
     img.header.set_sform(affine, code=1)
     if channel_names:

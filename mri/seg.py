@@ -5,15 +5,20 @@ Baid et al., "The RSNA-ASNR-MICCAI BraTS 2021 Benchmark", arXiv:2107.02314): 1 =
 core (NETC), 2 = surrounding non-enhancing FLAIR hyperintensity (SNFH, oedema), 3 = enhancing tumour (ET; label 4 in
 the 2021 release, remapped to 3 when a case is loaded).
 
-In an archive the map becomes three exclusive channels `seg_netc, seg_snfh, seg_et`: vmax where the voxel has that
+To the networks the map is three exclusive channels `seg_netc, seg_snfh, seg_et`: vmax where the voxel has that
 label, 0 elsewhere; after the usual `v / vmax * 2 - 1` mapping they are +1 / -1. `decode_seg` inverts this for real
 and for generated (soft) channels: 0 where all three channels are below 0, else 1 + argmax.
+
+An archive stores the map itself, as one last channel of values 0-3 (dataset.json "seg_storage": "labelmap"), which
+the dataset loader expands into the three channels: a third of the bytes, and it deflates to almost nothing.
+Archives without "seg_storage" hold the three one-hot channels and load as before.
 """
 
 import numpy as np
 
 SEG_CHANNELS = ('seg_netc', 'seg_snfh', 'seg_et')  # channel names, label k+1 lives in channel k
 SEG_LABELS = (0, 1, 2, 3)                           # the label set after loading (2021's 4 already mapped to 3)
+SEG_STORAGE = 'labelmap'                            # dataset.json "seg_storage" of archives that store the map
 
 
 def encode_seg(
@@ -52,3 +57,14 @@ def decode_seg(
     idx = channels.argmax(axis=axis)
     best = channels.max(axis=axis)
     return np.where(best >= 0, idx + 1, 0).astype(np.int64)
+
+
+def onehot_to_labelmap(
+    channels,               # the three one-hot seg channels as stored (0 / vmax), axis 0
+):
+    """Label map (uint8, values 0-3) of stored one-hot channels: 1 + the channel that is set, 0 where none is."""
+    channels = np.asarray(channels)
+    if channels.shape[0] != len(SEG_CHANNELS):
+        raise ValueError(f'onehot_to_labelmap: expected {len(SEG_CHANNELS)} channels, got shape {channels.shape}')
+    return np.where(channels.max(axis=0) > 0, channels.argmax(axis=0) + 1, 0).astype(np.uint8)
+

@@ -22,8 +22,8 @@ from mri import volume_space
 from mri.nifti import save_volume_nifti
 from mri.preprocess import _to_display
 from mri.seg import SEG_CHANNELS, decode_seg
+from training.grids import LABEL_COLOURS, overlay
 
-SEG_COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [255, 255, 0]], dtype=np.uint8)  # NETC, SNFH, ET
 ANATOMY_ORDER = ('t2f', 't1c', 't2w', 't1n')  # the channel under the label overlay: FLAIR shows oedema best
 
 
@@ -62,16 +62,12 @@ def _tile(rows):
     return canvas
 
 
+def _grey_u8(plane):
+    return np.rint((np.asarray(plane, np.float32) + 1) * 127.5).clip(0, 255).astype(np.uint8)
+
+
 def _grey(plane):
-    g = np.rint((np.asarray(plane, np.float32) + 1) * 127.5).clip(0, 255).astype(np.uint8)
-    return np.repeat(g[..., None], 3, axis=2)
-
-
-def _overlay(plane, labels):
-    rgb = _grey(plane).astype(np.float32)
-    mask = labels > 0
-    rgb[mask] = 0.5 * rgb[mask] + 0.5 * SEG_COLOURS[labels[mask]]
-    return np.rint(rgb).astype(np.uint8)
+    return np.repeat(_grey_u8(plane)[..., None], 3, axis=2)
 
 
 def split_channels(volume, channels):
@@ -91,9 +87,9 @@ def montage(volume, channels):
     rows = [[_grey(p) for p in mid_planes(v)] for _, v in images]
     if labels is not None and images:
         base = dict(images).get(next((n for n in ANATOMY_ORDER if n in dict(images)), images[0][0]))
-        rows.append([_overlay(p, l) for p, l in zip(mid_planes(base), mid_planes(labels))])
+        rows.append([overlay(_grey_u8(p), l) for p, l in zip(mid_planes(base), mid_planes(labels))])
     elif labels is not None:
-        rows.append([SEG_COLOURS[l] for l in mid_planes(labels)])
+        rows.append([LABEL_COLOURS[l] for l in mid_planes(labels)])
     return _tile(rows)
 
 
@@ -223,7 +219,7 @@ def generate_volumes(
                                 'this version of dataset_tool.py, --kind volumes)')
     os.makedirs(outdir, exist_ok=True)
     written, strips = [], []
-    bar = dnnlib.ProgressBar(len(seeds) * len(classes), unit='volumes', enabled=verbose)
+    bar = dnnlib.ProgressBar(len(seeds) * len(classes), desc='Generating', unit='volumes', enabled=verbose)
     for name, label in classes:
         values = name.split(',') if name else [n for n, v in zip(label_names, label) if v]
         row = []
@@ -234,7 +230,7 @@ def generate_volumes(
             images, _ = split_channels(vol, channels)
             if images:
                 row.append(np.concatenate([_grey(p) for p in mid_planes(images[0][1])], axis=1))
-            bar.update(done=bar.done + 1)
+            bar.update(tail=os.path.basename(stem))
         strips.append(row)
     bar.close()
     if class_spec == 'all' and all(strips):

@@ -48,7 +48,7 @@ def test_cohort_names():
 @pytest.mark.parametrize('kind', ['slices', 'volumes'])
 def test_cohort_group_labels_every_file(mixed, tmp_path, kind):
     dest = tmp_path / f'{kind}.zip'
-    r = convert('--source', mixed, '--dest', dest, '--kind', kind, '--resolution', 16, '--volume-size', 8,
+    r = convert('--source', mixed, '--dest', dest, '--kind', kind, '--resolution', 16 if kind == 'slices' else 8,
                 '--planes', 'axial', '--labels', 'cohort')
     assert r.exit_code == 0, r.output
     assert 'cohort: gli 3 cases, ssa 1 cases' in r.output

@@ -59,6 +59,12 @@ def npy(data):
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
+def onehot(x):
+    """The stored array of a labelmap archive (last channel = labels 0-3) with the three one-hot seg channels in
+    [-1, 1] floats after the other channels, as the networks see them."""
+    return np.concatenate([x[:-1] / 65535.0 * 2 - 1, encode_seg(x[-1], 1.0) * 2 - 1])
+
+
 def synthetic_case(seed=0, shape=(20, 24, 16), label_et=3):
     rng = np.random.RandomState(seed)
     grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing='ij'))
@@ -145,8 +151,9 @@ def test_real_tumour_is_where_the_seg_says(tmp_path):
     seg = arrays['seg'].astype(np.uint8)
     k = int(round(ndimage.center_of_mass(seg > 0)[2]))  # axial slice through the tumour centre
     x = npy(files[f'BraTS-GLI-00000-000/axial-{k:03d}.npy'])
-    assert x.shape == (4, 128, 128) and x.dtype == np.uint16
-    decoded = decode_seg(x[1:].astype(np.float32) / 65535 * 2 - 1)
+    assert x.shape == (2, 128, 128) and x.dtype == np.uint16 and meta['seg_storage'] == 'labelmap'
+    decoded = decode_seg(onehot(x)[1:])
+    assert np.array_equal(decoded, x[1])
 
     # Reference: crop the canonical seg slice to the brain box, pad to the cube, nearest-resample with scipy.
     (x0, x1), (y0, y1), _ = box
@@ -171,8 +178,8 @@ def test_real_volume_64_affine_and_nifti(tmp_path):
     rel = 'BraTS-GLI-00000-000/BraTS-GLI-00000-000.npy'
     assert list(files) == [rel] and meta['kind'] == 'volumes' and meta['label_names'] == []
     vol = npy(files[rel])
-    assert vol.shape == (7, 64, 64, 64) and vol.dtype == np.uint16
-    labels = decode_seg(vol[4:].astype(np.float32) / 65535 * 2 - 1)
+    assert vol.shape == (5, 64, 64, 64) and vol.dtype == np.uint16
+    labels = vol[4]
     assert set(np.unique(labels)) == {0, 1, 2, 3}
     affine = np.array(meta['affines'][rel])
 
@@ -221,7 +228,7 @@ def test_2021_naming_and_label_4(tmp_path):
     ok('--source', tmp_path / 'src', '--dest', dest, '--kind', 'volumes', '--volume-size', 24, '--with-seg')
     files, meta = read_archive(dest)
     vol = npy(files['BraTS2021_00001/BraTS2021_00001.npy'])
-    assert set(np.unique(decode_seg(vol[1:] / 65535.0 * 2 - 1))) == {0, 1, 2, 3}
+    assert set(np.unique(vol[1])) == {0, 1, 2, 3}
     assert meta['source']['naming'] == ['2021']
 
 
@@ -276,7 +283,7 @@ def test_labels_tumour_agree_with_seg(tmp_path):
     assert meta['label_names'][3:] == ['tumour', 'no_tumour']
     seen = set()
     for rel, vec in meta['labels']:
-        has = decode_seg(npy(files[rel])[1:] / 65535.0 * 2 - 1).any()
+        has = npy(files[rel])[1].any()
         assert vec[3:] == ([1.0, 0.0] if has else [0.0, 1.0])
         seen.add(has)
     assert seen == {True, False}
@@ -356,8 +363,11 @@ def test_save_volume_nifti_multichannel(tmp_path):
     affine = np.diag([2.0, 2.0, 3.0, 1.0])
     vol = np.random.RandomState(0).rand(3, 4, 5, 6).astype(np.float32)
     img = nib.load(str(save_volume_nifti(tmp_path / 'x.nii', vol, affine)))
-    assert img.shape == (4, 5, 6, 3) and np.allclose(img.affine, affine)
-    assert np.allclose(np.moveaxis(np.asarray(img.dataobj), -1, 0), vol)
+    # A vector image as 3D Slicer / ITK read it: channels in dim[5] with NIFTI_INTENT_VECTOR, dim[4] (time) = 1.
+    assert img.shape == (4, 5, 6, 1, 3) and np.allclose(img.affine, affine)
+    assert img.header.get_intent()[0] == 'vector' and int(img.header['intent_code']) == 1007
+    assert img.header['dim'][4] == 1 and img.header['dim'][5] == 3
+    assert np.allclose(np.moveaxis(np.asarray(img.dataobj)[:, :, :, 0], -1, 0), vol)
 
 
 def test_png_encoder_roundtrip():
@@ -481,7 +491,7 @@ def test_phantom_source(tmp_path):
     files, meta = read_archive(dest)
     assert meta['source']['type'] == 'phantom' and len(files) == 1
     vol = npy(next(iter(files.values())))
-    assert vol.shape == (4, 32, 32, 32) and decode_seg(vol[1:] / 65535.0 * 2 - 1).any()
+    assert vol.shape == (2, 32, 32, 32) and vol[1].any()
 
 
 def test_workers_give_the_same_archive(tmp_path):

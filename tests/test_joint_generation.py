@@ -56,4 +56,9 @@ def test_class_all_grid_shows_every_channel(joint_run, tmp_path):
     out = str(tmp_path / 'all')
     _run(['generate.py', '--network', joint_run, '--seeds', '0-2', '--class', 'all', '--outdir', out])
     grid = PIL.Image.open(os.path.join(out, 'class_grid.png'))
-    assert grid.size == (3 * 7 * 16, 2 * 16)  # 3 seeds per row, 7 channels side by side; a row per plane
+    # 3 seeds per row, each its 4 modalities side by side (the seg channels as an overlay on the first, not inline),
+    # 4-pixel gaps; a row per plane, named in a left margin.
+    margin = grid.size[0] - (3 * 4 * 16 + 4 * 4)
+    assert grid.size[1] == 2 * 16 + 3 * 4 and 20 < margin < 100
+    pixels = np.array(grid)
+    assert (pixels[:, :margin] < 128).any()  # the row names

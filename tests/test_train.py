@@ -50,7 +50,7 @@ def test_run_dir_contents(run_dir):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     # Conditional grid: one row per class (2 classes) of 32x32 images.
     grid = np.array(PIL.Image.open(os.path.join(run_dir, 'fakes_init.png')))
-    assert grid.ndim == 2 and grid.shape[0] == 2 * 32
+    assert grid.ndim == 3 and grid.shape[0] == 2 * 32 + 3 * 4  # two rows, 4-pixel gaps around them
     stats = _stats(run_dir)
     assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(0.2, abs=0.01)
     assert stats[-1]['Progress/augment']['mean'] > 0  # ADA with target 0 raises p

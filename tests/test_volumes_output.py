@@ -2,7 +2,6 @@
 labels with the archive's affine, three-plane montages, --native-grid back onto the original grid, and snapshots of
 the wrong kind refused in one line with nothing written."""
 
-import io
 import json
 import zipfile
 from pathlib import Path
@@ -30,7 +29,9 @@ def convert(source, dest, size, *extra):
     assert r.exit_code == 0, r.output
     with zipfile.ZipFile(dest) as z:
         meta = json.loads(z.read('dataset.json'))
-        vols = {rel: np.load(io.BytesIO(z.read(rel))) for rel, _ in meta['labels']}
+    from training.dataset import ImageFolderDataset
+    ds = ImageFolderDataset(str(dest))  # the volumes as training sees them: seg as three one-hot channels
+    vols = {ds.image_fname(i): ds[i][0] for i in range(len(ds))}
     return meta, vols
 
 

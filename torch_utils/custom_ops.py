@@ -170,6 +170,11 @@ class LazyPlugin:
                               RuntimeWarning, stacklevel=3)
         return self.module
 
+    def disable(self, reason='disabled by the caller'):
+        """Use the reference from now on, without a warning (benchmarks time the reference this way)."""
+        self.module = None
+        self.failure = reason
+
     def reset(self):
         """Forget the build result (tests only): the next get() tries again."""
         self.module = None

@@ -6,7 +6,6 @@ or float lists). Items are ``(uint8/uint16 array [C,H,W] or [C,D,H,W], float32 l
 """
 
 import hashlib
-import io
 import json
 import os
 import zipfile
@@ -18,6 +17,22 @@ import torch
 import dnnlib
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.npy')
+
+
+def _read_npy(f) -> np.ndarray:
+    """A .npy array read straight from a file object into a fresh writable array: one copy, where np.load on a zip
+    member (no fileno) copies the bytes twice more in 256 KB chunks."""
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    if dtype.hasobject:
+        raise ValueError('object arrays are not images')
+    image = np.empty(shape[::-1] if fortran else shape, dtype)
+    if f.readinto(memoryview(image).cast('B')) != image.nbytes:
+        raise ValueError(f'truncated .npy data (expected {image.nbytes} bytes for shape {shape})')
+    return image.T if fortran else image
 
 
 class DatasetError(RuntimeError):
@@ -178,13 +193,14 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f'{path}: images are {raw_shape[-2]}x{raw_shape[-1]}, expected {resolution}x{resolution}')
         self._dtype = first.dtype
         if first.ndim == 4:
-            self._check_volume_shapes(first)
+            self._check_volume_shapes()
         super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
 
-    def _check_volume_shapes(self, first):
-        """Every volume of the archive has the first one's shape and dtype (read from the .npy headers only):
+    def _check_volume_shapes(self):
+        """Every volume of the archive has the first one's stored shape and dtype (read from the .npy headers only):
         a mismatch is one line naming the file, before training or measuring starts rather than in a worker."""
-        for fname in self._image_fnames[1:]:
+        first = None
+        for fname in self._image_fnames:
             if not fname.lower().endswith('.npy'):
                 raise DatasetError(f'{self._path}/{fname}: a volume archive holds only .npy volumes')
             try:
@@ -194,9 +210,11 @@ class ImageFolderDataset(Dataset):
                     shape, _order, dtype = read(f)
             except (OSError, ValueError, zipfile.BadZipFile) as err:
                 raise DatasetError(f'{self._path}/{fname}: unreadable volume ({err})') from None
-            if tuple(shape) != first.shape or dtype != first.dtype:
+            if first is None:
+                first = (tuple(shape), dtype)
+            elif (tuple(shape), dtype) != first:
                 raise DatasetError(f'{self._path}/{fname}: volume of shape {tuple(shape)} ({dtype}) differs from '
-                                   f'{self._image_fnames[0]} {first.shape} ({first.dtype}); every volume of an archive '
+                                   f'{self._image_fnames[0]} {first[0]} ({first[1]}); every volume of an archive '
                                    f'must have one shape (rebuild it with one --volume-size)')
 
     # -- file access -------------------------------------------------------------------------------
@@ -263,7 +281,7 @@ class ImageFolderDataset(Dataset):
         try:
             with self._open_file(fname) as f:
                 if fname.lower().endswith('.npy'):
-                    image = np.load(io.BytesIO(f.read()), allow_pickle=False)
+                    image = _read_npy(f)
                 else:
                     image = np.array(PIL.Image.open(f))
         except (OSError, ValueError, zipfile.BadZipFile) as err:
@@ -279,6 +297,15 @@ class ImageFolderDataset(Dataset):
             image = np.clip(image, 0, 65535).astype(np.uint16)
         if image.dtype not in (np.uint8, np.uint16):
             raise DatasetError(f'{self._path}/{fname}: pixel type {image.dtype} is not uint8 or uint16')
+        if self._meta.get('seg_storage') == 'labelmap' and image.ndim in (3, 4):
+            # The archive stores the tumour label map (values 0-3) as the last channel; the networks see the three
+            # one-hot channels seg_netc, seg_snfh, seg_et (0 / dtype max), as in archives written before.
+            vmax = image.dtype.type(np.iinfo(image.dtype).max)  # a scalar of the image dtype: no int64 pass
+            out = np.empty((image.shape[0] + 2,) + image.shape[1:], image.dtype)
+            out[:-3] = image[:-1]
+            for k in range(3):
+                np.multiply(image[-1] == k + 1, vmax, out=out[image.shape[0] - 1 + k])
+            image = out
         return image
 
     def _load_raw_labels(self):

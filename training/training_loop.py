@@ -20,6 +20,7 @@ import dnnlib
 from torch_utils import misc, snapshot, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
 from training import checkpoint
+from training.grids import grid_style
 
 
 class StopRequested:
@@ -319,15 +320,18 @@ def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, ru
     """Rank 0's fixed latents and labels for the image grids; a fresh run also writes reals.png and fakes_init.png.
 
     The grid functions are named in ``grid_kwargs`` (``setup``, ``save``; the rest goes to ``save``), so volume runs
-    draw three-plane montages (mri/grid3d.py) through the same loop."""
+    draw three-plane montages (mri/grid3d.py) through the same loop. The default 2D grid also gets its style
+    (channel names for the seg overlay, a name per row: training.grids.grid_style)."""
     grid = dnnlib.EasyDict(size=None, z=None, c=None, save=None)
     if rank != 0:
         return grid
     grid_kwargs = dict(grid_kwargs or {})
+    custom = 'save' in grid_kwargs
     setup_fn = dnnlib.get_obj_by_name(grid_kwargs.pop('setup', 'training.grids.setup_snapshot_image_grid'))
     save_fn = dnnlib.get_obj_by_name(grid_kwargs.pop('save', 'training.grids.save_image_grid'))
-    grid.save = lambda images, path, drange: save_fn(images, path, drange=drange, grid_size=grid.size, **grid_kwargs)
     grid.size, images, labels = setup_fn(training_set=training_set)
+    style = dict({} if custom else grid_style(training_set, labels, grid.size), **grid_kwargs)
+    grid.save = lambda images, path, drange: save_fn(images, path, drange=drange, grid_size=grid.size, **style)
     if fresh:
         log('Exporting sample images...')
         grid.save(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max])
