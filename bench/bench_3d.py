@@ -202,8 +202,11 @@ def _fresh_process(cfg: dict, timeout: float) -> dict:
         path = os.path.join(tmp, 'cfg.json')
         with open(path, 'w') as f:
             json.dump(cfg, f)
-        res = subprocess.run([sys.executable, os.path.abspath(__file__), '--one', path], capture_output=True, text=True,
-                             timeout=timeout)
+        try:
+            res = subprocess.run([sys.executable, os.path.abspath(__file__), '--one', path], capture_output=True,
+                                 text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return dict(cfg, error=f'timed out after {timeout:.0f} s')
         if res.returncode != 0:
             tail = (res.stderr.strip().splitlines() or ['?'])[-1]
             return dict(cfg, error=tail[:300])
