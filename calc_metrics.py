@@ -1,14 +1,18 @@
 """Compute quality metrics of a trained generator snapshot (docs/metrics.md lists them).
 
     python calc_metrics.py --network run/network-snapshot-001000.pt --metrics fid10k_full,msssim_div
+    python calc_metrics.py --network runs/00003-brats --metrics fid10k_full,kid10k_full,fid_per_class  # newest snapshot
     python calc_metrics.py --network net.pt --metrics fid50k_full --data brats.zip --subset val --gpus 4
 
-Defaults for the real data (path, resolution, mirroring, subset) come from the snapshot's dataset description.
+Defaults for the real data (path, resolution, subset) come from the snapshot's dataset description; the reals
+are never x-flipped unless --mirror=1 asks (StyleGAN2-ADA's protocol). Metrics named together share one pass of
+the reals through the detector.
 Each result is printed and appended as a JSON line to ``metric-<name>.jsonl`` in the run directory.
 """
 
 import os
 import tempfile
+import textwrap
 
 import click
 import torch
@@ -18,6 +22,7 @@ from metrics import detectors
 from metrics import metric_main
 from metrics import metric_utils
 from torch_utils import snapshot
+from training.cli import PATH, bool_option, resolve_network
 
 _EXPECTED = (metric_utils.MetricError, detectors.DetectorError, snapshot.SnapshotError, dnnlib.DownloadError)
 
@@ -33,21 +38,20 @@ def _expected_errors():
 
 
 def _snapshot_defaults(snap) -> dict:
-    """Data path, resolution, subset and mirroring recorded with the snapshot (missing keys are None)."""
+    """Data path, resolution and subset recorded with the snapshot (missing keys are None)."""
     ds = dict(snap.get('dataset') or {})
     extra = dict(snap.get('extra') or {})
     train_kwargs = dict((extra.get('training_options') or {}).get('training_set_kwargs') or extra.get('training_set_kwargs') or {})
-    mirror = ds.get('xflip', train_kwargs.get('xflip', extra.get('mirror')))
     return dict(path=ds.get('path') or train_kwargs.get('path'), resolution=ds.get('resolution'),
-                subset=ds.get('subset') or train_kwargs.get('subset'), xflip=mirror)
+                subset=ds.get('subset') or train_kwargs.get('subset'))
 
 
 def calc_metrics(
-    network: str,               # Snapshot path (.pt; .pkl only with allow_pickle).
+    network: str,               # Snapshot path (.pt; .pkl only with allow_pickle), or a run dir (its newest snapshot).
     metrics: list,              # Metric names.
     data: str = None,           # Real data; None = the snapshot's.
     subset: str = None,         # 'train', 'val' or 'all'; None = the snapshot's, else 'all'.
-    mirror: bool = None,        # x-flipped copies of the reals; None = the snapshot's, else False.
+    mirror: bool = False,       # Add x-flipped reals (off in StyleGAN2-ADA's protocol, whatever the run trained with).
     gpus: int = 1,              # Processes (one per GPU); on a machine without CUDA, 1 = CPU.
     channel=None,               # Channel name or index; None = each image channel.
     num_gen: int = None,        # Generated count override.
@@ -57,48 +61,54 @@ def calc_metrics(
     allow_pickle: bool = False, # Allow .pkl networks/detectors (runs code).
     run_dir: str = None,        # Where metric-<name>.jsonl goes; None = the snapshot's folder.
     batch: int = 64,            # Images per process per step.
+    device: str = None,         # 'cuda' or 'cpu'; None = cuda when available.
     rank: int = 0,              # This process (set by the launcher).
     progress: bool = True,      # Status lines on stderr.
+    share: bool = True,         # Metrics share detector features (one pass of the reals).
     segmenter: str = None,      # Segmenter checkpoint of calc_segmentation.py (mask_dice).
 ) -> list:
     """Evaluate ``metrics`` on this rank; returns the result dicts (rank 0 also reports them)."""
+    if not metrics:
+        raise metric_utils.MetricError(f'--metrics: no metric given; choose from {", ".join(metric_main.list_valid_metrics())}')
     for metric in metrics:
         if not metric_main.is_valid_metric(metric):
             raise metric_utils.MetricError(f'unknown metric {metric!r}; valid metrics: {", ".join(metric_main.list_valid_metrics())}')
-    device = torch.device('cuda', rank) if torch.cuda.is_available() else torch.device('cpu')
+    if device == 'cuda' and not torch.cuda.is_available():
+        raise metric_utils.MetricError('--device=cuda: no CUDA device is available; use --device=cpu')
+    use_cuda = torch.cuda.is_available() if device is None else device == 'cuda'
+    device = torch.device('cuda', rank) if use_cuda else torch.device('cpu')
+    network = resolve_network(network)
     snap = snapshot.load_snapshot(network, device='cpu', allow_pickle=allow_pickle)
     G = snap.get('G_ema') or snap.get('G')
     if G is None:
         raise metric_utils.MetricError(f'{network}: holds no generator (G_ema or G)')
     defaults = _snapshot_defaults(snap)
-    data = data or defaults['path']
+    data = os.path.expanduser(data) if data else defaults['path']
     if not data:
         raise metric_utils.MetricError(f'{network}: records no training data path; pass --data')
     if not os.path.exists(data):
         raise metric_utils.MetricError(f'{data}: no such dataset (zip or folder); pass --data')
     dataset_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=True,
-                                     max_size=None, xflip=bool(mirror if mirror is not None else defaults['xflip'] or False),
-                                     subset=subset or defaults['subset'] or 'all')
+                                     max_size=None, xflip=False, subset=subset or defaults['subset'] or 'all')
     if defaults['resolution'] and data == defaults['path']:
         dataset_kwargs.resolution = defaults['resolution']
     run_dir = run_dir or os.path.dirname(os.path.abspath(network))
-    results = []
-    for metric in metrics:
-        result = metric_main.calc_metric(metric, G=G, dataset_kwargs=dataset_kwargs, num_gpus=gpus, rank=rank, device=device,
-                                         progress=progress, channel=channel, detector_url=detector,
-                                         vgg_detector_url=vgg_detector, allow_pickle=allow_pickle, num_gen=num_gen,
-                                         batch_size=batch, run_dir=run_dir, detector3d=detector3d, segmenter=segmenter)
-        if rank == 0:
+    results = metric_main.calc_metrics(metrics, share=share, G=G, dataset_kwargs=dataset_kwargs, num_gpus=gpus, rank=rank,
+                                       device=device, progress=progress, channel=channel, detector_url=detector,
+                                       vgg_detector_url=vgg_detector, allow_pickle=allow_pickle, num_gen=num_gen,
+                                       batch_size=batch, run_dir=run_dir, xflip_reals=bool(mirror),
+                                       detector3d=detector3d, segmenter=segmenter)
+    if rank == 0:
+        for result in results:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=network)
-        results.append(result)
     return results
 
 
 def _worker(rank: int, kwargs: dict, init_file: str):
-    backend = 'nccl' if torch.cuda.is_available() else 'gloo'
-    torch.distributed.init_process_group(backend=backend, init_method=f'file://{init_file}', rank=rank,
+    cuda = torch.cuda.is_available() and kwargs.get('device') != 'cpu'
+    torch.distributed.init_process_group(backend='nccl' if cuda else 'gloo', init_method=f'file://{init_file}', rank=rank,
                                          world_size=kwargs['gpus'])
-    if torch.cuda.is_available():
+    if cuda:
         torch.cuda.set_device(rank)
     try:
         calc_metrics(rank=rank, **kwargs)
@@ -107,34 +117,46 @@ def _worker(rank: int, kwargs: dict, init_file: str):
 
 
 def _metric_list(_ctx, _param, value):
-    return [m.strip() for m in value.split(',') if m.strip() and m.strip() != 'none']
+    names = [m.strip() for m in value.split(',') if m.strip()]
+    if not names or 'none' in names:
+        raise click.BadParameter(f'{value!r} measures nothing; name at least one metric (list: --help)')
+    bad = [m for m in names if not metric_main.is_valid_metric(m)]
+    if bad:
+        raise click.BadParameter(f'unknown {", ".join(bad)}; valid metrics: {", ".join(metric_main.list_valid_metrics())}')
+    return names
 
 
-@click.command()
-@click.option('--network', 'network',   help='Network snapshot (.pt)', metavar='PATH', required=True)
-@click.option('--metrics',              help='Comma-separated metrics', metavar='LIST', default='fid50k_full', show_default=True,
-              callback=_metric_list)
-@click.option('--data',                 help='Real data [default: the snapshot\'s]', metavar='ZIP|DIR')
+@click.command(context_settings=dict(max_content_width=120),
+               epilog='\b\nMetrics (docs/metrics.md):\n' + textwrap.fill(', '.join(metric_main.list_valid_metrics()), 100,
+                                                                      initial_indent='  ', subsequent_indent='  '))
+@click.option('--network', 'network',   help='Snapshot .pt, or a run dir (its newest snapshot)', metavar='PATH', type=PATH,
+              required=True)
+@click.option('--metrics',              help='Comma-separated metrics (listed below)', metavar='LIST', default='fid50k_full',
+              show_default=True, callback=_metric_list)
+@click.option('--data',                 help='Real data [default: the snapshot\'s]', metavar='ZIP|DIR', type=PATH)
 @click.option('--subset',               help='Case split of the real data [default: the snapshot\'s, else all]',
               type=click.Choice(['train', 'val', 'all']))
-@click.option('--mirror',               help='Add x-flipped reals [default: the snapshot\'s]', type=bool, metavar='BOOL')
+@bool_option('--mirror',                help='Add x-flipped reals (StyleGAN2-ADA never does, even for --mirror=1 runs)')
 @click.option('--gpus',                 help='Number of GPUs (processes)', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
 @click.option('--channel',              help='Measure this channel (name or index) [default: each]', metavar='NAME|INT')
 @click.option('--num-gen',              help='Generated images per metric [default: the metric\'s]', type=click.IntRange(min=2),
               metavar='INT')
-@click.option('--detector',             help='Inception network (path or URL) [default: NVIDIA\'s]', metavar='PATH|URL')
-@click.option('--vgg-detector',         help='VGG16 network for PR and PPL [default: NVIDIA\'s]', metavar='PATH|URL')
-@click.option('--detector3d',           help='3D feature network for fid3d_full (TorchScript; docs/volumes.md)', metavar='PATH|URL')
-@click.option('--allow-pickle',         help='Allow .pkl files (unpickling runs code)', is_flag=True)
-@click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR')
-@click.option('--segmenter',            help='Segmenter for mask_dice (calc_segmentation.py checkpoint)', metavar='PATH')
+@click.option('--detector',             help='Inception network (path or URL) [default: NVIDIA\'s]', metavar='PATH|URL', type=PATH)
+@click.option('--vgg-detector',         help='VGG16 network for PR and PPL [default: NVIDIA\'s]', metavar='PATH|URL', type=PATH)
+@click.option('--detector3d',           help='3D feature network for fid3d_full (TorchScript; docs/volumes.md)', metavar='PATH|URL', type=PATH)
+@bool_option('--allow-pickle',          help='Allow .pkl files (unpickling runs code)')
+@click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR',
+              type=PATH)
+@click.option('--segmenter',            help='Segmenter for mask_dice (calc_segmentation.py checkpoint)', metavar='PATH',
+              type=PATH)
 @click.option('--batch',                help='Images per GPU per step', type=click.IntRange(min=1), default=64, show_default=True)
 def main(**kwargs):
     """Compute metrics of a generator snapshot."""
     kwargs = dnnlib.EasyDict(kwargs)
     try:
         if kwargs.gpus > 1:
-            if torch.cuda.is_available() and torch.cuda.device_count() < kwargs.gpus:
+            if kwargs.device != 'cpu' and torch.cuda.is_available() and torch.cuda.device_count() < kwargs.gpus:
                 raise metric_utils.MetricError(f'--gpus {kwargs.gpus}: only {torch.cuda.device_count()} CUDA devices')
             with tempfile.TemporaryDirectory() as tmp:
                 torch.multiprocessing.spawn(_worker, args=(dict(kwargs), os.path.join(tmp, '.dist_init')), nprocs=kwargs.gpus)

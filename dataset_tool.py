@@ -21,6 +21,7 @@ import click
 
 from mri import archive, brats, convert, preprocess
 from mri import download as brats_africa
+from training.cli import PATH, bool_option, shape_problem
 
 
 def _parse_list(value, allowed, name, all_value=None):
@@ -46,6 +47,13 @@ def _parse_split(values):
     return out
 
 
+def _check_resolution(kind, resolution):
+    """Refuse before converting a slice side the trainer cannot use (it checks the same shape_problem)."""
+    problem = shape_problem((resolution, resolution)) if kind == 'slices' else None
+    if problem:
+        raise click.BadParameter(f'slices of {problem}; train.py could not use them', param_hint='--resolution')
+
+
 def _parse_percentiles(value):
     try:
         low, high = (float(x) for x in value.split(','))
@@ -55,15 +63,15 @@ def _parse_percentiles(value):
 
 
 @click.command(help=__doc__)
-@click.option('--source',             metavar='PATH|WORD', required=True, help='Folder of BraTS cases, image folder/zip, brats-africa or phantom')
-@click.option('--dest',               metavar='PATH', required=True, help='Output archive: .zip or folder')
+@click.option('--source',             metavar='PATH|WORD', type=PATH, required=True, help='Folder of BraTS cases, image folder/zip, brats-africa or phantom')
+@click.option('--dest',               metavar='PATH', type=PATH, required=True, help='Output archive: .zip or folder')
 @click.option('--kind',               type=click.Choice(['slices', 'volumes']), default='slices', show_default=True, help='2D slices or 3D cubes')
 @click.option('--planes',             metavar='LIST', default='axial,coronal,sagittal', show_default=True, help='Slice planes')
-@click.option('--resolution',         metavar='INT', type=click.IntRange(min=4), default=256, show_default=True, help='Slice side (pixels)')
+@click.option('--resolution',         metavar='INT', type=click.IntRange(min=4), default=256, show_default=True, help='Slice side (pixels), a power of two')
 @click.option('--volume-size',        metavar='INT', type=click.IntRange(min=4), default=128, show_default=True, help='Volume cube side (voxels)')
 @click.option('--modalities',         metavar='LIST', default='t2w', show_default=True, help='t1n,t1c,t2w,t2f or all')
-@click.option('--with-seg',           is_flag=True, help='Add tumour channels seg_netc,seg_snfh,seg_et')
-@click.option('--labels',             metavar='GROUP', multiple=True, help='Extra label group: modality, tumour, cohort[=gli,ssa,...] or a CSV path (repeatable)')
+@bool_option('--with-seg',            help='Add tumour channels seg_netc,seg_snfh,seg_et')
+@click.option('--labels',             metavar='GROUP', type=PATH, multiple=True, help='Extra label group: modality, tumour, cohort[=gli,ssa,...] or a CSV path (repeatable)')
 @click.option('--normalize',          type=click.Choice(['percentile', 'minmax']), default='percentile', show_default=True, help='Per-case intensity range')
 @click.option('--percentiles',        metavar='LOW,HIGH', default='0.5,99.5', show_default=True, help='For --normalize percentile')
 @click.option('--denoise',            metavar='SIGMA', type=click.FloatRange(min=0, min_open=True), default=None, help='Gaussian denoising sigma (voxels)')
@@ -75,16 +83,19 @@ def _parse_percentiles(value):
 @click.option('--workers',            metavar='INT', type=click.IntRange(min=1), default=1, show_default=True, help='Worker processes')
 @click.option('--on-error',           type=click.Choice(['fail', 'skip']), default='fail', show_default=True, help='Stop at a bad case, or skip it')
 @click.option('--compress-level',     metavar='INT', type=click.IntRange(0, 9), default=0, show_default=True, help='PNG deflate: 0 store, 1 fast RLE, 2-9 zlib')
-@click.option('--brats-root',         metavar='DIR', default=None, help='BraTS-Africa folder (else $BRATS_AFRICA_DIR)')
+@click.option('--brats-root',         metavar='DIR', type=PATH, default=None, help='BraTS-Africa folder (else $BRATS_AFRICA_DIR)')
 @click.option('--download',           metavar='URL', default=None, help='Fetch and extract a BraTS-Africa archive')
 @click.option('--sha256',             metavar='HEX', default=None, help='Expected sha256 of --download')
 @click.option('--phantom-cases',      metavar='INT', type=click.IntRange(min=1), default=8, show_default=True, help='Cases for --source phantom')
 @click.option('--seed',               metavar='INT', type=int, default=0, show_default=True, help='Seed for --source phantom')
-@click.option('--progress/--no-progress', default=True, show_default=True, help='Show a progress line')
-@click.option('--overwrite',          is_flag=True, help='Replace an existing --dest')
+@bool_option('--progress',            default=True, help='Show a progress line')
+@click.option('--no-progress',        is_flag=True, help='Same as --progress=0')
+@bool_option('--overwrite',           help='Replace an existing --dest')
 def main(source, dest, kind, planes, resolution, volume_size, modalities, with_seg, labels, normalize, percentiles,
          denoise, bit_depth, min_brain_fraction, split, split_seed, max_cases, workers, on_error, compress_level,
-         brats_root, download, sha256, phantom_cases, seed, progress, overwrite):
+         brats_root, download, sha256, phantom_cases, seed, progress, no_progress, overwrite):
+    _check_resolution(kind, resolution)
+    progress = progress and not no_progress
     low, high = _parse_percentiles(percentiles)
     resolution, volume_size = _cube_side(kind, resolution, volume_size)
     opts = convert.ConvertOptions(

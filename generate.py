@@ -21,6 +21,7 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
+from training.cli import PATH, bool_option, resolve_network
 from training.grids import LABEL_COLOURS, overlay
 from training.labels import ClassSpecError, all_classes, parse_class
 
@@ -86,19 +87,6 @@ def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> l
     written.append(stem + '.npy')
     _save_npy(img_chw.astype(np.float32), written[-1])
     return written
-
-
-def resolve_network(path: str) -> str:
-    """A snapshot file, or a run dir (its newest snapshot)."""
-    if os.path.isdir(path):
-        from training.checkpoint import latest_snapshot
-        found = latest_snapshot(path)
-        if found is None:
-            raise click.BadParameter(f'{path}: run dir has no network-snapshot-*.pt', param_hint='--network')
-        return found
-    if not os.path.isfile(path):
-        raise click.BadParameter(f'{path}: no such file', param_hint='--network')
-    return path
 
 
 def generate_images(
@@ -172,15 +160,15 @@ def generate_images(
 
 
 @click.command()
-@click.option('--network', 'network',   help='Snapshot .pt (or run dir: newest snapshot)', metavar='PATH', required=True)
+@click.option('--network', 'network',   help='Snapshot .pt (or run dir: newest snapshot)', metavar='PATH', type=PATH, required=True)
 @click.option('--seeds',                help='Seeds, e.g. 0-3,7', metavar='LIST', type=str, required=True)
 @click.option('--trunc', 'truncation_psi', help='Truncation psi', metavar='FLOAT', type=float, default=1, show_default=True)
-@click.option('--class', 'class_spec',  help='Class: name(s) one per group (axial,t2w), index, or all', metavar='NAME|IDX|all', type=str)
+@click.option('--class', 'class_spec',  help='Class: name(s) one per group (axial,t2w), index (one label group only), or all', metavar='NAME|IDX|all', type=str)
 @click.option('--noise-mode',           help='Noise mode', type=click.Choice(['const', 'random', 'none']), default='const', show_default=True)
-@click.option('--outdir',               help='Where to save the output images', metavar='DIR', type=str, required=True)
+@click.option('--outdir',               help='Where to save the output images', metavar='DIR', type=PATH, required=True)
 @click.option('--format', 'fmt',        help='Output format [default: png; nifti for volumes]', type=click.Choice(['png', 'png16', 'npy', 'nifti']))
-@click.option('--native-grid',          help='Volumes: NIfTI on the original BraTS grid (240x240x155)', is_flag=True)
-@click.option('--allow-pickle',         help='Load NVlabs .pkl files (a pickle runs code)', is_flag=True)
+@bool_option('--native-grid',           help='Volumes: NIfTI on the original BraTS grid (240x240x155)')
+@bool_option('--allow-pickle',          help='Load NVlabs .pkl files (a pickle runs code)')
 @click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
 def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, native_grid, allow_pickle, device):
     """Generate images by class from a trained network."""

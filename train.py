@@ -15,7 +15,8 @@ import tempfile
 import click
 
 import dnnlib
-from training.config import AUGPIPE_NAMES, CFG_SPECS, describe_run, next_run_dir, setup_training_config
+from training.cli import PATH, bool_option
+from training.config import AUGPIPE_NAMES, CFG_SPECS, RANGES, describe_run, next_run_dir, setup_training_config
 
 
 class Logger:
@@ -132,20 +133,20 @@ def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
 
 @click.command(context_settings=dict(max_content_width=120))
 # Required.
-@click.option('--outdir',       help='Where to make the run dir', metavar='DIR', type=str)
-@click.option('--data',         help='Training data (zip or folder)', metavar='[ZIP|DIR]', type=str)
-@click.option('--gpus',         help='Number of GPUs (or CPU processes) to use', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--outdir',       help='Where to make the run dir', metavar='DIR', type=PATH)
+@click.option('--data',         help='Training data (zip or folder)', metavar='[ZIP|DIR]', type=PATH)
+@click.option('--gpus',         help='Number of GPUs (or CPU processes) to use', metavar='INT', type=RANGES['gpus'], default=1, show_default=True)
 # Optional features.
-@click.option('--cond',         help='Train conditional model on dataset labels', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--mirror',       help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
+@bool_option('--cond',          help='Train conditional model on dataset labels')
+@bool_option('--mirror',        help='Enable dataset x-flips')
 @click.option('--subset',       help='Case-level split to train on [default: train if the archive has one]', type=click.Choice(['train', 'val', 'all']))
 @click.option('--aug',          help='Augmentation mode', type=click.Choice(['noaug', 'ada', 'fixed']), default='ada', show_default=True)
-@click.option('--p',            help='Probability for --aug=fixed', metavar='FLOAT', type=click.FloatRange(min=0, max=1))
-@click.option('--target',       help='Target value for --aug=ada', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.6, show_default=True)
+@click.option('--p',            help='Probability for --aug=fixed', metavar='FLOAT', type=RANGES['p'])
+@click.option('--target',       help='Target value for --aug=ada', metavar='FLOAT', type=RANGES['target'], default=0.6, show_default=True)
 @click.option('--augpipe',      help='Augmentation pipeline', type=click.Choice(AUGPIPE_NAMES), default='bgc', show_default=True)
-@click.option('--resume',       help='Continue a run dir exactly, or start from a snapshot', metavar='[RUN_DIR|PT]', type=str)
-@click.option('--freezed',      help='Freeze the first layers of D (FreezeD)', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--allow-pickle', help='Let --resume load NVlabs .pkl files (a pickle runs code)', is_flag=True)
+@click.option('--resume',       help='Continue a run dir exactly, or start from a snapshot', metavar='[RUN_DIR|PT]', type=PATH)
+@click.option('--freezed',      help='Freeze the first layers of D (FreezeD)', metavar='INT', type=RANGES['freezed'], default=0, show_default=True)
+@bool_option('--allow-pickle',  help='Let --resume load NVlabs .pkl files (a pickle runs code)')
 # Hyperparameters.
 @click.option('--cfg',          help='Base configuration', type=click.Choice(list(CFG_SPECS)), default='auto', show_default=True)
 @click.option('--batch',        help='Total batch size [default: preset]', metavar='INT', type=click.IntRange(min=1))
@@ -158,31 +159,32 @@ def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
 @click.option('--gamma',        help='R1 regularization weight [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--mbstd-group',  help='Minibatch std group size [default: preset]', metavar='INT', type=click.IntRange(min=0))
 # MRI training hooks.
-@click.option('--topk',         help='Top-k generator updates (Sinha et al. 2020)', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--topk-gamma',   help='Top-k decay per epoch', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.99, show_default=True)
-@click.option('--topk-min',     help='Top-k minimum fraction', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.5, show_default=True)
+@bool_option('--topk',          help='Top-k generator updates (Sinha et al. 2020)')
+@click.option('--topk-gamma',   help='Top-k decay per epoch', metavar='FLOAT', type=RANGES['topk_gamma'], default=0.99, show_default=True)
+@click.option('--topk-min',     help='Top-k minimum fraction', metavar='FLOAT', type=RANGES['topk_min'], default=0.5, show_default=True)
 @click.option('--fq-res',       help='D feature quantization resolutions, e.g. 32,16', metavar='LIST', type=str)
-@click.option('--fq-dict',      help='FQ dictionary size', metavar='INT', type=click.IntRange(min=2), default=256, show_default=True)
-@click.option('--fq-decay',     help='FQ dictionary EMA decay', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.8, show_default=True)
-@click.option('--fq-weight',    help='FQ commitment loss weight', metavar='FLOAT', type=click.FloatRange(min=0), default=1.0, show_default=True)
+@click.option('--fq-dict',      help='FQ dictionary size', metavar='INT', type=RANGES['fq_dict'], default=256, show_default=True)
+@click.option('--fq-decay',     help='FQ dictionary EMA decay', metavar='FLOAT', type=RANGES['fq_decay'], default=0.8, show_default=True)
+@click.option('--fq-weight',    help='FQ commitment loss weight', metavar='FLOAT', type=RANGES['fq_weight'], default=1.0, show_default=True)
 @click.option('--attn-res',     help='Self-attention resolutions in G and D, e.g. 32,64', metavar='LIST', type=str)
-@click.option('--checkpointing', help='Volumes: recompute block activations in backward (less memory, more time)', is_flag=True)
-@click.option('--bf16',         help='Volumes: bfloat16 instead of float16 in the mixed-precision blocks', is_flag=True)
+@bool_option('--checkpointing', help='Volumes: recompute block activations in backward (less memory, more time)')
+@bool_option('--bf16',          help='Volumes: bfloat16 instead of float16 in the mixed-precision blocks')
 # Misc settings.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--metrics',      help='Quality metrics at each snapshot, or none [default: fid50k_full; fid25d_full for volumes]', metavar='[NAME|A,B,C|none]', type=str)
-@click.option('--detector',     help='Inception detector for --metrics (path or URL) [default: canonical]', metavar='PATH|URL', type=str)
-@click.option('--detector3d',   help='3D feature network for --metrics fid3d_full (TorchScript)', metavar='PATH|URL', type=str)
-@click.option('--kimg',         help='Total training duration [default: preset]', metavar='KIMG', type=click.FloatRange(min=0, min_open=True))
-@click.option('--tick',         help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=4, show_default=True)
+@click.option('--detector',     help='Inception detector for --metrics (path or URL) [default: canonical]', metavar='PATH|URL', type=PATH)
+@click.option('--vgg-detector', help='VGG16 detector for --metrics pr*/ppl* (path or URL) [default: canonical]', metavar='PATH|URL', type=PATH)
+@click.option('--detector3d',   help='3D feature network for --metrics fid3d_full (TorchScript)', metavar='PATH|URL', type=PATH)
+@click.option('--kimg',         help='Total training duration [default: preset]', metavar='KIMG', type=RANGES['kimg'])
+@click.option('--tick',         help='How often to print progress', metavar='KIMG', type=RANGES['tick'], default=4, show_default=True)
 @click.option('--snap',         help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
 @click.option('--seed',         help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
-@click.option('--fp32',         help='Disable mixed-precision', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--nobench',      help='Disable cuDNN benchmarking', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--allow-tf32',   help='Allow TF32 for matmul and convolutions', metavar='BOOL', type=bool, default=False, show_default=True)
+@bool_option('--fp32',          help='Disable mixed-precision')
+@bool_option('--nobench',       help='Disable cuDNN benchmarking')
+@bool_option('--allow-tf32',    help='Allow TF32 for matmul and convolutions')
 @click.option('--workers',      help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('--device',       help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
-@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+@bool_option('-n', '--dry-run', help='Print training options and exit')
 def main(**opts):
     """Train a (conditional) StyleGAN2-ADA on a slice archive made by dataset_tool.py."""
     opts = dnnlib.EasyDict(opts)

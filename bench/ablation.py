@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dnnlib  # noqa: E402
+from training.cli import PATH, bool_option  # noqa: E402
 
 VARIANTS = {
     'baseline':  dict(aug='noaug'),
@@ -140,13 +141,13 @@ def run_variant(name, data, outdir, kimg, tick, metric, metric_kwargs, common):
 
 
 @click.command()
-@click.option('--data',       help='Slice archive [default: a phantom archive made here]', metavar='ZIP', type=str)
-@click.option('--outdir',     help='Where to write runs, table and plot', metavar='DIR', required=True)
+@click.option('--data',       help='Slice archive [default: a phantom archive made here]', metavar='ZIP', type=PATH)
+@click.option('--outdir',     help='Where to write runs, table and plot', metavar='DIR', type=PATH, required=True)
 @click.option('--variants',   help='Comma-separated subset of ' + ','.join(VARIANTS), default=','.join(VARIANTS), show_default=True)
 @click.option('--kimg',       help='Training length of every variant', type=float, default=200, show_default=True)
 @click.option('--tick',       help='kimg between FID evaluations', type=float, default=20, show_default=True)
 @click.option('--metric',     help='FID metric evaluated at every snapshot', default='fid10k_full', show_default=True)
-@click.option('--per-class',  help='Also FID per class (per plane)', type=bool, default=True, show_default=True)
+@bool_option('--per-class',   help='Also FID per class (per plane)', default=True)
 @click.option('--num-gen',    help='Generated images per FID (overrides the metric default)', type=int)
 @click.option('--detector',   help='Inception detector path/URL [default: canonical]', type=str)
 @click.option('--batch',      help='Batch size', type=int, default=32, show_default=True)
@@ -154,7 +155,7 @@ def run_variant(name, data, outdir, kimg, tick, metric, metric_kwargs, common):
 @click.option('--cmax',       help='Max channels', type=int, default=512, show_default=True)
 @click.option('--seed',       help='Seed shared by all variants', type=int, default=0, show_default=True)
 @click.option('--device',     help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
-@click.option('--tiny',       help='CPU smoke test: 16px phantom archive, tiny nets, random detector', is_flag=True)
+@bool_option('--tiny',        help='CPU smoke test: 16px phantom archive, tiny nets, random detector')
 def main(data, outdir, variants, kimg, tick, metric, per_class, num_gen, detector, batch, cbase, cmax, seed, device, tiny):
     """Train every variant for equal kimg and compare FID over kimg."""
     os.makedirs(outdir, exist_ok=True)

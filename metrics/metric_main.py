@@ -2,7 +2,8 @@
 (Karras et al., NeurIPS 2020) where it exists there; see docs/metrics.md for what each one measures.
 
 ``calc_metric(name, **options)`` runs one metric on this rank (all ranks must call it together when
-``num_gpus > 1``) and ``report_metric`` appends its result as one JSON line to ``metric-<name>.jsonl``.
+``num_gpus > 1``); ``calc_metrics(names, **options)`` runs several that share detector features;
+``report_metric`` appends a result as one JSON line to ``metric-<name>.jsonl``.
 """
 
 import json
@@ -65,6 +66,20 @@ def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
                            total_time_str=dnnlib.format_time(total_time), num_gpus=opts.num_gpus)
 
 
+def calc_metrics(metrics: list, share: bool = True, **kwargs) -> list:
+    """Run several metrics on the same generator and data: ``[calc_metric result, ...]`` in order.
+
+    With ``share`` the metrics share one pass of the reals' features and one set of generated features where
+    they ask for the same images (e.g. fid10k_full and kid10k_full; the per-class reals of fid_per_class come
+    from the same pass). The values equal those of separate ``calc_metric`` calls up to float round-off.
+    """
+    for metric in metrics:
+        if not is_valid_metric(metric):
+            raise metric_utils.MetricError(f'unknown metric {metric!r}; valid metrics: {", ".join(list_valid_metrics())}')
+    memo = metric_utils.FeatureMemo() if share and len(metrics) > 1 else None
+    return [calc_metric(metric, feature_memo=memo, **kwargs) for metric in metrics]
+
+
 def report_metric(result_dict: dict, run_dir: str = None, snapshot_pkl: str = None) -> str:
     """Print the result as one JSON line and append it to ``<run_dir>/metric-<name>.jsonl``; returns the line."""
     metric = result_dict['metric']
@@ -84,7 +99,10 @@ def report_metric(result_dict: dict, run_dir: str = None, snapshot_pkl: str = No
 # StyleGAN2-ADA metrics. "_full": statistics of the whole archive; otherwise of a fixed 50k random subset.
 
 def _full(opts):
-    opts.dataset_kwargs.update(max_size=None)
+    """The reals of every metric: the whole archive (a metric draws its own subsets), never x-flipped, as in
+    StyleGAN2-ADA, even when the run trained with --mirror=1 (the mirrored copies are augmentation, not data);
+    ``xflip_reals=True`` (calc_metrics.py --mirror=1) asks for them explicitly."""
+    opts.dataset_kwargs.update(max_size=None, xflip=bool(opts.get('xflip_reals', False)))
 
 
 @register_metric
@@ -118,6 +136,7 @@ def is50k(opts):
 
 @register_metric
 def ppl2_wend(opts):
+    _full(opts)
     ppl = perceptual_path_length.compute_ppl(opts, num_samples=metric_utils.num_generated(opts, 50000), epsilon=1e-4,
                                              space='w', sampling='end')
     return metric_utils.per_channel_results('ppl2_wend', ppl)

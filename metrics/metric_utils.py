@@ -10,6 +10,8 @@ import copy
 import hashlib
 import json
 import os
+import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -17,7 +19,7 @@ import torch
 import dnnlib
 from metrics import detectors
 
-CACHE_FORMAT = 2  # Bump when the meaning of a cached file changes: old files are then never read.
+CACHE_FORMAT = 3  # Bump when the meaning of a cached file changes: old files are then never read.
 RGB_NAMES = (['red', 'green', 'blue'], ['r', 'g', 'b'], ['rgb_r', 'rgb_g', 'rgb_b'])
 
 
@@ -228,6 +230,15 @@ class FeatureStats:
             np.savez(f, **arrays)
 
     @staticmethod
+    def read_meta(path: str):
+        """The header of a saved file (what it captured, how many items), or None when missing or unreadable."""
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                return json.loads(str(data['meta']))
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+
+    @staticmethod
     def load(path: str) -> 'FeatureStats':
         with np.load(path, allow_pickle=False) as data:
             meta = json.loads(str(data['meta']))
@@ -261,17 +272,96 @@ def _shard(indices: np.ndarray, opts) -> np.ndarray:
     return indices[(np.arange(per_rank) * opts.num_gpus + opts.rank) % n]
 
 
-def dataset_cache_key(dataset, opts, content: str = None, **options) -> str:
-    """Digest of everything real-data statistics depend on: archive content, subset, detector and options."""
-    if content is None:
-        if not hasattr(dataset, 'content_hash'):
-            raise MetricError(f'{getattr(dataset, "path", dataset)}: dataset has no content_hash(); cannot key a cache on it')
-        content = dataset.content_hash()
-    key = dict(format=CACHE_FORMAT, content=content, subset=getattr(dataset, 'subset', 'all'),
-               # Path and use_labels do not change pixels: a moved archive keeps its statistics.
-               dataset_kwargs={k: v for k, v in sorted(opts.dataset_kwargs.items()) if k not in ('path', 'use_labels')},
-               **options)
+def dataset_cache_key(dataset, content: str, indices, **options) -> str:
+    """Digest of what real-data statistics depend on, and nothing else: the pixels (archive content, which items,
+    x-flipped or not), the detector and the metric's options (what, channels). The training seed, the metric
+    name, the subset-sampling parameters and the recorded resolution only reach the key through the items
+    they select, so every metric that measures the same images shares one file."""
+    indices = np.asarray(indices, dtype=np.int64)
+    flips = getattr(dataset, '_xflip', None)  # Per item: 1 = the mirrored copy of an image.
+    items = hashlib.sha256()
+    for i in indices.tolist():
+        name = dataset.image_fname(i) if hasattr(dataset, 'image_fname') else str(i)
+        items.update(f'{name}:{int(flips[i]) if flips is not None else 0}\n'.encode())
+    key = dict(format=CACHE_FORMAT, content=content, items=items.hexdigest(), **options)
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _satisfies(stats: 'FeatureStats', capture_all: bool = False, capture_mean_cov: bool = False) -> bool:
+    return (stats.capture_all or not capture_all) and (stats.capture_mean_cov or not capture_mean_cov)
+
+
+def _load_cached(path: str, opts, stats_kwargs: dict):
+    """Cached statistics at ``path`` that hold what ``stats_kwargs`` asks for, or None (missing, damaged: warned)."""
+    usable = None
+    if opts.rank == 0 and os.path.isfile(path):
+        try:
+            usable = FeatureStats.load(path)
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+            # A killed copy or a full disk: the statistics are recomputed and the file rewritten.
+            print(f'warning: {path}: damaged statistics cache ({type(err).__name__}); recomputing', file=sys.stderr,
+                  flush=True)
+        if usable is not None and not _satisfies(usable, **stats_kwargs):
+            usable = None
+    if not _broadcast_flag(usable is not None, opts):
+        return None
+    return usable if usable is not None else FeatureStats.load(path)
+
+
+def _merged_capture(path: str, stats_kwargs: dict) -> dict:
+    """What to capture when (re)computing: the request plus what an existing file held, so one file serves both."""
+    out = dict(capture_all=bool(stats_kwargs.get('capture_all')), capture_mean_cov=bool(stats_kwargs.get('capture_mean_cov')))
+    meta = FeatureStats.read_meta(path)
+    if meta is not None:
+        out['capture_all'] |= meta['capture_all'] and FeatureMemo.fits(meta['num_items'], 1, meta['num_features'] or 0)
+        out['capture_mean_cov'] |= meta['capture_mean_cov']
+    return out
+
+
+def stats_from_rows(rows: np.ndarray, chunk: int, max_items: int = None, **stats_kwargs) -> 'FeatureStats':
+    """FeatureStats of feature rows, appended in chunks of ``chunk`` rows: the order and grouping of a streamed
+    pass over the same items, so mean and covariance come out as if the items had been streamed."""
+    stats = FeatureStats(max_items=len(rows) if max_items is None else max_items, **stats_kwargs)
+    if len(rows) == 0:
+        return stats
+    for start in range(0, len(rows), chunk):
+        stats.append(rows[start:start + chunk])
+    return stats
+
+
+class FeatureMemo:
+    """Features shared by the metrics of one evaluation (one snapshot): each real image and each generated
+    set goes through a detector once, however many metrics ask for it.
+
+    Reals: one pass over the whole archive keeps every row; each request (all items, a random subset, one
+    class) takes its rows. Generated: a set is keyed by everything that decides its images (G, its kwargs,
+    labels, count, seed), so FID and KID of the same size share it. Kept within ``MAX_BYTES``; a larger
+    request streams as if there were no memo.
+    """
+
+    MAX_BYTES = 2 << 30
+
+    def __init__(self):
+        self.real_rows = {}     # (detector digest, what, dataset key, channels) -> rows [len(dataset), F]
+        self.generated = {}     # (detector digest, what, G key, num_items, labels digest, channels) -> FeatureStats
+
+    @staticmethod
+    def fits(num_items: int, num_sets: int, num_features: int = 2048) -> bool:
+        return num_items * num_sets * num_features * 4 <= FeatureMemo.MAX_BYTES
+
+
+def _real_rows(opts, dataset, detector, todo: list, what: str) -> dict:
+    """``{suffix: rows of every item of the dataset}`` from the memo, computed (or read from the cache) once."""
+    memo = opts.feature_memo
+    dataset_key = json.dumps(dict(opts.dataset_kwargs), sort_keys=True, default=str)
+    keys = {suffix: (detector.digest, what, dataset_key, tuple(idx)) for suffix, idx in todo}
+    missing = [(suffix, idx) for suffix, idx in todo if keys[suffix] not in memo.real_rows]
+    if missing:
+        plain = dnnlib.EasyDict(opts, feature_memo=None)
+        stats = compute_feature_stats_for_dataset(plain, detector, missing, what=what, tag='all', capture_all=True)
+        for suffix, _ in missing:
+            memo.real_rows[keys[suffix]] = stats[suffix].get_all()
+    return {suffix: memo.real_rows[keys[suffix]] for suffix, _ in todo}
 
 
 def compute_feature_stats_for_dataset(
@@ -281,10 +371,11 @@ def compute_feature_stats_for_dataset(
     what: str = 'features',     # Detector output: 'features' or 'class_probs'.
     max_items: int = None,      # Random subset of at most this many reals (fixed seed); None = all.
     indices=None,               # Restrict to these dataset indices (e.g. one class); None = all.
-    tag: str = 'all',           # Names the restriction in the cache key (e.g. 'plane=axial').
+    tag: str = 'all',           # Names the restriction in the progress line (e.g. 'plane=axial').
     **stats_kwargs,             # capture_all / capture_mean_cov.
 ) -> dict:
-    """Statistics of real images per channel set ``{suffix: FeatureStats}``, from the cache when it is valid."""
+    """Statistics of real images per channel set ``{suffix: FeatureStats}``: from the cache when it holds them,
+    else from the evaluation's shared features (``opts.feature_memo``), else from one pass over the images."""
     dataset = get_dataset(opts)
     indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
     if max_items is not None and len(indices) > max_items:
@@ -296,28 +387,38 @@ def compute_feature_stats_for_dataset(
     content = dataset.content_hash() if opts.cache and hasattr(dataset, 'content_hash') else None
     for suffix, idx in sets:
         if opts.cache:
-            key = dataset_cache_key(dataset, opts, content, detector=detector.digest, what=what, max_items=max_items, tag=tag,
-                                    seed=opts.seed, channels=idx, num_items=len(indices), stats=stats_kwargs)
+            if content is None:
+                raise MetricError(f'{getattr(dataset, "path", dataset)}: dataset has no content_hash(); cannot key a cache on it')
+            key = dataset_cache_key(dataset, content, indices, detector=detector.digest, what=what, channels=list(idx))
             paths[suffix] = dnnlib.make_cache_dir_path('gan-metrics', f'{dataset.name}-{what}-{key[:32]}.npz')
-            if _broadcast_flag(os.path.isfile(paths[suffix]), opts):
-                out[suffix] = FeatureStats.load(paths[suffix])
+            cached = _load_cached(paths[suffix], opts, stats_kwargs)
+            if cached is not None:
+                out[suffix] = cached
                 continue
         todo.append((suffix, idx))
     if not todo:
         return out
-
-    for suffix, _ in todo:
-        out[suffix] = FeatureStats(max_items=len(indices), **stats_kwargs)
-    shard = _shard(indices, opts)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=opts.batch_size,
-                                         num_workers=opts.num_workers)
-    fn = _feature_fn(detector, what)
-    with dnnlib.ProgressBar(len(indices), desc=f'reals {tag}', unit='img', enabled=opts.progress) as bar:
-        for images, _labels in loader:
-            images = torch.as_tensor(images)
-            for suffix, idx in todo:
-                out[suffix].append_torch(fn(select_rgb(to_uint8(images, dataset.dtype_max), idx)), opts.num_gpus)
-            bar.update(min(images.shape[0] * opts.num_gpus, len(indices) - bar.done))  # The last shards wrap round.
+    memo = opts.get('feature_memo')
+    if memo is not None and FeatureMemo.fits(len(dataset), len(todo)):
+        rows = _real_rows(opts, dataset, detector, todo, what)
+        for suffix, _ in todo:  # Rows at hand: keep both kinds, so the cache file serves any later request.
+            out[suffix] = stats_from_rows(rows[suffix][indices], opts.batch_size * opts.num_gpus, capture_all=True,
+                                          capture_mean_cov=True)
+    else:
+        capture = {suffix: _merged_capture(paths[suffix], stats_kwargs) if opts.cache else dict(stats_kwargs)
+                   for suffix, _ in todo}
+        for suffix, _ in todo:
+            out[suffix] = FeatureStats(max_items=len(indices), **capture[suffix])
+        shard = _shard(indices, opts)
+        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=opts.batch_size,
+                                             num_workers=opts.num_workers)
+        fn = _feature_fn(detector, what)
+        with dnnlib.ProgressBar(len(indices), desc=f'reals {tag}', unit='img', enabled=opts.progress) as bar:
+            for images, _labels in loader:
+                images = torch.as_tensor(images)
+                for suffix, idx in todo:
+                    out[suffix].append_torch(fn(select_rgb(to_uint8(images, dataset.dtype_max), idx)), opts.num_gpus)
+                bar.update(min(images.shape[0] * opts.num_gpus, len(indices) - bar.done))  # The last shards wrap round.
     for suffix, _ in todo:
         if opts.cache and opts.rank == 0:
             out[suffix].save(paths[suffix])
@@ -386,13 +487,29 @@ def compute_feature_stats_for_generator(
     labels: np.ndarray = None,  # Labels to condition on (rows drawn at random); None = all real labels.
     **stats_kwargs,             # capture_all / capture_mean_cov.
 ) -> dict:
-    """Statistics of generated images per channel set; one G pass serves every channel set."""
+    """Statistics of generated images per channel set; one G pass serves every channel set, and with
+    ``opts.feature_memo`` every metric of the evaluation that asks for the same images."""
+    memo = opts.get('feature_memo')
+    key = None
+    if memo is not None:
+        label_key = 'all' if labels is None else hashlib.sha256(np.ascontiguousarray(labels, np.float32).tobytes()).hexdigest()
+        key = (detector.digest, what, id(opts.G), json.dumps(dict(opts.G_kwargs), sort_keys=True, default=str), num_items,
+               label_key, tuple(tuple(idx) for _, idx in sets), opts.seed, opts.batch_size)
+        held = memo.generated.get(key)
+        if held is not None and all(_satisfies(held[suffix], **stats_kwargs) for suffix, _ in sets):
+            return held
+        if FeatureMemo.fits(num_items, len(sets)):
+            stats_kwargs = dict(stats_kwargs, capture_all=True, capture_mean_cov=True)  # Serves FID, KID, PR alike.
+        else:
+            key = None
     sampler = GeneratorSampler(opts, get_dataset(opts), labels)
     out = {suffix: FeatureStats(max_items=num_items, **stats_kwargs) for suffix, _ in sets}
     fn = _feature_fn(detector, what)
     for img in generated_batches(opts, sampler, num_items):
         for suffix, idx in sets:
             out[suffix].append_torch(fn(select_rgb(to_uint8(img), idx)), opts.num_gpus)
+    if key is not None:
+        memo.generated[key] = out
     return out
 
 

@@ -1,4 +1,5 @@
-"""Dataset archive writer: an uncompressed zip (or a folder) of images plus `dataset.json`, written atomically.
+"""Dataset archive writer: a zip (or a folder) of images plus `dataset.json`, written atomically. Members are stored,
+except `.npy` members that the caller deflated (`deflate`, `npy_entry`; dataset_tool.py --compress-level 1-9).
 
 The layout extends the StyleGAN2-ADA dataset format (Karras et al., "Training Generative Adversarial Networks with
 Limited Data", NeurIPS 2020): images at relative paths and `dataset.json` with "labels"; this project adds named

@@ -5,6 +5,11 @@
 # Pass an output folder as the first argument (default: quickstart/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# One compute thread per process unless you set OMP_NUM_THREADS: the networks here are tiny (32x32, batch 8), so
+# extra threads mostly wait on each other, and with DataLoader workers beside the trainer they oversubscribe the
+# cores. On the 2-core dev machine with other jobs running, 1 kimg took 370 s with one thread, while a run with
+# two threads had not finished half a kimg after 17 minutes.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
 out="${1:-quickstart}"
 python3 -m pip install -q -r requirements.txt
 mkdir -p "$out"

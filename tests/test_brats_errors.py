@@ -230,7 +230,7 @@ def test_nonempty_dest_folder(src, tmp_path):
     dest.mkdir()
     (dest / 'keep.txt').write_text('x')
     r = run_tool('--source', src, '--dest', dest)
-    assert r.exit_code != 0 and 'not an empty folder' in r.output
+    assert r.exit_code != 0 and '--dest exists; pass --overwrite' in r.output
     assert os.listdir(dest) == ['keep.txt']
 
 

@@ -216,3 +216,14 @@ def test_discover_ignores_debris_and_reports_unreadable(tmp_path, monkeypatch):
     assert [e.path for e in found] == [bad]
     with pytest.raises(brats.BratsError, match='folder cannot be read'):
         brats.discover_cases(tmp_path)
+
+
+def test_npy_reader_fortran_order_and_truncation(tmp_path):
+    from training.dataset import DatasetError
+    a = np.arange(2 * 4 * 4, dtype=np.uint16).reshape(2, 4, 4)
+    np.save(tmp_path / 'f.npy', np.asfortranarray(a))
+    assert np.array_equal(ImageFolderDataset(str(tmp_path))[0][0], a)
+    data = (tmp_path / 'f.npy').read_bytes()
+    (tmp_path / 'f.npy').write_bytes(data[:-5])
+    with pytest.raises(DatasetError, match='f.npy: unreadable image .*truncated'):
+        ImageFolderDataset(str(tmp_path))

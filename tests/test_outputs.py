@@ -4,8 +4,6 @@ import os
 
 import numpy as np
 import PIL.Image
-import pytest
-import torch
 
 import generate
 from torch_utils import snapshot

@@ -10,6 +10,7 @@ import re
 import click
 
 import dnnlib
+from training.cli import shape_problem
 
 # Preset hyper-parameters (Karras et al. 2020, "Training GANs with Limited Data", Appendix D / Table 3).
 CFG_SPECS = {
@@ -36,6 +37,31 @@ VOLUME_CLASSES = dict(G='mri.networks3d.Generator', D='mri.networks3d.Discrimina
                       grid_setup='mri.grid3d.setup_volume_grid', grid_save='mri.grid3d.save_volume_grid')
 
 AUGPIPE_NAMES = ['blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']
+
+# Ranges of the numeric options, defined once: train.py's --help shows them and setup_training_config enforces them.
+RANGES = dict(
+    gpus=click.IntRange(min=1),
+    p=click.FloatRange(min=0, max=1),
+    target=click.FloatRange(min=0, max=1),
+    freezed=click.IntRange(min=0),
+    kimg=click.FloatRange(min=0, min_open=True),
+    tick=click.FloatRange(min=0, min_open=True),
+    topk_gamma=click.FloatRange(min=0, max=1, min_open=True),       # 1 = no decay; 0 would drop every fake.
+    topk_min=click.FloatRange(min=0, max=1, min_open=True),
+    fq_dict=click.IntRange(min=2),
+    fq_decay=click.FloatRange(min=0, max=1, min_open=True, max_open=True),  # 1 would freeze the dictionary.
+    fq_weight=click.FloatRange(min=0),
+)
+
+
+def check_range(name: str, value):
+    """``value`` of option ``name`` (RANGES) or a click.UsageError naming ``--name`` and the range."""
+    if value is None:
+        return value
+    try:
+        return RANGES[name].convert(value, None, None)
+    except click.BadParameter as err:
+        raise click.UsageError(f'--{name.replace("_", "-")}: {err.message}') from None
 
 
 def parse_int_list(value, flag: str):
@@ -82,6 +108,7 @@ def setup_training_config(
     metrics: str = None,            # Comma-separated metric names, or 'none'; None = fid50k_full (fid25d_full for volumes).
     detector: str = None,           # Inception detector path/URL override for the metrics.
     detector3d: str = None,         # 3D feature network (TorchScript) for fid3d_full.
+    vgg_detector: str = None,       # VGG16 detector path/URL override (pr*, ppl*).
     seed: int = 0,                  # Random seed.
     resume: str = None,             # Snapshot to start from (weights only).
     freezed: int = 0,               # FreezeD layers.
@@ -110,8 +137,8 @@ def setup_training_config(
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.UsageError('--device=cuda: no CUDA device is available; use --device=cpu')
-    if gpus < 1:
-        raise click.UsageError('--gpus must be at least 1')
+    for name, value in dict(gpus=gpus, p=p, target=target, freezed=freezed, kimg=kimg, tick=tick).items():
+        check_range(name, value)
     if device == 'cuda' and gpus > torch.cuda.device_count():
         raise click.UsageError(f'--gpus={gpus}: only {torch.cuda.device_count()} CUDA device(s) visible')
     c.device = device
@@ -137,9 +164,10 @@ def setup_training_config(
             raise click.UsageError('--mirror=1: flips the last array axis, which is not left-right in a volume; volumes '
                                    'get left-right flips from ADA (--aug=ada, on by default)')
     else:
+        problem = shape_problem(spatial)
+        if problem:
+            raise click.UsageError(f'--data: {data} holds images of {problem}; convert it again with dataset_tool.py --resolution')
         res = probe.resolution
-        if res < 4 or (res & (res - 1)) != 0:
-            raise click.UsageError(f'--data: resolution {res} is not a power of two')
     if not is_volume and (checkpointing or bf16):
         raise click.UsageError(f'--{"checkpointing" if checkpointing else "bf16"}: volumes only; {data} holds 2D {probe.kind}')
     c.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
@@ -203,10 +231,8 @@ def setup_training_config(
     fq = parse_int_list(fq_res, '--fq-res')
     _check_resolutions(fq, res, '--fq-res')
     if fq:
-        if fq_dict < 2:
-            raise click.UsageError('--fq-dict must be at least 2')
-        if not 0 < fq_decay < 1:
-            raise click.UsageError('--fq-decay must be in (0, 1)')
+        check_range('fq_dict', fq_dict)
+        check_range('fq_decay', fq_decay)
         c.D_kwargs.quantize_kwargs = dict(class_name='mri.fq.FeatureQuantizer', resolutions=fq, dict_size=fq_dict, decay=fq_decay)
 
     lr_g = glr if glr is not None else spec.lrate
@@ -218,18 +244,14 @@ def setup_training_config(
                                     style_mixing_prob=0 if cfg == 'cifar' else 0.9,
                                     pl_weight=0 if cfg == 'cifar' else 2)
     if fq:
-        c.loss_kwargs.fq_weight = fq_weight
+        c.loss_kwargs.fq_weight = check_range('fq_weight', fq_weight)
     if topk:
-        if not 0 < topk_gamma <= 1 or not 0 < topk_min <= 1:
-            raise click.UsageError('--topk-gamma and --topk-min must be in (0, 1]')
+        check_range('topk_gamma', topk_gamma)
+        check_range('topk_min', topk_min)
         c.loss_kwargs.topk_kwargs = dict(class_name='mri.topk.TopK', gamma=topk_gamma, min_frac=topk_min)
     c.ema_kimg = spec.ema
     c.ema_rampup = spec.ramp
     c.total_kimg = kimg if kimg is not None else spec.kimg
-    if c.total_kimg <= 0:
-        raise click.UsageError('--kimg must be positive')
-    if tick <= 0:
-        raise click.UsageError('--tick must be positive')
     c.kimg_per_tick = tick
     c.image_snapshot_ticks = c.network_snapshot_ticks = snap
     c.random_seed = seed
@@ -250,8 +272,6 @@ def setup_training_config(
             c.augment_kwargs = dnnlib.EasyDict(class_name=VOLUME_CLASSES['augment'], channel_names=probe.channels,
                                                **{k: v for k, v in augpipe_specs[augpipe].items() if k in keys})
         if aug == 'ada':
-            if not 0 <= target <= 1:
-                raise click.UsageError('--target must be in [0, 1]')
             c.ada_target = target
             c.ada_kimg = 100 if cfg == 'cifar' else 500
         else:
@@ -265,7 +285,11 @@ def setup_training_config(
     if metrics is None:
         metrics = 'fid25d_full' if len(probe.image_shape) == 4 else 'fid50k_full'
     c.metrics = [] if metrics in ('', 'none') else [m.strip() for m in metrics.split(',') if m.strip()]
-    c.metric_kwargs = dnnlib.EasyDict(detector_url=detector) if detector else dnnlib.EasyDict()
+    c.metric_kwargs = dnnlib.EasyDict()
+    if detector:
+        c.metric_kwargs.detector_url = detector
+    if vgg_detector:
+        c.metric_kwargs.vgg_detector_url = vgg_detector
     if c.metrics:
         from metrics import metric_main
         bad = [m for m in c.metrics if not metric_main.is_valid_metric(m)]
@@ -292,8 +316,6 @@ def setup_training_config(
         else:
             raise click.UsageError(f'--resume: {resume} is neither a run dir nor a snapshot file')
     c.allow_pickle = allow_pickle
-    if freezed < 0:
-        raise click.UsageError('--freezed must be non-negative')
     c.freezed = freezed
     c.cudnn_benchmark = not nobench
     c.allow_tf32 = allow_tf32

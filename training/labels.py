@@ -1,4 +1,4 @@
-"""Class labels by name: ``axial``, ``axial,t2w`` (one value per group), an index, or ``all``.
+"""Class labels by name: ``axial``, ``axial,t2w`` (one value per group), an index (one group only), or ``all``.
 
 The label vector is the concatenation of named one-hot groups (DESIGN.md); these helpers turn what a person
 types into vectors and back, and list the valid names when something does not match.
@@ -25,7 +25,7 @@ def valid_names_text(label_names, label_groups) -> str:
 
 
 def parse_class(spec, label_names, label_groups=None) -> np.ndarray:
-    """One label vector for ``spec`` (names, comma-separated per group, or an integer index)."""
+    """One label vector for ``spec`` (names, comma-separated per group, or an integer index when there is one group)."""
     label_names = list(label_names or [])
     dim = len(label_names)
     groups = _groups(label_names, label_groups)
@@ -39,6 +39,11 @@ def parse_class(spec, label_names, label_groups=None) -> np.ndarray:
     vec = np.zeros([dim], dtype=np.float32)
     if spec.lstrip('-').isdigit():
         idx = int(spec)
+        if len(groups) > 1:
+            # One index sets one bit, but every group needs one: the result would be a label never trained on.
+            raise ClassSpecError(f'--class {spec}: an index is ambiguous with {len(groups)} label groups; give one name '
+                                 f'per group, e.g. {",".join(g["values"][0] for g in groups)} '
+                                 f'(valid: {valid_names_text(label_names, label_groups)})')
         if not 0 <= idx < dim:
             raise ClassSpecError(f'--class {idx}: index out of range 0..{dim - 1} ({", ".join(label_names)})')
         vec[idx] = 1

@@ -563,11 +563,15 @@ def _write_snapshot_and_state(run_dir, rank, num_gpus, device, cur_nimg, cur_tic
 
 
 def _evaluate_metrics(metrics, metric_kwargs, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_file):
+    """Every metric of a snapshot, sharing detector features; rank 0 shows calc_metrics.py's progress lines
+    (images, rate, time left) in the log, and reports each result."""
     from metrics import metric_main  # Imported lazily: runs without --metrics never load detectors.
+    kwargs = dict(progress=rank == 0)
+    kwargs.update(metric_kwargs)
+    done = metric_main.calc_metrics(metrics, G=G_ema, dataset_kwargs=training_set_kwargs, num_gpus=num_gpus, rank=rank,
+                                    device=device, run_dir=run_dir, **kwargs)
     results = {}
-    for metric in metrics:
-        result = metric_main.calc_metric(metric=metric, G=G_ema, dataset_kwargs=training_set_kwargs,
-                                         num_gpus=num_gpus, rank=rank, device=device, run_dir=run_dir, **metric_kwargs)
+    for metric, result in zip(metrics, done):
         if rank == 0:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_file)
         results.update({f'{metric}/{k}' if k != metric else k: v for k, v in result.results.items()})
