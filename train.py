@@ -159,14 +159,18 @@ def resume_config(run_dir: str, kimg: float = None) -> dnnlib.EasyDict:
 @click.option('--gamma',        help='R1 regularization weight [default: preset]', metavar='FLOAT', type=click.FloatRange(min=0))
 @click.option('--mbstd-group',  help='Minibatch std group size [default: preset]', metavar='INT', type=click.IntRange(min=0))
 # MRI training hooks.
-@bool_option('--topk',          help='Top-k generator updates (Sinha et al. 2020)')
-@click.option('--topk-gamma',   help='Top-k decay per epoch', metavar='FLOAT', type=RANGES['topk_gamma'], default=0.99, show_default=True)
-@click.option('--topk-min',     help='Top-k minimum fraction', metavar='FLOAT', type=RANGES['topk_min'], default=0.5, show_default=True)
+@bool_option('--topk',          help='Top-k generator updates over the whole batch (Sinha et al. 2020)')
+@click.option('--topk-gamma',   help='Top-k decay per epoch of distinct images', metavar='FLOAT', type=RANGES['topk_gamma'], default=0.99, show_default=True)
+@click.option('--topk-min',     help='Top-k minimum fraction (nu)', metavar='FLOAT', type=RANGES['topk_min'], default=0.75, show_default=True)
+@bool_option('--topk-global',   help="Top-k over the batch of all GPUs, not each GPU's")
 @click.option('--fq-res',       help='D feature quantization resolutions, e.g. 32,16', metavar='LIST', type=str)
 @click.option('--fq-dict',      help='FQ dictionary size', metavar='INT', type=RANGES['fq_dict'], default=256, show_default=True)
-@click.option('--fq-decay',     help='FQ dictionary EMA decay', metavar='FLOAT', type=RANGES['fq_decay'], default=0.8, show_default=True)
-@click.option('--fq-weight',    help='FQ commitment loss weight', metavar='FLOAT', type=RANGES['fq_weight'], default=1.0, show_default=True)
-@click.option('--attn-res',     help='Self-attention resolutions in G and D, e.g. 32,64', metavar='LIST', type=str)
+@click.option('--fq-decay',     help='FQ dictionary EMA decay per D step', metavar='FLOAT', type=RANGES['fq_decay'], default=0.8, show_default=True)
+@click.option('--fq-weight',    help='FQ commitment loss weight (D, and G on fakes)', metavar='FLOAT', type=RANGES['fq_weight'], default=1.0, show_default=True)
+@click.option('--fq-mode',      help='forward: D continues with the codes (R1 on the unquantized D); loss: commitment loss and dictionary only', type=click.Choice(['forward', 'loss']), default='forward', show_default=True)
+@click.option('--attn-res',     help="Self-attention in G and D at these resolutions, 4 .. res/2, e.g. 16,32. "
+                                     "Memory per layer in R1/path-length passes: 8*N*L*L' bytes, L=R*R, L'=L/4 from 64x64 "
+                                     "(1 GiB at 64, batch-gpu 32)", metavar='LIST', type=str)
 @bool_option('--checkpointing', help='Volumes: recompute block activations in backward (less memory, more time)')
 @bool_option('--bf16',          help='Volumes: bfloat16 instead of float16 in the mixed-precision blocks')
 # Misc settings.

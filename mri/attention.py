@@ -20,8 +20,12 @@ Choices made here (see docs/hooks.md):
   start almost one-hot for wide layers.
 - Keys and values are 2x2 max-pooled (SAGAN/BigGAN) by default at 64x64 and above, where the attention
   matrix (H*W)^2 would otherwise dominate memory; smaller maps attend at full resolution.
-- The attention is written with matmul + softmax, not torch's fused scaled_dot_product_attention, because
-  D's R1 penalty differentiates D twice and the fused memory-efficient kernels have no double backward.
+- Two paths give the same result: torch's fused scaled_dot_product_attention (flash / memory-efficient kernels,
+  no (H*W) x (H*W') matrix kept for backward), used by default, and the math path (matmul + softmax), used inside
+  `training.networks.double_backward()` (D's R1 pass, G's path-length pass), because the fused kernels have no
+  double backward. `fused=False` forces the math path everywhere.
+- Memory: the math path keeps the logits and the softmax, 2 * N * L * L' float32 values per layer
+  (`memory_bytes()`), L = H*W, L' = L / 4 when pooled; the fused path keeps O(N * L * C).
 - All arithmetic is in float32 whatever the input dtype; the result is cast back to the input dtype.
 """
 
@@ -29,6 +33,8 @@ import math
 
 import torch
 from torch.nn import functional as F
+
+from training import networks as _networks
 
 #----------------------------------------------------------------------------
 
@@ -75,6 +81,7 @@ class SelfAttention(torch.nn.Module):
         pool            = None,         # 2x2 max-pool keys/values: True, False, None = when H*W >= pool_min_pixels.
         pool_min_pixels = 64 * 64,      # Spatial size at which pool=None starts pooling.
         lr_multiplier   = 1,            # Learning-rate multiplier of the 1x1 convolutions.
+        fused           = True,         # Fused SDPA kernel outside double_backward(); False = math path always.
     ):
         super().__init__()
         if int(channels) < 1:
@@ -89,6 +96,7 @@ class SelfAttention(torch.nn.Module):
         self.value_channels = max(self.channels // int(value_ratio), 1)
         self.pool = pool
         self.pool_min_pixels = int(pool_min_pixels)
+        self.fused = bool(fused)
 
         self.query = EqualLinear1x1(self.channels, self.key_channels, lr_multiplier=lr_multiplier)
         self.key = EqualLinear1x1(self.channels, self.key_channels, lr_multiplier=lr_multiplier)
@@ -100,9 +108,18 @@ class SelfAttention(torch.nn.Module):
 
     def uses_pool(self, height, width):
         """Whether keys/values are max-pooled for an input of this spatial size."""
-        if self.pool is None:
-            return height * width >= self.pool_min_pixels and height >= 2 and width >= 2
-        return bool(self.pool)
+        return _uses_pool(self.pool, self.pool_min_pixels, height, width)
+
+    def uses_fused(self):
+        """Whether the next forward takes the fused kernel (False inside training.networks.double_backward())."""
+        return self.fused and not _networks.double_backward_needed()
+
+    @staticmethod
+    def memory_bytes(batch, resolution, pool=None, pool_min_pixels=64 * 64):
+        """Bytes the math path keeps per layer for backward: logits and softmax, 2 * N * L * L' float32."""
+        length = int(resolution) ** 2
+        keys = math.ceil(resolution / 2) ** 2 if _uses_pool(pool, pool_min_pixels, resolution, resolution) else length
+        return 2 * 4 * int(batch) * length * keys
 
     def forward(self, x):
         if x.ndim != 4 or x.shape[1] != self.channels:
@@ -120,9 +137,14 @@ class SelfAttention(torch.nn.Module):
         k = self.key(kv.reshape(N, C, -1))                              # [N, Ck, L']
         v = self.value(kv.reshape(N, C, -1))                            # [N, Cv, L']
 
-        logits = torch.matmul(q.transpose(1, 2), k) * (1 / math.sqrt(self.key_channels))    # [N, L, L']
-        beta = torch.softmax(logits, dim=2)                             # SAGAN eq. 1: over key positions
-        o = torch.matmul(v, beta.transpose(1, 2))                       # [N, Cv, L]: SAGAN eq. 2
+        if self.uses_fused():
+            # Same scale 1/sqrt(Ck), softmax over keys; [N, 1, L, Ck] x [N, 1, L', Ck] x [N, 1, L', Cv] -> [N, 1, L, Cv].
+            o = F.scaled_dot_product_attention(q.transpose(1, 2)[:, None], k.transpose(1, 2)[:, None],
+                                               v.transpose(1, 2)[:, None])[:, 0].transpose(1, 2)       # [N, Cv, L]
+        else:
+            logits = torch.matmul(q.transpose(1, 2), k) * (1 / math.sqrt(self.key_channels))    # [N, L, L']
+            beta = torch.softmax(logits, dim=2)                         # SAGAN eq. 1: over key positions
+            o = torch.matmul(v, beta.transpose(1, 2))                   # [N, Cv, L]: SAGAN eq. 2
         o = self.out(o).reshape(N, C, H, W)
 
         y = x32 + self.gain.to(torch.float32) * o                      # SAGAN eq. 3
@@ -131,6 +153,12 @@ class SelfAttention(torch.nn.Module):
 
     def extra_repr(self):
         return (f'channels={self.channels}, resolution={self.resolution}, key_channels={self.key_channels}, '
-                f'value_channels={self.value_channels}, pool={self.pool}')
+                f'value_channels={self.value_channels}, pool={self.pool}, fused={self.fused}')
+
+
+def _uses_pool(pool, pool_min_pixels, height, width):
+    if pool is None:
+        return height * width >= pool_min_pixels and height >= 2 and width >= 2
+    return bool(pool)
 
 #----------------------------------------------------------------------------

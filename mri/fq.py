@@ -24,9 +24,16 @@ Choices made here (see docs/hooks.md):
   same phases).
 - Distances, the loss and the update are float32 whatever the input dtype; x_q is cast back to the input dtype.
 - The dictionary and EMA statistics are buffers, so they are saved in state_dict() and in snapshots.
+- mode='forward' feeds x_q on (the paper's description); mode='loss' feeds x on unchanged and keeps only the
+  commitment loss and the dictionary (what FQ-GAN's official code ends up doing: it computes x_q and discards it).
+- One EMA step per optimizer step of D: while `deferred` is True (the loss sets it for a whole D phase), the
+  batches of every forward(update=True) are summed and ema_step() applies them at once, so the decay the user
+  sets is the decay per D step, whatever the number of passes (fake + real) and accumulation rounds.
 """
 
 import torch
+
+MODES = ('forward', 'loss')
 
 #----------------------------------------------------------------------------
 
@@ -41,9 +48,10 @@ class FeatureQuantizer(torch.nn.Module):
     def __init__(self,
         channels,                       # Feature dimension C (dimension of each code).
         dict_size   = 256,              # Number of codes K.
-        decay       = 0.8,              # EMA decay of the dictionary statistics (FQ-GAN uses 0.8 for 2D images).
+        decay       = 0.8,              # EMA decay of the dictionary statistics per EMA step (FQ-GAN uses 0.8 for 2D images).
         eps         = 1e-5,             # Laplace smoothing of the cluster sizes.
         init_std    = 0.1,              # Standard deviation of the random initial codes.
+        mode        = 'forward',        # 'forward': D continues with x_q; 'loss': D continues with x (loss and dictionary only).
     ):
         super().__init__()
         if int(channels) < 1 or int(dict_size) < 1:
@@ -52,6 +60,9 @@ class FeatureQuantizer(torch.nn.Module):
             raise ValueError(f'mri/fq.py: decay must be in [0, 1), got {decay}')
         if not float(eps) > 0:
             raise ValueError(f'mri/fq.py: eps must be > 0, got {eps}')
+        if mode not in MODES:
+            raise ValueError(f'mri/fq.py: mode must be one of {", ".join(MODES)}, got {mode!r}')
+        self.mode = mode
         self.channels = int(channels)
         self.dict_size = int(dict_size)
         self.decay = float(decay)
@@ -63,6 +74,8 @@ class FeatureQuantizer(torch.nn.Module):
         self.register_buffer('cluster_size', torch.ones([self.dict_size]))          # [K] EMA counts N_k
         self.register_buffer('embed_sum', embed.clone())                            # [K, C] EMA sums m_k
         self._last_counts = None        # [K] code usage of the last forward on this rank (not saved)
+        self._pending = None            # [K, 1 + C] batch counts and sums not yet applied by ema_step()
+        self.deferred = False           # True = forward(update=True) only accumulates; ema_step() applies.
 
     #------------------------------------------------------------------------
 
@@ -87,26 +100,39 @@ class FeatureQuantizer(torch.nn.Module):
         q = self.embed.to(torch.float32)[idx]                           # [M, C], a buffer: no gradient
 
         commit_loss = (flat - q).square().mean()                        # q is a buffer, so this is ||x - sg(q)||^2
-        x_q = flat + (q - flat).detach()                                # straight-through estimator
-        x_q = x_q.reshape(x.shape[0], *x.shape[2:], self.channels).movedim(-1, 1).to(dtype)
+        if self.mode == 'forward':
+            x_q = flat + (q - flat).detach()                            # straight-through estimator
+            x_q = x_q.reshape(x.shape[0], *x.shape[2:], self.channels).movedim(-1, 1).to(dtype)
+        else:
+            x_q = x                                                     # 'loss' mode: D's features go on unchanged
         assert x_q.shape == x.shape
 
         counts = torch.bincount(idx, minlength=self.dict_size).to(torch.float32)
         self._last_counts = counts.detach()
         if update and self.training:
-            self._ema_update(flat.detach(), idx, counts)
+            self._accumulate(flat.detach(), idx, counts)
+            if not self.deferred:
+                self.ema_step()
         return x_q, commit_loss
 
     @torch.no_grad()
-    def _ema_update(self, flat, idx, counts):
-        """One EMA step of the dictionary from this batch (all ranks' batches when distributed)."""
+    def _accumulate(self, flat, idx, counts):
+        """Adds this batch's code counts and feature sums to the pending statistics."""
         sums = torch.zeros([self.dict_size, self.channels], dtype=torch.float32, device=flat.device)
         sums.index_add_(0, idx, flat)
+        packed = torch.cat([counts[:, None], sums], dim=1)
+        self._pending = packed if self._pending is None else self._pending + packed
+
+    @torch.no_grad()
+    def ema_step(self):
+        """One EMA step of the dictionary from the pending batches (all ranks' when distributed); no-op if none."""
+        if self._pending is None:
+            return
+        packed, self._pending = self._pending, None
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # One all-reduce for both: every rank then applies the identical update to an identical dictionary.
-            packed = torch.cat([counts[:, None], sums], dim=1)
             torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.SUM)
-            counts, sums = packed[:, 0], packed[:, 1:]
+        counts, sums = packed[:, 0], packed[:, 1:]
 
         cluster_size = self.cluster_size.to(torch.float32) * self.decay + counts * (1 - self.decay)
         embed_sum = self.embed_sum.to(torch.float32) * self.decay + sums * (1 - self.decay)
@@ -133,6 +159,6 @@ class FeatureQuantizer(torch.nn.Module):
         return float((self._last_counts > 0).sum()) / self.dict_size
 
     def extra_repr(self):
-        return f'channels={self.channels}, dict_size={self.dict_size}, decay={self.decay}, eps={self.eps}'
+        return f'channels={self.channels}, dict_size={self.dict_size}, decay={self.decay}, eps={self.eps}, mode={self.mode}'
 
 #----------------------------------------------------------------------------

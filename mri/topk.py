@@ -6,8 +6,11 @@ batch that the discriminator rates as most realistic contribute to the loss; the
 their gradients point G toward the worst samples rather than toward the data. k starts at the whole batch
 and shrinks as training goes on (the critic is only informative once it is trained):
 
-    fraction(epoch) = max(gamma ** epoch, min_frac)          (Sinha et al. section 3: gamma = 0.99, nu = 0.5)
+    fraction(epoch) = max(gamma ** epoch, min_frac)          (Sinha et al. section 3: gamma = 0.99, nu = min_frac)
     k(batch, epoch) = ceil(batch * fraction(epoch)),  1 <= k <= batch
+
+Defaults gamma = 0.99, min_frac = 0.75 (docs/hooks.md says where nu = 0.75 comes from). "batch" is the whole batch
+of a G step (all accumulation rounds; all processes with --topk-global), as in the paper, not one round.
 
 Sign convention. `scores` are D's raw logits on the fakes, D(G(z)) in [N] or [N, 1]. In this project's
 non-saturating loss G minimises softplus(-D(G(z))) and D minimises softplus(D(fake)) + softplus(-D(real)),
@@ -16,7 +19,7 @@ with the smallest generator loss. A loss whose critic gives larger values to fak
 its scores before calling select().
 
 "epoch" is the caller's count of passes over the training set (it may be fractional, e.g. images seen /
-dataset size); this module only evaluates the schedule.
+distinct training images, mirrored copies not counted); this module only evaluates the schedule.
 """
 
 import math
@@ -30,7 +33,7 @@ class TopK:
 
     def __init__(self,
         gamma       = 0.99,             # Per-epoch decay of the kept fraction, in (0, 1].
-        min_frac    = 0.5,              # Floor of the kept fraction, in (0, 1].
+        min_frac    = 0.75,             # Floor of the kept fraction nu, in (0, 1] (see docs/hooks.md).
     ):
         if not 0 < float(gamma) <= 1:
             raise ValueError(f'mri/topk.py: gamma must be in (0, 1], got {gamma}')

@@ -10,6 +10,7 @@ from torch.nn import functional as F
 from mri.attention import SelfAttention
 from mri.fq import FeatureQuantizer
 from mri.topk import TopK, topk_loss
+from training.networks import double_backward
 
 #----------------------------------------------------------------------------
 # Self-attention.
@@ -104,6 +105,84 @@ def test_attention_rejects_bad_input():
         layer(torch.zeros([1, 4, 16, 16]))
     with pytest.raises(ValueError, match='channels'):
         SelfAttention(channels=0)
+
+def test_attention_fused_path_matches_math_path_and_double_backward_context_takes_math():
+    # Outside training.networks.double_backward() the fused kernel runs; inside, the math path (R1 / path length
+    # differentiate twice, which the fused GPU kernels cannot). Both give the same result.
+    torch.manual_seed(6)
+    layer = SelfAttention(channels=8, resolution=8, pool=True)
+    with torch.no_grad():
+        layer.gain.fill_(0.7)
+    x = torch.randn([3, 8, 8, 8])
+    assert layer.uses_fused()
+    fused = layer(x)
+    with double_backward():
+        assert not layer.uses_fused()
+        math_path = layer(x)
+    assert not torch.equal(fused, x)
+    torch.testing.assert_close(fused, math_path, rtol=1e-5, atol=1e-5)
+    assert not SelfAttention(channels=8, fused=False).uses_fused()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA: the fused kernels are GPU kernels')
+def test_attention_on_gpu_fused_outside_and_twice_differentiable_inside_double_backward():
+    torch.manual_seed(7)
+    layer = SelfAttention(channels=64, resolution=32).cuda()
+    with torch.no_grad():
+        layer.gain.fill_(0.5)
+    x = torch.randn([4, 64, 32, 32], device='cuda', requires_grad=True)
+    with double_backward():
+        y = layer(x)
+        (g,) = torch.autograd.grad(y.square().sum(), x, create_graph=True)
+        g.square().sum().backward()
+    assert layer.query.weight.grad.abs().max() > 0
+    torch.testing.assert_close(layer(x), y, rtol=1e-3, atol=1e-3)  # fused (tf32/flash) vs math path
+
+
+def test_attention_memory_formula():
+    # Math path: logits + softmax, 2 * N * L * L' float32. 64x64 pools keys (L' = L / 4): 1 GiB at batch 32.
+    assert SelfAttention.memory_bytes(32, 64) == 2 ** 30
+    assert SelfAttention.memory_bytes(32, 128) == 16 * 2 ** 30
+    assert SelfAttention.memory_bytes(8, 32) == 2 * 4 * 8 * 1024 * 1024          # 32x32: no pooling
+    assert SelfAttention.memory_bytes(8, 32, pool=True) == 2 * 4 * 8 * 1024 * 256
+
+
+def _tiny_G_D(attn_res_g, attn_res_d):
+    from training import networks
+    tiny = dict(channel_base=128, channel_max=16, num_fp16_res=0, conv_clamp=None)
+    attn = dict(class_name='mri.attention.SelfAttention')
+    G = networks.Generator(z_dim=8, c_dim=0, w_dim=16, img_resolution=16, img_channels=1, mapping_kwargs=dict(num_layers=1),
+                           attn_res=attn_res_g, attn_kwargs=attn, **tiny)
+    D = networks.Discriminator(c_dim=0, img_resolution=16, img_channels=1, attn_res=attn_res_d, attn_kwargs=attn, **tiny)
+    return G, D
+
+
+@pytest.mark.parametrize('res', [4, 8, 16])
+def test_attention_in_G_changes_the_output_at_every_accepted_resolution(res):
+    # Attention runs before the block's toRGB, so even at the output resolution it changes the image.
+    torch.manual_seed(8)
+    G, _ = _tiny_G_D([res], [])
+    layer = getattr(G.synthesis, f'attn{res}')
+    z = torch.randn([2, 8])
+    base = G(z, None, noise_mode='const')
+    with torch.no_grad():
+        layer.gain.fill_(5.0)
+    changed = G(z, None, noise_mode='const')
+    assert (changed - base).abs().max() > 1e-4
+    changed.square().sum().backward()
+    assert layer.query.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize('res', [4, 8])
+def test_attention_in_D_changes_the_output_at_every_accepted_resolution(res):
+    torch.manual_seed(9)
+    _, D = _tiny_G_D([], [res])
+    layer = getattr(D, f'attn{res}')
+    img = torch.randn([2, 1, 16, 16])
+    base = D(img, None)
+    with torch.no_grad():
+        layer.gain.fill_(5.0)
+    assert (D(img, None) - base).abs().max() > 1e-4
 
 #----------------------------------------------------------------------------
 # Feature quantization.
@@ -205,6 +284,36 @@ def test_fq_no_update_in_eval_or_without_flag():
     fq(x, update=True)
     for k, v in fq.state_dict().items():
         assert torch.equal(v, state[k]), k
+
+
+def test_fq_loss_mode_passes_features_on_and_still_learns_the_dictionary():
+    fq, x, _, _ = _clustered_case()
+    fq.mode = 'loss'
+    before = fq.embed.clone()
+    fq.train()
+    y, loss = fq(x, update=True)
+    assert y is x and loss > 0                  # D continues with x itself; the commitment loss is computed
+    assert not torch.equal(fq.embed, before)    # and the dictionary moves
+    with pytest.raises(ValueError, match='mode'):
+        FeatureQuantizer(channels=2, mode='both')
+
+
+def test_fq_deferred_updates_apply_as_one_ema_step():
+    # Two passes accumulated then one ema_step() == one update from both batches together.
+    fq_a, x, _, _ = _clustered_case()
+    fq_b, _, _, _ = _clustered_case()
+    fq_b.load_state_dict(fq_a.state_dict())
+    x1, x2 = x[:, :, :25], x[:, :, 25:]
+    fq_a.train()
+    fq_b.train()
+    fq_a.deferred = True
+    fq_a(x1, update=True)
+    fq_a(x2, update=True)
+    assert torch.equal(fq_a.embed, fq_b.embed)  # nothing applied yet
+    fq_a.ema_step()
+    fq_b(x, update=True)
+    for k, v in fq_a.state_dict().items():
+        torch.testing.assert_close(v, fq_b.state_dict()[k], rtol=1e-5, atol=1e-6)
 
 
 def test_fq_usage_and_perplexity():

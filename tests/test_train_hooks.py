@@ -3,17 +3,23 @@
 import json
 import os
 
+import click
 import pytest
 import torch
+from click.testing import CliRunner
+
+import train
 
 from tests.helpers import make_png_folder
 from torch_utils import snapshot, training_stats
 from training import checkpoint
+from training import config as training_config
 from training.config import setup_training_config
 from training.training_loop import training_loop
 
 HOOKS = {
     'topk': dict(topk=True, topk_gamma=0.5, topk_min=0.25),
+    'topk-mirror': dict(topk=True, topk_gamma=0.5, topk_min=0.25, mirror=True),
     'fq': dict(fq_res='8', fq_dict=16, fq_decay=0.8, fq_weight=1.0),
     'attn': dict(attn_res='8'),
 }
@@ -44,8 +50,9 @@ def test_hook_trains_snapshots_and_resumes(name, data, tmp_path):
     state = checkpoint.load_training_state(run)
     with open(os.path.join(run, 'stats.jsonl')) as f:
         stats = [json.loads(line) for line in f]
-    if name == 'topk':
-        # 8 images per epoch; the last G step of 16 images starts at 12 seen: 0.5 ** (12 / 8), then the floor.
+    if name.startswith('topk'):
+        # 8 distinct images per epoch (--mirror's copies are not new images); the last G step of 16 images starts
+        # at 12 seen: 0.5 ** (12 / 8), then the floor.
         assert state['topk_fraction'] == pytest.approx(0.5 ** 1.5, abs=1e-6)
         assert 'Loss/topk_fraction' in stats[-1]
         assert snap.extra.config['training_set_kwargs']['use_labels']
@@ -60,7 +67,7 @@ def test_hook_trains_snapshots_and_resumes(name, data, tmp_path):
     assert result.cur_nimg == 32
     after = checkpoint.load_training_state(run)
     assert after['cur_nimg'] == 32
-    if name == 'topk':
+    if name.startswith('topk'):
         assert after['topk_fraction'] == pytest.approx(0.25)
     if name == 'fq':
         resumed = snapshot.load_snapshot(checkpoint.latest_snapshot(run))
@@ -80,3 +87,32 @@ def test_freezed_keeps_highest_resolution_blocks_of_D_fixed(data, tmp_path):
     stepped = {names[int(i)] for i in state['optimizers']['D']['state']}
     assert [n for n in names if n.startswith('b16.')] and not any(n.startswith('b16.') for n in stepped)
     assert any(n.startswith('b8.') for n in stepped)
+
+
+def test_full_resolution_attention_is_refused_in_one_line_before_any_work(data, tmp_path):
+    out = tmp_path / 'runs'
+    r = CliRunner().invoke(train.main, ['--outdir', str(out), '--data', data, '--attn-res', '8,16', '--device', 'cpu'])
+    assert r.exit_code == 2
+    lines = [line for line in r.output.splitlines() if line.startswith('Error')]
+    assert len(lines) == 1 and '--attn-res: 16 is the full resolution' in lines[0] and '4, 8' in lines[0]
+    assert not out.exists()                                 # nothing written
+
+
+def test_attention_memory_warning_is_one_line(data, monkeypatch, capsys):
+    opts = dict(data=data, batch=4, cbase=256, cmax=16, metrics='none', device='cpu', attn_res='4,8')
+    setup_training_config(**opts)
+    assert 'warning' not in capsys.readouterr().err
+    # 4 and 8 at batch 4: G and D layers, 2 * (2,048 + 131,072) = 266,240 bytes; a 400 kB device warns at 50%.
+    monkeypatch.setattr(training_config, 'device_memory_bytes', lambda device: 400_000)
+    setup_training_config(**opts)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith('warning: --attn-res 4,8') and '--batch-gpu' in err[0]
+
+
+def test_hook_options_reach_the_config(data):
+    c = setup_training_config(data=data, batch=4, metrics='none', device='cpu', topk=True, topk_global=True,
+                              fq_res='8', fq_mode='loss')
+    assert c.loss_kwargs.topk_global is True and c.loss_kwargs.topk_kwargs['min_frac'] == 0.75
+    assert c.D_kwargs.quantize_kwargs['mode'] == 'loss'
+    with pytest.raises(click.UsageError, match='--fq-mode'):
+        setup_training_config(data=data, batch=4, metrics='none', device='cpu', fq_res='8', fq_mode='both')

@@ -82,6 +82,33 @@ def _check_resolutions(values, resolution, flag):
             raise click.UsageError(f'{flag}: {res} is not a power-of-two resolution between 4 and {resolution}')
 
 
+ATTN_MEMORY_FRACTION = 0.5          # Warn when attention's math path would need more than this share of the device.
+
+
+def device_memory_bytes(device: str) -> int:
+    """Total memory of the training device: the first CUDA device, or this machine's RAM for 'cpu'."""
+    if device == 'cuda':
+        import torch
+        return int(torch.cuda.get_device_properties(0).total_memory)
+    return int(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
+
+
+def _warn_attention_memory(attn: list, attn_kwargs: dict, batch_gpu: int, device: str):
+    """One line on stderr when the attention layers' math path (R1 / path-length passes) would need more than
+    ATTN_MEMORY_FRACTION of the device. The attention class states its own cost (``memory_bytes``)."""
+    cls = dnnlib.get_obj_by_name(attn_kwargs['class_name'])
+    if not attn or not hasattr(cls, 'memory_bytes'):
+        return
+    need = 2 * sum(cls.memory_bytes(batch_gpu, r) for r in attn)    # A layer in G and one in D per resolution.
+    total = device_memory_bytes(device)
+    if need > ATTN_MEMORY_FRACTION * total:
+        per = ', '.join(f'{r}: {cls.memory_bytes(batch_gpu, r) / 2 ** 30:.2f} GiB' for r in attn)
+        click.echo(f'warning: --attn-res {",".join(map(str, attn))} at --batch-gpu {batch_gpu} needs about '
+                   f'{need / 2 ** 30:.1f} GiB for attention in R1/path-length passes ({per} per layer), more than '
+                   f'{ATTN_MEMORY_FRACTION:.0%} of the {device} memory ({total / 2 ** 30:.1f} GiB); lower --batch-gpu '
+                   f'or the resolution', err=True)
+
+
 def setup_training_config(
     data: str,                      # Dataset zip or folder.
     gpus: int = 1,                  # Processes (GPUs, or CPU processes with gloo).
@@ -119,12 +146,14 @@ def setup_training_config(
     allow_pickle: bool = False,     # Let --resume read NVlabs pickles (runs code).
     device: str = None,             # 'cuda' or 'cpu'; None = cuda when available.
     topk: bool = False,             # Top-k generator updates (Sinha et al. 2020).
-    topk_gamma: float = 0.99,       # Top-k decay per epoch.
-    topk_min: float = 0.5,          # Top-k floor fraction.
+    topk_gamma: float = 0.99,       # Top-k decay per epoch (distinct training images).
+    topk_min: float = 0.75,         # Top-k floor fraction (Sinha et al.'s nu; see docs/hooks.md).
+    topk_global: bool = False,      # Top-k over the batch of all processes, not each process's own.
     fq_res: str = None,             # D resolutions to quantize, e.g. '32,16'; None = off.
     fq_dict: int = 256,             # FQ dictionary size.
-    fq_decay: float = 0.8,          # FQ EMA decay.
-    fq_weight: float = 1.0,         # FQ commitment-loss weight.
+    fq_decay: float = 0.8,          # FQ EMA decay per D step.
+    fq_weight: float = 1.0,         # FQ commitment-loss weight (in D's loss and, for fakes, G's).
+    fq_mode: str = 'forward',       # 'forward': D continues with the codes; 'loss': loss and dictionary only.
     attn_res: str = None,           # Self-attention resolutions in G and D, e.g. '32'; None = off.
     checkpointing: bool = False,    # Volumes: recompute each block's activations in backward (saves memory).
     bf16: bool = False,             # Volumes: bfloat16 instead of float16 in the mixed-precision blocks.
@@ -214,7 +243,11 @@ def setup_training_config(
     conv_clamp = None if num_fp16_res == 0 else 256
     attn = parse_int_list(attn_res, '--attn-res')
     _check_resolutions(attn, res, '--attn-res')
+    if res in attn:
+        raise click.UsageError(f'--attn-res: {res} is the full resolution; D has no {res}x{res} block output to attend '
+                               f'over, so choose from {", ".join(str(2 ** i) for i in range(2, res.bit_length() - 1))}')
     attn_kwargs = dict(class_name='mri.attention.SelfAttention')
+    _warn_attention_memory(attn, attn_kwargs, c.batch_gpu, device)
 
     c.G_kwargs = dnnlib.EasyDict(class_name='training.networks.Generator', z_dim=512, w_dim=512,
                                  mapping_kwargs=dict(num_layers=map_depth if map_depth is not None else spec.map),
@@ -233,7 +266,10 @@ def setup_training_config(
     if fq:
         check_range('fq_dict', fq_dict)
         check_range('fq_decay', fq_decay)
-        c.D_kwargs.quantize_kwargs = dict(class_name='mri.fq.FeatureQuantizer', resolutions=fq, dict_size=fq_dict, decay=fq_decay)
+        if fq_mode not in ('forward', 'loss'):
+            raise click.UsageError(f'--fq-mode={fq_mode}: choose forward or loss')
+        c.D_kwargs.quantize_kwargs = dict(class_name='mri.fq.FeatureQuantizer', resolutions=fq, dict_size=fq_dict,
+                                          decay=fq_decay, mode=fq_mode)
 
     lr_g = glr if glr is not None else spec.lrate
     lr_d = dlr if dlr is not None else spec.lrate
@@ -249,6 +285,8 @@ def setup_training_config(
         check_range('topk_gamma', topk_gamma)
         check_range('topk_min', topk_min)
         c.loss_kwargs.topk_kwargs = dict(class_name='mri.topk.TopK', gamma=topk_gamma, min_frac=topk_min)
+        if topk_global:
+            c.loss_kwargs.topk_global = True
     c.ema_kimg = spec.ema
     c.ema_rampup = spec.ramp
     c.total_kimg = kimg if kimg is not None else spec.kimg

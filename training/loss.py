@@ -4,7 +4,17 @@ Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN" (Sec
 Sec. 3.2 path length, Eq. 4). Two generic hooks serve the MRI extensions without this room importing them:
 ``topk_kwargs`` (a class_name such as ``mri.topk.TopK``: top-k generator updates, Sinha et al. 2020) and
 ``fq_weight`` (the weight of the discriminator's feature-quantization loss that D returns in its aux dict).
+
+Top-k is a rule over the whole batch of a G phase (all accumulation rounds; with ``topk_global`` all ranks).
+With one round per phase, one pass: D's input gradient is taken, the discarded fakes' rows are zeroed, then it
+flows into G. With several rounds, a no-grad pass scores every fake, the k best of the batch are chosen, then the
+gradient pass replays each round with the same RNG state (noise, style mixing, augmentation), so it sees the same
+fakes and logits; there the discarded fakes enter D detached. Either way minibatch-std still groups discarded
+fakes with kept ones (the logits are those scored), but no gradient reaches G through a discarded fake, not even
+through the group statistic.
 """
+
+import contextlib
 
 import numpy as np
 import torch
@@ -13,6 +23,7 @@ import torch.nn.functional as F
 import dnnlib
 from torch_utils import training_stats
 from torch_utils.ops import conv2d_gradfix
+from training.networks import double_backward
 
 
 class Loss:
@@ -43,9 +54,10 @@ class StyleGAN2Loss(Loss):
         pl_batch_shrink: int = 2,       # Path-length batch = batch // shrink (saves memory).
         pl_decay: float = 0.01,         # EMA decay of the path-length target a.
         pl_no_weight_grad: bool = False,  # Skip weight gradients of convs in the path-length backward.
-        topk_kwargs: dict = None,       # e.g. {'class_name': 'mri.topk.TopK', 'gamma': .99, 'min_frac': .5}; None = off.
-        dataset_size: int = None,       # Images per epoch, for the top-k schedule.
-        fq_weight: float = 0,           # Weight of D's feature-quantization loss; 0 = ignore it.
+        topk_kwargs: dict = None,       # e.g. {'class_name': 'mri.topk.TopK', 'gamma': .99, 'min_frac': .75}; None = off.
+        dataset_size: int = None,       # Distinct images per epoch, for the top-k schedule.
+        fq_weight: float = 0,           # Weight of D's feature-quantization loss (FQ-GAN's beta), in D's and G's loss; 0 = ignore it.
+        topk_global: bool = False,      # Top-k over the batch of all ranks (all_gather of the scores) instead of each rank's.
     ):
         super().__init__()
         self.device = device
@@ -62,7 +74,9 @@ class StyleGAN2Loss(Loss):
         self.topk = dnnlib.construct_class_by_name(**topk_kwargs) if topk_kwargs else None
         self.dataset_size = dataset_size
         self.fq_weight = fq_weight
+        self.topk_global = bool(topk_global)
         self.topk_fraction = 1.0
+        self.topk_last = None           # {'scores', 'keep', 'k', 'replay_error'} of the last top-k phase (this rank's rows).
         # Sum and count of sign(D(real)) since the last ADA adjustment: kept here, on the device, so the loop
         # syncs only once per ADA interval and a snapshot can save what is pending.
         self.real_sign_acc = torch.zeros([2], dtype=torch.float64, device=device)
@@ -80,10 +94,11 @@ class StyleGAN2Loss(Loss):
         img = self.G.synthesis(ws, update_emas=update_emas)
         return img, ws
 
-    def run_D(self, img, c, update_emas=False, update_quant=False):
+    def run_D(self, img, c, update_emas=False, update_quant=False, quantize=True):
         if self.augment_pipe is not None:
             img = self.augment_pipe(img)
-        logits, aux = self.D(img, c, update_emas=update_emas, update_quant=update_quant, return_aux=True)
+        extra = {} if quantize else dict(quantize=False)   # Only D classes with quantizers know the switch.
+        logits, aux = self.D(img, c, update_emas=update_emas, update_quant=update_quant, return_aux=True, **extra)
         return logits, aux
 
     def _fq_term(self, aux, name):
@@ -98,23 +113,132 @@ class StyleGAN2Loss(Loss):
                 training_stats.report(f'FQ/usage{res}', value)
         return fq_loss * self.fq_weight
 
-    def _generator_loss(self, gen_logits, cur_nimg):
-        per_sample = F.softplus(-gen_logits).flatten()  # -log(sigmoid(D(G(z)))): large logit = "real".
-        training_stats.report('Loss/G/loss', per_sample)  # The whole batch's loss, whatever top-k keeps.
-        if self.topk is None:
-            return per_sample
-        epoch = cur_nimg / self.dataset_size
-        self.topk_fraction = float(self.topk.fraction(epoch))
-        k = int(self.topk.k(per_sample.shape[0], epoch))
-        training_stats.report('Loss/topk_fraction', self.topk_fraction)
-        keep = self.topk.select(gen_logits.detach().flatten(), k)
-        # Scale so that the mean over the kept samples matches the magnitude of a full-batch mean.
-        out = torch.zeros_like(per_sample)
-        out[keep] = per_sample[keep] * (per_sample.shape[0] / k)
-        return out
+    def accumulate_phase(self, phase, rounds, gain, cur_nimg):
+        quantizers = [m for m in self.D.modules() if callable(getattr(m, 'ema_step', None))]
+        d_main = phase in ['Dmain', 'Dboth']
+        for q in quantizers:
+            q.deferred = d_main         # One dictionary EMA step per D step, from all its passes and rounds.
+        try:
+            if self.topk is not None and phase in ['Gmain', 'Gboth']:
+                self._topk_generator_phase(rounds, gain, cur_nimg)
+                if phase == 'Gboth':
+                    phase = 'Greg'      # Path length still runs round by round.
+                else:
+                    return
+            for real_img, real_c, gen_z, gen_c in rounds:
+                self._accumulate_round(phase, real_img, real_c, gen_z, gen_c, gain)
+        finally:
+            for q in quantizers:
+                q.deferred = False
+        if d_main:
+            for q in quantizers:
+                q.ema_step()
 
     def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, gain, cur_nimg):
+        """One round as a phase of its own (top-k then selects within it; the dictionary steps once)."""
+        self.accumulate_phase(phase, [(real_img, real_c, gen_z, gen_c)], gain, cur_nimg)
+
+    def _rng_state(self):
+        state = [torch.get_rng_state()]
+        if self.device.type == 'cuda':
+            state.append(torch.cuda.get_rng_state(self.device))
+        return state
+
+    def _set_rng_state(self, state):
+        torch.set_rng_state(state[0])
+        if self.device.type == 'cuda':
+            torch.cuda.set_rng_state(state[1], self.device)
+
+    def _topk_select(self, scores, cur_nimg):
+        """Boolean mask over this rank's fakes of the k best of the batch (of all ranks with topk_global), and
+        the weight that makes the kept fakes' mean the loss: batch / k."""
+        all_scores, offset = scores, 0
+        dist = torch.distributed
+        if self.topk_global and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered = [torch.empty_like(scores) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, scores)
+            all_scores = torch.cat(gathered)
+            offset = dist.get_rank() * scores.numel()
+        epoch = cur_nimg / self.dataset_size
+        self.topk_fraction = float(self.topk.fraction(epoch))
+        k = int(self.topk.k(all_scores.numel(), epoch))
+        keep = torch.zeros(all_scores.numel(), dtype=torch.bool, device=scores.device)
+        keep[self.topk.select(all_scores, k)] = True
+        return keep[offset:offset + scores.numel()], all_scores.numel() / k, k
+
+    def _topk_report(self, scores, cur_nimg):
+        training_stats.report('Loss/scores/fake', scores)
+        training_stats.report('Loss/signs/fake', scores.sign())
+        training_stats.report('Loss/G/loss', F.softplus(-scores))    # The whole batch's loss, whatever top-k keeps.
+        keep, weight, k = self._topk_select(scores, cur_nimg)
+        training_stats.report('Loss/topk_fraction', self.topk_fraction)
+        self.topk_last = dict(scores=scores, keep=keep, k=k, replay_error=torch.zeros_like(scores[0]))
+        return keep, weight
+
+    def _topk_generator_phase(self, rounds, gain, cur_nimg):
+        """Gmain with top-k over the whole batch (Sinha et al. 2020, Algorithm 1), memory bounded per round."""
+        if len(rounds) == 1:
+            self._topk_one_round(rounds[0], gain, cur_nimg)
+            return
+        # 1. Score every fake of the phase without a graph, remembering each round's RNG state.
+        states, scores = [], []
+        with torch.no_grad():
+            for _real_img, _real_c, gen_z, gen_c in rounds:
+                states.append(self._rng_state())
+                gen_img, _ = self.run_G(gen_z, gen_c)
+                logits, _ = self.run_D(gen_img, gen_c)
+                scores.append(logits.flatten())
+        end_state = self._rng_state()
+        scores = torch.cat(scores)
+        keep, weight = self._topk_report(scores, cur_nimg)
+
+        # 2. Gradient pass, round by round, replaying the RNG so the fakes and logits are those scored.
+        pos = 0
+        for (_real_img, _real_c, gen_z, gen_c), state in zip(rounds, states):
+            n = gen_z.shape[0]
+            round_keep, round_scores = keep[pos:pos + n], scores[pos:pos + n]
+            pos += n
+            if not bool(round_keep.any()):
+                continue                # Nothing kept: no gradient, and no need to run it again.
+            self._set_rng_state(state)
+            with torch.autograd.profiler.record_function('Gmain_topk_forward'):
+                gen_img, _ws = self.run_G(gen_z, gen_c)
+                mask = round_keep.reshape([-1] + [1] * (gen_img.ndim - 1))
+                gen_img = torch.where(mask, gen_img, gen_img.detach())   # Discarded fakes: no gradient at all.
+                logits, aux = self.run_D(gen_img, gen_c)
+                replay_error = (logits.detach().flatten() - round_scores).abs().max()
+                training_stats.report('Loss/topk_replay_error', replay_error)   # 0 on CPU; nondeterministic kernels: tiny
+                self.topk_last['replay_error'] = torch.maximum(self.topk_last['replay_error'], replay_error)  # no sync
+                loss = F.softplus(-logits).flatten() * round_keep.to(logits.dtype) * weight
+                loss = loss.mean() + self._fq_term(aux, 'G_fake')
+            with torch.autograd.profiler.record_function('Gmain_topk_backward'):
+                loss.mul(gain).backward()
+        self._set_rng_state(end_state)
+
+    def _topk_one_round(self, phase_round, gain, cur_nimg):
+        """The whole batch in one round: one pass, no replay. D's input gradient is taken first and the
+        discarded fakes' rows are zeroed before it enters G, which is exactly the gradient of the multi-round
+        path (there the discarded fakes enter D as constants; the partial derivatives of the kept rows agree)."""
+        _real_img, _real_c, gen_z, gen_c = phase_round
+        with torch.autograd.profiler.record_function('Gmain_topk_forward'):
+            gen_img, _ws = self.run_G(gen_z, gen_c)
+            img = gen_img.detach().requires_grad_(True)
+            logits, aux = self.run_D(img, gen_c)
+            keep, weight = self._topk_report(logits.detach().flatten(), cur_nimg)
+            loss = F.softplus(-logits).flatten() * keep.to(logits.dtype) * weight
+            loss = loss.mean() + self._fq_term(aux, 'G_fake')
+        with torch.autograd.profiler.record_function('Gmain_topk_backward'):
+            (img_grad,) = torch.autograd.grad(loss.mul(gain), [img])
+            img_grad = img_grad * keep.reshape([-1] + [1] * (img_grad.ndim - 1)).to(img_grad.dtype)
+            gen_img.backward(img_grad)
+
+    def _accumulate_round(self, phase, real_img, real_c, gen_z, gen_c, gain):
         assert phase in ['Gmain', 'Greg', 'Gboth', 'Dmain', 'Dreg', 'Dboth']
+        if phase == 'Dboth' and self.r1_gamma != 0 and getattr(self.D, 'quantize_forward', False):
+            # R1 runs on the unquantized D (see Discriminator.quantize_forward), the main loss on the quantized one.
+            self._accumulate_round('Dmain', real_img, real_c, gen_z, gen_c, gain)
+            self._accumulate_round('Dreg', real_img, real_c, gen_z, gen_c, gain)
+            return
         if self.pl_weight == 0:
             phase = {'Greg': 'none', 'Gboth': 'Gmain'}.get(phase, phase)
         if self.r1_gamma == 0:
@@ -127,13 +251,16 @@ class StyleGAN2Loss(Loss):
                 gen_logits, _aux = self.run_D(gen_img, gen_c)
                 training_stats.report('Loss/scores/fake', gen_logits)
                 training_stats.report('Loss/signs/fake', gen_logits.sign())
-                loss_Gmain = self._generator_loss(gen_logits, cur_nimg)
+                loss_Gmain = F.softplus(-gen_logits)  # -log(sigmoid(D(G(z)))): large logit = "real".
+                training_stats.report('Loss/G/loss', loss_Gmain)
+                if self.fq_weight != 0:
+                    loss_Gmain = loss_Gmain + self._fq_term(_aux, 'G_fake')  # FQ-GAN: the fakes' commitment in G's loss.
             with torch.autograd.profiler.record_function('Gmain_backward'):
                 loss_Gmain.mean().mul(gain).backward()
 
         # Greg: path-length regularisation (StyleGAN2 Sec. 3.2).
         if phase in ['Greg', 'Gboth']:
-            with torch.autograd.profiler.record_function('Gpl_forward'):
+            with torch.autograd.profiler.record_function('Gpl_forward'), double_backward():
                 batch_size = max(gen_z.shape[0] // self.pl_batch_shrink, 1)
                 gen_img, gen_ws = self.run_G(gen_z[:batch_size], gen_c[:batch_size])
                 pl_noise = torch.randn_like(gen_img) / np.sqrt(np.prod(gen_img.shape[2:]))  # Per pixel or voxel.
@@ -167,9 +294,12 @@ class StyleGAN2Loss(Loss):
         # Dmain: maximise logits for real images. Dr1: R1 gradient penalty on reals.
         if phase in ['Dmain', 'Dreg', 'Dboth']:
             name = {'Dmain': 'Dreal', 'Dreg': 'Dr1', 'Dboth': 'Dreal_Dr1'}[phase]
-            with torch.autograd.profiler.record_function(name + '_forward'):
-                real_img_tmp = real_img.detach().requires_grad_(phase in ['Dreg', 'Dboth'])
-                real_logits, aux = self.run_D(real_img_tmp, real_c, update_quant=phase in ['Dmain', 'Dboth'])
+            r1 = phase in ['Dreg', 'Dboth']
+            with torch.autograd.profiler.record_function(name + '_forward'), \
+                    (double_backward() if r1 else contextlib.nullcontext()):
+                real_img_tmp = real_img.detach().requires_grad_(r1)
+                real_logits, aux = self.run_D(real_img_tmp, real_c, update_quant=phase in ['Dmain', 'Dboth'],
+                                              quantize=not (phase == 'Dreg' and getattr(self.D, 'quantize_forward', False)))
                 training_stats.report('Loss/scores/real', real_logits)
                 training_stats.report('Loss/signs/real', real_logits.sign())
                 self.real_sign_acc[0] += real_logits.detach().sign().sum().double()

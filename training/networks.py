@@ -16,6 +16,8 @@ clamped to +-``conv_clamp``. On CPU, float16 convolutions are emulated and slowe
 run in float32 there unless ``ALLOW_CPU_FP16`` is set (tests set it to exercise the fp16 code path).
 """
 
+import contextlib
+
 import numpy as np
 import torch
 
@@ -52,6 +54,25 @@ def _channels_per_resolution(resolutions, channel_base: int, channel_max: int) -
 def _fp16_resolution(img_resolution: int, num_fp16_res: int) -> int:
     # The num_fp16_res highest resolutions; never 4x4, where the const/epilogue layers live.
     return max(2 ** (int(np.log2(img_resolution)) + 1 - num_fp16_res), 8)
+
+
+_DOUBLE_BACKWARD_DEPTH = [0]
+
+
+@contextlib.contextmanager
+def double_backward():
+    """Marks a pass whose graph will be differentiated twice (R1, path length). Hook layers that have a fast
+    path without a double backward (fused attention kernels) take their differentiable-twice path inside it."""
+    _DOUBLE_BACKWARD_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _DOUBLE_BACKWARD_DEPTH[0] -= 1
+
+
+def double_backward_needed() -> bool:
+    """True inside double_backward()."""
+    return _DOUBLE_BACKWARD_DEPTH[0] > 0
 
 
 def _construct_hook(class_name: str, **kwargs) -> torch.nn.Module:
@@ -141,6 +162,7 @@ class SynthesisBlock(torch.nn.Module):
         force_fp32: bool = False,       # Ignore use_fp16?
         fused_modconv: bool = None,     # None = fused_modconv_default.
         update_emas: bool = False,      # Unused; accepted for signature compatibility.
+        attn: torch.nn.Module = None,   # Self-attention on this block's features, before toRGB; None = none.
         **layer_kwargs,                 # noise_mode.
     ):
         misc.assert_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim])
@@ -170,6 +192,10 @@ class SynthesisBlock(torch.nn.Module):
         else:
             x = self.conv0(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
             x = self.conv1(x, next(w_iter), fused_modconv=fused_modconv, **layer_kwargs)
+        if attn is not None:
+            # Before toRGB, so that the image this block adds (and, at the last block, the output) sees it.
+            x = attn(x.to(dtype=torch.float32, memory_format=torch.contiguous_format))
+            x = x.to(dtype=dtype, memory_format=memory_format)
 
         if img is not None:
             misc.assert_shape(img, [None, self.img_channels, self.resolution // 2, self.resolution // 2])
@@ -197,7 +223,7 @@ class SynthesisNetwork(torch.nn.Module):
         channel_max: int = 512,         # Maximum number of channels in any layer.
         num_fp16_res: int = 4,          # Use float16 for the N highest resolutions (CUDA).
         conv_clamp: float = 256,        # Clamp the outputs of convolutions to +-X; None = no clamping.
-        attn_res: list = [],            # Resolutions after whose block a self-attention layer runs.
+        attn_res: list = [],            # Resolutions whose block runs self-attention on its features, before toRGB.
         attn_kwargs: dict = {},         # Attention options; class_name defaults to mri.attention.SelfAttention.
         **block_kwargs,                 # Arguments for SynthesisBlock (architecture, use_noise, resample_filter, ...).
     ):
@@ -243,10 +269,9 @@ class SynthesisNetwork(torch.nn.Module):
             block = getattr(self, f'b{res}')
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             w_idx += block.num_conv  # toRGB shares its w with the next block's first conv.
+            attn = getattr(self, f'attn{res}') if res in self.attn_res else None
             x, img = block(x, img, block_ws, force_fp32=force_fp32, noise_mode=noise_mode,
-                           update_emas=update_emas, **block_kwargs)
-            if res in self.attn_res:
-                x = getattr(self, f'attn{res}')(x.to(dtype=torch.float32, memory_format=torch.contiguous_format))
+                           update_emas=update_emas, attn=attn, **block_kwargs)
         misc.assert_shape(img, [None, self.img_channels, self.img_resolution, self.img_resolution])
         return img
 
@@ -513,6 +538,7 @@ class Discriminator(torch.nn.Module):
         update_quant: bool = False,     # Update the quantizers' EMA dictionaries (on real images)?
         return_aux: bool = False,       # Also return {'fq_loss', 'fq_perplexity', 'fq_usage'}?
         force_fp32: bool = False,       # Run every block in float32?
+        quantize: bool = True,          # False = skip the quantizers (R1 on the unquantized D, see quantize_forward).
     ):
         misc.assert_shape(img, [None, self.img_channels, self.img_resolution, self.img_resolution])  # [NCHW]
         fq_loss = None
@@ -522,7 +548,7 @@ class Discriminator(torch.nn.Module):
             out_res = res // 2
             if out_res in self.attn_res:
                 x = getattr(self, f'attn{out_res}')(x.to(dtype=torch.float32, memory_format=torch.contiguous_format))
-            quantizer = self.quantizers[str(out_res)] if str(out_res) in self.quantizers else None
+            quantizer = self.quantizers[str(out_res)] if quantize and str(out_res) in self.quantizers else None
             if quantizer is not None:
                 x, loss = quantizer(x.to(dtype=torch.float32, memory_format=torch.contiguous_format),
                                     update=update_quant)
@@ -540,6 +566,13 @@ class Discriminator(torch.nn.Module):
             'fq_usage': {int(r): float(q.usage()) for r, q in self.quantizers.items()},
         }
         return x, aux
+
+    @property
+    def quantize_forward(self) -> bool:
+        """True when a quantizer feeds its codes forward (FQ mode 'forward'): past it D is piecewise constant in
+        its input, so its exact input gradient is 0 almost everywhere and autograd returns the straight-through
+        stand-in. The loss then takes R1 on this D with ``quantize=False`` (same weights, features unquantized)."""
+        return any(getattr(q, 'mode', 'forward') == 'forward' for q in self.quantizers.values())
 
     def extra_repr(self) -> str:
         return f'c_dim={self.c_dim:d}, img_resolution={self.img_resolution:d}, img_channels={self.img_channels:d}'

@@ -285,7 +285,9 @@ def _setup_loss_and_phases(training_set, G, D, augment_pipe, loss_kwargs, G_opt_
     """The loss, the phases (each with its optimizer and, on CUDA, timing events) and D's frozen parameter names."""
     loss_kwargs = dict(loss_kwargs)
     if loss_kwargs.get('topk_kwargs'):
-        loss_kwargs.setdefault('dataset_size', len(training_set))  # The subset trained on, mirrored copies included.
+        # Epochs count distinct images of the subset trained on: --mirror's flipped copies are not new images.
+        flipped = getattr(training_set, '_xflip', None)
+        loss_kwargs.setdefault('dataset_size', int((flipped == 0).sum()) if flipped is not None else len(training_set))
     loss = dnnlib.construct_class_by_name(device=device, G=G, D=D, augment_pipe=augment_pipe, **loss_kwargs)
     frozen = _frozen_param_names(D, freezed)
     phases = _setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
