@@ -350,6 +350,9 @@ class ArchiveWriter:
         except OSError as e:
             self._cleanup()
             raise ArchiveError(f'{self.dest}: cannot write the archive ({e.strerror or e})') from None
+        except BaseException:  # Ctrl-C or SIGTERM while the temporary file is set up: no `with` block cleans up yet
+            self._cleanup()
+            raise
 
     def add(self, relpath, data, crc=None, size=None):
         """Adds one file (bytes-like) at the archive-relative POSIX path `relpath`; `crc` is its CRC-32 if known.

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The main job on the built-in phantom source (no download): phantom BraTS cases -> three-plane slice
-# archive -> a short conditional training -> images per plane. About 5 minutes on a 2-core CPU; the
-# images show brain-like slices per plane, not finished quality (train longer on a GPU for that).
+# archive -> a short conditional training -> images per plane. Measured on the 2-core dev machine: 64 min
+# while other jobs kept its load average at 15-21 (500-630 s/kimg); about 100 s of training when it is quiet
+# (docs/benchmarks.md). After these 6 kimg the images are not brains yet: per plane, dark squares with a
+# brighter ring or oval and blotchy texture inside, roughly where the head is; images/all/class_grid.png has a
+# row per plane, named on the left. Train longer (on a GPU) for anatomy.
 # Pass an output folder as the first argument (default: quickstart/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
