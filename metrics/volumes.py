@@ -161,11 +161,12 @@ def plane_slices(volumes: torch.Tensor, plane: str, count: int = SLICES_PER_PLAN
     return picked.movedim(dim, 1).flatten(0, 1)
 
 
-def _cached(opts, dataset, name, options, compute):
-    """``compute()`` -> {key: FeatureStats}, read from / written to the cache, keyed on the archive's content."""
+def _cached(opts, dataset, name, indices, options, compute):
+    """``compute()`` -> {key: FeatureStats}, read from / written to the cache, keyed on the archive's content and
+    the items measured."""
     if not opts.cache:
         return compute()
-    digest = metric_utils.dataset_cache_key(dataset, opts, what=name, seed=opts.seed, **options)
+    digest = metric_utils.dataset_cache_key(dataset, dataset.content_hash(), indices, what=name, **options)
     paths = {}
 
     def path(key):
@@ -211,7 +212,7 @@ def compute_fid25d(opts, num_gen: int, max_real: int = None, count: int = SLICES
     if max_real is not None and len(indices) > max_real:
         indices = np.sort(np.random.RandomState(opts.seed).choice(indices, max_real, replace=False))
     keys = [_stat_key(p, s) for p in PLANE_DIMS for s, _ in sets]
-    real = _cached(opts, dataset, 'fid25d', dict(keys=keys, detector=detector.digest, slices=count, num_items=len(indices),
+    real = _cached(opts, dataset, 'fid25d', indices, dict(keys=keys, detector=detector.digest, slices=count, num_items=len(indices),
                                                  channels=[idx for _, idx in sets]),
                    lambda: fid25d_stats(opts, dataset, real_batches(opts, dataset, indices, 'fid25d reals'), sets,
                                         len(indices), detector, count))
@@ -244,7 +245,7 @@ def compute_fid3d(opts, num_gen: int, max_real: int = None) -> dict:
     indices = np.arange(len(dataset))
     if max_real is not None and len(indices) > max_real:
         indices = np.sort(np.random.RandomState(opts.seed).choice(indices, max_real, replace=False))
-    real = _cached(opts, dataset, 'fid3d', dict(keys=[str(i) for i in idx_list], detector=detector.digest,
+    real = _cached(opts, dataset, 'fid3d', indices, dict(keys=[str(i) for i in idx_list], detector=detector.digest,
                                                 num_items=len(indices), threshold=BRAIN_THRESHOLD),
                    lambda: fid3d_stats(opts, dataset, real_batches(opts, dataset, indices, 'fid3d reals'), idx_list,
                                        len(indices), detector))
