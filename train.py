@@ -11,6 +11,7 @@ import json
 import os
 import sys
 import tempfile
+import traceback
 
 import click
 
@@ -20,10 +21,13 @@ from training.config import AUGPIPE_NAMES, CFG_SPECS, RANGES, describe_run, next
 
 
 class Logger:
-    """Tee stdout/stderr into ``log.txt`` of the run dir (append, so a resumed run keeps its history)."""
+    """Tee stdout/stderr into ``log.txt`` of the run dir (append, so a resumed run keeps its history).
+
+    Only rank 0 tees its output; a crash on any rank is appended by ``log_crash``.
+    """
 
     def __init__(self, file_name: str):
-        self.file = open(file_name, 'a')
+        self.file = open(file_name, 'a', buffering=1)  # Line-buffered: `tail -f` and other ranks' crash blocks see whole lines.
         self.stdout, self.stderr = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = self, self
 
@@ -41,6 +45,33 @@ class Logger:
     def close(self):
         sys.stdout, sys.stderr = self.stdout, self.stderr
         self.file.close()
+
+
+def log_crash(run_dir: str, rank: int, num_gpus: int, logger: Logger = None):
+    """Append the exception being handled, with its full traceback, to ``log.txt`` of the run dir.
+
+    For a cluster job that file is often the only record. Rank 0 writes through its logger (the file only:
+    the console gets the traceback when the exception leaves the process). Other ranks append one block
+    whose every line starts with ``[rank N]``, in a single write so blocks of several ranks never interleave.
+    Never raises: a failure to log must not hide the crash itself.
+    """
+    import time
+    text = traceback.format_exc()
+    where = f' on rank {rank} of {num_gpus}' if num_gpus > 1 else ''
+    block = f'\nTraining crashed{where} (pid {os.getpid()}, {time.strftime("%Y-%m-%d %H:%M:%S")}):\n{text}'
+    try:
+        if logger is not None:
+            logger.file.write(block)
+            logger.file.flush()
+        elif os.path.isdir(run_dir):  # Under torchrun rank 0 may not have made the run dir yet.
+            data = ''.join(f'[rank {rank}] {line}\n' for line in block.strip('\n').splitlines()).encode()
+            fd = os.open(os.path.join(run_dir, 'log.txt'), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+    except OSError:
+        pass
 
 
 def _init_distributed(rank, num_gpus, device, init_file=None):
@@ -67,6 +98,13 @@ def subprocess_fn(rank, c, init_file=None):
         _init_distributed(rank, c.num_gpus, c.device, init_file)
         kwargs = {k: v for k, v in c.items() if k not in ('num_gpus', 'run_dir')}
         training_loop(rank=rank, num_gpus=c.num_gpus, run_dir=c.run_dir, **kwargs)
+    except (Exception, KeyboardInterrupt) as err:  # KeyboardInterrupt: a second Ctrl-C while saving.
+        log_crash(c.run_dir, rank, c.num_gpus, logger)
+        # Release what the failed frames hold, the DataLoader iterator first, so that its workers stop through
+        # their own shutdown path now; left to interpreter exit, multiprocessing terminates them and a
+        # spawned rank prints a second, misleading error ("DataLoader worker ... killed by signal").
+        traceback.clear_frames(err.__traceback__)
+        raise
     finally:
         if c.num_gpus > 1 and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

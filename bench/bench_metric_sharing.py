@@ -5,8 +5,10 @@ against the same metrics evaluated one by one, in the same run, on the same arch
     python bench/bench_metric_sharing.py --reals 1200 --num-gen 500 --json sharing.json
 
 The archive is a zip of 16-bit PNG slices with three plane labels (the dataset_tool.py layout), the generator is a
-small training.networks.Generator, and the detector a random-weights TorchScript stand-in for Inception (2048
-features): its numbers mean nothing, but the work per image (load, decode, generate, detect) is the metric's.
+small training.networks.Generator, and the detector a random-weights TorchScript stand-in for Inception
+(``--features``, 2048 like Inception): its numbers mean nothing, but the work per image (load, decode, generate,
+detect) is the metric's; FID's matrix square roots (two 2048x2048 eigendecompositions per FID) are the same
+either way.
 "Cold" starts with an empty statistics cache (a new archive, or calc_metrics.py's first run); "warm" repeats the
 evaluation with the cache that run left (every later snapshot of a training run).
 """
@@ -51,9 +53,23 @@ def write_archive(path: str, num: int, res: int, seed: int = 0) -> str:
     return path
 
 
-def make_detector(path: str) -> str:
-    from ablation import make_tiny_detector  # The ablation's random-weights Inception stand-in.
-    return make_tiny_detector(path)
+def make_detector(path: str, features: int) -> str:
+    """A random-weights TorchScript stand-in for Inception: NVIDIA's calling convention, ``features`` outputs."""
+    import torch
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 16, 3, stride=2)
+            self.fc = torch.nn.Linear(16, features)
+
+        def forward(self, img: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            x = torch.nn.functional.interpolate(img.float() / 127.5 - 1, size=(64, 64), mode='bilinear', align_corners=False)
+            return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    torch.jit.script(Tiny().eval()).save(path)
+    return path
 
 
 def make_generator(res: int):
@@ -96,18 +112,19 @@ def evaluate(metrics: list, share: bool, kwargs: dict, cache_dir: str) -> dict:
 @click.option('--batch',     help='Images per step', metavar='INT', type=click.IntRange(min=1), default=32, show_default=True)
 @click.option('--workers',   help='DataLoader workers', metavar='INT', type=click.IntRange(min=0), default=2, show_default=True)
 @click.option('--threads',   help='torch CPU threads', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
+@click.option('--features',  help='Detector features (Inception: 2048)', metavar='INT', type=click.IntRange(min=2), default=2048,
+              show_default=True)
 @click.option('--json', 'json_path', help='Also write the results here', metavar='PATH', type=PATH)
-def main(metric_list, reals, res, num_gen, batch, workers, threads, json_path):
+def main(metric_list, reals, res, num_gen, batch, workers, threads, features, json_path):
     """Time metrics evaluated together against one by one (CPU)."""
     import torch
     torch.set_num_threads(threads)
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     metrics = [m.strip() for m in metric_list.split(',') if m.strip()]
     with tempfile.TemporaryDirectory() as tmp:
         data = write_archive(os.path.join(tmp, 'slices.zip'), reals, res)
         kwargs = dict(G=make_generator(res), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data,
                                                                   use_labels=True),
-                      device='cpu', detector_url=make_detector(os.path.join(tmp, 'detector.pt')), num_gen=num_gen,
+                      device='cpu', detector_url=make_detector(os.path.join(tmp, 'detector.pt'), features), num_gen=num_gen,
                       batch_size=batch, num_workers=workers)
         evaluate(metrics[:1], False, dict(kwargs, num_gen=2 * batch), os.path.join(tmp, 'warmup'))  # Load, JIT, page cache.
         rows = []
@@ -116,6 +133,7 @@ def main(metric_list, reals, res, num_gen, batch, workers, threads, json_path):
                 cache_dir = os.path.join(tmp, f'cache-{"shared" if share else "separate"}')
                 row = evaluate(metrics, share, kwargs, cache_dir)
                 rows.append(dict(cache=cache, mode='together' if share else 'one by one', **row))
+                print(f'{cache:5s} {rows[-1]["mode"]:11s} {row["seconds"]:7.1f} s  {row["detector_images"]} images', flush=True)
     for cache in ('cold', 'warm'):
         base, shared = [r for r in rows if r['cache'] == cache]
         shared['speedup'] = base['seconds'] / shared['seconds']
@@ -123,7 +141,8 @@ def main(metric_list, reals, res, num_gen, batch, workers, threads, json_path):
             assert abs(shared['results'][name] - value) <= 1e-4 * max(1.0, abs(value)), (name, value, shared['results'][name])
 
     machine = f'{os.cpu_count()}-core CPU, torch {torch.__version__}, {threads} threads'
-    print(f'{",".join(metrics)}: {reals} slices {res}x{res}, {num_gen} generated per metric, batch {batch}; {machine}')
+    print(f'{",".join(metrics)}: {reals} slices {res}x{res}, {num_gen} generated per metric, batch {batch}, '
+          f'{features} detector features; {machine}')
     print(f'| cache | evaluation | seconds | images through the detector | speed-up |')
     print(f'|---|---|---|---|---|')
     for r in rows:
@@ -132,8 +151,8 @@ def main(metric_list, reals, res, num_gen, batch, workers, threads, json_path):
               f'| {r["cache"]} | {r["mode"]} | {r["seconds"]:.1f} | {r["detector_images"]} | 1 (baseline) |')
     if json_path:
         with open(json_path, 'w') as f:
-            json.dump(dict(metrics=metrics, reals=reals, res=res, num_gen=num_gen, batch=batch, machine=machine, rows=rows), f,
-                      indent=2)
+            json.dump(dict(metrics=metrics, reals=reals, res=res, num_gen=num_gen, batch=batch, features=features,
+                           machine=machine, rows=rows), f, indent=2)
 
 
 if __name__ == '__main__':

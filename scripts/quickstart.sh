@@ -19,7 +19,7 @@ mkdir -p "$out"
 python3 dataset_tool.py --source phantom --phantom-cases 6 --seed 0 --kind slices --resolution 32 \
     --planes axial,coronal,sagittal --split val=0.25 --dest "$out/phantom-slices.zip"
 python3 train.py --outdir "$out/runs" --data "$out/phantom-slices.zip" --cond=1 --aug=ada --mirror=1 \
-    --cbase 1024 --cmax 64 --map-depth 2 --batch 8 --kimg 6 --tick 1 --snap 3 --metrics none --workers 0
+    --cbase 1024 --cmax 64 --map-depth 2 --batch 8 --kimg 6 --tick 1 --snap 3 --metrics none
 run=$(ls -d "$out"/runs/*/ | sort | tail -n 1)
 for plane in axial coronal sagittal; do
     python3 generate.py --network "$run" --seeds 0-3 --class "$plane" --outdir "$out/images/$plane"

@@ -172,27 +172,3 @@ def test_metrics_during_training_show_progress_with_rate_and_time_left(archive, 
     err = capsys.readouterr().err
     assert 'reals' in err and 'fakes' in err and 'img/s' in err and 'left' in err, err
 
-
-def test_zip_archive_read_by_dataloader_workers_after_the_parent_opened_it(tmp_path):
-    """The metrics (and the training loop) open a zip archive in the parent (labels, content hash) and then read it
-    with DataLoader workers: each forked worker must open its own handle, not share the parent's file offset."""
-    import io
-    import json
-    import zipfile
-    import PIL.Image
-    from training.dataset import ImageFolderDataset
-    rng = np.random.RandomState(0)
-    path = str(tmp_path / 'slices.zip')
-    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_STORED) as z:
-        for i in range(160):
-            buf = io.BytesIO()
-            PIL.Image.fromarray(rng.randint(0, 65535, [16, 16]).astype(np.uint16)).save(buf, format='PNG')
-            z.writestr(f'{i:04d}.png', buf.getvalue())
-        z.writestr('dataset.json', json.dumps(dict(labels=None)))
-    dataset = ImageFolderDataset(path=path)
-    dataset.content_hash()
-    expected = np.stack([dataset[i][0] for i in range(len(dataset))])
-    for _ in range(3):
-        loader = torch.utils.data.DataLoader(dataset, batch_size=8, num_workers=2)
-        got = np.concatenate([images.numpy() for images, _ in loader])
-        assert np.array_equal(got, expected)

@@ -55,8 +55,8 @@ def test_train_on_zip_with_default_workers(tmp_path, channels):
     data = _zip(tmp_path, channels, n=32, res=16)
     outdir = str(tmp_path / 'runs')
     # No --workers: the default (3) is what users get.
-    res = subprocess.run([sys.executable, 'train.py', '--data', data, '--outdir', outdir, '--cond=1', '--kimg', '0.128',
-                          '--tick', '0.064', '--snap', '100', '--cbase', '256', '--cmax', '16', '--map-depth', '1',
+    res = subprocess.run([sys.executable, 'train.py', '--data', data, '--outdir', outdir, '--cond=1', '--kimg', '0.064',
+                          '--tick', '0.032', '--snap', '100', '--cbase', '256', '--cmax', '16', '--map-depth', '1',
                           '--batch', '8', '--metrics', 'none', '--device', 'cpu', '--aug', 'ada'],
                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -64,4 +64,4 @@ def test_train_on_zip_with_default_workers(tmp_path, channels):
     with open(os.path.join(run, 'training_options.json')) as f:
         assert json.load(f)['data_loader_kwargs']['num_workers'] == 3
     with open(os.path.join(run, 'stats.jsonl')) as f:
-        assert json.loads(f.readlines()[-1])['Progress/kimg']['mean'] == pytest.approx(0.128, abs=0.01)
+        assert json.loads(f.readlines()[-1])['Progress/kimg']['mean'] == pytest.approx(0.064, abs=0.01)

@@ -12,8 +12,10 @@ The pipeline, in the paper's order:
 1. pixel blitting: x-flip, rotation by a multiple of 90 degrees, integer translation;
 2. general geometric: isotropic scale, pre-rotation, anisotropic scale, post-rotation, fractional
    translation. Blitting and geometric transforms are composed into one 3x3 matrix per sample and
-   executed once: by exact pixel gathering when every sample's mapping is integer, else by reflection
-   padding, 2x upsampling with the sym6 wavelet low-pass, bilinear `grid_sample` and 2x downsampling;
+   executed once, per sample: an integer mapping (no transform drawn, or blits only) by exact pixel
+   gathering, any other by reflection padding, 2x upsampling with the sym6 wavelet low-pass, bilinear
+   `grid_sample` and 2x downsampling, over a grid wide enough that no zero padding reaches the output
+   (a constant image stays constant up to its corners, as in StyleGAN2-ADA);
 3. colour: brightness, contrast, luma flip, hue rotation, saturation, composed into a 4x4 matrix. Luma
    flip, hue and saturation are defined around the luma axis (1, 1, 1) of a 3-channel image and are
    skipped for any other channel count; brightness and contrast apply to every channel of any image;
@@ -342,12 +344,17 @@ class AugmentPipe(torch.nn.Module):
         src = (dst @ g_inv.transpose(1, 2))[..., :2]  # [N, H*W, 2]
         sx, sy = src[..., 0] + (w - 1) / 2, src[..., 1] + (h - 1) / 2
         rx, ry = torch.round(sx), torch.round(sy)
-        if bool(((sx - rx).abs().max() < 1e-3) & ((sy - ry).abs().max() < 1e-3)):
-            # Blitting only (or geometric draws that happen to be integer): an exact, lossless gather.
-            index = _reflect_index(ry.long(), h) * w + _reflect_index(rx.long(), w)
-            out = torch.gather(images.reshape(n, c, h * w), 2, index[:, None, :].expand(n, c, h * w))
-            return out.reshape(n, c, h, w)
-        return self._resample(images, g_inv)
+
+        # Per sample: a mapping that is integer everywhere (no transform drawn, blitting only, or geometric
+        # draws that happen to be integer) is an exact, lossless gather; only the other samples are resampled,
+        # so a sample that drew no geometric transform comes back bit-identical.
+        fractional = torch.maximum((sx - rx).abs().amax(dim=1), (sy - ry).abs().amax(dim=1)) >= 1e-3  # [N]
+        index = _reflect_index(ry.long(), h) * w + _reflect_index(rx.long(), w)
+        out = torch.gather(images.reshape(n, c, h * w), 2, index[:, None, :].expand(n, c, h * w)).reshape(n, c, h, w)
+        if bool(fractional.any()):
+            idx = fractional.nonzero()[:, 0]
+            out = out.index_copy(0, idx, self._resample(images[idx], g_inv[idx]))
+        return out
 
     def _resample(self, images, g_inv):
         """Execute the geometric transform with reflection padding, 2x sym6 upsampling, bilinear sampling
@@ -358,15 +365,22 @@ class AugmentPipe(torch.nn.Module):
         delay = self._filter_delay / 2  # In coarse pixels.
 
         # Output positions at 2x resolution, centred coarse units. Downsampling reads the fine image at
-        # i + delay for output pixel i, so fine sample t must hold the result for t - delay.
-        fy = (torch.arange(2 * h, device=device, dtype=torch.float32) + 0.5) / 2 - h / 2 - delay
-        fx = (torch.arange(2 * w, device=device, dtype=torch.float32) + 0.5) / 2 - w / 2 - delay
+        # i + delay for output pixel i, so fine sample t must hold the result for t - delay. The fine grid
+        # extends `ext` fine samples beyond the output on every side, where the downsampling filter of the
+        # outermost output pixels reads: those samples come from the (mirror-padded) image like all others,
+        # not from zeros, and the downsampling crops them away again. Without them every border pixel was
+        # pulled toward 0 (a constant 0.8 came back 0.46 at the corners).
+        ext = (len(SYM6_LOWPASS) - 2 + 1) // 2 + 1  # Filter reach of downsample2d, rounded up to even.
+        ext += ext % 2
+        fy = (torch.arange(-ext, 2 * h + ext, device=device, dtype=torch.float32) + 0.5) / 2 - h / 2 - delay
+        fx = (torch.arange(-ext, 2 * w + ext, device=device, dtype=torch.float32) + 0.5) / 2 - w / 2 - delay
         ys, xs = torch.meshgrid(fy, fx, indexing='ij')
-        dst = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, 4 * h * w, 3)
-        src = (dst @ g_inv.transpose(1, 2))[..., :2]  # [N, 4HW, 2]
+        fh, fw = len(fy), len(fx)
+        dst = torch.stack([xs, ys, torch.ones_like(xs)], dim=-1).reshape(1, fh * fw, 3)
+        src = (dst @ g_inv.transpose(1, 2))[..., :2]  # [N, fh*fw, 2]
 
-        # Pad (by mirroring) far enough to cover every source position plus the filter support; capped so a
-        # freak draw cannot allocate without bound (beyond the cap grid_sample reads zeros).
+        # Pad (by mirroring) far enough to cover every source position plus the upsampling filter's support;
+        # capped so a freak draw cannot allocate without bound (beyond the cap grid_sample reads zeros).
         margin = len(SYM6_LOWPASS) // 4 + 1
         lo = src.amin(dim=(0, 1)).tolist()
         hi = src.amax(dim=(0, 1)).tolist()
@@ -384,9 +398,9 @@ class AugmentPipe(torch.nn.Module):
         # (-1 and 1 are the outer pixel edges).
         gx = (src[..., 0] + w / 2 + pad_l + delay) / wp * 2 - 1
         gy = (src[..., 1] + h / 2 + pad_t + delay) / hp * 2 - 1
-        grid = torch.stack([gx, gy], dim=-1).reshape(n, 2 * h, 2 * w, 2).to(x.dtype)
+        grid = torch.stack([gx, gy], dim=-1).reshape(n, fh, fw, 2).to(x.dtype)
         x = grid_sample_gradfix.grid_sample(x, grid)
-        x = upfirdn2d.downsample2d(x, f, down=2, flip_filter=True)
+        x = upfirdn2d.downsample2d(x, f, down=2, padding=-ext, flip_filter=True)
         misc.assert_shape(x, [n, c, h, w])
         return x
 

@@ -300,6 +300,9 @@ def setup_training_config(
     c.augment_kwargs = None
     if aug not in ('ada', 'noaug', 'fixed'):
         raise click.UsageError(f'--aug={aug}: choose ada, noaug or fixed')
+    if p is not None and aug != 'fixed':  # As StyleGAN2-ADA: never ignore an option silently.
+        raise click.UsageError(f'--p can only be specified with --aug=fixed (--aug={aug} '
+                               f'{"adjusts p itself toward --target" if aug == "ada" else "does not augment"})')
     if aug != 'noaug':
         from training.augment import augpipe_specs
         if augpipe not in augpipe_specs:
@@ -311,13 +314,11 @@ def setup_training_config(
                                                **{k: v for k, v in augpipe_specs[augpipe].items() if k in keys})
         if aug == 'ada':
             c.ada_target = target
-            c.ada_kimg = 100 if cfg == 'cifar' else 500
+            c.ada_kimg = 500  # 100 when starting from a snapshot: see below.
         else:
             if p is None:
                 raise click.UsageError('--aug=fixed needs --p')
             c.augment_p = p
-    elif p is not None:
-        raise click.UsageError('--p only applies to --aug=fixed')
 
     # Metrics.
     if metrics is None:
@@ -351,6 +352,8 @@ def setup_training_config(
             _check_resume_kind(resume, is_volume, data, allow_pickle)
             c.resume_pkl = os.path.abspath(resume)
             c.ema_rampup = None  # Fine-tuning keeps the full EMA from the start.
+            if c.ada_target is not None:
+                c.ada_kimg = 100  # As StyleGAN2-ADA for transfer learning: let p react faster at the start.
         else:
             raise click.UsageError(f'--resume: {resume} is neither a run dir nor a snapshot file')
     c.allow_pickle = allow_pickle

@@ -160,8 +160,8 @@ class ImageFolderDataset(Dataset):
         **super_kwargs,             # max_size, use_labels, xflip, random_seed.
     ):
         self._path = str(path)
-        self._zipfile = None
-        self._zipfile_pid = None
+        self._zipfile = None        # Opened lazily, one handle per process: see _get_zipfile.
+        self._zipfile_pid = None    # The process that opened self._zipfile.
         if subset not in ('all', 'train', 'val'):
             raise DatasetError(f'{path}: unknown subset {subset!r}; expected all, train or val')
         if os.path.isdir(self._path):
@@ -220,13 +220,28 @@ class ImageFolderDataset(Dataset):
     # -- file access -------------------------------------------------------------------------------
 
     def _get_zipfile(self):
+        # A ZipFile reads through one OS file whose offset a fork shares: DataLoader workers forked after
+        # the parent opened the archive (to read dataset.json, or a metrics pass) would seek and read over
+        # one another ("Bad CRC-32", "File name in directory ... differ"). So each process opens its own
+        # handle, keyed on its pid; a handle inherited through fork is never read from.
         assert self._type == 'zip'
-        if self._zipfile is None or self._zipfile_pid != os.getpid():
-            # A forked DataLoader worker inherits the parent's open file and with it one shared file offset:
-            # workers reading at once would interleave seeks and reads (Bad CRC-32). Each process opens its own.
+        pid = os.getpid()
+        if self._zipfile is None or self._zipfile_pid != pid:
+            if self._zipfile is not None:
+                self._close_zipfile()
             self._zipfile = zipfile.ZipFile(self._path)
-            self._zipfile_pid = os.getpid()
+            self._zipfile_pid = pid
         return self._zipfile
+
+    def _close_zipfile(self):
+        # Safe on a handle inherited through fork too: it closes this process's copy of the descriptor
+        # only, and a read-mode ZipFile and its buffered reader do not seek when closed, so the parent's
+        # file position is left alone.
+        handle, self._zipfile = self._zipfile, None
+        try:
+            handle.close()
+        except (OSError, ValueError):
+            pass
 
     def _open_file(self, fname):
         if self._type == 'dir':
@@ -234,14 +249,12 @@ class ImageFolderDataset(Dataset):
         return self._get_zipfile().open(fname, 'r')
 
     def close(self):
-        try:
-            if self._zipfile is not None:
-                self._zipfile.close()
-        finally:
-            self._zipfile = None
+        if self._zipfile is not None:
+            self._close_zipfile()
+        self._zipfile_pid = None
 
     def __getstate__(self):
-        return dict(super().__getstate__(), _zipfile=None)
+        return dict(super().__getstate__(), _zipfile=None, _zipfile_pid=None)
 
     def _load_meta(self) -> dict:
         if 'dataset.json' not in self._all_fnames:
