@@ -57,6 +57,7 @@ def calc_metrics(
     num_gen: int = None,        # Generated count override.
     detector: str = None,       # Inception override.
     vgg_detector: str = None,   # VGG16 override.
+    detector3d: str = None,     # 3D feature network (TorchScript) for fid3d_full.
     run_dir: str = None,        # Where metric-<name>.jsonl goes; None = the snapshot's folder.
     batch: int = 64,            # Images per process per step.
     device: str = None,         # 'cuda' or 'cpu'; None = cuda when available.
@@ -95,7 +96,7 @@ def calc_metrics(
                                        device=device, progress=progress, channel=channel, detector_url=detector,
                                        vgg_detector_url=vgg_detector, num_gen=num_gen,
                                        batch_size=batch, run_dir=run_dir, xflip_reals=bool(mirror),
-                                       segmenter=segmenter)
+                                       detector3d=detector3d, segmenter=segmenter)
     if rank == 0:
         for result in results:
             metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=network)
@@ -143,6 +144,7 @@ def _metric_list(_ctx, _param, value):
 @click.option('--detector',             help='Inception network (path or URL) [default: NVIDIA\'s]', metavar='PATH|URL', type=PATH)
 @click.option('--vgg-detector',         help='VGG16 network for PR and PPL [default: NVIDIA\'s]', metavar='PATH|URL', type=PATH)
 @click.option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', is_flag=True, hidden=True)
+@click.option('--detector3d',           help='3D feature network for fid3d_full (TorchScript; docs/volumes.md)', metavar='PATH|URL', type=PATH)
 @click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR',
               type=PATH)
 @click.option('--segmenter',            help='Segmenter for mask_dice (calc_segmentation.py checkpoint)', metavar='PATH',

@@ -71,7 +71,7 @@ def _parse_percentiles(value):
 @click.option('--volume-size',        metavar='INT', type=click.IntRange(min=4), default=128, show_default=True, help='Volume cube side (voxels)')
 @click.option('--modalities',         metavar='LIST', default='t2w', show_default=True, help='t1n,t1c,t2w,t2f or all')
 @bool_option('--with-seg',            help='Add tumour channels seg_netc,seg_snfh,seg_et')
-@click.option('--labels',             metavar='GROUP', type=PATH, multiple=True, help='Extra label group: modality, tumour or a CSV path (repeatable)')
+@click.option('--labels',             metavar='GROUP', type=PATH, multiple=True, help='Extra label group: modality, tumour, cohort[=gli,ssa,...] or a CSV path (repeatable)')
 @click.option('--normalize',          type=click.Choice(['percentile', 'minmax']), default='percentile', show_default=True, help='Per-case intensity range')
 @click.option('--percentiles',        metavar='LOW,HIGH', default='0.5,99.5', show_default=True, help='For --normalize percentile')
 @click.option('--denoise',            metavar='SIGMA', type=click.FloatRange(min=0, min_open=True), default=None, help='Gaussian denoising sigma (voxels)')

@@ -10,6 +10,9 @@ Single-channel images become grey PNGs (8- or 16-bit); multi-channel archives (m
 give one image per channel, the decoded BraTS label map (a palette PNG: pixel values are the labels 0-3, shown in
 the colours of training.grids.LABEL_COLOURS) and a colour overlay, plus an ``.npy`` of the stack. A status line
 shows images done, rate and time left.
+A volume snapshot writes NIfTI per modality and the tumour labels, and a three-plane montage per seed
+(mri/volume_output.py, docs/volumes.md):
+  python generate.py --network runs/00001-vol --seeds 0-3 --class ssa --outdir out --native-grid
 """
 
 import os
@@ -94,9 +97,10 @@ def generate_images(
     class_spec: str = None,         # Class name(s), index, 'all', or None for unconditional networks.
     truncation_psi: float = 1.0,    # Truncation; 1 = none.
     noise_mode: str = 'const',      # 'const', 'random' or 'none'.
-    fmt: str = 'png',               # 'png', 'png16' or 'npy'.
+    fmt: str = None,                # 'png', 'png16', 'npy' or 'nifti'; None = png (slices) or nifti (volumes).
     device: str = None,             # None = cuda when available.
     verbose: bool = True,
+    native_grid: bool = False,      # Volumes: NIfTI on the original BraTS grid (mri.volume_space).
 ) -> list:
     import torch
     from torch_utils import snapshot
@@ -111,6 +115,16 @@ def generate_images(
     label_names = list(desc.get('label_names') or [f'class{i}' for i in range(G.c_dim)])[:G.c_dim] if G.c_dim else []
     label_groups = desc.get('label_groups') or None
     channels = desc.get('channels') or []
+    from mri.volume_output import VolumeOutputError, generate_volumes, snapshot_kind
+    if snapshot_kind(desc) == 'volumes':  # 3D: NIfTI per modality and labels, three-plane montages (docs/volumes.md)
+        if fmt not in (None, 'nifti', 'npy'):
+            raise VolumeOutputError(f'--format {fmt}: {network} is a volume snapshot; use --format nifti (its default) or npy')
+        return generate_volumes(G, desc, seeds, outdir, class_spec, truncation_psi, noise_mode, fmt or 'nifti',
+                                native_grid, device, verbose)
+    if fmt == 'nifti' or native_grid:
+        raise VolumeOutputError(f'{"--native-grid" if native_grid else "--format nifti"}: {network} is a 2D (slices) '
+                                f'snapshot; NIfTI output needs a volume snapshot (dataset_tool.py --kind volumes)')
+    fmt = fmt or 'png'
     os.makedirs(outdir, exist_ok=True)
 
     def run(seed, label):
@@ -152,12 +166,14 @@ def generate_images(
 @click.option('--class', 'class_spec',  help='Class: name(s) one per group (axial,t2w), index (one label group only), or all', metavar='NAME|IDX|all', type=str)
 @click.option('--noise-mode',           help='Noise mode', type=click.Choice(['const', 'random', 'none']), default='const', show_default=True)
 @click.option('--outdir',               help='Where to save the output images', metavar='DIR', type=PATH, required=True)
-@click.option('--format', 'fmt',        help='Output format', type=click.Choice(['png', 'png16', 'npy']), default='png', show_default=True)
+@click.option('--format', 'fmt',        help='Output format [default: png; nifti for volumes]', type=click.Choice(['png', 'png16', 'npy', 'nifti']))
+@bool_option('--native-grid',           help='Volumes: NIfTI on the original BraTS grid (240x240x155)')
 @click.option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', is_flag=True, hidden=True)
 @click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
-def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, allow_pickle, device):
+def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, native_grid, allow_pickle, device):
     """Generate images by class from a trained network."""
     from torch_utils.snapshot import SnapshotError, warn_allow_pickle
+    from mri.volume_output import VolumeOutputError
     if allow_pickle:
         warn_allow_pickle()
     try:
@@ -165,8 +181,9 @@ def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, al
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--seeds') from None
     try:
-        generate_images(network, seed_list, outdir, class_spec, truncation_psi, noise_mode, fmt, device=device)
-    except (ClassSpecError, SnapshotError) as err:
+        generate_images(network, seed_list, outdir, class_spec, truncation_psi, noise_mode, fmt, device=device,
+                        native_grid=native_grid)
+    except (ClassSpecError, SnapshotError, VolumeOutputError) as err:
         raise click.ClickException(str(err)) from None
 
 

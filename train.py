@@ -244,11 +244,14 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
 @click.option('--attn-res',     help="Self-attention in G and D at these resolutions, 4 .. res/2, e.g. 16,32. "
                                      "Memory per layer in R1/path-length passes: 8*N*L*L' bytes, L=R*R, L'=L/4 from 64x64 "
                                      "(1 GiB at 64, batch-gpu 32)", metavar='LIST', type=str)
+@bool_option('--checkpointing', help='Volumes: recompute block activations in backward (less memory, more time)')
+@bool_option('--bf16',          help='Volumes: bfloat16 instead of float16 in the mixed-precision blocks')
 # Misc settings.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
-@click.option('--metrics',      help='Quality metrics at each snapshot, or none', metavar='[NAME|A,B,C|none]', type=str, default='fid50k_full', show_default=True)
+@click.option('--metrics',      help='Quality metrics at each snapshot, or none [default: fid50k_full; fid25d_full for volumes]', metavar='[NAME|A,B,C|none]', type=str)
 @click.option('--detector',     help='Inception detector for --metrics (path or URL) [default: canonical]', metavar='PATH|URL', type=PATH)
 @click.option('--vgg-detector', help='VGG16 detector for --metrics pr*/ppl* (path or URL) [default: canonical]', metavar='PATH|URL', type=PATH)
+@click.option('--detector3d',   help='3D feature network for --metrics fid3d_full (TorchScript)', metavar='PATH|URL', type=PATH)
 @click.option('--kimg',         help='Total training duration [default: preset]', metavar='KIMG', type=RANGES['kimg'])
 @click.option('--tick',         help='How often to print progress', metavar='KIMG', type=RANGES['tick'], default=4, show_default=True)
 @click.option('--snap',         help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)

@@ -23,6 +23,7 @@ from metrics import nearest_neighbour
 from metrics import per_class
 from metrics import perceptual_path_length
 from metrics import precision_recall
+from metrics import volumes
 
 _metric_dict = {}  # name -> function(opts) -> dict of results
 
@@ -229,3 +230,65 @@ def mask_dice(opts):
     _full(opts)
     per = mask_dice_module.compute_mask_dice(opts, num_gen=metric_utils.num_generated(opts, 1000))
     return mask_dice_module.results(per)
+
+
+# ----------------------------------------------------------------------------
+# Metrics of volumes (archives of kind volumes; metrics/volumes.py, docs/volumes.md). Volumes cost ~10^3 times a
+# slice, so the generated counts are smaller.
+
+@register_metric
+def fid25d_full(opts):
+    _full(opts)
+    per_plane = volumes.compute_fid25d(opts, num_gen=metric_utils.num_generated(opts, 1000))
+    return volumes.plane_results('fid25d_full', per_plane)
+
+
+@register_metric
+def fid3d_full(opts):
+    _full(opts)
+    fid = volumes.compute_fid3d(opts, num_gen=metric_utils.num_generated(opts, 1000))
+    return metric_utils.per_channel_results('fid3d_full', fid)
+
+
+@register_metric
+def msssim3d_div(opts):
+    _full(opts)
+    div = volumes.compute_msssim3d_diversity(opts, num_images=metric_utils.num_generated(opts, 200))
+    return dict(msssim3d_div=div['gen'], msssim3d_div_real=div['real'])
+
+
+@register_metric
+def mmd3d(opts):
+    _full(opts)
+    mmd = volumes.compute_mmd3d(opts, num_gen=metric_utils.num_generated(opts, 200))
+    return dict(mmd3d=mmd['mmd'], mmd3d_per_voxel=mmd['per_voxel'])
+
+
+@register_metric
+def ssim3d_nn(opts):
+    _full(opts)
+    nn = volumes.compute_nn3d(opts, 'ssim', num_gen=metric_utils.num_generated(opts, 200))
+    return dict(ssim3d_nn=nn['mean'], ssim3d_nn_frac_closer=nn['frac_closer'], ssim3d_nn_real_median=nn['real_median'])
+
+
+@register_metric
+def mse3d_nn(opts):
+    _full(opts)
+    nn = volumes.compute_nn3d(opts, 'mse', num_gen=metric_utils.num_generated(opts, 200))
+    return dict(mse3d_nn=nn['mean'], mse3d_nn_frac_closer=nn['frac_closer'], mse3d_nn_real_median=nn['real_median'])
+
+
+ANY_KIND = ('mask_dice',)  # metrics that measure slices and volumes alike
+
+
+def metrics_problem(metrics: list, is_volumes: bool, detector3d: str = None) -> str:
+    """Why ``metrics`` cannot run on this kind of data (one line), or None: checked before training starts."""
+    wrong = [m for m in metrics if m not in ANY_KIND and (m in volumes.VOLUME_METRICS) != is_volumes]
+    if wrong:
+        if is_volumes:
+            return (f'{", ".join(wrong)} measure 2D images, and the data holds volumes; use '
+                    f'{", ".join(volumes.VOLUME_METRICS)} (or none)')
+        return f'{", ".join(wrong)} measure volumes, and the data holds 2D images'
+    if 'fid3d_full' in metrics and not detector3d:
+        return 'fid3d_full needs a 3D feature network: pass --detector3d PATH (docs/volumes.md)'
+    return None

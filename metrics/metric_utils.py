@@ -84,7 +84,7 @@ def get_dataset(opts, **overrides):
     dataset = dnnlib.construct_class_by_name(**kwargs)
     if len(dataset.image_shape) != 3:
         raise MetricError(f'{kwargs.get("path")}: images of shape {dataset.image_shape}; these metrics measure 2D '
-                          f'images [C,H,W] (volumes have their own metrics in mri/)')
+                          f'images [C,H,W] (volumes: fid25d_full, fid3d_full, msssim3d_div, mmd3d, ssim3d_nn, mse3d_nn)')
     return dataset
 
 

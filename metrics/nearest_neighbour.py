@@ -27,7 +27,8 @@ MAX_REAL_QUERIES = 1000     # Reals used to estimate the real-to-real baseline.
 
 def _shrink(x: torch.Tensor, size: int) -> torch.Tensor:
     factor = max(x.shape[-1] // size, 1)
-    return torch.nn.functional.avg_pool2d(x, factor) if factor > 1 else x
+    pool = torch.nn.functional.avg_pool2d if x.ndim == 4 else torch.nn.functional.avg_pool3d  # images or volumes
+    return pool(x, factor) if factor > 1 else x
 
 
 def _case_ids(dataset) -> np.ndarray:
@@ -90,10 +91,11 @@ def _distance(kind: str, query, pool, exclude):
 
 
 @torch.no_grad()
-def compute_nn(opts, kind: str, num_gen: int) -> dict:
-    """``{'mean', 'frac_closer', 'real_median'}`` for ``kind`` 'mse' or 'ssim'; NaN on ranks other than 0."""
+def compute_nn(opts, kind: str, num_gen: int, dataset=None, sampler=None) -> dict:
+    """``{'mean', 'frac_closer', 'real_median'}`` for ``kind`` 'mse' or 'ssim'; NaN on ranks other than 0.
+    ``dataset``/``sampler``: the real data and the generator sampler (default: the 2D ones of metric_utils)."""
     assert kind in ('mse', 'ssim')
-    dataset = metric_utils.get_dataset(opts)
+    dataset = dataset if dataset is not None else metric_utils.get_dataset(opts)
     if len(dataset) < 2:
         raise metric_utils.MetricError(f'{getattr(dataset, "path", "dataset")}: nearest neighbours need at least two real images')
     idx = msssim.image_channels(dataset.channels, opts.channel)
@@ -119,7 +121,7 @@ def compute_nn(opts, kind: str, num_gen: int) -> dict:
         base.append_torch(dist[:, None], opts.num_gpus)
 
     gen = metric_utils.FeatureStats(capture_all=True, max_items=num_gen)
-    sampler = metric_utils.GeneratorSampler(opts, dataset)
+    sampler = sampler if sampler is not None else metric_utils.GeneratorSampler(opts, dataset)
     for img in metric_utils.generated_batches(opts, sampler, num_gen, desc=f'{kind}_nn fakes'):
         x = _shrink(metric_utils.to_unit(img[:, idx]), size)
         assert x.shape[1:] == pool.shape[1:], (x.shape, pool.shape)

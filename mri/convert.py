@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import dnnlib
-from mri import archive, brats, preprocess
+from mri import archive, brats, cohort, preprocess, volume_space
 from mri.seg import SEG_CHANNELS, SEG_STORAGE
 
 TUMOUR_VALUES = ('tumour', 'no_tumour')
@@ -39,7 +39,7 @@ class ConvertOptions:
     volume_size: int = 128                  # volume cube side in voxels
     modalities: tuple = ('t2w',)            # channels (or, with labels 'modality', one image per modality)
     with_seg: bool = False                  # add seg_netc, seg_snfh, seg_et channels
-    labels: tuple = ()                      # extra label groups: 'modality', 'tumour', or CSV paths
+    labels: tuple = ()                      # extra label groups: 'modality', 'tumour', 'cohort[=a,b]' or CSV paths
     normalize: str = 'percentile'           # 'percentile' or 'minmax'
     low: float = 0.5                        # percentiles for normalize='percentile'
     high: float = 99.5
@@ -69,6 +69,12 @@ class ConvertOptions:
             raise ConversionError(f'percentiles must satisfy 0 <= low < high <= 100, got {self.low}, {self.high}')
         if sum(self.split.values()) >= 1 or any(f < 0 for f in self.split.values()) or 'train' in self.split:
             raise ConversionError(f'--split fractions must be >= 0, sum below 1 and not name train, got {self.split}')
+        for spec in self.labels:
+            if cohort.is_cohort_spec(spec):
+                try:
+                    cohort.parse_spec(spec)
+                except cohort.CohortError as e:
+                    raise ConversionError(str(e)) from None
         if self.on_error not in ('fail', 'skip'):
             raise ConversionError(f'--on-error must be fail or skip, got {self.on_error!r}')
         for size, name in ((self.resolution, '--resolution'), (self.volume_size, '--volume-size')):
@@ -107,8 +113,9 @@ def read_label_csv(path):
     return {'path': str(path), 'groups': groups, 'cases': cases}
 
 
-def build_groups(opts, csvs):
-    """The label groups in order (plane first): list of {'name', 'values'}; values are unique label names."""
+def build_groups(opts, csvs, cohorts=None):
+    """The label groups in order (plane first): list of {'name', 'values'}; values are unique label names.
+    `cohorts`: the values of the cohort group (mri.cohort.cohort_values), for --labels cohort."""
     groups = []
     if opts.kind == 'slices':
         groups.append({'name': 'plane', 'values': [p for p in preprocess.PLANES if p in opts.planes]})
@@ -117,6 +124,8 @@ def build_groups(opts, csvs):
             groups.append({'name': 'modality', 'values': list(opts.modalities)})
         elif spec == 'tumour':
             groups.append({'name': 'tumour', 'values': list(TUMOUR_VALUES)})
+        elif cohort.is_cohort_spec(spec):
+            groups.append({'name': 'cohort', 'values': list(cohorts)})
     taken = {v for g in groups for v in g['values']}
     for table in csvs:
         for column, values in table['groups'].items():
@@ -189,11 +198,14 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
     cid = case_files.case_id
     need_seg = opts.with_seg or 'tumour' in opts.labels
     base = _case_assignment(cid, groups)
+    if any(g['name'] == 'cohort' and 'csv' not in g for g in groups):
+        base['cohort'] = cohort.cohort_of(cid)
     if loading is not None:
         case = loading.result()  # read ahead in a background thread (see _convert_in_process); raises its BratsError
     else:
         case = brats.load_case(case_files, load_seg=need_seg, threads=threads or 1)
     prep = preprocess.prepare_case(case, opts.modalities, opts.normalize, opts.low, opts.high, opts.denoise)
+    native_grid = (next(iter(case.images.values())).shape, case.affine)  # for volumes: the way back (mri.volume_space)
     del case  # the full-size arrays are no longer needed
     vmax = (1 << opts.bit_depth) - 1
     dtype = np.uint8 if opts.bit_depth == 8 else np.uint16
@@ -218,6 +230,7 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
             result['labels'].append((relpath, assign))
             result['affines'][relpath] = affine
         result['counts']['volumes'] = len(images)
+        result['native'] = volume_space.native_record(prep, *native_grid, opts.volume_size)
         return result
 
     png_only = len(images[0][1]) == 1 and not opts.with_seg
@@ -374,13 +387,13 @@ def convert_brats(
     opts = opts or ConvertOptions()
     opts.validate()
     dest = Path(dest)
-    csvs = [read_label_csv(p) for p in opts.labels if p not in ('modality', 'tumour')]
-    groups = build_groups(opts, csvs)
+    csvs = [read_label_csv(p) for p in opts.labels if p not in ('modality', 'tumour') and not cohort.is_cohort_spec(p)]
     csv_rows = {t['path']: t['cases'] for t in csvs}
     unreadable = [] if opts.on_error == 'skip' else None  # folders that cannot be listed: an error, or skipped
     cases = brats.discover_cases(source, unreadable)
     if opts.max_cases is not None:
         cases = cases[:opts.max_cases]
+    groups = build_groups(opts, csvs, _cohort_values(opts, cases))
     split = assign_split([c.case_id for c in cases], opts.split, opts.split_seed)
     workers = max(1, min(opts.workers, len(cases)))
     threads = max(1, (os.cpu_count() or 1) // workers)  # threads per worker: file reads, planes, deflate
@@ -389,7 +402,7 @@ def convert_brats(
     t0 = time.time()
     labels, file_cases, affines, case_split, ranges = [], {}, {}, {}, {}
     skipped = [{'case': e.case_id, 'file': e.path, 'problem': e.problem} for e in unreadable or []]
-    counts, skipped_slices = {}, {}
+    counts, skipped_slices, natives = {}, {}, {}
     bar = dnnlib.ProgressBar(len(cases), unit='cases', enabled=progress)
     pool = results = pending = None
 
@@ -428,6 +441,8 @@ def convert_brats(
                         file_cases[relpath] = cid
                         labels.append([relpath, label_vector(groups, assign)])
                     affines.update(res['affines'])
+                    if res.get('native'):
+                        natives[cid] = res['native']
                     case_split[cid] = split[cid]
                     ranges[cid] = res['ranges']
                     for k, v in res['counts'].items():
@@ -471,6 +486,8 @@ def convert_brats(
             meta['seg_storage'] = SEG_STORAGE
         if opts.kind == 'volumes':
             meta['affines'] = affines
+            meta['space'] = volume_space.archive_space(natives)  # the frame of generated volumes (generate.py)
+            meta['native_grids'] = natives                       # per case: crop, padding and zoom to undo
         meta['resolution'] = opts.volume_size if opts.kind == 'volumes' else opts.resolution
         meta['source'] = dict(source_info or {}, path=str(source), tool='dataset_tool.py',
                               # every option that shapes the content; not the worker count, so that the archive
@@ -493,7 +510,32 @@ def convert_brats(
         'skipped_slices': skipped_slices, 'skipped_cases': skipped, 'skipped_json': str(skipped_json) if skipped else '',
         'split': counts_by_split, 'warnings': warnings,
         'seconds': time.time() - t0, 'min_brain_fraction': opts.min_brain_fraction, 'kind': opts.kind,
+        'cohorts': _cohort_counts(case_split, groups),
     }
+
+
+def _cohort_counts(case_split, groups):
+    """{cohort: number of converted cases} for --labels cohort, else {}."""
+    group = next((g for g in groups if g['name'] == 'cohort' and 'csv' not in g), None)
+    if group is None:
+        return {}
+    counts = {v: 0 for v in group['values']}
+    for cid in case_split:
+        counts[cohort.cohort_of(cid)] += 1
+    return counts
+
+
+def _cohort_values(opts, cases):
+    """Values of the cohort group (None without --labels cohort); a bad case id is a ConversionError."""
+    specs = [s for s in opts.labels if cohort.is_cohort_spec(s)]
+    if not specs:
+        return None
+    if len(specs) > 1:
+        raise ConversionError(f'--labels {specs[0]} and --labels {specs[1]}: give the cohort group once')
+    try:
+        return cohort.cohort_values([c.case_id for c in cases], specs[0])
+    except cohort.CohortError as e:
+        raise ConversionError(str(e)) from None
 
 
 def _jsonable(obj):
@@ -516,6 +558,10 @@ def format_summary(summary):
             extra = (f"  ({summary['skipped_slices'][k]} brain slices skipped: brain < "
                      f"{summary['min_brain_fraction']:g} of the slice)")
         lines.append(f'  {k}: {v}{extra}')
+    if summary.get('cohorts'):
+        unknown = cohort.unknown_prefixes(summary['cohorts'])
+        lines.append('  cohort: ' + ', '.join(f'{k} {v} cases' for k, v in summary['cohorts'].items())
+                     + (f" (not a known BraTS prefix, named from the case ids: {', '.join(unknown)})" if unknown else ''))
     if summary['skipped_cases']:
         lines.append(f"  skipped {len(summary['skipped_cases'])} cases (listed in {summary['skipped_json']}):")
         lines += [f"    {s['case']}: {s['file']}: {s['problem']}" for s in summary['skipped_cases']]

@@ -26,6 +26,20 @@ CFG_SPECS = {
     'cifar':     dict(ref_gpus=2,  kimg=100000, mb=64, mbstd=32, fmaps=1, lrate=0.0025, gamma=0.01, ema=500, ramp=0.05, map=2),
 }
 
+# Volume presets (mri.networks3d): channel_base 4096 and at most 256 channels (fmaps * 32768 = channel_base), so a
+# 128^3 level has 32 channels, a 64^3 level 64 (3D-StyleGAN, Hong et al. 2021, fits 16-32 at its top level);
+# gamma by the 2D auto rule 0.0002 * side^2 / batch; a short mapping network as in the 2D auto preset.
+VOLUME_CFG_SPECS = {
+    'vol32':  dict(ref_gpus=1, kimg=5000, mb=16, mbstd=4, fmaps=0.125, cmax=256, lrate=0.002, gamma=0.0128, ema=5, ramp=0.05, map=2),
+    'vol64':  dict(ref_gpus=1, kimg=5000, mb=16, mbstd=4, fmaps=0.125, cmax=256, lrate=0.002, gamma=0.0512, ema=5, ramp=0.05, map=2),
+    'vol128': dict(ref_gpus=1, kimg=5000, mb=8,  mbstd=4, fmaps=0.125, cmax=256, lrate=0.002, gamma=0.41,   ema=2.5, ramp=0.05, map=2),
+    'vol256': dict(ref_gpus=1, kimg=5000, mb=4,  mbstd=2, fmaps=0.0625, cmax=256, lrate=0.002, gamma=3.3,  ema=1.25, ramp=0.05, map=2),
+}
+CFG_SPECS.update(VOLUME_CFG_SPECS)
+VOLUME_CLASSES = dict(G='mri.networks3d.Generator', D='mri.networks3d.Discriminator',
+                      augment='mri.augment3d.AugmentPipe3d', augment_keys='mri.augment3d.AUGMENT3D_KEYS',
+                      grid_setup='mri.grid3d.setup_volume_grid', grid_save='mri.grid3d.save_volume_grid')
+
 AUGPIPE_NAMES = ['blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']
 
 # Ranges of the numeric options, defined once: train.py's --help shows them and setup_training_config enforces them.
@@ -122,8 +136,9 @@ def setup_training_config(
     kimg: float = None,             # Training length; None = preset.
     tick: float = 4,                # kimg per tick.
     snap: int = 50,                 # Ticks per snapshot.
-    metrics: str = 'fid50k_full',   # Comma-separated metric names, or 'none'.
+    metrics: str = None,            # Comma-separated metric names, or 'none'; None = fid50k_full (fid25d_full for volumes).
     detector: str = None,           # Inception detector path/URL override for the metrics.
+    detector3d: str = None,         # 3D feature network (TorchScript) for fid3d_full.
     vgg_detector: str = None,       # VGG16 detector path/URL override (pr*, ppl*).
     seed: int = 0,                  # Random seed.
     resume: str = None,             # Snapshot (.pt or NVlabs .pkl) to start a new run from (weights only).
@@ -144,6 +159,8 @@ def setup_training_config(
     fq_weight: float = 1.0,         # FQ commitment-loss weight (in D's loss and, for fakes, G's).
     fq_mode: str = 'forward',       # 'forward': D continues with the codes; 'loss': loss and dictionary only.
     attn_res: str = None,           # Self-attention resolutions in G and D, e.g. '32'; None = off.
+    checkpointing: bool = False,    # Volumes: recompute each block's activations in backward (saves memory).
+    bf16: bool = False,             # Volumes: bfloat16 instead of float16 in the mixed-precision blocks.
     **_unused,
 ) -> dnnlib.EasyDict:
     import torch  # Lazy: --help stays fast.
@@ -170,14 +187,23 @@ def setup_training_config(
         _open_dataset(data, f'--subset={subset}', subset=subset).close()  # An empty split fails here, not in the run.
     if cond and not probe.has_labels:
         raise click.UsageError(f'--cond=1: {data} has no labels in dataset.json; use --cond=0 or add labels')
-    res = probe.resolution
-    if len(probe.image_shape) != 3:
-        raise click.UsageError(f'--data: {data} holds {probe.kind} of shape {probe.image_shape}; the 2D trainer needs slices')
-    problem = shape_problem(probe.image_shape[1:])
-    if problem:
-        raise click.UsageError(f'--data: {data} holds images of {problem}; convert it again with dataset_tool.py --resolution')
+    is_volume = len(probe.image_shape) == 4
+    spatial = list(probe.image_shape[1:])
+    if is_volume:
+        res = max(spatial)
+        if mirror:
+            raise click.UsageError('--mirror=1: flips the last array axis, which is not left-right in a volume; volumes '
+                                   'get left-right flips from ADA (--aug=ada, on by default)')
+    else:
+        problem = shape_problem(spatial)
+        if problem:
+            raise click.UsageError(f'--data: {data} holds images of {problem}; convert it again with dataset_tool.py --resolution')
+        res = probe.resolution
+    if not is_volume and (checkpointing or bf16):
+        raise click.UsageError(f'--{"checkpointing" if checkpointing else "bf16"}: volumes only; {data} holds 2D {probe.kind}')
     c.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
-                                            use_labels=cond, max_size=None, xflip=mirror, resolution=res,
+                                            use_labels=cond, max_size=None, xflip=mirror,
+                                            resolution=res if len(set(spatial)) == 1 else None,
                                             subset=subset, random_seed=seed)
     facts = dict(resolution=res, num_channels=probe.num_channels, channels=list(probe.channels),
                  c_dim=probe.label_dim if cond else 0, label_names=list(probe.label_names) if cond else [])
@@ -187,6 +213,12 @@ def setup_training_config(
     # Preset, with auto values as in StyleGAN2-ADA.
     if cfg not in CFG_SPECS:
         raise click.UsageError(f'--cfg={cfg}: unknown; choose from {", ".join(CFG_SPECS)}')
+    if is_volume and cfg == 'auto':
+        cfg = next((name for name in VOLUME_CFG_SPECS if int(name[3:]) >= res), list(VOLUME_CFG_SPECS)[-1])
+    if is_volume != (cfg in VOLUME_CFG_SPECS):
+        raise click.UsageError(f'--cfg={cfg}: a {"2D" if is_volume else "volume"} preset, but {data} holds '
+                               f'{"volumes" if is_volume else "2D " + probe.kind}; use '
+                               f'{"--cfg " + "|".join(VOLUME_CFG_SPECS) if is_volume else "a 2D preset"} or --cfg auto')
     spec = dnnlib.EasyDict(CFG_SPECS[cfg])
     if cfg == 'auto':
         spec.ref_gpus = gpus
@@ -208,8 +240,8 @@ def setup_training_config(
         raise click.UsageError(f'--mbstd-group={mbstd} must divide --batch-gpu={c.batch_gpu}')
 
     channel_base = cbase if cbase is not None else int(spec.fmaps * 32768)
-    channel_max = cmax if cmax is not None else 512
-    num_fp16_res = 0 if (fp32 or device == 'cpu') else 4  # CPU kernels for fp16 convs are slow or missing.
+    channel_max = cmax if cmax is not None else spec.get('cmax', 512)
+    num_fp16_res = 0 if (fp32 or device == 'cpu') else (2 if is_volume else 4)  # CPU kernels for fp16 convs are slow or missing.
     conv_clamp = None if num_fp16_res == 0 else 256
     attn = parse_int_list(attn_res, '--attn-res')
     _check_resolutions(attn, res, '--attn-res')
@@ -229,6 +261,8 @@ def setup_training_config(
                                  epilogue_kwargs=dict(mbstd_group_size=mbstd))
     if cfg == 'cifar':
         c.D_kwargs.architecture = 'orig'
+    if is_volume:
+        _volume_networks(c, attn, fq_res, checkpointing, bf16, spatial, data, probe.channels)
     fq = parse_int_list(fq_res, '--fq-res')
     _check_resolutions(fq, res, '--fq-res')
     if fq:
@@ -276,6 +310,10 @@ def setup_training_config(
         if augpipe not in augpipe_specs:
             raise click.UsageError(f'--augpipe={augpipe}: unknown; choose from {", ".join(augpipe_specs)}')
         c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **augpipe_specs[augpipe])
+        if is_volume:  # The 3D pipeline takes the preset's transforms that exist in 3D, and the channel names.
+            keys = dnnlib.get_obj_by_name(VOLUME_CLASSES['augment_keys'])
+            c.augment_kwargs = dnnlib.EasyDict(class_name=VOLUME_CLASSES['augment'], channel_names=probe.channels,
+                                               **{k: v for k, v in augpipe_specs[augpipe].items() if k in keys})
         if aug == 'ada':
             c.ada_target = target
             c.ada_kimg = 500  # 100 when starting from a snapshot: see below.
@@ -285,12 +323,21 @@ def setup_training_config(
             c.augment_p = p
 
     # Metrics.
+    if metrics is None:  # Volumes default to a metric that can measure them.
+        metrics = 'fid25d_full' if is_volume else 'fid50k_full'
     c.metrics = parse_metrics(metrics)
     c.metric_kwargs = dnnlib.EasyDict()
     if detector:
         c.metric_kwargs.detector_url = detector
     if vgg_detector:
         c.metric_kwargs.vgg_detector_url = vgg_detector
+    if c.metrics:
+        from metrics import metric_main
+        problem = metric_main.metrics_problem(c.metrics, is_volume, detector3d)
+        if problem:
+            raise click.UsageError(f'--metrics: {problem}')
+    if detector3d:
+        c.metric_kwargs.detector3d = detector3d
 
     # Resume and freezing.
     if resume is not None:
@@ -299,6 +346,7 @@ def setup_training_config(
                                    f'to start a new run from its weights, give one of its snapshot files')
         if not os.path.isfile(resume):
             raise click.UsageError(f'--resume {resume}: no such run dir or snapshot file')
+        _check_resume_kind(resume, is_volume, data)
         c.resume_pkl = os.path.abspath(resume)
         c.resume_partial = bool(resume_partial)
         c.ema_rampup = None  # Fine-tuning keeps the full EMA from the start.
@@ -447,6 +495,41 @@ def save_options(c: dnnlib.EasyDict) -> None:
     """training_options.json of the run dir: what a later plain --resume continues with."""
     with dnnlib.atomic_output(os.path.join(c.run_dir, 'training_options.json')) as tmp, open(tmp, 'wt') as f:
         json.dump({k: v for k, v in c.items() if k != 'resume_run'}, f, indent=2)
+
+
+def _volume_networks(c, attn, fq_res, checkpointing, bf16, spatial, data, channels):
+    """Swap in the 3D classes (by name: training/ does not import mri/) with the same channel/precision options."""
+    if attn or parse_int_list(fq_res, '--fq-res'):
+        raise click.UsageError(f'--{"attn-res" if attn else "fq-res"}: 2D only; {data} holds volumes')
+    G_class = dnnlib.get_obj_by_name(VOLUME_CLASSES['G'])
+    try:
+        G_class.check_resolution(spatial)
+    except ValueError as err:
+        raise click.UsageError(f'--data: {data}: {err}') from None
+    common = dict(checkpointing=checkpointing, mixed_precision='bfloat16' if bf16 else 'float16')
+    for kwargs in (c.G_kwargs, c.D_kwargs):
+        kwargs.pop('attn_res')
+        kwargs.pop('attn_kwargs')
+        kwargs.update(common)
+    c.G_kwargs.class_name = VOLUME_CLASSES['G']
+    c.D_kwargs.class_name = VOLUME_CLASSES['D']
+    c.grid_kwargs = dnnlib.EasyDict(setup=VOLUME_CLASSES['grid_setup'], save=VOLUME_CLASSES['grid_save'], channels=channels)
+
+
+def _check_resume_kind(resume, is_volume, data):
+    """A 2D snapshot cannot start a volume run, nor the reverse: only same-named tensors of equal shape would be
+    copied, so the run would silently start from scratch."""
+    from torch_utils import snapshot
+    try:
+        snap = snapshot.load_snapshot(resume)
+    except snapshot.SnapshotError as err:
+        raise click.UsageError(f'--resume: {err}') from None
+    G = snap.get('G_ema') or snap.get('G')
+    snap_volume = len((snap.get('dataset') or {}).get('image_shape') or []) == 4 or \
+        getattr(G, 'class_name', '') == VOLUME_CLASSES['G']
+    if snap_volume != is_volume:
+        raise click.UsageError(f'--resume: {resume} is a {"3D (volume)" if snap_volume else "2D"} snapshot, but '
+                               f'--data {data} holds {"volumes" if is_volume else "2D images"}')
 
 
 def describe_run(c: dnnlib.EasyDict, desc: str = None) -> str:

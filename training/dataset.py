@@ -124,6 +124,8 @@ class Dataset(torch.utils.data.Dataset):
 
     @property
     def resolution(self):
+        if len(self.image_shape) == 4:  # Volumes: the largest side (a base x 2^k box, e.g. 160x192x160, is no cube).
+            return max(self.image_shape[1:])
         assert self.image_shape[-1] == self.image_shape[-2]
         return self.image_shape[-1]
 
@@ -190,7 +192,30 @@ class ImageFolderDataset(Dataset):
         if resolution is not None and (raw_shape[-1] != resolution or raw_shape[-2] != resolution):
             raise DatasetError(f'{path}: images are {raw_shape[-2]}x{raw_shape[-1]}, expected {resolution}x{resolution}')
         self._dtype = first.dtype
+        if first.ndim == 4:
+            self._check_volume_shapes()
         super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
+
+    def _check_volume_shapes(self):
+        """Every volume of the archive has the first one's stored shape and dtype (read from the .npy headers only):
+        a mismatch is one line naming the file, before training or measuring starts rather than in a worker."""
+        first = None
+        for fname in self._image_fnames:
+            if not fname.lower().endswith('.npy'):
+                raise DatasetError(f'{self._path}/{fname}: a volume archive holds only .npy volumes')
+            try:
+                with self._open_file(fname) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape, _order, dtype = read(f)
+            except (OSError, ValueError, zipfile.BadZipFile) as err:
+                raise DatasetError(f'{self._path}/{fname}: unreadable volume ({err})') from None
+            if first is None:
+                first = (tuple(shape), dtype)
+            elif (tuple(shape), dtype) != first:
+                raise DatasetError(f'{self._path}/{fname}: volume of shape {tuple(shape)} ({dtype}) differs from '
+                                   f'{self._image_fnames[0]} {first[0]} ({first[1]}); every volume of an archive '
+                                   f'must have one shape (rebuild it with one --volume-size)')
 
     # -- file access -------------------------------------------------------------------------------
 
@@ -388,4 +413,4 @@ class ImageFolderDataset(Dataset):
         return dict(path=os.path.abspath(self._path), resolution=self.resolution, channels=self.channels,
                     label_names=self.label_names, label_groups=self.label_groups, kind=self.kind,
                     normalization=self.normalization, dtype_max=self.dtype_max, image_shape=self.image_shape,
-                    subset=self.subset)
+                    subset=self.subset, space=self._meta.get('space'))

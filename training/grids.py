@@ -116,10 +116,11 @@ def grid_style(training_set, labels, grid_size) -> dict:
 
 
 def setup_snapshot_image_grid(training_set, random_seed: int = 0, max_cols: int = 8, max_rows: int = 8,
-                              max_pixels: int = 1 << 21):
+                              max_pixels: int = 1 << 21, max_classes: int = 32, slice_volumes: bool = True):
     """Pick reals and labels for the grid: one row per distinct label (class) when conditional.
 
-    Returns ``(grid_size, images [N,C,H,W] uint, labels [N,L] float32)``. Volumes use their middle slice.
+    Returns ``(grid_size, images [N,C,H,W] uint, labels [N,L] float32)``. Volumes use their middle slice, or
+    stay whole ([N,C,D,H,W]) with ``slice_volumes=False`` (for three-plane montages, mri/grid3d.py).
     """
     rnd = np.random.RandomState(random_seed)
     shape = training_set.image_shape
@@ -133,7 +134,7 @@ def setup_snapshot_image_grid(training_set, random_seed: int = 0, max_cols: int 
         by_label = {}
         for idx in range(n):
             by_label.setdefault(tuple(training_set.get_details(idx).raw_label.flatten()), []).append(idx)
-        keys = sorted(by_label.keys(), reverse=True)[:32]
+        keys = sorted(by_label.keys(), reverse=True)[:max_classes]
         rows = len(keys)
         indices = []
         for key in keys:
@@ -142,6 +143,6 @@ def setup_snapshot_image_grid(training_set, random_seed: int = 0, max_cols: int 
             indices += [pool[i % len(pool)] for i in range(cols)]
     images, labels = zip(*[training_set[i] for i in indices])
     images = np.stack(images)
-    if images.ndim == 5:  # [N,C,D,H,W]: show the middle slice.
+    if images.ndim == 5 and slice_volumes:  # [N,C,D,H,W]: show the middle slice.
         images = images[:, :, images.shape[2] // 2]
     return (cols, rows), images, np.stack(labels)

@@ -32,6 +32,31 @@ def normalize_2nd_moment(x: torch.Tensor, dim: int = 1, eps: float = 1e-8) -> to
     return x * (x.square().mean(dim=dim, keepdim=True) + eps).rsqrt()
 
 
+def modulation_coefficients(
+    weight: torch.Tensor,               # Shared weight [O, I, *kernel] (any number of kernel dims: 2D or 3D convs).
+    styles: torch.Tensor,               # Per-sample input scales [N, I].
+    demodulate: bool,                   # Compute the demodulation coefficients?
+    dtype: torch.dtype,                 # Dtype the convolution will run in.
+):
+    """The dimension-free part of a modulated convolution: returns (weight, styles, dcoefs [N, O] or None).
+
+    In fp16, the products of a modulated convolution can overflow; demodulation cancels any per-output scale,
+    so first shrink the weight and styles by their largest magnitudes (ADA, Appendix D.2); only done where it
+    changes nothing. Demodulation (Eq. 3): sum_{i,k} (w[o,i,k] s[n,i])^2 = sum_i s[n,i]^2 * sum_k w[o,i,k]^2,
+    an [N,I]x[I,O] matmul instead of materialising the per-sample weights just for their norms.
+    """
+    I = weight.shape[1]
+    kernel_dims = list(range(2, weight.ndim))
+    if dtype == torch.float16 and demodulate:
+        weight = weight * (1 / np.sqrt(I * int(np.prod(weight.shape[2:]))) /
+                           weight.norm(float('inf'), dim=[1] + kernel_dims, keepdim=True))
+        styles = styles / styles.norm(float('inf'), dim=1, keepdim=True)
+    dcoefs = None
+    if demodulate:
+        dcoefs = (styles.float().square() @ weight.float().square().sum(dim=kernel_dims).t() + 1e-8).rsqrt()  # [NO]
+    return weight, styles, dcoefs
+
+
 def modulated_conv2d(
     x: torch.Tensor,                    # Input features [N, I, H, W].
     weight: torch.Tensor,               # Shared weight [O, I, kh, kw], equalized-lr gain already applied or not.
@@ -62,18 +87,7 @@ def modulated_conv2d(
     O, I, kh, kw = weight.shape
     misc.assert_shape(x, [N, I, None, None])  # [NIHW]
     misc.assert_shape(styles, [N, I])  # [NI]
-
-    # In fp16, the products below can overflow; demodulation cancels any per-output scale, so first shrink the
-    # weight and styles by their largest magnitudes (ADA, Appendix D.2). Only done where it changes nothing.
-    if x.dtype == torch.float16 and demodulate:
-        weight = weight * (1 / np.sqrt(I * kh * kw) / weight.norm(float('inf'), dim=[1, 2, 3], keepdim=True))
-        styles = styles / styles.norm(float('inf'), dim=1, keepdim=True)
-
-    dcoefs = None
-    if demodulate:
-        # sum_{i,k} (w[o,i,k] s[n,i])^2 = sum_i s[n,i]^2 * sum_k w[o,i,k]^2: an [N,I]x[I,O] matmul instead of
-        # materialising the [N,O,I,kh,kw] per-sample weights just for their norms.
-        dcoefs = (styles.float().square() @ weight.float().square().sum(dim=[2, 3]).t() + 1e-8).rsqrt()  # [NO]
+    weight, styles, dcoefs = modulation_coefficients(weight, styles, demodulate, x.dtype)
 
     pointwise = (kh == 1 and kw == 1 and up == 1 and down == 1 and padding == 0)
     if pointwise or (fused_modconv and (x.device.type != 'cpu' or GROUPED_CONV_ON_CPU)):
@@ -396,7 +410,8 @@ class MinibatchStdLayer(torch.nn.Module):
         self.num_channels = num_channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        N, C, H, W = x.shape
+        N, C = x.shape[:2]
+        spatial = list(x.shape[2:])  # [H, W] for images, [D, H, W] for volumes.
         G = N if self.group_size is None else min(self.group_size, N)
         while N % G != 0:
             G -= 1
@@ -405,11 +420,11 @@ class MinibatchStdLayer(torch.nn.Module):
         if c * F != C:
             raise ValueError(f'training/layers.py: {C} channels do not split into mbstd_num_channels={F}')
         # Groups are strided through the batch: sample n belongs to group n % (N // G).
-        y = x.reshape(G, N // G, F, c, H, W)
+        y = x.reshape(G, N // G, F, c, *spatial)
         y = y.float()
         y = (y - y.mean(dim=0)).square().mean(dim=0)       # Variance over each group.      [n F c H W]
-        y = (y + 1e-8).sqrt().mean(dim=[2, 3, 4])           # Average std per statistic.     [n F]
-        y = y.reshape(-1, F, 1, 1).repeat(G, 1, H, W)       # Back to the batch layout.      [N F H W]
+        y = (y + 1e-8).sqrt().mean(dim=list(range(2, y.ndim)))  # Average std per statistic. [n F]
+        y = y.reshape(-1, F, *[1] * len(spatial)).repeat(G, 1, *spatial)  # Batch layout. [N F H W]
         return torch.cat([x, y.to(x.dtype)], dim=1)
 
     def extra_repr(self) -> str:

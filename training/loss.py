@@ -263,7 +263,7 @@ class StyleGAN2Loss(Loss):
             with torch.autograd.profiler.record_function('Gpl_forward'), double_backward():
                 batch_size = max(gen_z.shape[0] // self.pl_batch_shrink, 1)
                 gen_img, gen_ws = self.run_G(gen_z[:batch_size], gen_c[:batch_size])
-                pl_noise = torch.randn_like(gen_img) / np.sqrt(gen_img.shape[2] * gen_img.shape[3])
+                pl_noise = torch.randn_like(gen_img) / np.sqrt(np.prod(gen_img.shape[2:]))  # Per pixel or voxel.
                 with torch.autograd.profiler.record_function('pl_grads'), \
                         conv2d_gradfix.no_weight_gradients(self.pl_no_weight_grad):
                     pl_grads = torch.autograd.grad(outputs=[(gen_img * pl_noise).sum()], inputs=[gen_ws],

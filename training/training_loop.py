@@ -20,7 +20,7 @@ import dnnlib
 from torch_utils import misc, snapshot, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
 from training import checkpoint
-from training.grids import grid_style, save_image_grid, setup_snapshot_image_grid
+from training.grids import grid_style
 
 
 class StopRequested:
@@ -57,8 +57,14 @@ def _all_reduce_flag(flag: bool, device, num_gpus: int) -> bool:
     return bool(t.item() > 0)
 
 
+def _img_resolution(training_set):
+    """The side of square images and cubes (an int, as the 2D networks take), else the shape [D, H, W]."""
+    spatial = list(training_set.image_shape[1:])
+    return spatial[0] if len(set(spatial)) == 1 else spatial
+
+
 def _build_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device):
-    common = dict(c_dim=training_set.label_dim, img_resolution=training_set.resolution,
+    common = dict(c_dim=training_set.label_dim, img_resolution=_img_resolution(training_set),
                   img_channels=training_set.num_channels)
     G = dnnlib.construct_class_by_name(**G_kwargs, **common).train().requires_grad_(False).to(device)
     D = dnnlib.construct_class_by_name(**D_kwargs, **common).train().requires_grad_(False).to(device)
@@ -136,6 +142,7 @@ def training_loop(
     total_kimg: float = 25000,          # Training length in thousands of real images.
     kimg_per_tick: float = 4,           # Progress reporting interval.
     image_snapshot_ticks: int = 50,     # Image grid interval in ticks; None = never.
+    grid_kwargs: dict = None,           # {setup, save, **save options} grid functions by name; None = 2D image grids.
     network_snapshot_ticks: int = 50,   # Snapshot interval in ticks; None = never.
     resume_pkl: str = None,             # Initialise weights from this snapshot (new run, counters at 0).
     resume_run: str = None,             # Continue this run dir exactly (counters, optimizers, RNG).
@@ -168,7 +175,8 @@ def training_loop(
         from training.augment import AdaController
         ada = AdaController(target=ada_target, interval=ada_interval, kimg=ada_kimg, batch_size=batch_size)
     cur_tick, batch_idx = _restore_state(state, phases, loss, augment_pipe, device, rank, resume_run, cur_nimg, log)
-    grid = _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh=state is None, log=log)
+    grid = _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh=state is None, log=log,
+                       grid_kwargs=grid_kwargs)
     logs = _Logs(run_dir, rank)
     nets = dnnlib.EasyDict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe)
     # What every snapshot records: the data it was trained on and the configs that rebuild its networks.
@@ -310,17 +318,25 @@ def _restore_state(state, phases, loss, augment_pipe, device, rank, resume_run, 
     return int(state['cur_tick']), int(state['batch_idx'])
 
 
-def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh, log):
-    """Rank 0's fixed latents and labels for the image grids; a fresh run also writes reals.png and fakes_init.png."""
-    grid = dnnlib.EasyDict(size=None, z=None, c=None, style={})
+def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh, log, grid_kwargs=None):
+    """Rank 0's fixed latents and labels for the image grids; a fresh run also writes reals.png and fakes_init.png.
+
+    The grid functions are named in ``grid_kwargs`` (``setup``, ``save``; the rest goes to ``save``), so volume runs
+    draw three-plane montages (mri/grid3d.py) through the same loop. The default 2D grid also gets its style
+    (channel names for the seg overlay, a name per row: training.grids.grid_style)."""
+    grid = dnnlib.EasyDict(size=None, z=None, c=None, save=None)
     if rank != 0:
         return grid
-    grid.size, images, labels = setup_snapshot_image_grid(training_set=training_set)
-    grid.style = grid_style(training_set, labels, grid.size)  # channel names (seg overlay) and a name per row
+    grid_kwargs = dict(grid_kwargs or {})
+    custom = 'save' in grid_kwargs
+    setup_fn = dnnlib.get_obj_by_name(grid_kwargs.pop('setup', 'training.grids.setup_snapshot_image_grid'))
+    save_fn = dnnlib.get_obj_by_name(grid_kwargs.pop('save', 'training.grids.save_image_grid'))
+    grid.size, images, labels = setup_fn(training_set=training_set)
+    style = dict({} if custom else grid_style(training_set, labels, grid.size), **grid_kwargs)
+    grid.save = lambda images, path, drange: save_fn(images, path, drange=drange, grid_size=grid.size, **style)
     if fresh:
         log('Exporting sample images...')
-        save_image_grid(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max], grid_size=grid.size,
-                        **grid.style)
+        grid.save(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max])
     gen = torch.Generator().manual_seed(random_seed)
     grid.z = torch.randn([labels.shape[0], G.z_dim], generator=gen).to(device).split(batch_gpu)
     grid.c = torch.from_numpy(labels).to(device).split(batch_gpu)
@@ -330,8 +346,9 @@ def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, ru
 
 
 def _save_fakes(G_ema, grid, path):
-    images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid.z, grid.c)]).numpy()
-    save_image_grid(images, path, drange=[-1, 1], grid_size=grid.size, **grid.style)
+    with torch.no_grad():
+        images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid.z, grid.c)]).numpy()
+    grid.save(images, path, drange=[-1, 1])
 
 
 class _Logs:

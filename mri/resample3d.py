@@ -1,0 +1,170 @@
+"""3D resampling for the volume networks: separable FIR up/downsampling and convolutions fused with it.
+
+The 3D counterpart of ``torch_utils.ops.upfirdn2d`` and ``conv2d_resample`` (StyleGAN2, Karras et al. 2020,
+App. B: upsample with a transposed convolution followed by a low-pass FIR filter, downsample with the filter
+followed by a strided convolution), in plain PyTorch so it runs on any device and is differentiable to any
+order (R1 and path length take second derivatives through it).
+
+Semantics of ``upfirdn3d`` per axis (the 1D filter is applied along D, H and W in turn, i.e. the 3D filter
+is the outer product f x f x f):
+
+    1. upsample by inserting up-1 zeros after every sample,
+    2. pad with zeros (negative padding crops),
+    3. convolve with the FIR filter (a true convolution),
+    4. keep every down-th sample.
+
+Output size per axis: (in * up + pad0 + pad1 - taps) // down + 1, as in upfirdn2d. No CUDA plugin: the 3D
+filter passes are depthwise 1D convolutions, which cuDNN and oneDNN already run near memory bandwidth
+(bench/bench_3d.py measures the networks that use them).
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from torch_utils.ops import upfirdn2d
+
+__all__ = ['setup_filter', 'upfirdn3d', 'upsample3d', 'downsample3d', 'conv3d_resample']
+
+
+def setup_filter(f, device=torch.device('cpu')) -> torch.Tensor:
+    """1D taps normalised to sum 1 (the separable 3D filter then has unit DC gain): upfirdn2d's helper."""
+    f = upfirdn2d.setup_filter(f, device=device, separable=True)
+    if f.ndim != 1:
+        raise ValueError(f'mri/resample3d.py: a 3D resampling filter must be 1D (separable), got shape {tuple(f.shape)}')
+    return f
+
+
+def _pad_or_crop(y, axis, lo, hi):
+    """Zero-pad (positive) or crop (negative) spatial ``axis`` of a 5-D tensor by ``lo`` in front, ``hi`` behind."""
+    if lo > 0 or hi > 0:
+        pads = [0] * 6
+        pads[2 * (2 - axis)] = max(lo, 0)  # F.pad lists the last axis first.
+        pads[2 * (2 - axis) + 1] = max(hi, 0)
+        y = F.pad(y, pads)
+    if lo < 0 or hi < 0:
+        length = y.shape[2 + axis]
+        y = y.narrow(2 + axis, -min(lo, 0), length + min(hi, 0) + min(lo, 0))
+    return y
+
+
+def _axis_pass(x, k, axis, up, down, pad0, pad1):
+    """One upfirdn pass along spatial ``axis`` (0, 1, 2 = D, H, W) of x [N, C, D, H, W] with true-convolution
+    taps k [K]. The channels are folded into the batch so one single-channel conv3d serves every channel."""
+    N, C = x.shape[:2]
+    K = k.numel()
+    shape = [1, 1, 1, 1, 1]
+    shape[2 + axis] = K
+    stride = [1, 1, 1]
+    y = x.reshape(N * C, 1, *x.shape[2:])
+    if up > 1:
+        # Zero insertion + full convolution is a transposed convolution with stride `up` (length up*(L-1)+K);
+        # output sample o of the op reads it at o + K - 1 - pad0, hence the pads below (negative = crop).
+        stride[axis] = up
+        y = F.conv_transpose3d(y, k.reshape(shape), stride=stride)
+        y = _pad_or_crop(y, axis, pad0 - (K - 1), pad1 + up - K)
+        if down > 1:
+            index = [slice(None)] * 5
+            index[2 + axis] = slice(None, None, down)
+            y = y[tuple(index)]
+    else:
+        # Pad, correlate with the flipped taps, and let the stride keep every down-th sample.
+        stride[axis] = down
+        y = F.conv3d(_pad_or_crop(y, axis, pad0, pad1), k.flip(0).reshape(shape), stride=stride)
+    return y.reshape(N, C, *y.shape[2:])
+
+
+def _parse3(value, what):
+    if isinstance(value, int):
+        return [value] * 3
+    value = [int(v) for v in value]
+    if len(value) != 3:
+        raise ValueError(f'mri/resample3d.py: {what} needs 1 or 3 values, got {value}')
+    return value
+
+
+def upfirdn3d(
+    x: torch.Tensor,                    # Volumes [N, C, D, H, W].
+    f: torch.Tensor,                    # 1D taps from setup_filter(); None = no filtering (one tap of 1).
+    up: int = 1,                        # Integer upsampling factor (all axes).
+    down: int = 1,                      # Integer downsampling factor (all axes).
+    padding=0,                          # int (both sides of every axis) or [p0, p1] (every axis).
+    gain: float = 1,                    # Overall gain of the 3D filter (up**3 keeps the mean for up > 1).
+    flip_filter: bool = False,          # Correlate instead of convolving.
+) -> torch.Tensor:
+    """Upsample, FIR-filter and downsample every spatial axis of a batch of volumes (module docstring)."""
+    if x.ndim != 5:
+        raise ValueError(f'mri/resample3d.py: upfirdn3d needs [N, C, D, H, W], got {tuple(x.shape)}')
+    if f is None:
+        f = torch.ones([1])
+    pad0, pad1 = (padding, padding) if isinstance(padding, int) else (int(padding[0]), int(padding[1]))
+    k = f.to(device=x.device, dtype=x.dtype)
+    if flip_filter:
+        k = k.flip(0)
+    k = k * (float(gain) ** (1 / 3))
+    for axis in range(3):
+        x = _axis_pass(x, k, axis, up, down, pad0, pad1)
+    return x
+
+
+def upsample3d(x, f, up=2, padding=0, gain=1):
+    """Upsample by ``up`` with filter ``f`` centred on the fine grid (output size in * up)."""
+    taps = f.numel() if f is not None else 1
+    return upfirdn3d(x, f, up=up, padding=[padding + (taps + up - 1) // 2, padding + (taps - up) // 2],
+                     gain=gain * up ** 3)
+
+
+def downsample3d(x, f, down=2, padding=0, gain=1):
+    """Low-pass filter with ``f`` and keep every ``down``-th sample (output size in // down)."""
+    taps = f.numel() if f is not None else 1
+    return upfirdn3d(x, f, down=down, padding=[padding + (taps - down + 1) // 2, padding + (taps - down) // 2],
+                     gain=gain)
+
+
+def conv3d_resample(
+    x: torch.Tensor,                    # Input [N, C_in, D, H, W].
+    w: torch.Tensor,                    # Weight [C_out, C_in / groups, k, k, k] (cubic kernel).
+    f: torch.Tensor = None,             # 1D FIR filter for up/down; None = no filtering.
+    up: int = 1,                        # 1 or an integer upsampling factor.
+    down: int = 1,                      # 1 or an integer downsampling factor.
+    padding: int = 0,                   # Padding of the convolution (k // 2 keeps the size).
+    groups: int = 1,                    # Groups of the convolution.
+    flip_weight: bool = True,           # True = correlation (torch's conv3d), False = true convolution.
+) -> torch.Tensor:
+    """A 3D convolution fused with FIR resampling, with the semantics of conv2d_resample:
+
+    up > 1:   conv3d(upsample3d(x, f, up, padding), w) computed as a transposed convolution + filter;
+    down > 1: conv3d(filter(pad(x)), w, stride=down) (the filter and the valid conv commute).
+    """
+    if x.ndim != 5 or w.ndim != 5:
+        raise ValueError(f'mri/resample3d.py: conv3d_resample needs 5-D x and w, got {tuple(x.shape)}, {tuple(w.shape)}')
+    if up > 1 and down > 1:
+        raise ValueError('mri/resample3d.py: conv3d_resample does either up or down, not both')
+    out_channels, _, k = w.shape[:3]
+    taps = f.numel() if f is not None else 1
+    if not flip_weight:
+        w = w.flip([2, 3, 4])
+
+    if up == 1 and down == 1:
+        return F.conv3d(x, w, padding=padding, groups=groups)
+
+    if down > 1:
+        p0, p1 = padding + (taps - down + 1) // 2, padding + (taps - down) // 2
+        if k == 1:  # Pointwise: filter and decimate first, then mix channels at the low resolution.
+            x = upfirdn3d(x, f, down=down, padding=[p0, p1])
+            return F.conv3d(x, w, groups=groups)
+        x = upfirdn3d(x, f, padding=[p0, p1])
+        return F.conv3d(x, w, stride=down, groups=groups)
+
+    p0, p1 = padding + (taps + up - 1) // 2, padding + (taps - up) // 2
+    if k == 1:  # Pointwise: mix channels at the low resolution, then upsample.
+        x = F.conv3d(x, w, groups=groups)
+        return upfirdn3d(x, f, up=up, padding=[p0, p1], gain=up ** 3)
+    # Valid conv of the zero-inserted signal = transposed conv with the flipped kernel; the filter absorbs the
+    # offset of the transposed conv's output as padding (see torch_utils/ops/conv2d_resample.py).
+    if groups == 1:
+        wt = w.transpose(0, 1)
+    else:
+        wt = w.reshape(groups, out_channels // groups, -1, k, k, k).transpose(1, 2).reshape(-1, out_channels // groups, k, k, k)
+    x = F.conv_transpose3d(x, wt.flip([2, 3, 4]), stride=up, groups=groups)
+    return upfirdn3d(x, f, padding=[p0 - k + 1, p1 + up - k], gain=up ** 3)
