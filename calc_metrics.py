@@ -143,7 +143,7 @@ def _metric_list(_ctx, _param, value):
               metavar='INT')
 @click.option('--detector',             help='Inception network (path or URL) [default: NVIDIA\'s]', metavar='PATH|URL', type=PATH)
 @click.option('--vgg-detector',         help='VGG16 network for PR and PPL [default: NVIDIA\'s]', metavar='PATH|URL', type=PATH)
-@click.option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', is_flag=True, hidden=True)
+@bool_option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', hidden=True)
 @click.option('--detector3d',           help='3D feature network for fid3d_full (TorchScript; docs/volumes.md)', metavar='PATH|URL', type=PATH)
 @click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR',
               type=PATH)

@@ -168,7 +168,7 @@ def generate_images(
 @click.option('--outdir',               help='Where to save the output images', metavar='DIR', type=PATH, required=True)
 @click.option('--format', 'fmt',        help='Output format [default: png; nifti for volumes]', type=click.Choice(['png', 'png16', 'npy', 'nifti']))
 @bool_option('--native-grid',           help='Volumes: NIfTI on the original BraTS grid (240x240x155)')
-@click.option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', is_flag=True, hidden=True)
+@bool_option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', hidden=True)
 @click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
 def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, native_grid, allow_pickle, device):
     """Generate images by class from a trained network."""
