@@ -33,7 +33,7 @@ echo "Done: run dir $run, images in $out/images (class_grid.png has one row per 
 python3 dataset_tool.py --source phantom --phantom-cases 4 --seed 0 --kind volumes --volume-size 16 \
     --modalities all --with-seg --labels cohort --dest "$out/phantom-vol16.zip"
 python3 train.py --outdir "$out/runs3d" --data "$out/phantom-vol16.zip" --cond=1 --aug=ada \
-    --cbase 256 --cmax 32 --map-depth 2 --batch 4 --kimg 0.04 --tick 0.02 --snap 1 --metrics none --workers 0
+    --cbase 256 --cmax 32 --map-depth 2 --batch 4 --kimg 0.04 --tick 0.02 --snap 1 --metrics none
 run3d=$(ls -d "$out"/runs3d/*/ | sort | tail -n 1)
 python3 generate.py --network "$run3d" --seeds 0-1 --class pht --outdir "$out/volumes"
 echo "Done (3D): run dir $run3d; NIfTI and montages in $out/volumes (open seed0000-t2f.nii.gz with seed0000-seg.nii.gz in 3D Slicer or ITK-SNAP)."
