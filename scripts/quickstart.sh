@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the built-in phantom source (no download): phantom BraTS cases -> three-plane slice
-# archive -> a short conditional training -> images per plane. Measured on the 2-core dev machine: 64 min
-# while other jobs kept its load average at 15-21 (500-630 s/kimg); about 100 s of training when it is quiet
-# (docs/benchmarks.md). After these 6 kimg the images are not brains yet: per plane, dark squares with a
+# archive -> a short conditional training -> images per plane, then the same path in 3D. Measured on the
+# 2-core dev machine: 4 min 19 s end to end (2D training 27-33 s/kimg) while the test suite ran beside it;
+# 64 min when other jobs kept its load average at 15-21 (docs/benchmarks.md). After these 6 kimg the images are not brains yet: per plane, dark squares with a
 # brighter ring or oval and blotchy texture inside, roughly where the head is; images/all/class_grid.png has a
 # row per plane, named on the left. Train longer (on a GPU) for anatomy.
 # Pass an output folder as the first argument (default: quickstart/).
