@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from torch_utils import snapshot
+from training import checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY3D = ['--cbase', '256', '--cmax', '16', '--map-depth', '2', '--batch', '4', '--metrics', 'none', '--device', 'cpu']
@@ -43,6 +44,11 @@ def vol_zip(tmp_path_factory):
     return path
 
 
+def _last_grid(run_dir):
+    """The newest fakes grid (named by images seen: fakes000000032.png)."""
+    return max(glob.glob(os.path.join(run_dir, 'fakes0*.png')))
+
+
 def _train(outdir, data, kimg, extra=()):
     _run(['train.py', '--data', data, '--outdir', outdir, '--cond=1', '--kimg', str(kimg), '--tick', '0.016',
           '--snap', '1', '--aug', 'ada', '--target', '0.0', '--seed', '2'] + TINY3D + list(extra))
@@ -60,14 +66,14 @@ def test_volume_run_end_to_end(straight_run):
     assert options['G_kwargs']['class_name'] == 'mri.networks3d.Generator'
     assert options['augment_kwargs']['class_name'] == 'mri.augment3d.AugmentPipe3d'
     assert options['augment_kwargs']['channel_names'] == ['t1n', 't2w', 'seg_netc', 'seg_snfh', 'seg_et']
-    data = snapshot.load_snapshot(os.path.join(straight_run, 'network-snapshot-000000.pt'))
+    data = snapshot.load_snapshot(checkpoint.latest_snapshot(straight_run))
     img = data.G_ema(torch.randn([1, data.G_ema.z_dim]), torch.tensor([[1.0, 0.0]]))
     assert list(img.shape) == [1, 5, 8, 8, 8] and data.dataset.kind == 'volumes'
     stats = [json.loads(line) for line in open(os.path.join(straight_run, 'stats.jsonl'))]
     assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(0.032, abs=0.001)
     assert stats[-1]['Progress/augment']['mean'] > 0  # ADA ran its 3D pipeline.
     # Montages: one row of samples (one class), each 2 image channels + the label overlay, in 3 planes of 8 voxels.
-    for name in ['reals.png', 'fakes_init.png', 'fakes000000.png']:
+    for name in ['reals.png', 'fakes_init.png', os.path.basename(_last_grid(straight_run))]:
         grid = np.array(PIL.Image.open(os.path.join(straight_run, name)))
         assert grid.shape == (3 * 8, 4 * 3 * 8, 3), (name, grid.shape)
 
@@ -76,8 +82,8 @@ def test_volume_resume_is_exact(vol_zip, straight_run, tmp_path):
     """0.016 kimg + resume to 0.032 gives the weights of 0.032 kimg straight."""
     run = _train(str(tmp_path / 'b'), vol_zip, 0.016)
     _run(['train.py', '--resume', run, '--kimg', '0.032'])
-    a = snapshot.load_snapshot(os.path.join(straight_run, 'network-snapshot-000000.pt'))
-    b = snapshot.load_snapshot(os.path.join(run, 'network-snapshot-000000.pt'))
+    a = snapshot.load_snapshot(checkpoint.latest_snapshot(straight_run))
+    b = snapshot.load_snapshot(checkpoint.latest_snapshot(run))
     for name in ['G', 'D', 'G_ema']:
         for (k, va), vb in zip(a[name].state_dict().items(), b[name].state_dict().values()):
             torch.testing.assert_close(va, vb, rtol=0, atol=1e-6, msg=f'{name}.{k}')
@@ -98,7 +104,7 @@ def test_volume_gloo_two_processes(vol_zip, tmp_path):
     for name in r0:
         for key in r0[name]:
             assert torch.equal(r0[name][key], r1[name][key]), f'{name}.{key} differs between ranks'
-    assert os.path.isfile(os.path.join(c.run_dir, 'network-snapshot-000000.pt'))
+    assert checkpoint.latest_snapshot(c.run_dir) == checkpoint.snapshot_path(c.run_dir, 16)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -170,7 +176,7 @@ def test_anisotropic_box_trains(tmp_path):
     result = training_loop(rank=0, num_gpus=1, run_dir=c.run_dir, **kwargs)
     assert result.G_ema.img_shape == [10, 12, 10]
     # Montage cells are as tall as the tallest plane (12) and as wide as the widest (12), 3 planes, 4 samples.
-    grid = np.array(PIL.Image.open(os.path.join(c.run_dir, 'fakes000000.png')))
+    grid = np.array(PIL.Image.open(_last_grid(c.run_dir)))
     assert grid.shape[1] == 4 * 3 * 12
-    data = snapshot.load_snapshot(os.path.join(c.run_dir, 'network-snapshot-000000.pt'))
+    data = snapshot.load_snapshot(checkpoint.latest_snapshot(c.run_dir))
     assert data.dataset.image_shape == [1, 10, 12, 10]
