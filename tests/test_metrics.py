@@ -5,6 +5,7 @@ the offline detector messages, the stats cache, and the calc_metrics.py CLI."""
 import json
 import math
 import os
+import zipfile
 
 import numpy as np
 import pytest
@@ -495,3 +496,19 @@ def test_two_ranks_match_one(tmp_path, detector_path):
         np.testing.assert_allclose(np.load(tmp_path / f'feats{rank}.npy'), single, rtol=1e-5, atol=1e-6)
     kid = [json.load(open(tmp_path / f'kid{rank}.json')) for rank in range(2)]
     assert kid[0] == kid[1] and np.isfinite(kid[0]['kid10k_full'])
+
+
+def test_metrics_read_a_zip_with_workers_as_a_folder(archive, detector_path, tmp_path):
+    """Users on a GPU get 3 DataLoader workers over a zip archive (the parent has read it first): the reals'
+    statistics must be those of the same images read from the folder in one process."""
+    zpath = str(tmp_path / 'mri.zip')
+    with zipfile.ZipFile(zpath, 'w') as z:
+        for root, _dirs, files in os.walk(archive):
+            for fname in files:
+                full = os.path.join(root, fname)
+                z.write(full, os.path.relpath(full, archive))
+    folder = metric_main.calc_metric('fid10k_full', **metric_kwargs(archive, detector_path)).results
+    zipped = metric_main.calc_metric('fid10k_full', **metric_kwargs(
+        archive, detector_path, num_workers=3,
+        dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=zpath, use_labels=True))).results
+    assert dict(zipped) == pytest.approx(dict(folder))
