@@ -235,11 +235,8 @@ class TrainingItems(torch.utils.data.Dataset):
         return dict(self.__dict__, _maps=None)
 
     def worker_init(self, _worker_id=None):
-        """DataLoader worker_init_fn: drop the zip handle inherited from the parent on fork, unused.
-
-        A forked worker shares the parent's file offset; workers reading through it race and see bad CRCs.
-        """
-        self.dataset._zipfile = None
+        """DataLoader worker_init_fn: each worker maps the synthetic pool itself. (The archive's zip handle needs
+        nothing here: training.dataset opens one per process.)"""
         self._maps = None
 
     def __getitem__(self, i):
