@@ -18,6 +18,10 @@ Examples:
     python bench/bench_3d.py --res 16,32,64 --batch 2 --cbase 1024 --cmax 128 --device cpu --out bench3d-cpu.json
     python bench/bench_3d.py --res 32,64 --batch 1,2 --skip-timing --device cpu --out bench3d-mem.json
     python bench/bench_3d.py --res 128,160x192x160 --batch 8,2 --checkpointing 0,1 --device cuda
+    python bench/bench_3d.py --res 32,64 --batch 8 --cbase 512 --cmax 64 --pass-form auto,folded --steps 4 --device cpu
+
+``--pass-form`` picks how mri/resample3d.py runs its 1D filter passes (``auto`` = the device's default, or one of
+``depthwise``/``folded`` forced), so the two forms can be compared on the same configuration in one run.
 """
 
 import argparse
@@ -128,6 +132,17 @@ def _timed(fn, device, iters):
 
 def run_one(cfg: dict) -> dict:
     """Measure one configuration in this process; returns a dict of figures."""
+    from mri import resample3d
+    saved = resample3d._pass_form_override
+    resample3d._pass_form_override = None if cfg.get('pass_form', 'auto') == 'auto' else cfg['pass_form']
+    try:
+        return _measure(cfg)
+    finally:
+        resample3d._pass_form_override = saved
+
+
+def _measure(cfg: dict) -> dict:
+    from mri import resample3d
     from training import training_loop
     device = torch.device(cfg['device'])
     torch.manual_seed(0)
@@ -144,7 +159,7 @@ def run_one(cfg: dict) -> dict:
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     base_rss = _current_rss_gb()
-    out = dict(cfg, shape=shape, G_params=sum(p.numel() for p in G.parameters()),
+    out = dict(cfg, pass_form=resample3d._pass_form(device), shape=shape, G_params=sum(p.numel() for p in G.parameters()),
                D_params=sum(p.numel() for p in D.parameters()))
 
     def step(batch_idx=[0]):
@@ -214,20 +229,20 @@ def _fresh_process(cfg: dict, timeout: float) -> dict:
 
 
 def _table(results) -> str:
-    head = ['shape', 'batch', 'ch', 'prec', 'ckpt', 'G fwd vol/s', 'D f+b vol/s', 'bare f+b vol/s', 'step vol/s',
+    head = ['shape', 'batch', 'ch', 'prec', 'ckpt', 'pass', 'G fwd vol/s', 'D f+b vol/s', 'bare f+b vol/s', 'step vol/s',
             'step/bare', 'peak GB', 'GB/volume']
     rows = []
     for r in results:
         if 'error' in r:
             rows.append(['x'.join(map(str, _shape(r['res']))), r['batch'], r['channels'], r['precision'],
-                         r['checkpointing'], 'error: ' + r['error'][:60]] + [''] * 6)
+                         r['checkpointing'], r.get('pass_form', 'auto'), 'error: ' + r['error'][:60]] + [''] * 6)
             continue
 
         def f(key, fmt='{:.3f}'):
             return fmt.format(r[key]) if key in r else '-'
         peak = r.get('peak_gb', r.get('batch_rss_gb'))
         rows.append(['x'.join(map(str, r['shape'])), r['batch'], r['channels'], r['precision'], r['checkpointing'],
-                     f('G_fwd_vol_per_s'), f('D_fwd_bwd_vol_per_s'), f('bare_fwd_bwd_vol_per_s'), f('step_vol_per_s'),
+                     r.get('pass_form', '-'), f('G_fwd_vol_per_s'), f('D_fwd_bwd_vol_per_s'), f('bare_fwd_bwd_vol_per_s'), f('step_vol_per_s'),
                      f('step_over_bare', '{:.2f}x'), f'{peak:.3f}', f('per_volume_gb')])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     lines = ['  '.join(str(x).ljust(w) for x, w in zip(head, widths))]
@@ -247,6 +262,10 @@ def main(argv=None):
     parser.add_argument('--cbase', type=int, default=4096, help='channel_base (the vol32-vol128 presets)')
     parser.add_argument('--cmax', type=int, default=256, help='channel_max (the vol presets)')
     parser.add_argument('--iters', type=int, default=2, help='Timed iterations of each network task')
+    parser.add_argument('--steps', type=int, default=STEPS,
+                        help='Training steps averaged (16 = one R1 pass at its real share; fewer = quicker, R1 counts more)')
+    parser.add_argument('--pass-form', default='auto',
+                        help='3D filter passes: auto, depthwise, folded (comma-separated to compare; mri/resample3d.py)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--skip-timing', action='store_true', help='Only the peak memory of one full step (all phases)')
     parser.add_argument('--timeout', type=float, default=1800, help='Seconds per configuration')
@@ -260,18 +279,23 @@ def main(argv=None):
         return None
     if args.precision is None:
         args.precision = 'fp16' if args.device == 'cuda' else 'fp32'
+    forms = args.pass_form.split(',')
+    for form in forms:
+        if form not in ('auto', 'depthwise', 'folded'):
+            parser.error(f'--pass-form: unknown form {form!r} (auto, depthwise, folded)')
     if args.dry_run:
         args.res, args.batch, args.channels, args.cbase, args.cmax, args.iters = '8', '2', 2, 64, 8, 1
     configs = [dict(res=res, batch=int(b), channels=args.channels, c_dim=args.cond, precision=prec,
                     checkpointing=int(ck), cbase=args.cbase, cmax=args.cmax, iters=args.iters, device=args.device,
-                    skip_timing=args.skip_timing, steps=2 if args.dry_run else STEPS)
-               for res, b, prec, ck in itertools.product(args.res.split(','), args.batch.split(','),
-                                                         args.precision.split(','), args.checkpointing.split(','))]
+                    skip_timing=args.skip_timing, steps=2 if args.dry_run else args.steps, pass_form=form)
+               for res, b, prec, ck, form in itertools.product(args.res.split(','), args.batch.split(','),
+                                                               args.precision.split(','), args.checkpointing.split(','),
+                                                               forms)]
     results = []
     t0 = time.time()
     for i, cfg in enumerate(configs):
         print(f'[{i + 1}/{len(configs)}] {cfg["res"]} batch {cfg["batch"]} {cfg["precision"]} ckpt {cfg["checkpointing"]} '
-              f'({time.time() - t0:.0f} s so far)', file=sys.stderr, flush=True)
+              f'passes {cfg["pass_form"]} ({time.time() - t0:.0f} s so far)', file=sys.stderr, flush=True)
         # --dry-run stays in this process (a smoke test of every task); real runs get a fresh process each.
         results.append(run_one(cfg) if args.dry_run else _fresh_process(cfg, args.timeout))
     machine = (torch.cuda.get_device_name() if args.device == 'cuda' else

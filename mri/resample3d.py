@@ -13,9 +13,18 @@ is the outer product f x f x f):
     3. convolve with the FIR filter (a true convolution),
     4. keep every down-th sample.
 
-Output size per axis: (in * up + pad0 + pad1 - taps) // down + 1, as in upfirdn2d. No CUDA plugin: the 3D
-filter passes are depthwise 1D convolutions, which cuDNN and oneDNN already run near memory bandwidth
-(bench/bench_3d.py measures the networks that use them).
+Output size per axis: (in * up + pad0 + pad1 - taps) // down + 1, as in upfirdn2d. No CUDA plugin: each pass
+is one 1D convolution along an axis, written in one of two equivalent forms (``_PASS_FORMS``), picked by device:
+
+- ``'depthwise'`` (CPU): one grouped conv3d with a filter per channel (``groups=C``). Measured on the 2-core dev
+  CPU (torch 2.13, oneDNN), one pass over [8, 8, 64^3]: 0.10 s forward + 0.12 s backward, against 0.33 + 0.89 s
+  for the channels-folded-into-batch form, which oneDNN runs as a single-channel convolution on a slow path;
+  the 64^3 training step of docs/volumes.md's phantom run got about 3x faster with it (docs/benchmarks.md).
+- ``'folded'`` (CUDA and others): the channels folded into the batch and one single-channel conv3d, which cuDNN
+  serves; PyTorch's 3D depthwise kernel has a known slow backward on CUDA (pytorch/pytorch#37406), so the GPU
+  keeps this form until bench/gpu_check.sh measures otherwise.
+
+Both forms compute the same numbers (tests/test_networks3d.py checks them against each other, to second order).
 """
 
 import numpy as np
@@ -48,20 +57,34 @@ def _pad_or_crop(y, axis, lo, hi):
     return y
 
 
+_PASS_FORMS = ('depthwise', 'folded')
+_pass_form_override = None  # Tests set this to compare the two forms on one device.
+
+
+def _pass_form(device) -> str:
+    if _pass_form_override is not None:
+        return _pass_form_override
+    return 'depthwise' if device.type == 'cpu' else 'folded'
+
+
 def _axis_pass(x, k, axis, up, down, pad0, pad1):
     """One upfirdn pass along spatial ``axis`` (0, 1, 2 = D, H, W) of x [N, C, D, H, W] with true-convolution
-    taps k [K]. The channels are folded into the batch so one single-channel conv3d serves every channel."""
+    taps k [K], as a depthwise conv3d or a single-channel conv3d over the folded batch (module docstring)."""
     N, C = x.shape[:2]
     K = k.numel()
     shape = [1, 1, 1, 1, 1]
     shape[2 + axis] = K
     stride = [1, 1, 1]
-    y = x.reshape(N * C, 1, *x.shape[2:])
+    if _pass_form(x.device) == 'depthwise':
+        y, groups = x, C
+        shape[0] = C
+    else:
+        y, groups = x.reshape(N * C, 1, *x.shape[2:]), 1
     if up > 1:
         # Zero insertion + full convolution is a transposed convolution with stride `up` (length up*(L-1)+K);
         # output sample o of the op reads it at o + K - 1 - pad0, hence the pads below (negative = crop).
         stride[axis] = up
-        y = F.conv_transpose3d(y, k.reshape(shape), stride=stride)
+        y = F.conv_transpose3d(y, k.reshape(1, 1, *shape[2:]).expand(shape), stride=stride, groups=groups)
         y = _pad_or_crop(y, axis, pad0 - (K - 1), pad1 + up - K)
         if down > 1:
             index = [slice(None)] * 5
@@ -70,7 +93,8 @@ def _axis_pass(x, k, axis, up, down, pad0, pad1):
     else:
         # Pad, correlate with the flipped taps, and let the stride keep every down-th sample.
         stride[axis] = down
-        y = F.conv3d(_pad_or_crop(y, axis, pad0, pad1), k.flip(0).reshape(shape), stride=stride)
+        y = F.conv3d(_pad_or_crop(y, axis, pad0, pad1), k.flip(0).reshape(1, 1, *shape[2:]).expand(shape),
+                     stride=stride, groups=groups)
     return y.reshape(N, C, *y.shape[2:])
 
 

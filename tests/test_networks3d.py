@@ -103,15 +103,42 @@ def test_resampling_matches_2d_ops():
 
 def test_resampling_gradcheck():
     f = resample3d.setup_filter([1, 3, 3, 1]).double()
-    x = torch.randn([1, 1, 4, 4, 4], dtype=torch.float64, requires_grad=True)
-    w = torch.randn([1, 1, 3, 3, 3], dtype=torch.float64, requires_grad=True)
+    x = torch.randn([1, 2, 4, 4, 4], dtype=torch.float64, requires_grad=True)  # 2 channels: the CPU's depthwise form.
+    w = torch.randn([1, 2, 3, 3, 3], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: resample3d.upsample3d(t, f), [x])
     assert torch.autograd.gradcheck(lambda t: resample3d.downsample3d(t, f), [x])
     w = w.detach()  # The weight gradient is plain conv3d's; check the resampling paths w.r.t. the input.
     assert torch.autograd.gradcheck(lambda t: resample3d.conv3d_resample(t, w, f, up=2, padding=1), [x])
     assert torch.autograd.gradcheck(lambda t: resample3d.conv3d_resample(t, w, f, down=2, padding=1), [x])
-    x = torch.randn([1, 1, 2, 2, 4], dtype=torch.float64, requires_grad=True)
+    x = torch.randn([1, 2, 2, 2, 4], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradgradcheck(lambda t: resample3d.upsample3d(t, f), [x])
+
+
+@pytest.mark.parametrize('op', ['up', 'down', 'updown', 'conv_up', 'conv_down'])
+def test_resampling_pass_forms_agree(monkeypatch, op):
+    """The CPU's depthwise filter passes and the folded-batch passes the GPU keeps give the same values, input
+    gradients and second derivatives (R1 differentiates through them), per channel (each channel its own data)."""
+    f = resample3d.setup_filter([1, 3, 3, 1]).double()
+    torch.manual_seed(0)
+    x0 = torch.randn([2, 3, 6, 5, 4], dtype=torch.float64)
+    w = torch.randn([4, 3, 3, 3, 3], dtype=torch.float64)
+    fn = dict(up=lambda t: resample3d.upsample3d(t, f),
+              down=lambda t: resample3d.downsample3d(t, f),
+              updown=lambda t: resample3d.upfirdn3d(t, f, up=2, down=3, padding=[2, 1]),
+              conv_up=lambda t: resample3d.conv3d_resample(t, w, f, up=2, padding=1),
+              conv_down=lambda t: resample3d.conv3d_resample(t, w, f, down=2, padding=1))[op]
+    results = []
+    for form in resample3d._PASS_FORMS:
+        monkeypatch.setattr(resample3d, '_pass_form_override', form)
+        x = x0.clone().requires_grad_(True)
+        y = fn(x)
+        g, = torch.autograd.grad((y.square() * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum(), x,
+                                 create_graph=True)
+        gg, = torch.autograd.grad(g.square().sum(), x)
+        results.append((y, g, gg))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert results[0][0].abs().sum() > 0 and results[0][2].abs().sum() > 0
 
 
 def test_fp16_path_with_clamp(monkeypatch):
@@ -148,8 +175,11 @@ def test_bench_3d_dry_run(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     out = str(tmp_path / 'b.json')
-    bench.main(['--dry-run', '--device', 'cpu', '--out', out])
-    (result,) = json.load(open(out))['results']
-    for key in ['G_fwd_vol_per_s', 'D_fwd_bwd_vol_per_s', 'bare_fwd_bwd_vol_per_s', 'step_vol_per_s', 'step_over_bare',
-                'per_volume_gb']:
-        assert np.isfinite(result[key]), key
+    bench.main(['--dry-run', '--device', 'cpu', '--out', out, '--pass-form', 'auto,folded'])
+    results = json.load(open(out))['results']
+    assert [r['pass_form'] for r in results] == ['depthwise', 'folded']  # auto on CPU = depthwise.
+    for result in results:
+        for key in ['G_fwd_vol_per_s', 'D_fwd_bwd_vol_per_s', 'bare_fwd_bwd_vol_per_s', 'step_vol_per_s',
+                    'step_over_bare', 'per_volume_gb']:
+            assert np.isfinite(result[key]), key
+    assert resample3d._pass_form_override is None  # The forced form does not outlive the measurement.
