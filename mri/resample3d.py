@@ -77,14 +77,14 @@ def _axis_pass(x, k, axis, up, down, pad0, pad1):
     stride = [1, 1, 1]
     if _pass_form(x.device) == 'depthwise':
         y, groups = x, C
-        shape[0] = C
     else:
         y, groups = x.reshape(N * C, 1, *x.shape[2:]), 1
+    # Either way the weight is [groups, 1, ...]: one filter per channel, or the single channel of the folded batch.
     if up > 1:
         # Zero insertion + full convolution is a transposed convolution with stride `up` (length up*(L-1)+K);
         # output sample o of the op reads it at o + K - 1 - pad0, hence the pads below (negative = crop).
         stride[axis] = up
-        y = F.conv_transpose3d(y, k.reshape(1, 1, *shape[2:]).expand(shape), stride=stride, groups=groups)
+        y = F.conv_transpose3d(y, k.reshape(shape).expand(groups, -1, -1, -1, -1), stride=stride, groups=groups)
         y = _pad_or_crop(y, axis, pad0 - (K - 1), pad1 + up - K)
         if down > 1:
             index = [slice(None)] * 5
@@ -93,7 +93,7 @@ def _axis_pass(x, k, axis, up, down, pad0, pad1):
     else:
         # Pad, correlate with the flipped taps, and let the stride keep every down-th sample.
         stride[axis] = down
-        y = F.conv3d(_pad_or_crop(y, axis, pad0, pad1), k.flip(0).reshape(1, 1, *shape[2:]).expand(shape),
+        y = F.conv3d(_pad_or_crop(y, axis, pad0, pad1), k.flip(0).reshape(shape).expand(groups, -1, -1, -1, -1),
                      stride=stride, groups=groups)
     return y.reshape(N, C, *y.shape[2:])
 
