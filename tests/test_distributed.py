@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import make_png_folder
+from tests.helpers import make_png_folder, zip_folder
 from training import checkpoint
 
 
@@ -47,12 +47,13 @@ def test_torchrun_two_processes_share_one_run_dir(tmp_path):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    data = make_png_folder(str(tmp_path / 'data'), n=8, res=16, num_classes=2)
+    # What users run: a zip archive and the default DataLoader workers (3 per rank).
+    data = zip_folder(make_png_folder(str(tmp_path / 'data'), n=8, res=16, num_classes=2), str(tmp_path / 'data.zip'))
     env = dict(os.environ, OMP_NUM_THREADS='1')
     res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                           'train.py', '--data', data, '--outdir', str(tmp_path / 'runs'), '--cond=1', '--cbase', '256',
                           '--cmax', '16', '--map-depth', '1', '--batch', '4', '--kimg', '0.008', '--tick', '0.008',
-                          '--snap', '1', '--metrics', 'none', '--workers', '0', '--device', 'cpu'],
+                          '--snap', '1', '--metrics', 'none', '--device', 'cpu'],
                          cwd=root, capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     runs = os.listdir(str(tmp_path / 'runs'))
