@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import dnnlib
-from torch_utils.snapshot import SNAPSHOT_FORMAT, PickleRefused, SnapshotError
+from torch_utils.snapshot_errors import SNAPSHOT_FORMAT, PickleRefused, SnapshotError
 
 # NVlabs class (the ``class_name`` in a persistent record) -> the class of this project that replaces it.
 NVLABS_CLASSES = {

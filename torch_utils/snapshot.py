@@ -14,17 +14,40 @@ import os
 import torch
 
 import dnnlib
+from torch_utils import legacy
+from torch_utils.snapshot_errors import SNAPSHOT_FORMAT, PickleRefused, SnapshotError
 
-SNAPSHOT_FORMAT = 'mri-gan-snapshot/1'
+__all__ = ['SNAPSHOT_FORMAT', 'SnapshotError', 'PickleRefused', 'CLASS_ALIASES', 'current_class_name', 'upgrade_names',
+           'persistent_class', 'build_module', 'save_snapshot', 'load_snapshot', 'read_snapshot_data']
+
 TRUSTED_PREFIXES = ('dnnlib.', 'torch_utils.', 'training.', 'metrics.', 'mri.')
 
+# Names that snapshots and run dirs of earlier versions recorded -> the name of today's class. A class that
+# takes over an old one may define ``upgrade_record(old_name, init_kwargs, state_dict)`` to map the recorded
+# arguments and tensors (the 3D networks, e.g., became the one network family at spatial_dims=3).
+CLASS_ALIASES = {
+    'mri.networks3d.Generator':     'training.networks.Generator',
+    'mri.networks3d.Discriminator': 'training.networks.Discriminator',
+    'mri.augment3d.AugmentPipe3d':  'training.augment.AugmentPipe',
+    'mri.attention.SelfAttention':  'training.attention.SelfAttention',
+    'mri.fq.FeatureQuantizer':      'training.fq.FeatureQuantizer',
+    'mri.topk.TopK':                'training.topk.TopK',
+}
 
-class SnapshotError(RuntimeError):
-    """A snapshot file is unreadable or names something this project does not build."""
+
+def current_class_name(name):
+    """Today's name for a class name recorded by an earlier version (the name itself when it is current)."""
+    return CLASS_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
-class PickleRefused(SnapshotError):
-    """A pickle names a global outside the admitted set (it would run code)."""
+def upgrade_names(value):
+    """A copy of plain data with every nested ``class_name`` mapped through CLASS_ALIASES (hooks inside
+    ``init_kwargs``, components of ``training_options.json``)."""
+    if isinstance(value, dict):
+        return {k: (current_class_name(v) if k == 'class_name' else upgrade_names(v)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [upgrade_names(v) for v in value]
+    return value
 
 
 def _is_plain(value) -> bool:
@@ -96,19 +119,23 @@ def module_record(module: torch.nn.Module) -> dict:
 
 
 def build_module(record: dict, source: str = '<snapshot>') -> torch.nn.Module:
-    class_name = record.get('class_name')
+    recorded_name = record.get('class_name')
+    class_name = current_class_name(recorded_name)
     if not isinstance(class_name, str) or not class_name.startswith(TRUSTED_PREFIXES):
-        raise SnapshotError(f'{source}: refuses to build {class_name!r}: only classes of this project '
+        raise SnapshotError(f'{source}: refuses to build {recorded_name!r}: only classes of this project '
                             f'({", ".join(TRUSTED_PREFIXES)}) are built from snapshots')
     cls = dnnlib.get_obj_by_name(class_name)
     if not getattr(cls, '_persistent', False):
         raise SnapshotError(f'{source}: {class_name} is not a snapshot class')
+    init_kwargs, state_dict = upgrade_names(record['init_kwargs']), record['state_dict']
+    if class_name != recorded_name and hasattr(cls, 'upgrade_record'):
+        init_kwargs, state_dict = cls.upgrade_record(recorded_name, init_kwargs, dict(state_dict))
     try:
-        module = cls(**record['init_kwargs'])
+        module = cls(**init_kwargs)
     except (TypeError, ValueError) as err:  # Arguments this version of the class does not take.
         raise SnapshotError(f'{source}: cannot build {class_name} from its recorded arguments ({err})') from None
     try:
-        missing, unexpected = module.load_state_dict(record['state_dict'], strict=False)
+        missing, unexpected = module.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # Shape mismatches.
         raise SnapshotError(f'{source}: {class_name} state does not fit its constructor '
                             f'({str(err).splitlines()[-1].strip()[:200]})') from None
@@ -156,7 +183,6 @@ def read_snapshot_data(path: str) -> dict:
     if not os.path.isfile(path):
         raise SnapshotError(f'{path}: no such snapshot file')
     if is_pickle(path):
-        from torch_utils import legacy  # legacy imports this module.
         return legacy.read_nvlabs_pickle(path)
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
