@@ -1,4 +1,5 @@
-"""Tests of training.networks (StyleGAN2 G and D, Karras et al. 2020) at tiny sizes on CPU.
+"""Tests of training.networks (StyleGAN2 G and D, Karras et al. 2020) on images at tiny sizes on CPU (the same
+family on volumes: tests/test_networks3d.py).
 
 Hooks (attention, feature quantization) are exercised through the stand-ins in tests/_hooks_stub.py, by
 class_name, exactly as the MRI classes are reached.
@@ -11,10 +12,9 @@ import torch
 from tests import _hooks_stub as stub
 from torch_utils import snapshot
 from torch_utils.ops import conv2d_gradfix
-from training import layers
 from training import networks
 from training.layers import MinibatchStdLayer
-from training.layers import modulated_conv2d
+from training.layers import modulated_conv
 
 ATTN = 'tests._hooks_stub.RecordingAttention'
 FQ = 'tests._hooks_stub.RecordingQuantizer'
@@ -40,8 +40,6 @@ def _seed_and_clear():
     torch.set_num_threads(1)  # Tiny tensors: a second thread only adds synchronisation (and suffers most on a busy CPU).
     yield
     torch.set_num_threads(threads)
-    networks.ALLOW_CPU_FP16 = False
-    layers.GROUPED_CONV_ON_CPU = False
 
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -135,11 +133,9 @@ def test_fused_and_unfused_modconv_agree(up, demodulate):
     f = upfirdn2d.setup_filter([1, 3, 3, 1])
     args = dict(x=x, weight=weight, styles=styles, up=up, padding=1, resample_filter=f, demodulate=demodulate,
                 flip_weight=(up == 1))
-    fused_cpu = modulated_conv2d(fused_modconv=True, **args)  # On CPU this dispatches to the unfused form...
-    layers.GROUPED_CONV_ON_CPU = True  # ...so force the grouped convolution that CUDA runs.
-    fused = modulated_conv2d(fused_modconv=True, **args)
-    layers.GROUPED_CONV_ON_CPU = False
-    plain = modulated_conv2d(fused_modconv=False, **args)
+    fused_cpu = modulated_conv(fused_modconv=True, **args)  # On CPU this dispatches to the unfused form...
+    fused = modulated_conv(fused_modconv=True, grouped_on_cpu=True, **args)  # ...so force the grouped conv of CUDA.
+    plain = modulated_conv(fused_modconv=False, **args)
     torch.testing.assert_close(fused_cpu, plain)
     torch.testing.assert_close(fused, plain, atol=1e-4, rtol=1e-4)
     # Reference: explicit per-sample weights, one conv per sample.
@@ -154,9 +150,7 @@ def test_fused_and_unfused_modconv_agree(up, demodulate):
 def test_whole_generator_fused_equals_unfused():
     G = make_G(architecture='resnet')
     z = torch.randn([3, 16])
-    layers.GROUPED_CONV_ON_CPU = True
-    a = G(z, None, noise_mode='const', fused_modconv=True)
-    layers.GROUPED_CONV_ON_CPU = False
+    a = G(z, None, noise_mode='const', fused_modconv=True, grouped_on_cpu=True)
     b = G(z, None, noise_mode='const', fused_modconv=False)
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
@@ -199,16 +193,15 @@ def test_fp16_path_on_cpu():
     z = torch.randn([2, 16])
     ref = G(z, None, noise_mode='const')  # fp16 disabled on CPU by default: this is the fp32 result.
     torch.testing.assert_close(ref, G(z, None, noise_mode='const', force_fp32=True))
-    networks.ALLOW_CPU_FP16 = True
     try:
-        img = G(z, None, noise_mode='const')
+        img = G(z, None, noise_mode='const', cpu_fp16=True)
     except RuntimeError as err:  # A torch build without CPU half kernels.
         pytest.skip(f'float16 convolutions unsupported on this CPU build: {err}')
     assert img.dtype == torch.float32 and torch.isfinite(img).all()
     assert not torch.equal(img, ref)  # The fp16 blocks really ran in half precision...
     torch.testing.assert_close(img, ref, atol=0.05, rtol=0.05)  # ...and agree with fp32.
-    torch.testing.assert_close(G(z, None, noise_mode='const', force_fp32=True), ref)
-    logits = D(img, None)
+    torch.testing.assert_close(G(z, None, noise_mode='const', force_fp32=True, cpu_fp16=True), ref)
+    logits = D(img, None, cpu_fp16=True)
     assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
     torch.testing.assert_close(logits, D(img, None, force_fp32=True), atol=0.05, rtol=0.05)
 
@@ -376,12 +369,14 @@ def test_matches_plain_reference_design():
 
 
 def test_equalized_lr_keeps_unit_scale():
-    from training.layers import Conv2dLayer, FullyConnectedLayer
+    from training.layers import ConvLayer, FullyConnectedLayer
     x = torch.randn([256, 512])
     assert abs(FullyConnectedLayer(512, 512)(x).std().item() - 1) < 0.1
     assert abs(FullyConnectedLayer(512, 512, lr_multiplier=0.01)(x).std().item() - 1) < 0.1
-    y = Conv2dLayer(64, 64, kernel_size=3, activation='linear')(torch.randn([8, 64, 16, 16]))
+    y = ConvLayer(64, 64, kernel_size=3, activation='linear')(torch.randn([8, 64, 16, 16]))
     assert abs(y[:, :, 1:-1, 1:-1].std().item() - 1) < 0.1
+    y = ConvLayer(16, 16, kernel_size=3, activation='linear', spatial_dims=3)(torch.randn([8, 16, 8, 8, 8]))
+    assert abs(y[:, :, 1:-1, 1:-1, 1:-1].std().item() - 1) < 0.1
 
 
 def test_freeze_layers_makes_buffers():

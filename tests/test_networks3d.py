@@ -1,23 +1,23 @@
-"""3D networks (mri/networks3d.py) and their resampling (mri/resample3d.py) on tiny volumes (CPU)."""
+"""The network family of training/networks.py on volumes [N, C, D, H, W]: tiny sizes, CPU (the resampling ops
+under it: tests/test_ops.py)."""
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from mri import resample3d
-from mri.networks3d import Discriminator, Generator, ShapeError, volume_geometry
+from tests import _hooks_stub as stub
 from torch_utils import snapshot
-from torch_utils.ops import conv2d_resample, upfirdn2d
+from torch_utils.ops import upfirdn3d
+from training.networks import Discriminator, Generator, ShapeError, network_geometry
 
 TINY = dict(channel_base=256, channel_max=16)
 
 
 def _nets(res, c_dim=3, channels=2, **kw):
     torch.manual_seed(0)
-    G = Generator(z_dim=16, c_dim=c_dim, w_dim=16, img_resolution=res, img_channels=channels,
+    G = Generator(z_dim=16, c_dim=c_dim, w_dim=16, img_resolution=res, img_channels=channels, spatial_dims=3,
                   mapping_kwargs=dict(num_layers=2), **TINY, **kw)
-    D = Discriminator(c_dim=c_dim, img_resolution=res, img_channels=channels, **TINY, **kw)
+    D = Discriminator(c_dim=c_dim, img_resolution=res, img_channels=channels, spatial_dims=3, **TINY, **kw)
     return G, D
 
 
@@ -35,12 +35,40 @@ def test_output_shapes(res, shape):
 
 
 def test_geometry_and_bad_shapes():
-    assert volume_geometry([160, 192, 160]) == ([160, 192, 160], [5, 6, 5], 5)
-    assert volume_geometry(128) == ([128, 128, 128], [4, 4, 4], 5)
-    for bad in [100, [240, 240, 155], 4, [8, 8]]:
+    assert network_geometry([160, 192, 160]) == ([160, 192, 160], [5, 6, 5], 5)
+    assert network_geometry(128, spatial_dims=3) == ([128, 128, 128], [4, 4, 4], 5)
+    assert network_geometry(256) == ([256, 256], [4, 4], 6)  # An int alone is a square: the 2D family.
+    for bad in [100, [240, 240, 155], 4, [8, 8, 8, 8]]:
         with pytest.raises(ShapeError) as err:
-            Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=bad, img_channels=1)
+            Generator.check_resolution(bad, spatial_dims=None if np.ndim(bad) else 3)
         assert '\n' not in str(err.value)
+    with pytest.raises(ShapeError):
+        Discriminator(c_dim=0, img_resolution=[240, 240, 155], img_channels=1)
+
+
+def test_one_family_for_images_and_volumes():
+    """The same classes build both; the dimension follows img_resolution or spatial_dims, block names follow the
+    largest side of each level, and D's epilogue is b{base side} in both (b4 at a cube of 4 * 2^k)."""
+    G2 = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=16, img_channels=1, **TINY)
+    G3, D3 = _nets(16)
+    assert G2.img_shape == [16, 16] and G3.img_shape == [16, 16, 16] and type(G2) is type(G3)
+    assert G3.synthesis.b4.const.shape[1:] == (4, 4, 4) and G3.synthesis.b16.conv1.weight.shape[2:] == (3, 3, 3)
+    assert hasattr(D3, 'b4') and D3.b4.fc.in_features == D3.b4.in_channels * 64
+    _G, D = _nets([10, 12, 10])
+    assert D.block_resolutions == [12] and D.b6.shape == [5, 6, 5]
+
+
+def test_hooks_in_volumes():
+    """Attention (G and D) and feature quantization (D) hooks run on volume features too."""
+    stub.CALLS.clear()
+    G, D = _nets(16, attn_res=[8], attn_kwargs=dict(class_name='tests._hooks_stub.RecordingAttention'))
+    D = Discriminator(c_dim=3, img_resolution=16, img_channels=2, spatial_dims=3, **TINY,
+                      quantize_kwargs=dict(class_name='tests._hooks_stub.RecordingQuantizer', resolutions=[4]))
+    c = torch.eye(3)[:2]
+    img = G(torch.randn([2, 16]), c)
+    logits, aux = D(img, c, return_aux=True, update_quant=True)
+    assert [(k, r, s) for k, r, s, _, _ in stub.CALLS] == [('attn', 8, (2, 16, 8, 8, 8)), ('fq', 4, (2, 16, 4, 4, 4))]
+    assert logits.shape == (2, 1) and aux['fq_loss'] > 0
 
 
 def test_conditional_output_depends_on_class():
@@ -81,75 +109,15 @@ def test_checkpointing_same_gradients():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_resampling_matches_2d_ops():
-    """On volumes constant along D, the separable 3D ops reduce to the 2D ones (checked against upfirdn2d)."""
-    f = resample3d.setup_filter([1, 3, 3, 1]).double()
-    x2 = torch.randn([2, 3, 8, 8], dtype=torch.float64)
-    x = x2[:, :, None].expand(-1, -1, 8, -1, -1)
-    torch.testing.assert_close(resample3d.upsample3d(x, f)[:, :, 8], upfirdn2d.upsample2d(x2, f))
-    torch.testing.assert_close(resample3d.downsample3d(x, f)[:, :, 2], upfirdn2d.downsample2d(x2, f))
-    w2 = torch.randn([5, 3, 3, 3], dtype=torch.float64)
-    w = torch.zeros([5, 3, 3, 3, 3], dtype=torch.float64)
-    w[:, :, 1] = w2
-    for kw in [dict(up=2), dict(down=2)]:
-        got = resample3d.conv3d_resample(x, w, f, padding=1, **kw)
-        want = conv2d_resample.conv2d_resample(x2, w2, f=f, padding=1, **kw)
-        torch.testing.assert_close(got[:, :, got.shape[2] // 2], want)
-    # up=2 is exactly conv3d(upsample with padding, w).
-    x = torch.randn([1, 3, 4, 4, 4], dtype=torch.float64)
-    want = F.conv3d(resample3d.upfirdn3d(x, f, up=2, padding=[3, 2], gain=8), w)
-    torch.testing.assert_close(resample3d.conv3d_resample(x, w, f, up=2, padding=1), want)
-
-
-def test_resampling_gradcheck():
-    f = resample3d.setup_filter([1, 3, 3, 1]).double()
-    x = torch.randn([1, 2, 4, 4, 4], dtype=torch.float64, requires_grad=True)  # 2 channels: the CPU's depthwise form.
-    w = torch.randn([1, 2, 3, 3, 3], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda t: resample3d.upsample3d(t, f), [x])
-    assert torch.autograd.gradcheck(lambda t: resample3d.downsample3d(t, f), [x])
-    w = w.detach()  # The weight gradient is plain conv3d's; check the resampling paths w.r.t. the input.
-    assert torch.autograd.gradcheck(lambda t: resample3d.conv3d_resample(t, w, f, up=2, padding=1), [x])
-    assert torch.autograd.gradcheck(lambda t: resample3d.conv3d_resample(t, w, f, down=2, padding=1), [x])
-    x = torch.randn([1, 2, 2, 2, 4], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradgradcheck(lambda t: resample3d.upsample3d(t, f), [x])
-
-
-@pytest.mark.parametrize('op', ['up', 'down', 'updown', 'conv_up', 'conv_down'])
-def test_resampling_pass_forms_agree(monkeypatch, op):
-    """The CPU's depthwise filter passes and the folded-batch passes the GPU keeps give the same values, input
-    gradients and second derivatives (R1 differentiates through them), per channel (each channel its own data)."""
-    f = resample3d.setup_filter([1, 3, 3, 1]).double()
-    torch.manual_seed(0)
-    x0 = torch.randn([2, 3, 6, 5, 4], dtype=torch.float64)
-    w = torch.randn([4, 3, 3, 3, 3], dtype=torch.float64)
-    fn = dict(up=lambda t: resample3d.upsample3d(t, f),
-              down=lambda t: resample3d.downsample3d(t, f),
-              updown=lambda t: resample3d.upfirdn3d(t, f, up=2, down=3, padding=[2, 1]),
-              conv_up=lambda t: resample3d.conv3d_resample(t, w, f, up=2, padding=1),
-              conv_down=lambda t: resample3d.conv3d_resample(t, w, f, down=2, padding=1))[op]
-    results = []
-    for form in resample3d._PASS_FORMS:
-        monkeypatch.setattr(resample3d, '_pass_form_override', form)
-        x = x0.clone().requires_grad_(True)
-        y = fn(x)
-        g, = torch.autograd.grad((y.square() * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum(), x,
-                                 create_graph=True)
-        gg, = torch.autograd.grad(g.square().sum(), x)
-        results.append((y, g, gg))
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b)
-    assert results[0][0].abs().sum() > 0 and results[0][2].abs().sum() > 0
-
-
-def test_fp16_path_with_clamp(monkeypatch):
+def test_fp16_path_with_clamp():
     """The reduced-precision blocks (CUDA in training) run and clamp when forced on CPU."""
-    from training import networks
-    monkeypatch.setattr(networks, 'ALLOW_CPU_FP16', True)
     for mp in ('bfloat16',):
         G, D = _nets(16, num_fp16_res=1, conv_clamp=8, mixed_precision=mp)
-        img = G(torch.randn([2, 16]), torch.eye(3)[:2])
+        z, c = torch.randn([2, 16]), torch.eye(3)[:2]
+        img = G(z, c, noise_mode='const', cpu_fp16=True)
         assert img.dtype == torch.float32 and torch.isfinite(img).all()
-        assert torch.isfinite(D(img, torch.eye(3)[:2])).all()
+        assert not torch.equal(img, G(z, c, noise_mode='const'))  # The bfloat16 block really ran.
+        assert torch.isfinite(D(img, c, cpu_fp16=True)).all()
     with pytest.raises(ValueError, match='mixed_precision'):
         _nets(8, mixed_precision='float8')
 
@@ -182,4 +150,4 @@ def test_bench_3d_dry_run(tmp_path):
         for key in ['G_fwd_vol_per_s', 'D_fwd_bwd_vol_per_s', 'bare_fwd_bwd_vol_per_s', 'step_vol_per_s',
                     'step_over_bare', 'per_volume_gb']:
             assert np.isfinite(result[key]), key
-    assert resample3d._pass_form_override is None  # The forced form does not outlive the measurement.
+    assert not upfirdn3d._forced  # The forced form does not outlive the measurement.

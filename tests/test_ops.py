@@ -19,7 +19,7 @@ import torch.utils.cpp_extension
 
 from torch_utils import custom_ops
 from torch_utils.ops import bias_act as bias_act_mod
-from torch_utils.ops import conv2d_gradfix, conv2d_resample, fma, grid_sample_gradfix, upfirdn2d
+from torch_utils.ops import conv2d_gradfix, conv2d_resample, fma, grid_sample_gradfix, resample, upfirdn2d, upfirdn3d
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA device')
 
@@ -648,3 +648,89 @@ def test_cuda_gradfix_ops_match_torch():
     inp = torch.randn(1, 2, 5, 5, device='cuda', dtype=torch.float64, requires_grad=True)
     grid = torch.rand(1, 4, 4, 2, device='cuda', dtype=torch.float64) * 2 - 1
     assert _gradgradcheck(lambda i: grid_sample_gradfix.grid_sample(i, grid), (inp,))
+
+# ----------------------------------------------------------------------------------------------------------------
+# Volumes: the separable 3D filter (upfirdn3d) and the rank dispatch the networks call (resample).
+
+
+def test_resampling_matches_2d_ops():
+    """On volumes constant along D, the separable 3D ops reduce to the 2D ones (checked against upfirdn2d)."""
+    f = upfirdn3d.setup_filter([1, 3, 3, 1]).double()
+    x2 = torch.randn([2, 3, 8, 8], dtype=torch.float64)
+    x = x2[:, :, None].expand(-1, -1, 8, -1, -1)
+    torch.testing.assert_close(upfirdn3d.upsample3d(x, f)[:, :, 8], upfirdn2d.upsample2d(x2, f))
+    torch.testing.assert_close(upfirdn3d.downsample3d(x, f)[:, :, 2], upfirdn2d.downsample2d(x2, f))
+    w2 = torch.randn([5, 3, 3, 3], dtype=torch.float64)
+    w = torch.zeros([5, 3, 3, 3, 3], dtype=torch.float64)
+    w[:, :, 1] = w2
+    for kw in [dict(up=2), dict(down=2)]:
+        got = upfirdn3d.conv3d_resample(x, w, f, padding=1, **kw)
+        want = conv2d_resample.conv2d_resample(x2, w2, f=f, padding=1, **kw)
+        torch.testing.assert_close(got[:, :, got.shape[2] // 2], want)
+    # up=2 is exactly conv3d(upsample with padding, w).
+    x = torch.randn([1, 3, 4, 4, 4], dtype=torch.float64)
+    want = F.conv3d(upfirdn3d.upfirdn3d(x, f, up=2, padding=[3, 2], gain=8), w)
+    torch.testing.assert_close(upfirdn3d.conv3d_resample(x, w, f, up=2, padding=1), want)
+
+
+def test_resampling_gradcheck():
+    f = upfirdn3d.setup_filter([1, 3, 3, 1]).double()
+    x = torch.randn([1, 2, 4, 4, 4], dtype=torch.float64, requires_grad=True)  # 2 channels: the CPU's depthwise form.
+    w = torch.randn([1, 2, 3, 3, 3], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: upfirdn3d.upsample3d(t, f), [x])
+    assert torch.autograd.gradcheck(lambda t: upfirdn3d.downsample3d(t, f), [x])
+    w = w.detach()  # The weight gradient is plain conv3d's; check the resampling paths w.r.t. the input.
+    assert torch.autograd.gradcheck(lambda t: upfirdn3d.conv3d_resample(t, w, f, up=2, padding=1), [x])
+    assert torch.autograd.gradcheck(lambda t: upfirdn3d.conv3d_resample(t, w, f, down=2, padding=1), [x])
+    x = torch.randn([1, 2, 2, 2, 4], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda t: upfirdn3d.upsample3d(t, f), [x])
+
+
+@pytest.mark.parametrize('op', ['up', 'down', 'updown', 'conv_up', 'conv_down'])
+def test_resampling_pass_forms_agree(op):
+    """The CPU's depthwise filter passes and the folded-batch passes the GPU keeps give the same values, input
+    gradients and second derivatives (R1 differentiates through them), per channel (each channel its own data)."""
+    f = upfirdn3d.setup_filter([1, 3, 3, 1]).double()
+    torch.manual_seed(0)
+    x0 = torch.randn([2, 3, 6, 5, 4], dtype=torch.float64)
+    w = torch.randn([4, 3, 3, 3, 3], dtype=torch.float64)
+    fn = dict(up=lambda t: upfirdn3d.upsample3d(t, f),
+              down=lambda t: upfirdn3d.downsample3d(t, f),
+              updown=lambda t: upfirdn3d.upfirdn3d(t, f, up=2, down=3, padding=[2, 1]),
+              conv_up=lambda t: upfirdn3d.conv3d_resample(t, w, f, up=2, padding=1),
+              conv_down=lambda t: upfirdn3d.conv3d_resample(t, w, f, down=2, padding=1))[op]
+    results = []
+    for form in upfirdn3d.PASS_FORMS:
+        x = x0.clone().requires_grad_(True)
+        with upfirdn3d.forced_pass_form(form):
+            y = fn(x)
+        g, = torch.autograd.grad((y.square() * torch.linspace(-1, 1, y.numel(), dtype=y.dtype).reshape(y.shape)).sum(), x,
+                                 create_graph=True)
+        gg, = torch.autograd.grad(g.square().sum(), x)
+        results.append((y, g, gg))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert results[0][0].abs().sum() > 0 and results[0][2].abs().sum() > 0
+
+
+def test_resample_dispatches_on_rank():
+    """resample.* runs the 2D ops on [N, C, H, W] (their CUDA plugin where present) and the 3D ones on volumes."""
+    f = resample.setup_filter([1, 3, 3, 1])
+    assert f.ndim == 1 and abs(float(f.sum()) - 1) < 1e-6
+    x2, x3 = torch.randn([2, 3, 8, 8]), torch.randn([2, 3, 8, 8, 8])
+    assert torch.equal(resample.upsample(x2, f), upfirdn2d.upsample2d(x2, f))
+    assert torch.equal(resample.downsample(x2, f), upfirdn2d.downsample2d(x2, f))
+    assert torch.equal(resample.upsample(x3, f), upfirdn3d.upsample3d(x3, f))
+    assert torch.equal(resample.downsample(x3, f), upfirdn3d.downsample3d(x3, f))
+    w2, w3 = torch.randn([4, 3, 3, 3]), torch.randn([4, 3, 3, 3, 3])
+    assert torch.equal(resample.conv_resample(x2, w2, f, up=2, padding=1, flip_weight=False),
+                       conv2d_resample.conv2d_resample(x2, w2, f=f, up=2, padding=1, flip_weight=False))
+    assert torch.equal(resample.conv_resample(x3, w3, f, down=2, padding=1),
+                       upfirdn3d.conv3d_resample(x3, w3, f, down=2, padding=1))
+    with pytest.raises(ValueError, match=r'upsample: needs \[N, C, H, W\] or \[N, C, D, H, W\]'):
+        resample.upsample(torch.randn([2, 3, 8]), f)
+    with pytest.raises(ValueError, match='rank'):
+        resample.conv_resample(x3, w2, f)
+    with pytest.raises(ValueError, match='pass form'):
+        with upfirdn3d.forced_pass_form('strided'):
+            pass

@@ -1,4 +1,6 @@
-"""Building blocks of the StyleGAN2 networks: equalized-lr layers, modulated convolution, mapping, minibatch-std.
+"""Building blocks of the StyleGAN2 networks, for images and volumes: equalized-lr layers, modulated convolution,
+mapping, minibatch-std. Convolutions take ``spatial_dims`` (2 or 3); resampling dispatches on tensor rank
+(torch_utils.ops.resample), so one class serves 2D and 3D.
 
 References:
     Karras et al. 2018, "Progressive Growing of GANs" (equalized learning rate, minibatch standard deviation).
@@ -18,11 +20,8 @@ import torch
 from torch_utils import misc
 from torch_utils import snapshot
 from torch_utils.ops import bias_act
-from torch_utils.ops import conv2d_resample
 from torch_utils.ops import fma
-from torch_utils.ops import upfirdn2d
-
-GROUPED_CONV_ON_CPU = False  # True = honour fused_modconv on CPU too (slower; lets tests check the grouped path).
+from torch_utils.ops import resample
 
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -57,20 +56,21 @@ def modulation_coefficients(
     return weight, styles, dcoefs
 
 
-def modulated_conv2d(
-    x: torch.Tensor,                    # Input features [N, I, H, W].
-    weight: torch.Tensor,               # Shared weight [O, I, kh, kw], equalized-lr gain already applied or not.
+def modulated_conv(
+    x: torch.Tensor,                    # Input features [N, I, *spatial] (2 or 3 spatial axes).
+    weight: torch.Tensor,               # Shared weight [O, I, *kernel] of x's rank, equalized-lr gain applied or not.
     styles: torch.Tensor,               # Per-sample input scales [N, I].
-    noise: torch.Tensor = None,         # Added after the convolution; [N, 1, H', W'] or [1, 1, H', W']. None = off.
+    noise: torch.Tensor = None,         # Added after the convolution, broadcast to [N, 1, *spatial']. None = off.
     up: int = 1,                        # Integer upsampling factor.
     down: int = 1,                      # Integer downsampling factor.
     padding: int = 0,                   # Padding of the convolution.
-    resample_filter: torch.Tensor = None,  # FIR filter for up/down, from upfirdn2d.setup_filter().
+    resample_filter: torch.Tensor = None,  # 1-D FIR filter for up/down, from resample.setup_filter().
     demodulate: bool = True,            # Normalise each output channel to unit expected variance (Eq. 3).
-    flip_weight: bool = True,           # False = convolution, True = correlation (as torch conv2d).
+    flip_weight: bool = True,           # False = convolution, True = correlation (as torch convNd).
     fused_modconv: bool = True,         # True = per-sample weights (grouped conv); False = scale the activations.
+    grouped_on_cpu: bool = False,       # Honour fused_modconv on CPU too (slower; lets tests check that path).
 ) -> torch.Tensor:
-    """Modulated convolution of StyleGAN2 (Karras et al. 2020, Sec. 2.2, Eq. 1-3).
+    """Modulated convolution of StyleGAN2 (Karras et al. 2020, Sec. 2.2, Eq. 1-3), for images and volumes.
 
     Modulation scales input channel i of sample n by s[n, i]; demodulation divides output channel o by
     sigma[n, o] = sqrt(sum_{i,k} (w[o, i, k] * s[n, i])^2). Two formulations give the same result up to
@@ -79,46 +79,62 @@ def modulated_conv2d(
 
     Which one runs is decided by speed, measured with bench/bench_networks.py:
     - 1x1 without resampling (toRGB): always per-sample weights as a batched matrix product (bmm).
-    - On CPU: always unfused. oneDNN runs a grouped convolution with N groups 1.1-20x slower than one
-      shared convolution of the whole batch (worst at 4x4-16x16), forward and backward.
+    - On CPU: unfused unless ``grouped_on_cpu``. oneDNN runs a grouped convolution with N groups 1.1-20x slower
+      than one shared convolution of the whole batch (worst at 4x4-16x16), forward and backward.
     - On CUDA: as ``fused_modconv`` asks (the grouped conv wins at inference, N=1 especially).
     """
     N = x.shape[0]
-    O, I, kh, kw = weight.shape
-    misc.assert_shape(x, [N, I, None, None])  # [NIHW]
+    O, I = weight.shape[:2]
+    kernel = list(weight.shape[2:])
+    spatial = [1] * len(kernel)
+    misc.assert_shape(x, [N, I] + [None] * len(kernel))  # [NI*]
     misc.assert_shape(styles, [N, I])  # [NI]
     weight, styles, dcoefs = modulation_coefficients(weight, styles, demodulate, x.dtype)
 
-    pointwise = (kh == 1 and kw == 1 and up == 1 and down == 1 and padding == 0)
-    if pointwise or (fused_modconv and (x.device.type != 'cpu' or GROUPED_CONV_ON_CPU)):
-        w = weight.unsqueeze(0) * styles.to(weight.dtype).reshape(N, 1, I, 1, 1)  # [NOIkk]
+    pointwise = (max(kernel) == 1 and up == 1 and down == 1 and padding == 0)
+    if pointwise or (fused_modconv and (x.device.type != 'cpu' or grouped_on_cpu)):
+        w = weight.unsqueeze(0) * styles.to(weight.dtype).reshape(N, 1, I, *spatial)  # [NOI*]
         if dcoefs is not None:
-            w = w * dcoefs.to(w.dtype).reshape(N, O, 1, 1, 1)
+            w = w * dcoefs.to(w.dtype).reshape(N, O, 1, *spatial)
         w = w.to(x.dtype)
         if pointwise:
-            H, W = x.shape[2], x.shape[3]
-            x = torch.bmm(w.reshape(N, O, I), x.reshape(N, I, H * W)).reshape(N, O, H, W)
+            x = torch.bmm(w.reshape(N, O, I), x.reshape(N, I, -1)).reshape(N, O, *x.shape[2:])
         else:
             x = x.reshape(1, N * I, *x.shape[2:])
-            x = conv2d_resample.conv2d_resample(x=x, w=w.reshape(N * O, I, kh, kw), f=resample_filter, up=up,
-                                                down=down, padding=padding, groups=N, flip_weight=flip_weight)
+            x = resample.conv_resample(x=x, w=w.reshape(N * O, I, *kernel), f=resample_filter, up=up, down=down,
+                                       padding=padding, groups=N, flip_weight=flip_weight)
             x = x.reshape(N, O, *x.shape[2:])
         if noise is not None:
             x = x + noise.to(x.dtype)
         return x
 
-    x = x * styles.to(x.dtype).reshape(N, I, 1, 1)
-    x = conv2d_resample.conv2d_resample(x=x, w=weight.to(x.dtype), f=resample_filter, up=up, down=down,
-                                        padding=padding, flip_weight=flip_weight)
+    x = x * styles.to(x.dtype).reshape(N, I, *spatial)
+    x = resample.conv_resample(x=x, w=weight.to(x.dtype), f=resample_filter, up=up, down=down, padding=padding,
+                               flip_weight=flip_weight)
     if dcoefs is not None and noise is not None:
-        return fma.fma(x, dcoefs.to(x.dtype).reshape(N, O, 1, 1), noise.to(x.dtype))  # One pass for both.
+        return fma.fma(x, dcoefs.to(x.dtype).reshape(N, O, *spatial), noise.to(x.dtype))  # One pass for both.
     if dcoefs is not None:
-        return x * dcoefs.to(x.dtype).reshape(N, O, 1, 1)
+        return x * dcoefs.to(x.dtype).reshape(N, O, *spatial)
     if noise is not None:
         return x + noise.to(x.dtype)
     return x
 
 # ----------------------------------------------------------------------------------------------------------------
+
+
+def spatial_shape(resolution, spatial_dims: int) -> list:
+    """A layer's spatial size as a list: an int is a square (cube) side, a list one size per axis."""
+    if np.ndim(resolution) == 0:
+        return [int(resolution)] * spatial_dims
+    shape = [int(s) for s in resolution]
+    if len(shape) != spatial_dims:
+        raise ValueError(f'resolution {shape} does not have {spatial_dims} axes')
+    return shape
+
+
+def weight_memory_format(channels_last: bool, spatial_dims: int):
+    """channels_last storage exists for 4-D tensors only; volumes keep the contiguous layout."""
+    return torch.channels_last if channels_last and spatial_dims == 2 else torch.contiguous_format
 
 
 class FullyConnectedLayer(torch.nn.Module):
@@ -159,22 +175,23 @@ class FullyConnectedLayer(torch.nn.Module):
         return f'in_features={self.in_features:d}, out_features={self.out_features:d}, activation={self.activation:s}'
 
 
-class Conv2dLayer(torch.nn.Module):
-    """Convolution with equalized learning rate, optional FIR up/downsampling and activation clamping."""
+class ConvLayer(torch.nn.Module):
+    """Convolution (2D or 3D) with equalized learning rate, optional FIR up/downsampling and activation clamping."""
 
     def __init__(
         self,
         in_channels: int,               # Number of input channels.
         out_channels: int,              # Number of output channels.
-        kernel_size: int,               # Width and height of the kernel.
+        kernel_size: int,               # Side of the square (cubic) kernel.
         bias: bool = True,              # Add a learned bias?
         activation: str = 'linear',     # Name of a bias_act activation.
         up: int = 1,                    # Integer upsampling factor.
         down: int = 1,                  # Integer downsampling factor.
-        resample_filter: list = [1, 3, 3, 1],  # Low-pass filter for up/downsampling.
+        resample_filter: list = [1, 3, 3, 1],  # Low-pass filter for up/downsampling (1-D, applied per axis).
         conv_clamp: float = None,       # Clamp the output to +-X; None = no clamping.
-        channels_last: bool = False,    # Store the weight in channels_last memory format.
+        channels_last: bool = False,    # Store the weight in channels_last memory format (2D only).
         trainable: bool = True,         # False = weight and bias are buffers (frozen layers).
+        spatial_dims: int = 2,          # 2 = images, 3 = volumes.
     ):
         super().__init__()
         self.in_channels = in_channels
@@ -183,12 +200,12 @@ class Conv2dLayer(torch.nn.Module):
         self.up = up
         self.down = down
         self.conv_clamp = conv_clamp
-        self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
+        self.register_buffer('resample_filter', resample.setup_filter(resample_filter))
         self.padding = kernel_size // 2
-        self.weight_gain = 1 / np.sqrt(in_channels * kernel_size ** 2)
+        self.weight_gain = 1 / np.sqrt(in_channels * kernel_size ** spatial_dims)
         self.act_gain = bias_act.activation_funcs[activation].def_gain
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        weight = torch.randn([out_channels, in_channels, kernel_size, kernel_size]).to(memory_format=memory_format)
+        weight = torch.randn([out_channels, in_channels] + [kernel_size] * spatial_dims)
+        weight = weight.to(memory_format=weight_memory_format(channels_last, spatial_dims))
         b = torch.zeros([out_channels]) if bias else None
         if trainable:
             self.weight = torch.nn.Parameter(weight)
@@ -201,8 +218,8 @@ class Conv2dLayer(torch.nn.Module):
         w = self.weight * self.weight_gain
         b = self.bias.to(x.dtype) if self.bias is not None else None
         flip_weight = (self.up == 1)  # Keeps the transposed conv of up=2 a true convolution (matches ADA).
-        x = conv2d_resample.conv2d_resample(x=x, w=w.to(x.dtype), f=self.resample_filter, up=self.up,
-                                            down=self.down, padding=self.padding, flip_weight=flip_weight)
+        x = resample.conv_resample(x=x, w=w.to(x.dtype), f=self.resample_filter, up=self.up, down=self.down,
+                                   padding=self.padding, flip_weight=flip_weight)
         act_gain = self.act_gain * gain
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act.bias_act(x, b, act=self.activation, gain=act_gain, clamp=act_clamp)
@@ -215,72 +232,76 @@ class Conv2dLayer(torch.nn.Module):
 
 
 class SynthesisLayer(torch.nn.Module):
-    """Modulated 3x3 convolution + noise + bias + activation (StyleGAN2, Fig. 2d)."""
+    """Modulated 3x3 (3x3x3) convolution + noise + bias + activation (StyleGAN2, Fig. 2d)."""
 
     def __init__(
         self,
         in_channels: int,               # Number of input channels.
         out_channels: int,              # Number of output channels.
         w_dim: int,                     # Intermediate latent (W) dimensionality.
-        resolution: int,                # Output resolution.
-        kernel_size: int = 3,           # Convolution kernel size.
+        resolution,                     # Output size: an int (square or cube) or one size per axis.
+        kernel_size: int = 3,           # Side of the convolution kernel.
         up: int = 1,                    # Integer upsampling factor.
         use_noise: bool = True,         # Enable per-pixel noise inputs?
         activation: str = 'lrelu',      # Name of a bias_act activation.
         resample_filter: list = [1, 3, 3, 1],  # Low-pass filter for upsampling.
         conv_clamp: float = None,       # Clamp the output to +-X; None = no clamping.
-        channels_last: bool = False,    # Store the weight in channels_last memory format.
+        channels_last: bool = False,    # Store the weight in channels_last memory format (2D only).
+        spatial_dims: int = 2,          # 2 = images, 3 = volumes.
     ):
         super().__init__()
+        self.shape = spatial_shape(resolution, spatial_dims)
         self.resolution = resolution
         self.up = up
         self.use_noise = use_noise
         self.activation = activation
         self.conv_clamp = conv_clamp
-        self.register_buffer('resample_filter', upfirdn2d.setup_filter(resample_filter))
+        self.register_buffer('resample_filter', resample.setup_filter(resample_filter))
         self.padding = kernel_size // 2
         self.act_gain = bias_act.activation_funcs[activation].def_gain
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)  # Styles start at 1: plain conv.
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.weight = torch.nn.Parameter(
-            torch.randn([out_channels, in_channels, kernel_size, kernel_size]).to(memory_format=memory_format))
+        weight = torch.randn([out_channels, in_channels] + [kernel_size] * spatial_dims)
+        self.weight = torch.nn.Parameter(weight.to(memory_format=weight_memory_format(channels_last, spatial_dims)))
         if use_noise:
-            self.register_buffer('noise_const', torch.randn([resolution, resolution]))
+            self.register_buffer('noise_const', torch.randn(self.shape))
             self.noise_strength = torch.nn.Parameter(torch.zeros([]))
         self.bias = torch.nn.Parameter(torch.zeros([out_channels]))
 
     def forward(
         self,
-        x: torch.Tensor,                # Input features [N, I, H, W].
+        x: torch.Tensor,                # Input features [N, I, *spatial / up].
         w: torch.Tensor,                # Latent [N, w_dim].
         noise_mode: str = 'random',     # 'random', 'const' or 'none'.
         fused_modconv: bool = True,     # Grouped-conv formulation of the modulated convolution?
         gain: float = 1,                # Extra output gain (resnet blocks use sqrt(0.5)).
+        grouped_on_cpu: bool = False,   # Honour fused_modconv on CPU too (see modulated_conv).
     ) -> torch.Tensor:
         if noise_mode not in ('random', 'const', 'none'):
-            raise ValueError(f"training/layers.py: noise_mode {noise_mode!r} is not 'random', 'const' or 'none'")
-        in_resolution = self.resolution // self.up
-        misc.assert_shape(x, [None, self.weight.shape[1], in_resolution, in_resolution])  # [NCHW]
+            raise ValueError(f"SynthesisLayer: noise_mode {noise_mode!r} is not 'random', 'const' or 'none'")
+        misc.assert_shape(x, [None, self.weight.shape[1]] + [s // self.up for s in self.shape])  # [NC*]
         styles = self.affine(w)
 
         noise = None
         if self.use_noise and noise_mode == 'random':
-            noise = torch.randn([x.shape[0], 1, self.resolution, self.resolution], device=x.device)
+            noise = torch.randn([x.shape[0], 1] + self.shape, device=x.device)
             noise = noise * self.noise_strength
         elif self.use_noise and noise_mode == 'const':
             noise = self.noise_const * self.noise_strength
 
-        x = modulated_conv2d(x=x, weight=self.weight, styles=styles, noise=noise, up=self.up, padding=self.padding,
-                             resample_filter=self.resample_filter, flip_weight=(self.up == 1),
-                             fused_modconv=fused_modconv)
+        x = modulated_conv(x=x, weight=self.weight, styles=styles, noise=noise, up=self.up, padding=self.padding,
+                           resample_filter=self.resample_filter, flip_weight=(self.up == 1),
+                           fused_modconv=fused_modconv, grouped_on_cpu=grouped_on_cpu)
         act_clamp = self.conv_clamp * gain if self.conv_clamp is not None else None
         return bias_act.bias_act(x, self.bias.to(x.dtype), act=self.activation, gain=self.act_gain * gain,
                                  clamp=act_clamp)
 
+    def extra_repr(self) -> str:
+        return f'shape={self.shape}, up={self.up}, use_noise={self.use_noise}'
+
 
 class ToRGBLayer(torch.nn.Module):
     """Modulated 1x1 convolution to image channels, without demodulation (StyleGAN2, Sec. 4.1). The name is
-    StyleGAN's; the layer outputs ``img_channels`` channels, whatever they mean."""
+    StyleGAN's; the layer outputs ``img_channels`` channels, whatever they mean, of images or volumes."""
 
     def __init__(
         self,
@@ -289,21 +310,22 @@ class ToRGBLayer(torch.nn.Module):
         w_dim: int,                     # Intermediate latent (W) dimensionality.
         kernel_size: int = 1,           # Convolution kernel size.
         conv_clamp: float = None,       # Clamp the output to +-X; None = no clamping.
-        channels_last: bool = False,    # Store the weight in channels_last memory format.
+        channels_last: bool = False,    # Store the weight in channels_last memory format (2D only).
+        spatial_dims: int = 2,          # 2 = images, 3 = volumes.
     ):
         super().__init__()
         self.conv_clamp = conv_clamp
         self.affine = FullyConnectedLayer(w_dim, in_channels, bias_init=1)
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.weight = torch.nn.Parameter(
-            torch.randn([out_channels, in_channels, kernel_size, kernel_size]).to(memory_format=memory_format))
+        weight = torch.randn([out_channels, in_channels] + [kernel_size] * spatial_dims)
+        self.weight = torch.nn.Parameter(weight.to(memory_format=weight_memory_format(channels_last, spatial_dims)))
         self.bias = torch.nn.Parameter(torch.zeros([out_channels]))
-        self.weight_gain = 1 / np.sqrt(in_channels * kernel_size ** 2)  # Equalized lr, folded into the styles.
+        self.weight_gain = 1 / np.sqrt(in_channels * kernel_size ** spatial_dims)  # Equalized lr, in the styles.
 
-    def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, w: torch.Tensor, fused_modconv: bool = True,
+                grouped_on_cpu: bool = False) -> torch.Tensor:
         styles = self.affine(w) * self.weight_gain
-        x = modulated_conv2d(x=x, weight=self.weight, styles=styles, demodulate=False, fused_modconv=fused_modconv,
-                             padding=self.weight.shape[-1] // 2)
+        x = modulated_conv(x=x, weight=self.weight, styles=styles, demodulate=False, fused_modconv=fused_modconv,
+                           padding=self.weight.shape[-1] // 2, grouped_on_cpu=grouped_on_cpu)
         return bias_act.bias_act(x, self.bias.to(x.dtype), clamp=self.conv_clamp)
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,7 +351,7 @@ class MappingNetwork(torch.nn.Module):
     ):
         super().__init__()
         if z_dim == 0 and c_dim == 0:
-            raise ValueError('training/layers.py: MappingNetwork needs z_dim > 0 or c_dim > 0')
+            raise ValueError('MappingNetwork: needs z_dim > 0 or c_dim > 0')
         self.z_dim = z_dim
         self.c_dim = c_dim
         self.w_dim = w_dim
@@ -381,7 +403,7 @@ class MappingNetwork(torch.nn.Module):
 
         if truncation_psi != 1:
             if self.num_ws is None or self.w_avg_beta is None:
-                raise ValueError('training/layers.py: truncation needs num_ws and w_avg_beta to be set')
+                raise ValueError('MappingNetwork: truncation needs num_ws and w_avg_beta to be set')
             cutoff = self.num_ws if truncation_cutoff is None else truncation_cutoff
             x = torch.cat([self.w_avg.lerp(x[:, :cutoff], truncation_psi), x[:, cutoff:]], dim=1)
         return x
@@ -418,7 +440,7 @@ class MinibatchStdLayer(torch.nn.Module):
         F = self.num_channels
         c = C // F
         if c * F != C:
-            raise ValueError(f'training/layers.py: {C} channels do not split into mbstd_num_channels={F}')
+            raise ValueError(f'MinibatchStdLayer: {C} channels do not split into mbstd_num_channels={F}')
         # Groups are strided through the batch: sample n belongs to group n % (N // G).
         y = x.reshape(G, N // G, F, c, *spatial)
         y = y.float()

@@ -1,4 +1,4 @@
-"""3D resampling for the volume networks: separable FIR up/downsampling and convolutions fused with it.
+"""upfirdn3d: separable FIR up/downsampling of 5-D tensors [N, C, D, H, W] and convolutions fused with it.
 
 The 3D counterpart of ``torch_utils.ops.upfirdn2d`` and ``conv2d_resample`` (StyleGAN2, Karras et al. 2020,
 App. B: upsample with a transposed convolution followed by a low-pass FIR filter, downsample with the filter
@@ -24,10 +24,14 @@ is one 1D convolution along an axis, written in one of two equivalent forms (``_
   serves; PyTorch's 3D depthwise kernel has a known slow backward on CUDA (pytorch/pytorch#37406), so the GPU
   keeps this form until bench/gpu_check.sh measures otherwise.
 
-Both forms compute the same numbers (tests/test_networks3d.py checks them against each other, to second order).
+Both forms compute the same numbers (tests/test_ops.py checks them against each other, to second order);
+``upfirdn3d(..., pass_form=...)`` or, around whole networks, ``forced_pass_form(...)`` picks one for a comparison.
+``torch_utils.ops.resample`` dispatches to this module for 5-D tensors and to upfirdn2d/conv2d_resample for 4-D.
 """
 
-import numpy as np
+import contextlib
+
+
 import torch
 import torch.nn.functional as F
 
@@ -40,7 +44,7 @@ def setup_filter(f, device=torch.device('cpu')) -> torch.Tensor:
     """1D taps normalised to sum 1 (the separable 3D filter then has unit DC gain): upfirdn2d's helper."""
     f = upfirdn2d.setup_filter(f, device=device, separable=True)
     if f.ndim != 1:
-        raise ValueError(f'mri/resample3d.py: a 3D resampling filter must be 1D (separable), got shape {tuple(f.shape)}')
+        raise ValueError(f'upfirdn3d: a 3D resampling filter must be 1D (separable), got shape {tuple(f.shape)}')
     return f
 
 
@@ -57,17 +61,34 @@ def _pad_or_crop(y, axis, lo, hi):
     return y
 
 
-_PASS_FORMS = ('depthwise', 'folded')
-_pass_form_override = None  # Tests set this to compare the two forms on one device.
+PASS_FORMS = ('depthwise', 'folded')
+_forced = []  # The innermost forced_pass_form(); empty = choose by device.
 
 
-def _pass_form(device) -> str:
-    if _pass_form_override is not None:
-        return _pass_form_override
+@contextlib.contextmanager
+def forced_pass_form(form):
+    """Within the block every pass takes ``form`` (one of PASS_FORMS), whatever the device; for benchmarks that
+    compare the two forms through whole networks. ``None`` keeps the choice by device."""
+    if form is not None and form not in PASS_FORMS:
+        raise ValueError(f'upfirdn3d: pass form {form!r} is not one of {", ".join(PASS_FORMS)}')
+    _forced.append(form)
+    try:
+        yield
+    finally:
+        _forced.pop()
+
+
+def _pass_form(device, form=None) -> str:
+    if form is None and _forced:
+        form = _forced[-1]
+    if form is not None:
+        if form not in PASS_FORMS:
+            raise ValueError(f'upfirdn3d: pass form {form!r} is not one of {", ".join(PASS_FORMS)}')
+        return form
     return 'depthwise' if device.type == 'cpu' else 'folded'
 
 
-def _axis_pass(x, k, axis, up, down, pad0, pad1):
+def _axis_pass(x, k, axis, up, down, pad0, pad1, form):
     """One upfirdn pass along spatial ``axis`` (0, 1, 2 = D, H, W) of x [N, C, D, H, W] with true-convolution
     taps k [K], as a depthwise conv3d or a single-channel conv3d over the folded batch (module docstring)."""
     N, C = x.shape[:2]
@@ -75,7 +96,7 @@ def _axis_pass(x, k, axis, up, down, pad0, pad1):
     shape = [1, 1, 1, 1, 1]
     shape[2 + axis] = K
     stride = [1, 1, 1]
-    if _pass_form(x.device) == 'depthwise':
+    if form == 'depthwise':
         y, groups = x, C
     else:
         y, groups = x.reshape(N * C, 1, *x.shape[2:]), 1
@@ -98,15 +119,6 @@ def _axis_pass(x, k, axis, up, down, pad0, pad1):
     return y.reshape(N, C, *y.shape[2:])
 
 
-def _parse3(value, what):
-    if isinstance(value, int):
-        return [value] * 3
-    value = [int(v) for v in value]
-    if len(value) != 3:
-        raise ValueError(f'mri/resample3d.py: {what} needs 1 or 3 values, got {value}')
-    return value
-
-
 def upfirdn3d(
     x: torch.Tensor,                    # Volumes [N, C, D, H, W].
     f: torch.Tensor,                    # 1D taps from setup_filter(); None = no filtering (one tap of 1).
@@ -115,10 +127,12 @@ def upfirdn3d(
     padding=0,                          # int (both sides of every axis) or [p0, p1] (every axis).
     gain: float = 1,                    # Overall gain of the 3D filter (up**3 keeps the mean for up > 1).
     flip_filter: bool = False,          # Correlate instead of convolving.
+    pass_form: str = None,              # 'depthwise' or 'folded' (module docstring); None = by device.
 ) -> torch.Tensor:
     """Upsample, FIR-filter and downsample every spatial axis of a batch of volumes (module docstring)."""
     if x.ndim != 5:
-        raise ValueError(f'mri/resample3d.py: upfirdn3d needs [N, C, D, H, W], got {tuple(x.shape)}')
+        raise ValueError(f'upfirdn3d: needs [N, C, D, H, W], got {tuple(x.shape)}')
+    form = _pass_form(x.device, pass_form)
     if f is None:
         f = torch.ones([1])
     pad0, pad1 = (padding, padding) if isinstance(padding, int) else (int(padding[0]), int(padding[1]))
@@ -127,7 +141,7 @@ def upfirdn3d(
         k = k.flip(0)
     k = k * (float(gain) ** (1 / 3))
     for axis in range(3):
-        x = _axis_pass(x, k, axis, up, down, pad0, pad1)
+        x = _axis_pass(x, k, axis, up, down, pad0, pad1, form)
     return x
 
 
@@ -161,9 +175,9 @@ def conv3d_resample(
     down > 1: conv3d(filter(pad(x)), w, stride=down) (the filter and the valid conv commute).
     """
     if x.ndim != 5 or w.ndim != 5:
-        raise ValueError(f'mri/resample3d.py: conv3d_resample needs 5-D x and w, got {tuple(x.shape)}, {tuple(w.shape)}')
+        raise ValueError(f'conv3d_resample: needs 5-D x and w, got {tuple(x.shape)}, {tuple(w.shape)}')
     if up > 1 and down > 1:
-        raise ValueError('mri/resample3d.py: conv3d_resample does either up or down, not both')
+        raise ValueError('conv3d_resample: does either up or down, not both')
     out_channels, _, k = w.shape[:3]
     taps = f.numel() if f is not None else 1
     if not flip_weight:
