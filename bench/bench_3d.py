@@ -1,4 +1,4 @@
-"""Peak memory and volumes/second of the 3D networks (mri.networks3d) and of the loop's whole training step.
+"""Peak memory and volumes/second of the network family (training.networks) on volumes and of the loop's whole training step.
 
 Per configuration (volume side or shape, batch, channels, precision, activation checkpointing) it measures
   - G forward: inference (eval mode, no grad, const noise), as generate.py and the metrics run G_ema;
@@ -20,7 +20,7 @@ Examples:
     python bench/bench_3d.py --res 128,160x192x160 --batch 8,2 --checkpointing 0,1 --device cuda
     python bench/bench_3d.py --res 32,64 --batch 8 --cbase 512 --cmax 64 --pass-form auto,folded --steps 4 --device cpu
 
-``--pass-form`` picks how mri/resample3d.py runs its 1D filter passes (``auto`` = the device's default, or one of
+``--pass-form`` picks how torch_utils/ops/upfirdn3d.py runs its 1D filter passes (``auto`` = the device's default, or one of
 ``depthwise``/``folded`` forced), so the two forms can be compared on the same configuration in one run.
 """
 
@@ -95,11 +95,11 @@ def _build(cfg, device):
     common = dict(channel_base=cfg['cbase'], channel_max=cfg['cmax'], num_fp16_res=0 if cfg['precision'] == 'fp32' else 2,
                   conv_clamp=None if cfg['precision'] == 'fp32' else 256, checkpointing=bool(cfg['checkpointing']),
                   mixed_precision='bfloat16' if cfg['precision'] == 'bf16' else 'float16')
-    res = shape[0] if len(set(shape)) == 1 else shape
-    G = dnnlib.construct_class_by_name(class_name='mri.networks3d.Generator', z_dim=512, w_dim=512, c_dim=c_dim,
+    res = shape
+    G = dnnlib.construct_class_by_name(class_name='training.networks.Generator', z_dim=512, w_dim=512, c_dim=c_dim,
                                        img_resolution=res, img_channels=cfg['channels'],
                                        mapping_kwargs=dict(num_layers=2), **common).train().requires_grad_(False).to(device)
-    D = dnnlib.construct_class_by_name(class_name='mri.networks3d.Discriminator', c_dim=c_dim, img_resolution=res,
+    D = dnnlib.construct_class_by_name(class_name='training.networks.Discriminator', c_dim=c_dim, img_resolution=res,
                                        img_channels=cfg['channels'], epilogue_kwargs=dict(mbstd_group_size=min(4, cfg['batch'])),
                                        **common).train().requires_grad_(False).to(device)
     spec = {k: v for k, v in augpipe_specs['bgc'].items() if k in AUGMENT3D_KEYS}
@@ -132,23 +132,16 @@ def _timed(fn, device, iters):
 
 def run_one(cfg: dict) -> dict:
     """Measure one configuration in this process; returns a dict of figures."""
-    from mri import resample3d
-    saved = resample3d._pass_form_override
-    resample3d._pass_form_override = None if cfg.get('pass_form', 'auto') == 'auto' else cfg['pass_form']
-    try:
+    from torch_utils.ops import upfirdn3d
+    with upfirdn3d.forced_pass_form(None if cfg.get('pass_form', 'auto') == 'auto' else cfg['pass_form']):
         return _measure(cfg)
-    finally:
-        resample3d._pass_form_override = saved
 
 
 def _measure(cfg: dict) -> dict:
-    from mri import resample3d
+    from torch_utils.ops import upfirdn3d
     from training import training_loop
     device = torch.device(cfg['device'])
     torch.manual_seed(0)
-    if cfg['precision'] != 'fp32' and device.type == 'cpu':
-        from training import networks
-        networks.ALLOW_CPU_FP16 = True  # Measure the reduced-precision path even on CPU when asked.
     G, D, pipe, loss, phases, shape = _build(cfg, device)
     G_ema = G.__class__(**G.init_kwargs).eval().requires_grad_(False).to(device)
     batch, iters = cfg['batch'], cfg['iters']
@@ -159,7 +152,7 @@ def _measure(cfg: dict) -> dict:
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     base_rss = _current_rss_gb()
-    out = dict(cfg, pass_form=resample3d._pass_form(device), shape=shape, G_params=sum(p.numel() for p in G.parameters()),
+    out = dict(cfg, pass_form=upfirdn3d._pass_form(device), shape=shape, G_params=sum(p.numel() for p in G.parameters()),
                D_params=sum(p.numel() for p in D.parameters()))
 
     def step(batch_idx=[0]):
@@ -265,7 +258,7 @@ def main(argv=None):
     parser.add_argument('--steps', type=int, default=STEPS,
                         help='Training steps averaged (16 = one R1 pass at its real share; fewer = quicker, R1 counts more)')
     parser.add_argument('--pass-form', default='auto',
-                        help='3D filter passes: auto, depthwise, folded (comma-separated to compare; mri/resample3d.py)')
+                        help='3D filter passes: auto, depthwise, folded (comma-separated to compare; torch_utils/ops/upfirdn3d.py)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     parser.add_argument('--skip-timing', action='store_true', help='Only the peak memory of one full step (all phases)')
     parser.add_argument('--timeout', type=float, default=1800, help='Seconds per configuration')
@@ -279,6 +272,9 @@ def main(argv=None):
         return None
     if args.precision is None:
         args.precision = 'fp16' if args.device == 'cuda' else 'fp32'
+    if args.device == 'cpu' and args.precision != 'fp32':
+        parser.error(f'--precision {args.precision}: reduced precision is measured on CUDA only (on a CPU the networks '
+                     f'run those blocks in float32)')
     forms = args.pass_form.split(',')
     for form in forms:
         if form not in ('auto', 'depthwise', 'folded'):
