@@ -1,9 +1,10 @@
-"""Cost of the MRI hooks' rules (docs/hooks.md), each against its baseline in the same run.
+"""Cost of the training hooks' rules (docs/hooks.md), each against its baseline in the same run.
 
   - top-k G phase: batch-level top-k (a no-grad scoring pass over the whole batch, then the gradient pass
     replayed round by round) against the plain Gmain phase, same networks, batch and rounds;
-  - attention: forward+backward of one SelfAttention layer, fused kernel (scaled_dot_product_attention)
-    against the math path (matmul + softmax, what R1 / path length need), time and, on CUDA, peak memory.
+  - attention: forward+backward of one SelfAttention layer on an image (--attn-dims 2) or a volume
+    (--attn-dims 3), fused kernel (scaled_dot_product_attention) against the math path (matmul + softmax, what
+    R1 / path length need), time and, on CUDA, peak memory.
 
 Implementations are interleaved round by round and each keeps its best round, so ratios hold on a shared,
 noisy machine. Prints a table and writes JSON.
@@ -23,7 +24,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mri.attention import SelfAttention  # noqa: E402
+from training.attention import SelfAttention  # noqa: E402
 from training import networks  # noqa: E402
 from training.loss import StyleGAN2Loss  # noqa: E402
 
@@ -63,7 +64,7 @@ def bench_topk(device, res, batch, batch_gpu, rounds):
     losses = {
         'plain Gmain': StyleGAN2Loss(device=device, G=G, D=D, pl_weight=0, r1_gamma=0),
         'top-k Gmain': StyleGAN2Loss(device=device, G=G, D=D, pl_weight=0, r1_gamma=0, dataset_size=batch,
-                                     topk_kwargs=dict(class_name='mri.topk.TopK', gamma=0.5, min_frac=0.5)),
+                                     topk_kwargs=dict(class_name='training.topk.TopK', gamma=0.5, min_frac=0.5)),
     }
 
     def run(loss):
@@ -74,7 +75,7 @@ def bench_topk(device, res, batch, batch_gpu, rounds):
     return _best_of({name: run(loss) for name, loss in losses.items()}, rounds, device)
 
 
-def bench_attention(device, res, batch, channels, rounds):
+def bench_attention(device, res, batch, channels, rounds, dims=2):
     torch.manual_seed(0)
     fused = SelfAttention(channels=channels, resolution=res).to(device)
     math_path = SelfAttention(channels=channels, resolution=res, fused=False).to(device)
@@ -82,7 +83,7 @@ def bench_attention(device, res, batch, channels, rounds):
     for layer in (fused, math_path):
         with torch.no_grad():
             layer.gain.fill_(0.5)
-    x = torch.randn([batch, channels, res, res], device=device, requires_grad=True)
+    x = torch.randn([batch, channels] + [res] * dims, device=device, requires_grad=True)
 
     def run(layer):
         def fn():
@@ -97,7 +98,8 @@ def main():
     parser.add_argument('--res', type=int, default=32, help='Image resolution of the top-k networks')
     parser.add_argument('--batch', type=int, default=8, help='Batch of the G phase')
     parser.add_argument('--batch-gpu', type=int, default=4, help='Round size (accumulation)')
-    parser.add_argument('--attn-res', type=int, default=32, help='Feature-map size of the attention layer')
+    parser.add_argument('--attn-res', type=int, default=32, help='Feature-map side of the attention layer')
+    parser.add_argument('--attn-dims', type=int, default=2, choices=[2, 3], help='Spatial dims of the attention input')
     parser.add_argument('--attn-batch', type=int, default=8)
     parser.add_argument('--attn-channels', type=int, default=64)
     parser.add_argument('--rounds', type=int, default=3)
@@ -110,7 +112,8 @@ def main():
 
     results = {}
     results.update(bench_topk(device, args.res, args.batch, args.batch_gpu, args.rounds))
-    results.update(bench_attention(device, args.attn_res, args.attn_batch, args.attn_channels, args.rounds))
+    results.update(bench_attention(device, args.attn_res, args.attn_batch, args.attn_channels, args.rounds,
+                                   args.attn_dims))
     rows = []
     for base, other in [('plain Gmain', 'top-k Gmain'), ('attention math', 'attention fused')]:
         for name in (base, other):

@@ -1,7 +1,8 @@
 """Stand-in hook classes for tests/test_networks.py: they record where and how the networks call them.
 
-The real hooks (mri.attention.SelfAttention, mri.fq.FeatureQuantizer) live in mri/, which training/ must not
-import; the networks reach hooks only through class_name strings, so these stubs exercise the same path.
+The real hooks (training.attention.SelfAttention, training.fq.FeatureQuantizer) are tested in tests/test_hooks.py;
+the networks reach any hook only through a class_name string, so these stubs exercise the same path while
+recording each call. Both stubs accept [N, C, H, W] and [N, C, D, H, W] features.
 """
 
 import torch
@@ -36,7 +37,7 @@ class RecordingQuantizer(torch.nn.Module):
         self.updates = 0
 
     def forward(self, x: torch.Tensor, update: bool = False):
-        CALLS.append(('fq', x.shape[-1], tuple(x.shape), x.dtype, update))
+        CALLS.append(('fq', max(x.shape[2:]), tuple(x.shape), x.dtype, update))   # resolution = largest side
         if update:
             self.updates += 1
         loss = 0.25 * x.square().mean()

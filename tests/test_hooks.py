@@ -1,4 +1,5 @@
-"""Tests of the MRI training hooks: SAGAN self-attention, FQ-GAN feature quantization, top-k training."""
+"""Tests of the training hooks (training/attention.py, fq.py, topk.py): SAGAN self-attention on images and volumes,
+FQ-GAN feature quantization, top-k training."""
 
 import math
 import os
@@ -7,10 +8,10 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from mri.attention import SelfAttention
-from mri.fq import FeatureQuantizer
-from mri.topk import TopK, topk_loss
-from training.networks import double_backward
+from training.attention import SelfAttention
+from training.autograd_passes import double_backward
+from training.fq import FeatureQuantizer
+from training.topk import TopK, topk_loss
 
 #----------------------------------------------------------------------------
 # Self-attention.
@@ -99,15 +100,15 @@ def test_attention_float16_and_double_backward():
 
 def test_attention_rejects_bad_input():
     layer = SelfAttention(channels=4, resolution=8)
-    with pytest.raises(ValueError, match='mri/attention.py'):
+    with pytest.raises(ValueError, match='SelfAttention: expected input'):
         layer(torch.zeros([1, 3, 8, 8]))
-    with pytest.raises(ValueError, match='built for 8x8'):
+    with pytest.raises(ValueError, match='largest side 8, got 16x16'):
         layer(torch.zeros([1, 4, 16, 16]))
     with pytest.raises(ValueError, match='channels'):
         SelfAttention(channels=0)
 
 def test_attention_fused_path_matches_math_path_and_double_backward_context_takes_math():
-    # Outside training.networks.double_backward() the fused kernel runs; inside, the math path (R1 / path length
+    # Outside training.autograd_passes.double_backward() the fused kernel runs; inside, the math path (R1 / path length
     # differentiate twice, which the fused GPU kernels cannot). Both give the same result.
     torch.manual_seed(6)
     layer = SelfAttention(channels=8, resolution=8, pool=True)
@@ -147,10 +148,142 @@ def test_attention_memory_formula():
     assert SelfAttention.memory_bytes(8, 32, pool=True) == 2 * 4 * 8 * 1024 * 256
 
 
+#----------------------------------------------------------------------------
+# Self-attention on volumes [N, C, D, H, W]: all voxels form one sequence.
+
+@pytest.mark.parametrize('channels,shape,pool', [(1, [4, 4, 4], None), (3, [3, 5, 4], True), (8, [2, 8, 8], False),
+                                                 (4, [16, 16, 16], None)])
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float16])
+def test_attention_3d_identity_at_init(channels, shape, pool, dtype):
+    torch.manual_seed(20)
+    layer = SelfAttention(channels=channels, resolution=max(shape), pool=pool)
+    x = torch.randn([2, channels, *shape]).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert torch.equal(y, x)                    # gain = 0 at init: exactly the identity
+
+
+def _direct_attention(layer, x, gain):
+    """SAGAN eqs. 1-3 for one sample, all spatial axes flattened, no pooling."""
+    C = x.shape[1]
+    xs = x[0].reshape(C, -1)                                            # [C, L]
+    w = lambda conv: conv.weight * conv.weight_gain
+    f, g, h = w(layer.query) @ xs, w(layer.key) @ xs, w(layer.value) @ xs
+    beta = torch.softmax((f.t() @ g) / math.sqrt(layer.key_channels), dim=1)   # [L query, L key]
+    o = w(layer.out) @ (h @ beta.t())
+    return x + gain * o.reshape(x.shape)
+
+
+def test_attention_3d_matches_direct_formula_on_both_paths():
+    torch.manual_seed(21)
+    layer = SelfAttention(channels=8, resolution=5, key_ratio=4, pool=False)
+    with torch.no_grad():
+        layer.gain.fill_(0.7)
+    x = torch.randn([1, 8, 3, 4, 5])                                   # D != H != W: catches a wrong flattening
+    expected = _direct_attention(layer, x, 0.7)
+    assert layer.uses_fused()
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    with double_backward():
+        assert not layer.uses_fused()
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_attention_3d_pool_is_exact_on_block_constant_input():
+    # 2x2x2-constant input: pooled keys hold each block once instead of eight times, and the softmax weights of
+    # the eight copies add up, so pooled and unpooled attention agree. Catches pooling over the wrong axes.
+    torch.manual_seed(22)
+    a = SelfAttention(channels=8, resolution=8, pool=True)
+    b = SelfAttention(channels=8, resolution=8, pool=False)
+    b.load_state_dict(a.state_dict())
+    with torch.no_grad():
+        a.gain.fill_(1.0)
+        b.gain.fill_(1.0)
+    x = F.interpolate(torch.randn([2, 8, 2, 3, 4]), scale_factor=2, mode='nearest')   # [2, 8, 4, 6, 8]
+    torch.testing.assert_close(a(x), b(x), rtol=1e-5, atol=1e-5)
+    # pool=None counts voxels: 16^3 = 4096 pools, 8^3 = 512 does not; a side of 1 never pools by default.
+    layer = SelfAttention(channels=8)
+    assert layer.uses_pool(16, 16, 16) and not layer.uses_pool(8, 8, 8) and not layer.uses_pool(1, 128, 128)
+
+
+def test_attention_volume_of_depth_one_equals_the_image():
+    # One sequence of positions whatever the rank: [N, C, 1, H, W] is attended exactly as [N, C, H, W].
+    torch.manual_seed(23)
+    for pool in (False, True):
+        layer = SelfAttention(channels=8, resolution=6, pool=pool)
+        with torch.no_grad():
+            layer.gain.fill_(0.6)
+        x = torch.randn([2, 8, 6, 5])
+        torch.testing.assert_close(layer(x[:, :, None])[:, :, 0], layer(x), rtol=1e-6, atol=1e-6)
+
+
+def test_attention_3d_gradients_and_double_backward_through_math_path():
+    torch.manual_seed(24)
+    layer = SelfAttention(channels=8, resolution=4, pool=True)
+    x = torch.randn([2, 8, 4, 4, 4], requires_grad=True)
+
+    # At gain 0 only the gain itself gets a gradient, as in 2D.
+    layer(x).square().sum().backward()
+    assert layer.gain.grad.abs() > 0
+    for conv in (layer.query, layer.key, layer.value, layer.out):
+        assert conv.weight.grad is None or conv.weight.grad.abs().max() == 0
+    layer.zero_grad(set_to_none=True)
+
+    # R1-style: a penalty on the input gradient, differentiated again, inside double_backward() (math path).
+    with torch.no_grad():
+        layer.gain.fill_(0.3)
+    with double_backward():
+        assert not layer.uses_fused()
+        y = layer(x)
+        (g,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+        g.square().sum().backward()
+    for name in ('query', 'key', 'value', 'out'):
+        grad = getattr(layer, name).weight.grad
+        assert grad is not None and grad.abs().max() > 0, name
+    assert layer.gain.grad.abs() > 0
+    # The second-order gradient is the true one: d/d gain of the R1-style penalty against central differences
+    # (the layer computes in float32, so the check is on a smooth scalar with a float32 tolerance).
+    def penalty(gain):
+        with torch.no_grad():
+            layer.gain.fill_(gain)
+        with double_backward():
+            (g,) = torch.autograd.grad(layer(x).sum(), x, create_graph=True)
+        return g.square().sum()
+    layer.zero_grad(set_to_none=True)
+    penalty(0.3).backward()
+    analytic = float(layer.gain.grad)
+    numeric = (penalty(0.3 + 1e-2).item() - penalty(0.3 - 1e-2).item()) / 2e-2
+    assert analytic == pytest.approx(numeric, rel=1e-3)
+
+
+def test_attention_3d_rejects_bad_input():
+    layer = SelfAttention(channels=4, resolution=8)
+    layer(torch.zeros([1, 4, 4, 8, 8]))                                 # largest side 8: accepted
+    with pytest.raises(ValueError, match='largest side 8, got 8x16x16'):
+        layer(torch.zeros([1, 4, 8, 16, 16]))
+    with pytest.raises(ValueError, match='SelfAttention: expected input'):
+        layer(torch.zeros([1, 4, 2, 2, 2, 2]))
+    with pytest.raises(ValueError, match='SelfAttention: expected input'):
+        layer(torch.zeros([1, 4, 8]))
+    with pytest.raises(ValueError, match='SelfAttention: expected input'):
+        layer(torch.zeros([1, 3, 8, 8, 8]))
+
+
+def test_attention_3d_memory_formula():
+    # Volumes: L = side^3; from 16^3 = 4096 voxels keys are pooled 2x2x2 (L' = L / 8).
+    assert SelfAttention.memory_bytes(1, 32, spatial_dims=3) == 2 * 4 * 32 ** 3 * 16 ** 3 == 2 ** 30
+    assert SelfAttention.memory_bytes(2, 8, spatial_dims=3) == 2 * 4 * 2 * 512 * 512          # 8^3: no pooling
+    assert SelfAttention.memory_bytes(1, 16, spatial_dims=3) == 2 * 4 * 4096 * 512
+    assert SelfAttention.memory_bytes(1, 8, pool=True, spatial_dims=3) == 2 * 4 * 512 * 64
+    # One size per axis (non-cubic volumes); a list of two is an image, as the int form with spatial_dims=2.
+    assert SelfAttention.memory_bytes(1, [16, 32, 32]) == 2 * 4 * (16 * 32 * 32) * (8 * 16 * 16)
+    assert SelfAttention.memory_bytes(4, [64, 64]) == SelfAttention.memory_bytes(4, 64)
+    assert SelfAttention.memory_bytes(4, 64) == SelfAttention.memory_bytes(4, 64, spatial_dims=2)
+
+
 def _tiny_G_D(attn_res_g, attn_res_d):
     from training import networks
     tiny = dict(channel_base=128, channel_max=16, num_fp16_res=0, conv_clamp=None)
-    attn = dict(class_name='mri.attention.SelfAttention')
+    attn = dict(class_name='training.attention.SelfAttention')
     G = networks.Generator(z_dim=8, c_dim=0, w_dim=16, img_resolution=16, img_channels=1, mapping_kwargs=dict(num_layers=1),
                            attn_res=attn_res_g, attn_kwargs=attn, **tiny)
     D = networks.Discriminator(c_dim=0, img_resolution=16, img_channels=1, attn_res=attn_res_d, attn_kwargs=attn, **tiny)
@@ -184,6 +317,59 @@ def test_attention_in_D_changes_the_output_at_every_accepted_resolution(res):
         layer.gain.fill_(5.0)
     assert (D(img, None) - base).abs().max() > 1e-4
 
+def _tiny_G_D_3d(attn_res_g, attn_res_d, img_resolution=8):
+    from training import networks
+    tiny = dict(channel_base=64, channel_max=8, num_fp16_res=0, conv_clamp=None, spatial_dims=3)
+    attn = dict(class_name='training.attention.SelfAttention')
+    G = networks.Generator(z_dim=8, c_dim=0, w_dim=16, img_resolution=img_resolution, img_channels=1,
+                           mapping_kwargs=dict(num_layers=1), attn_res=attn_res_g, attn_kwargs=attn, **tiny)
+    D = networks.Discriminator(c_dim=0, img_resolution=img_resolution, img_channels=1, attn_res=attn_res_d,
+                               attn_kwargs=attn, **tiny)
+    return G, D
+
+
+@pytest.mark.parametrize('res', [4, 8])
+def test_attention_in_volume_G_changes_the_output(res):
+    # The same hook in the volume generator: identity at init, then gain != 0 changes the volume and trains.
+    torch.manual_seed(10)
+    G, _ = _tiny_G_D_3d([res], [])
+    layer = getattr(G.synthesis, f'attn{res}')
+    assert isinstance(layer, SelfAttention) and layer.resolution == res
+    z = torch.randn([2, 8])
+    base = G(z, None, noise_mode='const')
+    assert base.shape == (2, 1, 8, 8, 8)
+    with torch.no_grad():
+        layer.gain.fill_(5.0)
+    changed = G(z, None, noise_mode='const')
+    assert (changed - base).abs().max() > 1e-4
+    changed.square().sum().backward()
+    assert layer.query.weight.grad.abs().max() > 0
+
+
+def test_attention_in_volume_D_changes_the_output_and_survives_r1():
+    torch.manual_seed(11)
+    _, D = _tiny_G_D_3d([], [4])
+    layer = D.attn4
+    assert isinstance(layer, SelfAttention) and layer.resolution == 4
+    img = torch.randn([2, 1, 8, 8, 8], requires_grad=True)
+    base = D(img, None)
+    with torch.no_grad():
+        layer.gain.fill_(5.0)
+    assert (D(img, None) - base).abs().max() > 1e-4
+    with double_backward():                                             # R1 through the attention math path
+        (g,) = torch.autograd.grad(D(img, None).sum(), img, create_graph=True)
+        g.square().sum().backward()
+    assert layer.query.weight.grad.abs().max() > 0
+
+
+def test_attention_in_non_cubic_volume_G_is_built_for_the_largest_side():
+    torch.manual_seed(12)
+    G, _ = _tiny_G_D_3d([8], [], img_resolution=[4, 8, 8])
+    assert G.synthesis.attn8.resolution == 8
+    with torch.no_grad():
+        G.synthesis.attn8.gain.fill_(1.0)
+    assert G(torch.randn([1, 8]), None, noise_mode='const').shape == (1, 1, 4, 8, 8)
+
 #----------------------------------------------------------------------------
 # Feature quantization.
 
@@ -214,6 +400,35 @@ def test_fq_forward_values_loss_and_straight_through():
     (grad_loss,) = torch.autograd.grad(loss, x)
     expected = 2 * (x.detach() - q.reshape(3, 4, 5, 6).permute(0, 3, 1, 2)) / x.numel()
     assert torch.allclose(grad_loss, expected, atol=1e-7)
+
+
+def test_fq_3d_values_loss_straight_through_and_ema():
+    # Volumes [N, C, D, H, W]: every voxel's C-vector is quantized, as every pixel's is in 2D.
+    torch.manual_seed(13)
+    fq = FeatureQuantizer(channels=6, dict_size=32, init_std=1.0)
+    x = torch.randn([2, 6, 3, 4, 5], requires_grad=True)
+    x_q, loss = fq(x)
+    assert x_q.shape == x.shape and x_q.dtype == x.dtype and loss.ndim == 0
+    flat = x.detach().permute(0, 2, 3, 4, 1).reshape(-1, 6)
+    q = fq.embed[_nearest_brute(flat, fq.embed)]
+    torch.testing.assert_close(x_q.detach().permute(0, 2, 3, 4, 1).reshape(-1, 6), q, rtol=0, atol=1e-6)
+    torch.testing.assert_close(loss, (flat - q).square().mean())
+    upstream = torch.randn_like(x)
+    (grad,) = torch.autograd.grad(x_q, x, upstream, retain_graph=True)
+    assert torch.equal(grad, upstream)
+    (grad_loss,) = torch.autograd.grad(loss, x)
+    expected = 2 * (x.detach() - q.reshape(2, 3, 4, 5, 6).permute(0, 4, 1, 2, 3)) / x.numel()
+    torch.testing.assert_close(grad_loss, expected, rtol=0, atol=1e-7)
+
+    # The EMA step from a volume equals the step from the same positions laid out as an image.
+    img = FeatureQuantizer(channels=6, dict_size=32, init_std=1.0).train()
+    img.load_state_dict(fq.state_dict())
+    fq.train()
+    fq(x.detach(), update=True)
+    img(x.detach().reshape(2, 6, 12, 5), update=True)
+    for k, v in fq.state_dict().items():
+        torch.testing.assert_close(v, img.state_dict()[k], rtol=1e-6, atol=1e-6)
+    assert fq.usage() == img.usage() and fq.perplexity() == pytest.approx(img.perplexity())
 
 
 def _clustered_case(decay=0.8):
@@ -369,7 +584,7 @@ def test_fq_float16_and_3d_input():
     v = torch.randn([1, 8, 2, 3, 4])
     v_q, _ = fq(v)
     assert v_q.shape == v.shape
-    with pytest.raises(ValueError, match='mri/fq.py'):
+    with pytest.raises(ValueError, match='FeatureQuantizer: expected input'):
         fq(torch.zeros([1, 3, 4, 4]))
 
 #----------------------------------------------------------------------------
@@ -422,7 +637,7 @@ def test_topk_schedule():
     t = TopK(gamma=0.5, min_frac=0.3)
     assert [t.fraction(e) for e in (0, 1, 2, 3)] == [1.0, 0.5, 0.3, 0.3]
     assert t.fraction(0.5) == pytest.approx(0.5 ** 0.5)                 # fractional epochs are fine
-    with pytest.raises(ValueError, match='mri/topk.py'):
+    with pytest.raises(ValueError, match='TopK: '):
         t.fraction(-1)
 
 
@@ -436,9 +651,9 @@ def test_topk_k_rounds_up_and_clamps():
     assert TopK(gamma=0.8, min_frac=0.1).k(25, 2) == 16                 # 25 * 0.8**2 = 16.000000000000004 keeps 16
     assert TopK(gamma=0.5, min_frac=0.01).k(4, 10) == 1                  # at least one sample
     assert TopK().k(1, 1000) == 1
-    with pytest.raises(ValueError, match='mri/topk.py'):
+    with pytest.raises(ValueError, match='TopK: '):
         TopK(gamma=0)
-    with pytest.raises(ValueError, match='mri/topk.py'):
+    with pytest.raises(ValueError, match='TopK: '):
         TopK(min_frac=1.5)
 
 
@@ -449,9 +664,9 @@ def test_topk_select_keeps_best_scored():
         idx = TopK.select(scores, k)
         expected = torch.argsort(scores[:, 0], descending=True)[:k]
         assert idx.dtype == torch.long and torch.equal(idx, expected)
-    with pytest.raises(ValueError, match='mri/topk.py'):
+    with pytest.raises(ValueError, match='TopK: '):
         TopK.select(scores, 0)
-    with pytest.raises(ValueError, match='mri/topk.py'):
+    with pytest.raises(ValueError, match='TopK: '):
         TopK.select(scores, 17)
 
 
@@ -478,7 +693,7 @@ def test_topk_state_round_trip():
     b = TopK(gamma=0.9, min_frac=0.6)
     b.load_state_dict(state)
     assert b.last_fraction == a.last_fraction
-    with pytest.raises(KeyError, match='mri/topk.py'):
+    with pytest.raises(KeyError, match='TopK: '):
         b.load_state_dict({})
 
 #----------------------------------------------------------------------------
@@ -488,9 +703,9 @@ def test_construct_by_class_name():
     dnnlib = pytest.importorskip('dnnlib')
     if not hasattr(dnnlib, 'construct_class_by_name'):
         pytest.skip('dnnlib.construct_class_by_name not written yet')
-    attn = dnnlib.construct_class_by_name(class_name='mri.attention.SelfAttention', channels=8, resolution=8)
-    fq = dnnlib.construct_class_by_name(class_name='mri.fq.FeatureQuantizer', channels=8, dict_size=256, decay=0.8)
-    topk = dnnlib.construct_class_by_name(class_name='mri.topk.TopK', gamma=0.99, min_frac=0.5)
+    attn = dnnlib.construct_class_by_name(class_name='training.attention.SelfAttention', channels=8, resolution=8)
+    fq = dnnlib.construct_class_by_name(class_name='training.fq.FeatureQuantizer', channels=8, dict_size=256, decay=0.8)
+    topk = dnnlib.construct_class_by_name(class_name='training.topk.TopK', gamma=0.99, min_frac=0.5)
     assert isinstance(attn, SelfAttention) and isinstance(fq, FeatureQuantizer) and isinstance(topk, TopK)
 
 #----------------------------------------------------------------------------

@@ -46,7 +46,7 @@ class _D(torch.nn.Module):
 def test_topk_backpropagates_only_through_the_k_most_real_fakes():
     n = 8
     G, D = _G(n), _D()
-    loss = StyleGAN2Loss(device=torch.device('cpu'), G=G, D=D, topk_kwargs=dict(class_name='mri.topk.TopK', gamma=0.5, min_frac=0.25),
+    loss = StyleGAN2Loss(device=torch.device('cpu'), G=G, D=D, topk_kwargs=dict(class_name='training.topk.TopK', gamma=0.5, min_frac=0.25),
                          dataset_size=16, pl_weight=0, r1_gamma=0)
     z = torch.tensor([0.5, -1.0, 2.0, 0.1, -0.3, 1.5, -2.0, 0.8])[:, None].repeat(1, 4)
     c = torch.zeros(n, 0)
@@ -84,7 +84,7 @@ def test_without_topk_every_fake_counts_and_r1_penalises_slope():
 
 
 TINY = dict(channel_base=128, channel_max=16, num_fp16_res=0, conv_clamp=None)
-TOPK = dict(class_name='mri.topk.TopK', gamma=0.5, min_frac=0.25)
+TOPK = dict(class_name='training.topk.TopK', gamma=0.5, min_frac=0.25)
 
 
 def _nets(mbstd=4, noise=True, quantize_kwargs=None, seed=0):
@@ -164,7 +164,7 @@ def test_topk_global_selects_over_the_batch_of_all_ranks(monkeypatch):
 
 
 def _fq(mode, decay=0.8):
-    return dict(class_name='mri.fq.FeatureQuantizer', resolutions=[4], dict_size=8, decay=decay, mode=mode)
+    return dict(class_name='training.fq.FeatureQuantizer', resolutions=[4], dict_size=8, decay=decay, mode=mode)
 
 
 @pytest.mark.parametrize('mode', ['forward', 'loss'])

@@ -1,8 +1,8 @@
 """StyleGAN2 losses: non-saturating logistic loss, lazy R1, path-length regularisation, style mixing.
 
 Karras et al. 2020, "Analyzing and Improving the Image Quality of StyleGAN" (Sec. 2.2 lazy regularisation,
-Sec. 3.2 path length, Eq. 4). Two generic hooks serve the MRI extensions without this room importing them:
-``topk_kwargs`` (a class_name such as ``mri.topk.TopK``: top-k generator updates, Sinha et al. 2020) and
+Sec. 3.2 path length, Eq. 4). Two generic hooks, named by class and off by default, add training rules:
+``topk_kwargs`` (a class_name such as ``training.topk.TopK``: top-k generator updates, Sinha et al. 2020) and
 ``fq_weight`` (the weight of the discriminator's feature-quantization loss that D returns in its aux dict).
 
 Top-k is a rule over the whole batch of a G phase (all accumulation rounds; with ``topk_global`` all ranks).
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import dnnlib
 from torch_utils import training_stats
 from torch_utils.ops import conv2d_gradfix
-from training.networks import double_backward
+from training.autograd_passes import double_backward
 
 
 class Loss:
@@ -54,7 +54,7 @@ class StyleGAN2Loss(Loss):
         pl_batch_shrink: int = 2,       # Path-length batch = batch // shrink (saves memory).
         pl_decay: float = 0.01,         # EMA decay of the path-length target a.
         pl_no_weight_grad: bool = False,  # Skip weight gradients of convs in the path-length backward.
-        topk_kwargs: dict = None,       # e.g. {'class_name': 'mri.topk.TopK', 'gamma': .99, 'min_frac': .75}; None = off.
+        topk_kwargs: dict = None,       # e.g. {'class_name': 'training.topk.TopK', 'gamma': .99, 'min_frac': .75}; None = off.
         dataset_size: int = None,       # Distinct images per epoch, for the top-k schedule.
         fq_weight: float = 0,           # Weight of D's feature-quantization loss (FQ-GAN's beta), in D's and G's loss; 0 = ignore it.
         topk_global: bool = False,      # Top-k over the batch of all ranks (all_gather of the scores) instead of each rank's.

@@ -36,9 +36,9 @@ class TopK:
         min_frac    = 0.75,             # Floor of the kept fraction nu, in (0, 1] (see docs/hooks.md).
     ):
         if not 0 < float(gamma) <= 1:
-            raise ValueError(f'mri/topk.py: gamma must be in (0, 1], got {gamma}')
+            raise ValueError(f'TopK: gamma must be in (0, 1], got {gamma}')
         if not 0 < float(min_frac) <= 1:
-            raise ValueError(f'mri/topk.py: min_frac must be in (0, 1], got {min_frac}')
+            raise ValueError(f'TopK: min_frac must be in (0, 1], got {min_frac}')
         self.gamma = float(gamma)
         self.min_frac = float(min_frac)
         self.last_fraction = 1.0        # Fraction used by the last k() call, for logging and the training state.
@@ -46,14 +46,14 @@ class TopK:
     def fraction(self, epoch):
         """Fraction of the batch kept at this epoch: max(gamma ** epoch, min_frac); 1 at epoch 0."""
         if not float(epoch) >= 0:
-            raise ValueError(f'mri/topk.py: epoch must be >= 0, got {epoch}')
+            raise ValueError(f'TopK: epoch must be >= 0, got {epoch}')
         return max(self.gamma ** float(epoch), self.min_frac)
 
     def k(self, batch, epoch):
         """Number of fakes kept from a batch of `batch`: ceil(batch * fraction(epoch)), clamped to [1, batch]."""
         batch = int(batch)
         if batch < 1:
-            raise ValueError(f'mri/topk.py: batch must be >= 1, got {batch}')
+            raise ValueError(f'TopK: batch must be >= 1, got {batch}')
         frac = self.fraction(epoch)
         self.last_fraction = frac
         # Round to 1e-6 first so that float noise does not round up a product that is an integer
@@ -66,10 +66,10 @@ class TopK:
         if scores.ndim == 2 and scores.shape[1] == 1:
             scores = scores[:, 0]
         if scores.ndim != 1:
-            raise ValueError(f'mri/topk.py: scores must be [N] or [N, 1], got {list(scores.shape)}')
+            raise ValueError(f'TopK: scores must be [N] or [N, 1], got {list(scores.shape)}')
         k = int(k)
         if not 1 <= k <= scores.shape[0]:
-            raise ValueError(f'mri/topk.py: k must be in [1, {scores.shape[0]}], got {k}')
+            raise ValueError(f'TopK: k must be in [1, {scores.shape[0]}], got {k}')
         return torch.topk(scores.detach(), k, largest=True, sorted=True).indices
 
     @classmethod
@@ -78,7 +78,7 @@ class TopK:
         if per_sample_loss.ndim == 2 and per_sample_loss.shape[1] == 1:
             per_sample_loss = per_sample_loss[:, 0]
         if per_sample_loss.ndim != 1 or per_sample_loss.shape[0] != scores.shape[0]:
-            raise ValueError(f'mri/topk.py: per_sample_loss {list(per_sample_loss.shape)} does not match scores {list(scores.shape)}')
+            raise ValueError(f'TopK: per_sample_loss {list(per_sample_loss.shape)} does not match scores {list(scores.shape)}')
         idx = cls.select(scores, k)
         return per_sample_loss[idx].mean()
 
@@ -89,7 +89,7 @@ class TopK:
     def load_state_dict(self, state):
         """Restores last_fraction. gamma and min_frac stay as constructed: on --resume the current flags win."""
         if 'last_fraction' not in state:
-            raise KeyError(f'mri/topk.py: top-k state has no last_fraction (keys: {sorted(state)})')
+            raise KeyError(f'TopK: state has no last_fraction (keys: {sorted(state)})')
         self.last_fraction = float(state['last_fraction'])
 
     def __repr__(self):

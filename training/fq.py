@@ -22,6 +22,8 @@ Choices made here (see docs/hooks.md):
   every rank applies the same update and keeps an identical dictionary. Every rank must therefore call
   forward(update=True) the same number of times, in the same order (the training loop does: all ranks run the
   same phases).
+- Any number of spatial axes: images [N, C, H, W] and volumes [N, C, D, H, W] alike are quantized position by
+  position (pixel or voxel), each position's C-vector against the same dictionary.
 - Distances, the loss and the update are float32 whatever the input dtype; x_q is cast back to the input dtype.
 - The dictionary and EMA statistics are buffers, so they are saved in state_dict() and in snapshots.
 - mode='forward' feeds x_q on (the paper's description); mode='loss' feeds x on unchanged and keeps only the
@@ -40,7 +42,7 @@ MODES = ('forward', 'loss')
 class FeatureQuantizer(torch.nn.Module):
     """Vector-quantizes an [N, C, *spatial] feature map against an EMA dictionary of dict_size codes.
 
-    Built by training.networks as `construct_class_by_name(class_name='mri.fq.FeatureQuantizer', channels=C,
+    Built by training.networks as `construct_class_by_name(class_name='training.fq.FeatureQuantizer', channels=C,
     dict_size=256, decay=0.8)`; D calls `x, loss = quantizer(x, update=update_quant)` after the block at each
     quantized resolution.
     """
@@ -55,13 +57,13 @@ class FeatureQuantizer(torch.nn.Module):
     ):
         super().__init__()
         if int(channels) < 1 or int(dict_size) < 1:
-            raise ValueError(f'mri/fq.py: channels and dict_size must be >= 1, got {channels}, {dict_size}')
+            raise ValueError(f'FeatureQuantizer: channels and dict_size must be >= 1, got {channels}, {dict_size}')
         if not 0 <= float(decay) < 1:
-            raise ValueError(f'mri/fq.py: decay must be in [0, 1), got {decay}')
+            raise ValueError(f'FeatureQuantizer: decay must be in [0, 1), got {decay}')
         if not float(eps) > 0:
-            raise ValueError(f'mri/fq.py: eps must be > 0, got {eps}')
+            raise ValueError(f'FeatureQuantizer: eps must be > 0, got {eps}')
         if mode not in MODES:
-            raise ValueError(f'mri/fq.py: mode must be one of {", ".join(MODES)}, got {mode!r}')
+            raise ValueError(f'FeatureQuantizer: mode must be one of {", ".join(MODES)}, got {mode!r}')
         self.mode = mode
         self.channels = int(channels)
         self.dict_size = int(dict_size)
@@ -82,7 +84,7 @@ class FeatureQuantizer(torch.nn.Module):
     def _flatten(self, x):
         """[N, C, *spatial] -> [N * prod(spatial), C] float32, one row per position."""
         if x.ndim < 2 or x.shape[1] != self.channels:
-            raise ValueError(f'mri/fq.py: expected input [N, {self.channels}, ...], got {list(x.shape)}')
+            raise ValueError(f'FeatureQuantizer: expected input [N, {self.channels}, ...], got {list(x.shape)}')
         return x.to(torch.float32).movedim(1, -1).reshape(-1, self.channels)
 
     def nearest(self, flat):
