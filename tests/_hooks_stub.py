@@ -18,11 +18,11 @@ class RecordingAttention(torch.nn.Module):
         self.channels = channels
         self.resolution = resolution
         self.gain = torch.nn.Parameter(torch.full([], 0.1))
-        self.proj = torch.nn.Parameter(torch.ones([channels, 1, 1]))
+        self.proj = torch.nn.Parameter(torch.ones([channels]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         CALLS.append(('attn', self.resolution, tuple(x.shape), x.dtype, self.channels))
-        return x + self.gain * (x * self.proj)
+        return x + self.gain * (x * self.proj.reshape(-1, *[1] * (x.ndim - 2)))
 
 
 class RecordingQuantizer(torch.nn.Module):

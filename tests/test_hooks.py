@@ -364,11 +364,11 @@ def test_attention_in_volume_D_changes_the_output_and_survives_r1():
 
 def test_attention_in_non_cubic_volume_G_is_built_for_the_largest_side():
     torch.manual_seed(12)
-    G, _ = _tiny_G_D_3d([8], [], img_resolution=[4, 8, 8])
-    assert G.synthesis.attn8.resolution == 8
+    G, _ = _tiny_G_D_3d([16], [], img_resolution=[8, 16, 16])
+    assert G.synthesis.attn16.resolution == 16
     with torch.no_grad():
-        G.synthesis.attn8.gain.fill_(1.0)
-    assert G(torch.randn([1, 8]), None, noise_mode='const').shape == (1, 1, 4, 8, 8)
+        G.synthesis.attn16.gain.fill_(1.0)
+    assert G(torch.randn([1, 8]), None, noise_mode='const').shape == (1, 1, 8, 16, 16)
 
 #----------------------------------------------------------------------------
 # Feature quantization.

@@ -26,7 +26,6 @@ to exercise the reduced-precision path). Memory: ``checkpointing=True`` recomput
 the backward pass instead of storing them (Chen et al. 2016, "Training Deep Nets with Sublinear Memory Cost").
 """
 
-import contextlib
 import functools
 import re
 
@@ -116,25 +115,6 @@ def _maybe_checkpoint(enabled: bool, fn, *args):
     if enabled and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(fn, *args, use_reentrant=False, preserve_rng_state=True)
     return fn(*args)
-
-
-_DOUBLE_BACKWARD_DEPTH = [0]
-
-
-@contextlib.contextmanager
-def double_backward():
-    """Marks a pass whose graph will be differentiated twice (R1, path length). Hook layers that have a fast
-    path without a double backward (fused attention kernels) take their differentiable-twice path inside it."""
-    _DOUBLE_BACKWARD_DEPTH[0] += 1
-    try:
-        yield
-    finally:
-        _DOUBLE_BACKWARD_DEPTH[0] -= 1
-
-
-def double_backward_needed() -> bool:
-    """True inside double_backward()."""
-    return _DOUBLE_BACKWARD_DEPTH[0] > 0
 
 
 def _construct_hook(class_name: str, **kwargs) -> torch.nn.Module:
