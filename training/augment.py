@@ -66,7 +66,6 @@ VOLUME_TRANSFORMS = ('xflip', 'xint', 'scale', 'rotate', 'aniso', 'brightness', 
 class _Rank(NamedTuple):
     """What the pipeline does at one spatial rank (methods of AugmentPipe by name)."""
     layout: str                         # The input layout, for messages.
-    transforms: tuple                   # The multipliers that act; the others are skipped.
     flip_axes: tuple                    # Default of flip_axes.
     rotate_max: float                   # Default of rotate_max.
     matrix: str                         # Inverse geometric transform per sample, [N, R+1, R+1].
@@ -78,12 +77,12 @@ class _Rank(NamedTuple):
 
 _RANKS = {
     # StyleGAN2-ADA's pipeline: x-flip mirrors the last axis; cutout draws its x centre before its y centre.
-    2: _Rank(layout='[N, C, H, W]', transforms=None, flip_axes=(1,), rotate_max=1.0, matrix='_geometric_matrix2d',
+    2: _Rank(layout='[N, C, H, W]', flip_axes=(1,), rotate_max=1.0, matrix='_geometric_matrix2d',
              geometric='_geometric2d', color='_color2d', filter='_filter2d', cutout_draw_order=(1, 0)),
     # Brain MRI: left-right flips (axis 0 in RAS order), rotations of +-10 degrees, per-channel intensity.
-    3: _Rank(layout='[N, C, D, H, W]', transforms=VOLUME_TRANSFORMS, flip_axes=(0,), rotate_max=1 / 18,
-             matrix='_geometric_matrix3d', geometric='_geometric3d', color='_intensity3d', filter=None,
-             cutout_draw_order=(0, 1, 2)),
+    # Its methods read only the multipliers of VOLUME_TRANSFORMS.
+    3: _Rank(layout='[N, C, D, H, W]', flip_axes=(0,), rotate_max=1 / 18, matrix='_geometric_matrix3d',
+             geometric='_geometric3d', color='_intensity3d', filter=None, cutout_draw_order=(0, 1, 2)),
 }
 
 
@@ -274,7 +273,7 @@ class AugmentPipe(torch.nn.Module):
         return rank
 
     def _image_index(self, images):
-        """Indices [C'] of the channels that are not labels; None when all are (no label channels)."""
+        """Indices [C'] of the channels that are not labels; None when there are no label channels."""
         if not self.label_channels:
             return None
         labels = set(self.label_channels)
