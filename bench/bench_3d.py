@@ -88,7 +88,6 @@ def _build(cfg, device):
     from training import training_loop
     from training.augment import augpipe_specs
     from training.config import VOLUME_CFG_SPECS
-    from mri.augment3d import AUGMENT3D_KEYS
     shape = _shape(cfg['res'])
     c_dim = cfg['c_dim']
     names = ['t1n', 't1c', 't2w', 't2f', 'seg_netc', 'seg_snfh', 'seg_et'][:cfg['channels']] if cfg['channels'] <= 7 else None
@@ -102,8 +101,8 @@ def _build(cfg, device):
     D = dnnlib.construct_class_by_name(class_name='training.networks.Discriminator', c_dim=c_dim, img_resolution=res,
                                        img_channels=cfg['channels'], epilogue_kwargs=dict(mbstd_group_size=min(4, cfg['batch'])),
                                        **common).train().requires_grad_(False).to(device)
-    spec = {k: v for k, v in augpipe_specs['bgc'].items() if k in AUGMENT3D_KEYS}
-    pipe = dnnlib.construct_class_by_name(class_name='mri.augment3d.AugmentPipe3d', channel_names=names, **spec).to(device)
+    pipe = dnnlib.construct_class_by_name(class_name='training.augment.AugmentPipe', channel_names=names,
+                                          **augpipe_specs['bgc']).to(device)
     pipe.p.fill_(0.3)
     preset = VOLUME_CFG_SPECS['vol' + str(min(max(shape), 256))] if 'vol' + str(max(shape)) in VOLUME_CFG_SPECS else VOLUME_CFG_SPECS['vol64']
     loss = dnnlib.construct_class_by_name(class_name='training.loss.StyleGAN2Loss', device=device, G=G, D=D,

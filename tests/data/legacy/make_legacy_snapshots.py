@@ -4,7 +4,8 @@ Run once, with the code of commit 0f33175 (before the 2D and 3D networks became 
 repository root: `python tests/data/legacy/make_legacy_snapshots.py`. The files it wrote are kept as they are:
 they stand for the snapshots users already have (class names such as ``mri.networks3d.Generator`` and
 ``mri.attention.SelfAttention`` inside them); the test checks that today's code rebuilds them and that the
-same outputs come out. Running it again with today's code would write today's names and defeat the test.
+same outputs come out. Running it again with today's code would write today's names and defeat the test (and
+cannot: mri.networks3d and mri.augment3d no longer exist; it needs a checkout of that commit).
 """
 
 import os
