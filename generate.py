@@ -11,7 +11,7 @@ give one image per channel, the decoded BraTS label map (a palette PNG: pixel va
 the colours of training.grids.LABEL_COLOURS) and a colour overlay, plus an ``.npy`` of the stack. A status line
 shows images done, rate and time left.
 A volume snapshot writes NIfTI per modality and the tumour labels, and a three-plane montage per seed
-(mri/volume_output.py, docs/volumes.md):
+(mri.volume_output.VolumeWriter, docs/volumes.md); one loop (generate_samples) serves both:
   python generate.py --network runs/00001-vol --seeds 0-3 --class ssa --outdir out --native-grid
 """
 
@@ -22,8 +22,9 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
+from torch_utils.label_channels import onehot_to_labelmap
 from training.cli import PATH, bool_option, resolve_network
-from training.grids import LABEL_COLOURS, overlay
+from training.grids import LABEL_COLOURS, overlay, split_label_channels
 from training.labels import ClassSpecError, all_classes, parse_class
 
 
@@ -58,7 +59,7 @@ def _save_npy(array, path):
 
 def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> list:
     """Write one generated image [C,H,W] in [-1,1]; returns the paths written."""
-    from mri.seg import SEG_CHANNELS, decode_seg
+    from mri.seg import overlay_channel
     written = []
     if fmt == 'npy':
         _save_npy(img_chw.astype(np.float32), stem + '.npy')
@@ -71,22 +72,109 @@ def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> l
     if names == ['red', 'green', 'blue']:
         _write_png(img_chw.transpose(1, 2, 0), stem + '.png', 8)
         return [stem + '.png']
-    for name, chan in zip(names, img_chw):
-        if name in SEG_CHANNELS:
-            continue
-        written.append(f'{stem}-{name}.png')
-        _write_png(chan, written[-1], bits)
-    if all(s in names for s in SEG_CHANNELS):
-        seg = decode_seg(img_chw[[names.index(s) for s in SEG_CHANNELS]], axis=0).astype(np.uint8)
+    image_idx, label_idx = split_label_channels(names)
+    for i in image_idx:
+        written.append(f'{stem}-{names[i]}.png')
+        _write_png(img_chw[i], written[-1], bits)
+    if label_idx:
+        seg = onehot_to_labelmap(img_chw[label_idx], threshold=0).astype(np.uint8)  # mri.seg.decode_seg's rule
         written.append(f'{stem}-seg.png')
         _save_image(label_png(seg), written[-1])  # BraTS values 0-3, exact, with a palette
-        anatomy = [n for n in ('t2f', 't1c', 't2w', 't1n') if n in names] or [n for n in names if n not in SEG_CHANNELS]
-        if anatomy:
-            base = np.rint((img_chw[names.index(anatomy[0])] + 1) * 127.5).clip(0, 255).astype(np.uint8)
+        anatomy = overlay_channel(names)
+        if anatomy is not None:
+            base = np.rint((img_chw[names.index(anatomy)] + 1) * 127.5).clip(0, 255).astype(np.uint8)
             written.append(f'{stem}-overlay.png')
             _save_image(PIL.Image.fromarray(overlay(base, seg), 'RGB'), written[-1])
     written.append(stem + '.npy')
     _save_npy(img_chw.astype(np.float32), written[-1])
+    return written
+
+
+class ImageWriter:
+    """Writes each generated image (generate_samples hands them over) as PNG/npy files (write_outputs), and with
+    class_spec 'all' class_grid.png: a row per class, named in a left margin (training.grids.save_image_grid)."""
+
+    unit = 'images'
+
+    def __init__(
+        self,
+        outdir,             # output folder
+        channels,           # channel names (the snapshot's dataset description)
+        fmt='png',          # 'png', 'png16' or 'npy'
+        verbose=True,
+    ):
+        self.outdir, self.channels, self.fmt, self.verbose = outdir, channels, fmt, verbose
+        self.samples = []   # every image, in the order written: the class grid's cells
+
+    def start(self, first):
+        """Nothing to check on the first image [C,H,W] before anything is written."""
+
+    def write(self, image, stem, class_name, class_values):
+        """Writes one image; returns the paths written."""
+        self.samples.append(image)
+        return write_outputs(image, self.channels, stem, self.fmt)
+
+    def finish(self, classes):
+        """class_grid.png (class_spec 'all'); returns the paths written."""
+        from training.grids import save_image_grid
+        grid = os.path.join(self.outdir, 'class_grid.png')
+        save_image_grid(np.stack(self.samples), grid, drange=[-1, 1],
+                        grid_size=(len(self.samples) // len(classes), len(classes)), channels=self.channels,
+                        row_labels=[name for name, _, _ in classes])
+        if self.verbose:
+            print(f'Rows of {grid} (named in its left margin): ' + ' | '.join(name for name, _, _ in classes))
+        return [grid]
+
+
+def resolve_classes(G, desc, class_spec) -> list:
+    """``[(name or None, label vector, [label names set])]``: every class for class_spec 'all' (a name each), else
+    the one class asked for (name None)."""
+    label_names = list(desc.get('label_names') or [f'class{i}' for i in range(G.c_dim)])[:G.c_dim] if G.c_dim else []
+    label_groups = desc.get('label_groups') or None
+    if class_spec == 'all':
+        if G.c_dim == 0:
+            raise ClassSpecError('--class all: this network is unconditional')
+        return [(name, label, name.split(',')) for name, label in all_classes(label_names, label_groups)]
+    label = parse_class(class_spec, label_names, label_groups)
+    return [(None, label, [n for n, v in zip(label_names, label) if v])]
+
+
+def generate_samples(
+    G,                              # generator: (z, c) -> [N, C, H, W] or [N, C, D, H, W]
+    seeds,                          # one sample per seed and class
+    classes,                        # resolve_classes()
+    writer,                         # ImageWriter or mri.volume_output.VolumeWriter: start, write, finish, unit
+    outdir,                         # output folder, made once the first sample passed writer.start
+    truncation_psi=1.0,
+    noise_mode='const',
+    device='cpu',
+    verbose=True,
+    class_grid=False,               # finish with the writer's class grid (class_spec 'all')
+) -> list:
+    """The one seed/class loop of generation: z from each seed, every class for every seed (class-major), G, and the
+    writer per sample (stem ``seedNNNN`` or ``seedNNNN-<class>``); returns the paths written."""
+    import torch
+
+    def run(seed, label):
+        z = torch.from_numpy(np.random.RandomState(seed).randn(1, G.z_dim)).to(device=device, dtype=torch.float32)
+        c = torch.from_numpy(label[None]).to(device)
+        with torch.no_grad():
+            return G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)[0].float().cpu().numpy()
+
+    first = run(seeds[0], classes[0][1])
+    writer.start(first)  # a writer refuses before the output folder exists
+    os.makedirs(outdir, exist_ok=True)
+    written = []
+    bar = dnnlib.ProgressBar(len(seeds) * len(classes), desc='Generating', unit=writer.unit, enabled=verbose)
+    for k, (name, label, values) in enumerate(classes):
+        for j, seed in enumerate(seeds):
+            sample = first if k == j == 0 else run(seed, label)
+            stem = f'seed{seed:04d}' + (f'-{name.replace(",", "-")}' if name else '')
+            written += writer.write(sample, os.path.join(outdir, stem), name, values)
+            bar.update(done=k * len(seeds) + j + 1, tail=stem)
+    bar.close()
+    if class_grid:
+        written += writer.finish(classes)
     return written
 
 
@@ -102,9 +190,11 @@ def generate_images(
     verbose: bool = True,
     native_grid: bool = False,      # Volumes: NIfTI on the original BraTS grid (mri.volume_space).
 ) -> list:
+    """Generates images (PNG/npy) or volumes (NIfTI/npy and montages, docs/volumes.md) by seed and class from a
+    snapshot; returns the paths written."""
     import torch
     from torch_utils import snapshot
-    from training.grids import save_image_grid
+    from mri.volume_output import VolumeOutputError, VolumeWriter, snapshot_kind
 
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     data = snapshot.load_snapshot(resolve_network(network), device=device)
@@ -112,51 +202,18 @@ def generate_images(
     if G is None:
         raise snapshot.SnapshotError(f'{network}: holds no generator')
     desc = data.dataset or {}
-    label_names = list(desc.get('label_names') or [f'class{i}' for i in range(G.c_dim)])[:G.c_dim] if G.c_dim else []
-    label_groups = desc.get('label_groups') or None
-    channels = desc.get('channels') or []
-    from mri.volume_output import VolumeOutputError, generate_volumes, snapshot_kind
     if snapshot_kind(desc) == 'volumes':  # 3D: NIfTI per modality and labels, three-plane montages (docs/volumes.md)
         if fmt not in (None, 'nifti', 'npy'):
             raise VolumeOutputError(f'--format {fmt}: {network} is a volume snapshot; use --format nifti (its default) or npy')
-        return generate_volumes(G, desc, seeds, outdir, class_spec, truncation_psi, noise_mode, fmt or 'nifti',
-                                native_grid, device, verbose)
-    if fmt == 'nifti' or native_grid:
-        raise VolumeOutputError(f'{"--native-grid" if native_grid else "--format nifti"}: {network} is a 2D (slices) '
-                                f'snapshot; NIfTI output needs a volume snapshot (dataset_tool.py --kind volumes)')
-    fmt = fmt or 'png'
-    os.makedirs(outdir, exist_ok=True)
-
-    def run(seed, label):
-        z = torch.from_numpy(np.random.RandomState(seed).randn(1, G.z_dim)).to(device=device, dtype=torch.float32)
-        c = torch.from_numpy(label[None]).to(device)
-        with torch.no_grad():
-            return G(z, c, truncation_psi=truncation_psi, noise_mode=noise_mode)[0].float().cpu().numpy()
-
-    written = []
-    if class_spec == 'all':
-        if G.c_dim == 0:
-            raise ClassSpecError('--class all: this network is unconditional')
-        classes = all_classes(label_names, label_groups)
-        jobs = [(seed, label, f'seed{seed:04d}-{name.replace(",", "-")}') for name, label in classes for seed in seeds]
+        writer = VolumeWriter(desc, outdir, fmt or 'nifti', native_grid, verbose)
     else:
-        label = parse_class(class_spec, label_names, label_groups)
-        jobs = [(seed, label, f'seed{seed:04d}') for seed in seeds]
-    bar = dnnlib.ProgressBar(len(jobs), desc='Generating', unit='images', enabled=verbose)
-    rows = []
-    for done, (seed, label, stem) in enumerate(jobs, start=1):
-        rows.append(run(seed, label))
-        written += write_outputs(rows[-1], channels, os.path.join(outdir, stem), fmt)
-        bar.update(done=done, tail=stem)
-    bar.close()
-    if class_spec == 'all':
-        grid = os.path.join(outdir, 'class_grid.png')
-        save_image_grid(np.stack(rows), grid, drange=[-1, 1], grid_size=(len(seeds), len(classes)), channels=channels,
-                        row_labels=[name for name, _ in classes])
-        written.append(grid)
-        if verbose:
-            print(f'Rows of {grid} (named in its left margin): ' + ' | '.join(name for name, _ in classes))
-    return written
+        if fmt == 'nifti' or native_grid:
+            raise VolumeOutputError(f'{"--native-grid" if native_grid else "--format nifti"}: {network} is a 2D (slices) '
+                                    f'snapshot; NIfTI output needs a volume snapshot (dataset_tool.py --kind volumes)')
+        writer = ImageWriter(outdir, desc.get('channels') or [], fmt or 'png', verbose)
+    classes = resolve_classes(G, desc, class_spec)
+    return generate_samples(G, seeds, classes, writer, outdir, truncation_psi, noise_mode, device, verbose,
+                            class_grid=class_spec == 'all')
 
 
 @click.command()

@@ -18,6 +18,7 @@ import torch
 
 import dnnlib
 from metrics import detectors
+from torch_utils.label_channels import is_label_channel
 
 CACHE_FORMAT = 3  # Bump when the meaning of a cached file changes: old files are then never read.
 RGB_NAMES = (['red', 'green', 'blue'], ['r', 'g', 'b'], ['rgb_r', 'rgb_g', 'rgb_b'])
@@ -105,7 +106,7 @@ def channel_sets(names: list, channel=None) -> list:
     are masks, not images, and are never measured.
     """
     names = list(names)
-    image_idx = [i for i, n in enumerate(names) if not str(n).startswith('seg_')]
+    image_idx = [i for i, n in enumerate(names) if not is_label_channel(n)]
     multi = len(image_idx) > 1
     if channel is not None and str(channel) != '':
         if isinstance(channel, int) or str(channel).isdigit():
@@ -116,7 +117,7 @@ def channel_sets(names: list, channel=None) -> list:
             idx = names.index(channel)
         else:
             raise MetricError(f'unknown channel {channel!r}: the data has channels {names}')
-        if str(names[idx]).startswith('seg_'):
+        if is_label_channel(names[idx]):
             raise MetricError(f'channel {names[idx]!r} is a tumour label, not an image; choose one of '
                               f'{[names[i] for i in image_idx]}')
         return [(str(names[idx]) if multi else None, [idx])]

@@ -91,3 +91,22 @@ def test_errors_name_the_file(tmp_path):
         ImageFolderDataset(root, use_labels=True).label_dim
     with pytest.raises(DatasetError, match='expected 32x32'):
         ImageFolderDataset(root, resolution=32)
+
+
+@pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
+def test_stored_label_map_expands_into_the_named_label_channels(tmp_path, dtype):
+    """"seg_storage": "labelmap": the last stored channel (values 0..K) becomes the K one-hot channels that
+    dataset.json "channels" names (torch_utils.label_channels), for any K."""
+    root = tmp_path / 'd'
+    root.mkdir()
+    labels = np.array([[0, 1], [2, 0]], dtype)
+    np.save(root / 'a.npy', np.stack([np.full((2, 2), 7, dtype), labels]))
+    meta = dict(channels=['t2w', 'seg_a', 'seg_b'], seg_storage='labelmap')
+    (root / 'dataset.json').write_text(json.dumps(meta))
+    img, _ = ImageFolderDataset(str(root))[0]
+    vmax = np.iinfo(dtype).max
+    assert img.dtype == dtype and img.shape == (3, 2, 2)
+    assert (img[0] == 7).all() and np.array_equal(img[1:], np.stack([labels == 1, labels == 2]) * vmax)
+    (root / 'dataset.json').write_text(json.dumps(dict(meta, channels=['t2w', 'mask'])))
+    with pytest.raises(DatasetError, match='names no label channel'):
+        ImageFolderDataset(str(root))

@@ -15,6 +15,7 @@ import PIL.Image
 import torch
 
 import dnnlib
+from torch_utils.label_channels import label_channel_indices, labelmap_to_onehot
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.npy')
 
@@ -298,15 +299,22 @@ class ImageFolderDataset(Dataset):
         if image.dtype not in (np.uint8, np.uint16):
             raise DatasetError(f'{self._path}/{fname}: pixel type {image.dtype} is not uint8 or uint16')
         if self._meta.get('seg_storage') == 'labelmap' and image.ndim in (3, 4):
-            # The archive stores the tumour label map (values 0-3) as the last channel; the networks see the three
-            # one-hot channels seg_netc, seg_snfh, seg_et (0 / dtype max), as in archives written before.
-            vmax = image.dtype.type(np.iinfo(image.dtype).max)  # a scalar of the image dtype: no int64 pass
-            out = np.empty((image.shape[0] + 2,) + image.shape[1:], image.dtype)
-            out[:-3] = image[:-1]
-            for k in range(3):
-                np.multiply(image[-1] == k + 1, vmax, out=out[image.shape[0] - 1 + k])
+            # The archive stores the label map (values 0..K) as the last channel; the networks see the K one-hot
+            # label channels that dataset.json "channels" names (0 / dtype max), as in archives written before.
+            k = self._num_label_channels()
+            out = np.empty((image.shape[0] - 1 + k,) + image.shape[1:], image.dtype)
+            out[:-k] = image[:-1]
+            labelmap_to_onehot(image[-1], k, vmax=np.iinfo(image.dtype).max, out=out[-k:])
             image = out
         return image
+
+    def _num_label_channels(self) -> int:
+        """K of an archive that stores its label map: the ``seg_*`` channels that dataset.json "channels" names."""
+        k = len(label_channel_indices(self._meta.get('channels')))
+        if k == 0:
+            raise DatasetError(f'{self._path}/dataset.json: "seg_storage": "labelmap", but "channels" names no '
+                               f'label channel (seg_*) to expand the map into')
+        return k
 
     def _load_raw_labels(self):
         labels = self._meta.get('labels')

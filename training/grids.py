@@ -1,10 +1,14 @@
-"""Image grids for people to look at: reals, fakes per tick, one row per class for conditional runs.
+"""Image grids for people to look at: reals, fakes per tick, one row per class for conditional runs; 2D images and
+volumes alike.
 
-Any channel count: 1 channel is grey, 3 (red, green, blue) are RGB, other counts show each image channel side by
-side in grey. The tumour channels (seg_netc, seg_snfh, seg_et) are not shown as channels of their own: they are
-decoded to a label map (0 where all three are below the middle of the range, else 1 + argmax) and drawn as a colour
-overlay on the first image channel (LABEL_COLOURS: NETC red, SNFH green, ET yellow). Samples are separated by a gap;
-with row labels, each row's name is written into a margin on the left (PIL's default font).
+A grid cell is one sample. An image [C,H,W] shows its channels: 1 channel is grey, 3 (red, green, blue) are RGB,
+other counts show each image channel side by side in grey. A volume [C,D,H,W] shows a three-plane montage
+(``montage``): the mid-planes of its three axes side by side, a row per image channel. Label channels (``seg_*``,
+torch_utils.label_channels) are not shown as channels of their own: they are decoded to a label map (0 where every
+label channel is below the middle of the value range, else 1 + argmax) and drawn as a colour overlay on the first
+image channel (LABEL_COLOURS: label 1 red, 2 green, 3 yellow; the BraTS NETC, SNFH, ET), in a row of its own in a
+montage. Cells are separated by a gap; with row labels, each row's name is written into a margin on the left (PIL's
+default font).
 """
 
 import numpy as np
@@ -13,46 +17,161 @@ import PIL.ImageDraw
 import PIL.ImageFont
 
 import dnnlib
+from torch_utils.label_channels import label_channel_indices, onehot_to_labelmap
 
-SEG_NAMES = ('seg_netc', 'seg_snfh', 'seg_et')  # the tumour channels (mri.seg.SEG_CHANNELS; training does not import mri)
 LABEL_COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [255, 255, 0]], dtype=np.uint8)  # label 0-3
 OVERLAY_ALPHA = 0.5
 GAP = 4                                         # pixels between samples
 BACKGROUND = 255                                # gaps and margin: white, so that black MRI backgrounds stay apart
 
+# Grid shape: 2D images get up to MAX_COLS samples per row (fewer for large images: MAX_PIXELS), and one row per
+# class for up to MAX_CLASSES classes. A volume costs a montage per sample and its whole array in memory: rows of
+# VOLUME_COLS samples (2 above VOLUME_SMALL_VOXELS voxels), up to VOLUME_MAX_CLASSES classes.
+MAX_COLS = 8
+MAX_ROWS = 8
+MAX_PIXELS = 1 << 21
+MAX_CLASSES = 32
+VOLUME_COLS = 4
+VOLUME_SMALL_VOXELS = 64 ** 3
+VOLUME_ROWS = 2                                 # rows of an unconditional volume grid
+VOLUME_MAX_CLASSES = 8
 
-def to_uint8(images: np.ndarray, drange) -> np.ndarray:
+
+# ---------------------------------------------------------------------------------------------------------------
+# Pixels
+
+
+def to_uint8(images, drange) -> np.ndarray:
     lo, hi = drange
     images = (np.asarray(images, dtype=np.float32) - lo) * (255 / (hi - lo))
     return np.rint(images).clip(0, 255).astype(np.uint8)
 
 
-def label_map(seg: np.ndarray, drange) -> np.ndarray:
-    """[3,H,W] tumour channels in `drange` -> [H,W] uint8 labels 0-3: 0 where all three are below the middle of
-    the range (-1 / +1 after the usual mapping to [-1, 1]), else 1 + argmax."""
+def label_map(channels, drange) -> np.ndarray:
+    """[K,...] label channels in `drange` -> [...] uint8 labels 0..K: 0 where all K are below the middle of the
+    range (-1 / +1 after the usual mapping to [-1, 1]), else 1 + argmax."""
     mid = (drange[0] + drange[1]) / 2
-    seg = np.asarray(seg, dtype=np.float32)
-    return np.where(seg.max(axis=0) >= mid, seg.argmax(axis=0) + 1, 0).astype(np.uint8)
+    return onehot_to_labelmap(np.asarray(channels), threshold=mid).astype(np.uint8)
+
+
+def label_colours(labels) -> np.ndarray:
+    """[...] labels -> [..., 3] uint8 RGB: 0 black, 1-3 LABEL_COLOURS; labels above 3 reuse the colours of 1-3."""
+    labels = np.asarray(labels)
+    n = len(LABEL_COLOURS) - 1
+    return LABEL_COLOURS[np.where(labels > 0, (labels.astype(np.int64) - 1) % n + 1, 0)]
 
 
 def overlay(grey: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    """[H,W] uint8 grey + [H,W] labels 0-3 -> [H,W,3] uint8: the label colour blended in where the label is > 0."""
+    """[H,W] uint8 grey + [H,W] labels -> [H,W,3] uint8: the label colour blended in where the label is > 0."""
     rgb = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
     mask = labels > 0
-    rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * LABEL_COLOURS[labels[mask]]
+    rgb[mask] = (1 - OVERLAY_ALPHA) * rgb[mask] + OVERLAY_ALPHA * label_colours(labels[mask])
     return np.rint(rgb).astype(np.uint8)
+
+
+def _grey_rgb(grey_u8):
+    return np.repeat(grey_u8[..., None], 3, axis=2)
+
+
+def channel_names(channels, num_channels) -> list:
+    """The names of an array's channels: `channels` when it names each of them, else ch0, ch1, ..."""
+    if channels is not None and len(channels) == num_channels:
+        return [str(name) for name in channels]
+    return [f'ch{i}' for i in range(num_channels)]
+
+
+def split_label_channels(names) -> tuple:
+    """``(image channel indices, label channel indices)`` of a list of channel names."""
+    labels = label_channel_indices(names)
+    return [i for i in range(len(names)) if i not in labels], labels
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cells: a 2D image's channels side by side, a volume's three-plane montage
 
 
 def tile_channels(image_chw: np.ndarray, channels=None, labels=None) -> np.ndarray:
     """[C,H,W] uint8 -> [H,W,3] RGB tile: grey, RGB, or the image channels side by side, with the label map
-    `labels` ([H,W] 0-3, or None) overlaid on the first channel. `channels`: names of the C channels."""
+    `labels` ([H,W], or None) overlaid on the first channel. `channels`: names of the C channels."""
     c = image_chw.shape[0]
+    if c == 0:
+        return label_colours(labels)
     if c == 3 and labels is None and (channels is None or list(channels) == ['red', 'green', 'blue']):
         return image_chw.transpose(1, 2, 0)
-    panels = [np.repeat(ch[..., None], 3, axis=2) for ch in image_chw]
+    panels = [_grey_rgb(ch) for ch in image_chw]
     if labels is not None:
         panels[0] = overlay(image_chw[0], labels)
     return np.concatenate(panels, axis=1)
+
+
+def mid_planes(volume) -> list:
+    """(D, H, W) -> its [axial, coronal, sagittal] mid-planes in display order.
+
+    The axes are the archives' voxel order [x, y, z] (RAS: dataset.json "space"); a plane shows rows anterior to
+    posterior (axial) or superior to inferior (coronal, sagittal), and the patient's left on the right of the
+    picture (radiological convention), as the 2D slices of the archives do.
+    """
+    x, y, z = (s // 2 for s in volume.shape)
+    return [volume[:, ::-1, z].T, volume[:, y, ::-1].T, volume[x, ::-1, ::-1].T]
+
+
+def tile_cells(rows) -> np.ndarray:
+    """Rows of [H, W, 3] uint8 cells (sizes may differ: anisotropic grids) -> one canvas, cells padded black."""
+    h = max(c.shape[0] for r in rows for c in r)
+    w = max(c.shape[1] for r in rows for c in r)
+    canvas = np.zeros([h * len(rows), w * max(len(r) for r in rows), 3], np.uint8)
+    for i, row in enumerate(rows):
+        for j, cell in enumerate(row):
+            canvas[i * h:i * h + cell.shape[0], j * w:j * w + cell.shape[1]] = cell
+    return canvas
+
+
+def montage(
+    volume,                 # (C, D, H, W) array
+    channels=None,          # names of the C channels; label channels (seg_*) become the overlay row
+    drange=(-1, 1),         # [lo, hi] of the values
+    overlay_on=None,        # name of the channel under the labels; None = the first image channel
+) -> np.ndarray:
+    """Three-plane montage [H, W, 3] uint8 of one volume: a row per image channel (mid_planes, grey), and a row of
+    the label map over the `overlay_on` channel when the volume has label channels (the label colours alone when
+    it has no image channel)."""
+    volume = np.asarray(volume)
+    names = channel_names(channels, volume.shape[0])
+    image_idx, label_idx = split_label_channels(names)
+    grey = {i: [to_uint8(p, drange) for p in mid_planes(volume[i])] for i in image_idx}
+    rows = [[_grey_rgb(p) for p in grey[i]] for i in image_idx]
+    if label_idx:
+        planes = zip(*[mid_planes(volume[i]) for i in label_idx])
+        labels = [label_map(np.stack(p), drange) for p in planes]
+        if image_idx:
+            base = names.index(overlay_on) if overlay_on in names and names.index(overlay_on) in grey else image_idx[0]
+            rows.append([overlay(g, l) for g, l in zip(grey[base], labels)])
+        else:
+            rows.append([label_colours(l) for l in labels])
+    return tile_cells(rows)
+
+
+def _cells(images, drange, channels):
+    """The grid cells [H, W, 3] uint8 of a batch of images [N,C,H,W] or volumes [N,C,D,H,W]."""
+    names = [str(n) for n in channels] if channels is not None and len(channels) == images.shape[1] else None
+    if images.ndim == 5:
+        return [montage(v, names, drange) for v in images]
+    keep, label_idx = split_label_channels(names) if names else (list(range(images.shape[1])), [])
+    shown = to_uint8(images[:, keep], drange)
+    kept_names = [names[i] for i in keep] if names else None
+    return [tile_channels(img, kept_names, label_map(images[k, label_idx], drange) if label_idx else None)
+            for k, img in enumerate(shown)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Grids
+
+
+def save_png(rgb, path: str) -> str:
+    """Writes [H, W, 3] uint8 as an RGB PNG, atomically; returns the path."""
+    with dnnlib.atomic_output(path, suffix='.png') as tmp:
+        PIL.Image.fromarray(rgb, 'RGB').save(tmp)
+    return path
 
 
 def row_names(label_names, labels: np.ndarray, grid_size) -> list:
@@ -68,42 +187,44 @@ def row_names(label_names, labels: np.ndarray, grid_size) -> list:
     return names
 
 
-def save_image_grid(
-    images,                 # [N,C,H,W] (N = gw * gh, row-major), values in drange
-    path: str,              # output .png, written atomically
-    drange,                 # [lo, hi] of the values
-    grid_size,              # (gw, gh)
-    channels=None,          # names of the C channels (dataset.json "channels"); tumour channels become an overlay
-    row_labels=None,        # gh names written left of the rows, or None
-) -> None:
-    """Saves the images as one RGB PNG grid with gaps between samples (and a margin with row names)."""
-    images = np.asarray(images)
+def _layout(cells, grid_size, row_labels):
+    """One RGB image of the cells, row-major, with gaps and (with row_labels) a margin of row names."""
     gw, gh = grid_size
-    n = images.shape[0]
-    assert n == gw * gh, (n, grid_size)
-    names = list(channels) if channels is not None and len(channels) == images.shape[1] else None
-    seg_idx = [names.index(s) for s in SEG_NAMES] if names and all(s in names for s in SEG_NAMES) else None
-    keep = [i for i in range(images.shape[1]) if not seg_idx or i not in seg_idx]
-    shown = to_uint8(images[:, keep], drange)
-    kept_names = [names[i] for i in keep] if names else None
-    tiles = [tile_channels(img, kept_names, label_map(images[k, seg_idx], drange) if seg_idx else None)
-             for k, img in enumerate(shown)]
-    th, tw = tiles[0].shape[:2]
+    th, tw = cells[0].shape[:2]
     font = PIL.ImageFont.load_default()
     margin = 0
     if row_labels:
         probe = PIL.ImageDraw.Draw(PIL.Image.new('RGB', (1, 1)))
         margin = max(int(np.ceil(probe.textlength(str(t), font=font))) for t in row_labels) + 2 * GAP
     canvas = np.full([gh * th + (gh + 1) * GAP, margin + gw * tw + (gw + 1) * GAP, 3], BACKGROUND, dtype=np.uint8)
-    for i, tile in enumerate(tiles):
+    for i, cell in enumerate(cells):
         y, x = divmod(i, gw)
         top, left = GAP + y * (th + GAP), margin + GAP + x * (tw + GAP)
-        canvas[top:top + th, left:left + tw] = tile
+        canvas[top:top + th, left:left + tw] = cell
     image = PIL.Image.fromarray(canvas, 'RGB')
     if row_labels:
         draw = PIL.ImageDraw.Draw(image)
         for y, text in enumerate(row_labels):
             draw.text((GAP, GAP + y * (th + GAP) + th // 2), str(text), fill=(0, 0, 0), font=font, anchor='lm')
+    return image
+
+
+def save_image_grid(
+    images,                 # [N,C,H,W] images or [N,C,D,H,W] volumes (N = gw * gh, row-major), values in drange
+    path: str,              # output .png, written atomically
+    drange,                 # [lo, hi] of the values
+    grid_size,              # (gw, gh)
+    channels=None,          # names of the C channels (dataset.json "channels"); label channels become an overlay
+    row_labels=None,        # gh names written left of the rows, or None
+) -> None:
+    """Saves the samples as one RGB PNG grid with gaps between them (and a margin with row names); a volume's cell
+    is its three-plane montage."""
+    images = np.asarray(images)
+    gw, gh = grid_size
+    if images.ndim not in (4, 5) or images.shape[0] != gw * gh:
+        raise ValueError(f'save_image_grid: expected {gw * gh} images [N, C, H, W] or volumes [N, C, D, H, W] for a '
+                         f'{gw}x{gh} grid, got shape {images.shape}')
+    image = _layout(_cells(images, drange, channels), grid_size, row_labels)
     with dnnlib.atomic_output(path, suffix='.png') as tmp:
         image.save(tmp)
 
@@ -115,20 +236,26 @@ def grid_style(training_set, labels, grid_size) -> dict:
     return dict(channels=training_set.channels, row_labels=row_names(names, labels, grid_size))
 
 
-def setup_snapshot_image_grid(training_set, random_seed: int = 0, max_cols: int = 8, max_rows: int = 8,
-                              max_pixels: int = 1 << 21, max_classes: int = 32, slice_volumes: bool = True):
+def _grid_shape(training_set):
+    """``(columns, rows of an unconditional grid, most rows of a conditional one)`` for a training set."""
+    shape = training_set.image_shape
+    if len(shape) == 4:  # [C,D,H,W] volumes
+        cols = VOLUME_COLS if int(np.prod(shape[1:])) <= VOLUME_SMALL_VOXELS else VOLUME_COLS // 2
+        return cols, VOLUME_ROWS, VOLUME_MAX_CLASSES
+    cols = int(np.clip(MAX_PIXELS // max(shape[-1] * shape[-2] * MAX_ROWS, 1), 4, MAX_COLS))
+    return cols, (MAX_ROWS if len(training_set) >= 8 else 4), MAX_CLASSES
+
+
+def setup_snapshot_image_grid(training_set, random_seed: int = 0):
     """Pick reals and labels for the grid: one row per distinct label (class) when conditional.
 
-    Returns ``(grid_size, images [N,C,H,W] uint, labels [N,L] float32)``. Volumes use their middle slice, or
-    stay whole ([N,C,D,H,W]) with ``slice_volumes=False`` (for three-plane montages, mri/grid3d.py).
+    Returns ``(grid_size, images [N,C,H,W] or volumes [N,C,D,H,W] uint, labels [N,L] float32)``. Volumes get
+    fewer columns and classes than images (_grid_shape); save_image_grid draws them as montages.
     """
     rnd = np.random.RandomState(random_seed)
-    shape = training_set.image_shape
-    res_h, res_w = shape[-2], shape[-1]
-    cols = int(np.clip(max_pixels // max(res_w * res_h * max_rows, 1), 4, max_cols))
+    cols, rows, max_classes = _grid_shape(training_set)
     n = len(training_set)
     if not training_set.has_labels:
-        rows = max_rows if n >= 8 else 4
         indices = [rnd.randint(n) for _ in range(cols * rows)]
     else:
         by_label = {}
@@ -142,7 +269,4 @@ def setup_snapshot_image_grid(training_set, random_seed: int = 0, max_cols: int 
             rnd.shuffle(pool)
             indices += [pool[i % len(pool)] for i in range(cols)]
     images, labels = zip(*[training_set[i] for i in indices])
-    images = np.stack(images)
-    if images.ndim == 5 and slice_volumes:  # [N,C,D,H,W]: show the middle slice.
-        images = images[:, :, images.shape[2] // 2]
-    return (cols, rows), images, np.stack(labels)
+    return (cols, rows), np.stack(images), np.stack(labels)
