@@ -73,10 +73,10 @@ def write_volume_archive(path, n=8, shape=(RES, RES, RES), bad_last=None):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp('vol')
     data = write_volume_archive(root / 'vol16.zip')
-    from mri.networks3d import Generator
+    from training.networks import Generator
     from training.dataset import ImageFolderDataset
     torch.manual_seed(0)
-    G = Generator(z_dim=8, c_dim=2, w_dim=8, img_resolution=RES, img_channels=len(CHANNELS),
+    G = Generator(z_dim=8, c_dim=2, w_dim=8, img_resolution=[RES] * 3, img_channels=len(CHANNELS),
                   mapping_kwargs=dict(num_layers=1), channel_base=64, channel_max=8)
     desc = ImageFolderDataset(data, use_labels=True).describe()
     net = str(root / 'network-snapshot-000000.pt')

@@ -132,14 +132,10 @@ def test_shape_not_base_times_power_of_two(tmp_path):
 
 
 def _tiny_snapshot(path, volume):
-    if volume:
-        from mri.networks3d import Generator
-        G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=1, channel_base=64, channel_max=8)
-        desc = dict(kind='volumes', image_shape=[1, 8, 8, 8])
-    else:
-        from training.networks import Generator
-        G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=1, channel_base=64, channel_max=8)
-        desc = dict(kind='slices', image_shape=[1, 8, 8])
+    from training.networks import Generator
+    shape = [8, 8, 8] if volume else [8, 8]
+    G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=shape, img_channels=1, channel_base=64, channel_max=8)
+    desc = dict(kind='volumes' if volume else 'slices', image_shape=[1] + shape)
     snapshot.save_snapshot(str(path), dict(G=G, G_ema=G), dataset=desc)
     return str(path)
 

@@ -46,11 +46,11 @@ def data(tmp_path_factory):
     for k, cid in enumerate(['BraTS-GLI-00001-000', 'BraTS-SSA-00002-000', 'BraTS-GLI-00003-000']):
         write_case(root / 'src' / cid, cid, seed=k)
     meta, vols = convert(root / 'src', root / 'v16.zip', 16, '--labels', 'cohort')
-    from mri.networks3d import Generator
+    from training.networks import Generator
     from training.dataset import ImageFolderDataset
     ds = ImageFolderDataset(str(root / 'v16.zip'), use_labels=True)
     torch.manual_seed(0)
-    G = Generator(z_dim=8, c_dim=ds.label_dim, w_dim=8, img_resolution=16, img_channels=7,
+    G = Generator(z_dim=8, c_dim=ds.label_dim, w_dim=8, img_resolution=[16, 16, 16], img_channels=7,
                   mapping_kwargs=dict(num_layers=1), channel_base=64, channel_max=8)
     net = root / 'network-snapshot-000000.pt'
     snapshot.save_snapshot(str(net), dict(G=G, D=None, G_ema=G, augment_pipe=None), dataset=ds.describe())
