@@ -244,8 +244,8 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
 @click.option('--attn-res',     help="Self-attention in G and D at these resolutions, 4 .. res/2, e.g. 16,32. "
                                      "Memory per layer in R1/path-length passes: 8*N*L*L' bytes, L=R*R, L'=L/4 from 64x64 "
                                      "(1 GiB at 64, batch-gpu 32)", metavar='LIST', type=str)
-@bool_option('--checkpointing', help='Volumes: recompute block activations in backward (less memory, more time)')
-@bool_option('--bf16',          help='Volumes: bfloat16 instead of float16 in the mixed-precision blocks')
+@bool_option('--checkpointing', help='Recompute block activations in backward (less memory, more time)')
+@bool_option('--bf16',          help='bfloat16 instead of float16 in the mixed-precision blocks')
 # Misc settings.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--metrics',      help='Quality metrics at each snapshot, or none [default: fid50k_full; fid25d_full for volumes]', metavar='[NAME|A,B,C|none]', type=str)
