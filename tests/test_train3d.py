@@ -63,8 +63,9 @@ def straight_run(vol_zip, tmp_path_factory):
 
 def test_volume_run_end_to_end(straight_run):
     options = json.load(open(os.path.join(straight_run, 'training_options.json')))
-    assert options['G_kwargs']['class_name'] == 'mri.networks3d.Generator'
-    assert options['augment_kwargs']['class_name'] == 'mri.augment3d.AugmentPipe3d'
+    assert options['G_kwargs']['class_name'] == 'training.networks.Generator'        # One family for 2D and 3D.
+    assert options['augment_kwargs']['class_name'] == 'training.augment.AugmentPipe'
+    assert 'grid_kwargs' not in options
     assert options['augment_kwargs']['channel_names'] == ['t1n', 't2w', 'seg_netc', 'seg_snfh', 'seg_et']
     data = snapshot.load_snapshot(checkpoint.latest_snapshot(straight_run))
     img = data.G_ema(torch.randn([1, data.G_ema.z_dim]), torch.tensor([[1.0, 0.0]]))
@@ -128,18 +129,31 @@ def test_shape_not_base_times_power_of_two(tmp_path):
     assert '--data' in str(err.value.message) and '\n' not in err.value.message
     data = _volume_zip(tmp_path / 'box.zip', [20, 24, 20])  # 5x6x5 x 4: accepted, anisotropic.
     c = setup_training_config(data=data, device='cpu', metrics='none')
-    assert c.G_kwargs.class_name == 'mri.networks3d.Generator' and c.training_set_kwargs.resolution is None
+    assert c.G_kwargs.class_name == 'training.networks.Generator' and c.training_set_kwargs.resolution is None
+    assert c.G_kwargs.mixed_precision == 'float16' and c.G_kwargs.checkpointing is False
+
+
+def test_hook_resolutions_name_the_levels_of_a_volume(tmp_path):
+    """--attn-res and --fq-res name a level by its largest side: 10x12x10 = 5x6x5 x 2 has levels of side 6, 12."""
+    from training.config import setup_training_config
+    data = _volume_zip(tmp_path / 'box.zip', [10, 12, 10])
+    c = setup_training_config(data=data, device='cpu', metrics='none', attn_res='6', fq_res='6,12')
+    assert c.G_kwargs.attn_res == [6] and c.D_kwargs.attn_res == [6]
+    assert c.G_kwargs.attn_kwargs['class_name'] == 'training.attention.SelfAttention'
+    assert c.D_kwargs.quantize_kwargs['resolutions'] == [6, 12]
+    with pytest.raises(click.UsageError, match='--attn-res: 12 is the full resolution; D has no 10x12x10 block') as err:
+        setup_training_config(data=data, device='cpu', metrics='none', attn_res='12')
+    assert 'choose from 6' in err.value.message
+    with pytest.raises(click.UsageError, match='--fq-res: 8 is not the largest side of a level') as err:
+        setup_training_config(data=data, device='cpu', metrics='none', fq_res='8')
+    assert 'choose from 6, 12' in err.value.message and '\n' not in err.value.message
 
 
 def _tiny_snapshot(path, volume):
-    if volume:
-        from mri.networks3d import Generator
-        G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=1, channel_base=64, channel_max=8)
-        desc = dict(kind='volumes', image_shape=[1, 8, 8, 8])
-    else:
-        from training.networks import Generator
-        G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=1, channel_base=64, channel_max=8)
-        desc = dict(kind='slices', image_shape=[1, 8, 8])
+    from training.networks import Generator    # One family: a list of three sides makes it 3D.
+    G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=[8, 8, 8] if volume else 8, img_channels=1,
+                  channel_base=64, channel_max=8)
+    desc = dict(kind='volumes', image_shape=[1, 8, 8, 8]) if volume else dict(kind='slices', image_shape=[1, 8, 8])
     snapshot.save_snapshot(str(path), dict(G=G, G_ema=G), dataset=desc)
     return str(path)
 

@@ -121,3 +121,13 @@ def test_hook_options_reach_the_config(data):
     assert c.G_kwargs.class_name == 'training.networks.Generator'
     with pytest.raises(click.UsageError, match='--fq-mode'):
         setup_training_config(data=data, batch=4, metrics='none', device='cpu', fq_res='8', fq_mode='both')
+
+
+def test_checkpointing_and_bf16_reach_the_2d_networks(data):
+    """The one network family takes checkpointing and mixed_precision in 2D too; a 2D config names them only when
+    asked, so its networks are configured as before."""
+    c = setup_training_config(data=data, batch=4, metrics='none', device='cpu')
+    assert not {'checkpointing', 'mixed_precision'} & (set(c.G_kwargs) | set(c.D_kwargs))
+    c = setup_training_config(data=data, batch=4, metrics='none', device='cpu', checkpointing=True, bf16=True)
+    for kwargs in (c.G_kwargs, c.D_kwargs):
+        assert kwargs.checkpointing is True and kwargs.mixed_precision == 'bfloat16'

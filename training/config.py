@@ -614,15 +614,15 @@ def _check_resume_kind(resume, is_volume, data):
     copied, so the run would silently start from scratch. Read as plain data: nothing is built."""
     from torch_utils import snapshot
     try:
-        data = snapshot.read_snapshot_data(resume)
+        snap = snapshot.read_snapshot_data(resume)
     except snapshot.SnapshotError as err:
         raise click.UsageError(f'--resume: {err}') from None
-    if not isinstance(data, dict) or data.get('format') != snapshot.SNAPSHOT_FORMAT:
+    if not isinstance(snap, dict) or snap.get('format') != snapshot.SNAPSHOT_FORMAT:
         raise click.UsageError(f'--resume: {resume}: not a snapshot of this project')
-    modules = data.get('modules') or {}
+    modules = snap.get('modules') or {}
     record = modules.get('G_ema') or modules.get('G') or {}
     kwargs = record.get('init_kwargs') or {}
-    snap_volume = (len((data.get('dataset') or {}).get('image_shape') or []) == 4
+    snap_volume = (len((snap.get('dataset') or {}).get('image_shape') or []) == 4
                    or kwargs.get('spatial_dims') == 3
                    or len(_as_shape(kwargs.get('img_resolution'), 2)) == 3)
     if snap_volume != is_volume:
