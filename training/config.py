@@ -2,8 +2,11 @@
 
 ``setup_training_config(**opts)`` is pure (no I/O besides reading the dataset header and, for ``resume``, the
 snapshot) so tests and other front ends can build a run without the CLI; every check that can fail runs here,
-before a run dir exists. ``resume_run_config(run_dir, **changes)`` reloads a run's options to continue it in
-place with the options that may change mid-run (``MID_RUN_OPTIONS``). Presets follow the StyleGAN2-ADA paper's
+before a run dir exists, in named phases (process, dataset facts, preset and batch, networks, hooks, optimizers
+and loss, augmentation, metrics, resume). 2D images and volumes get the same classes (one network family, one
+augmentation pipeline), named in ``NETWORK_CLASSES`` and ``HOOK_CLASSES``. ``resume_run_config(run_dir,
+**changes)`` reloads a run's options (class names of earlier versions mapped to today's) to continue it in place
+with the options that may change mid-run (``MID_RUN_OPTIONS``). Presets follow the StyleGAN2-ADA paper's
 configurations.
 """
 
