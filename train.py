@@ -1,4 +1,4 @@
-"""Train a conditional StyleGAN2-ADA generator (2D slices) on a dataset archive.
+"""Train a conditional StyleGAN2-ADA generator (2D slices or 3D volumes) on a dataset archive.
 
 Examples:
   python train.py --outdir runs --data slices.zip --cond=1 --mirror=1 --kimg 5000
@@ -241,11 +241,11 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
 @click.option('--fq-decay',     help='FQ dictionary EMA decay per D step', metavar='FLOAT', type=RANGES['fq_decay'], default=0.8, show_default=True)
 @click.option('--fq-weight',    help='FQ commitment loss weight (D, and G on fakes)', metavar='FLOAT', type=RANGES['fq_weight'], default=1.0, show_default=True)
 @click.option('--fq-mode',      help='forward: D continues with the codes (R1 on the unquantized D); loss: commitment loss and dictionary only', type=click.Choice(['forward', 'loss']), default='forward', show_default=True)
-@click.option('--attn-res',     help="Self-attention in G and D at these resolutions, 4 .. res/2, e.g. 16,32. "
+@click.option('--attn-res',     help="Self-attention in G and D at these resolutions, 4 .. res/2, e.g. 16,32 (volumes: a level's largest side). "
                                      "Memory per layer in R1/path-length passes: 8*N*L*L' bytes, L=R*R, L'=L/4 from 64x64 "
                                      "(1 GiB at 64, batch-gpu 32)", metavar='LIST', type=str)
-@bool_option('--checkpointing', help='Volumes: recompute block activations in backward (less memory, more time)')
-@bool_option('--bf16',          help='Volumes: bfloat16 instead of float16 in the mixed-precision blocks')
+@bool_option('--checkpointing', help='Recompute block activations in backward (less memory, more time)')
+@bool_option('--bf16',          help='bfloat16 instead of float16 in the mixed-precision blocks')
 # Misc settings.
 @click.option('--desc',         help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--metrics',      help='Quality metrics at each snapshot, or none [default: fid50k_full; fid25d_full for volumes]', metavar='[NAME|A,B,C|none]', type=str)
@@ -263,7 +263,7 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
 @click.option('--device',       help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
 @bool_option('-n', '--dry-run', help='Print training options and exit')
 def main(**opts):
-    """Train a (conditional) StyleGAN2-ADA on a slice archive made by dataset_tool.py."""
+    """Train a (conditional) StyleGAN2-ADA on an archive of slices or volumes made by dataset_tool.py."""
     opts = dnnlib.EasyDict(opts)
     rank = _torchrun_rank()
     if rank is not None:

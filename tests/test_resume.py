@@ -146,7 +146,7 @@ def test_resume_from_nvlabs_pickle_fits(data, tmp_path):
                     synthesis_kwargs=dict(channel_base=256, channel_max=16, num_fp16_res=0, conv_clamp=None))
     d_kwargs = dict(architecture='resnet', channel_base=256, channel_max=16, **common,
                     epilogue_kwargs=c.D_kwargs.epilogue_kwargs)
-    a_kwargs = {k: v for k, v in c.augment_kwargs.items() if k != 'class_name'}
+    a_kwargs = {k: v for k, v in c.augment_kwargs.items() if k not in ('class_name', 'channel_names')}  # NVlabs' own.
     G = Generator(**g_kwargs)
     nets = dict(G=(G, 'Generator', g_kwargs), G_ema=(G, 'Generator', g_kwargs),
                 D=(Discriminator(**d_kwargs), 'Discriminator', d_kwargs),
@@ -177,3 +177,36 @@ def test_checks_run_before_the_run_dir(data, tmp_path):
              '--metrics: unknown fid_bogus')
     _refused(['--outdir', bad_zip, '--data', data] + TINY, 'exists and is not a directory')
     assert not os.path.exists(outdir)
+
+
+def test_resume_run_config_upgrades_options_of_earlier_versions(data, tmp_path):
+    """A run dir written before the one network family: its training_options.json names mri.networks3d,
+    mri.augment3d, the hooks in mri/ and mri.grid3d grid functions; a continued run gets today's names."""
+    import torch
+    from training.config import resume_run_config
+    run_dir = tmp_path / 'old-run'
+    run_dir.mkdir()
+    hook = dict(class_name='mri.attention.SelfAttention')
+    old = dict(
+        device='cpu', num_gpus=1, total_kimg=1, kimg_per_tick=0.004, image_snapshot_ticks=1, network_snapshot_ticks=1,
+        training_set_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=data, use_labels=False),
+        G_kwargs=dict(class_name='mri.networks3d.Generator', z_dim=512, checkpointing=False, attn_kwargs=hook),
+        D_kwargs=dict(class_name='mri.networks3d.Discriminator', mixed_precision='float16',
+                      quantize_kwargs=dict(class_name='mri.fq.FeatureQuantizer', resolutions=[8])),
+        augment_kwargs=dict(class_name='mri.augment3d.AugmentPipe3d', channel_names=['t1n'], xflip=1),
+        loss_kwargs=dict(class_name='training.loss.StyleGAN2Loss', topk_kwargs=dict(class_name='mri.topk.TopK')),
+        grid_kwargs=dict(setup='mri.grid3d.setup_volume_grid', save='mri.grid3d.save_volume_grid', channels=['t1n']),
+        metrics=[], metric_kwargs={})
+    (run_dir / 'training_options.json').write_text(json.dumps(old))
+    torch.save(dict(cur_nimg=8), str(run_dir / checkpoint.STATE_NAME))
+    c = resume_run_config(str(run_dir), kimg=2)
+    assert c.G_kwargs.class_name == 'training.networks.Generator'
+    assert c.D_kwargs.class_name == 'training.networks.Discriminator'
+    assert c.augment_kwargs.class_name == 'training.augment.AugmentPipe'
+    assert c.augment_kwargs.channel_names == ['t1n'] and c.augment_kwargs.xflip == 1
+    assert c.G_kwargs.attn_kwargs.class_name == 'training.attention.SelfAttention'
+    assert c.D_kwargs.quantize_kwargs.class_name == 'training.fq.FeatureQuantizer'
+    assert c.loss_kwargs.topk_kwargs.class_name == 'training.topk.TopK'
+    assert 'grid_kwargs' not in c and c.total_kimg == 2 and c.resume_run == str(run_dir)
+    assert c.training_set_kwargs.path == data                      # Attribute access all the way down.
+    assert 'mri.' not in json.dumps(c)

@@ -63,8 +63,9 @@ def straight_run(vol_zip, tmp_path_factory):
 
 def test_volume_run_end_to_end(straight_run):
     options = json.load(open(os.path.join(straight_run, 'training_options.json')))
-    assert options['G_kwargs']['class_name'] == 'mri.networks3d.Generator'
-    assert options['augment_kwargs']['class_name'] == 'mri.augment3d.AugmentPipe3d'
+    assert options['G_kwargs']['class_name'] == 'training.networks.Generator'        # One family for 2D and 3D.
+    assert options['augment_kwargs']['class_name'] == 'training.augment.AugmentPipe'
+    assert 'grid_kwargs' not in options
     assert options['augment_kwargs']['channel_names'] == ['t1n', 't2w', 'seg_netc', 'seg_snfh', 'seg_et']
     data = snapshot.load_snapshot(checkpoint.latest_snapshot(straight_run))
     img = data.G_ema(torch.randn([1, data.G_ema.z_dim]), torch.tensor([[1.0, 0.0]]))
@@ -72,10 +73,13 @@ def test_volume_run_end_to_end(straight_run):
     stats = [json.loads(line) for line in open(os.path.join(straight_run, 'stats.jsonl'))]
     assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(0.032, abs=0.001)
     assert stats[-1]['Progress/augment']['mean'] > 0  # ADA ran its 3D pipeline.
-    # Montages: one row of samples (one class), each 2 image channels + the label overlay, in 3 planes of 8 voxels.
+    # Montages: one row of samples (one class), each 2 image channels + the label overlay, in 3 planes of 8 voxels,
+    # with white gaps between the cells and the class name in a left margin (training.grids, as in 2D).
+    from training.grids import GAP
     for name in ['reals.png', 'fakes_init.png', os.path.basename(_last_grid(straight_run))]:
         grid = np.array(PIL.Image.open(os.path.join(straight_run, name)))
-        assert grid.shape == (3 * 8, 4 * 3 * 8, 3), (name, grid.shape)
+        assert grid.shape[0] == 3 * 8 + 2 * GAP and grid.shape[2] == 3, (name, grid.shape)
+        assert 10 < grid.shape[1] - (4 * 3 * 8 + 5 * GAP) < 100, (name, grid.shape)  # The class name in the margin.
 
 
 def test_volume_resume_is_exact(vol_zip, straight_run, tmp_path):
@@ -128,7 +132,24 @@ def test_shape_not_base_times_power_of_two(tmp_path):
     assert '--data' in str(err.value.message) and '\n' not in err.value.message
     data = _volume_zip(tmp_path / 'box.zip', [20, 24, 20])  # 5x6x5 x 4: accepted, anisotropic.
     c = setup_training_config(data=data, device='cpu', metrics='none')
-    assert c.G_kwargs.class_name == 'mri.networks3d.Generator' and c.training_set_kwargs.resolution is None
+    assert c.G_kwargs.class_name == 'training.networks.Generator' and c.training_set_kwargs.resolution is None
+    assert c.G_kwargs.mixed_precision == 'float16' and c.G_kwargs.checkpointing is False
+
+
+def test_hook_resolutions_name_the_levels_of_a_volume(tmp_path):
+    """--attn-res and --fq-res name a level by its largest side: 10x12x10 = 5x6x5 x 2 has levels of side 6, 12."""
+    from training.config import setup_training_config
+    data = _volume_zip(tmp_path / 'box.zip', [10, 12, 10])
+    c = setup_training_config(data=data, device='cpu', metrics='none', attn_res='6', fq_res='6,12')
+    assert c.G_kwargs.attn_res == [6] and c.D_kwargs.attn_res == [6]
+    assert c.G_kwargs.attn_kwargs['class_name'] == 'training.attention.SelfAttention'
+    assert c.D_kwargs.quantize_kwargs['resolutions'] == [6, 12]
+    with pytest.raises(click.UsageError, match='--attn-res: 12 is the full resolution; D has no 10x12x10 block') as err:
+        setup_training_config(data=data, device='cpu', metrics='none', attn_res='12')
+    assert 'choose from 6' in err.value.message
+    with pytest.raises(click.UsageError, match='--fq-res: 8 is not the largest side of a level') as err:
+        setup_training_config(data=data, device='cpu', metrics='none', fq_res='8')
+    assert 'choose from 6, 12' in err.value.message and '\n' not in err.value.message
 
 
 def _tiny_snapshot(path, volume):
@@ -171,8 +192,10 @@ def test_anisotropic_box_trains(tmp_path):
     kwargs = {k: v for k, v in c.items() if k not in ('num_gpus', 'run_dir')}
     result = training_loop(rank=0, num_gpus=1, run_dir=c.run_dir, **kwargs)
     assert result.G_ema.img_shape == [10, 12, 10]
-    # Montage cells are as tall as the tallest plane (12) and as wide as the widest (12), 3 planes, 4 samples.
+    # Montage cells are as tall as the tallest plane (12) and as wide as the widest (12), 3 planes, 4 samples (no
+    # class margin: unconditional), with white gaps.
+    from training.grids import GAP
     grid = np.array(PIL.Image.open(_last_grid(c.run_dir)))
-    assert grid.shape[1] == 4 * 3 * 12
+    assert grid.shape[1] == 4 * 3 * 12 + 5 * GAP
     data = snapshot.load_snapshot(checkpoint.latest_snapshot(c.run_dir))
     assert data.dataset.image_shape == [1, 10, 12, 10]

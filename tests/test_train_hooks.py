@@ -98,15 +98,16 @@ def test_full_resolution_attention_is_refused_in_one_line_before_any_work(data, 
     assert not out.exists()                                 # nothing written
 
 
-def test_attention_memory_warning_is_one_line(data, monkeypatch, capsys):
+def test_attention_memory_warning_is_one_line(data, capsys):
     opts = dict(data=data, batch=4, cbase=256, cmax=16, metrics='none', device='cpu', attn_res='4,8')
-    setup_training_config(**opts)
+    c = setup_training_config(**opts)
     assert 'warning' not in capsys.readouterr().err
     # 4 and 8 at batch 4: G and D layers, 2 * (2,048 + 131,072) = 266,240 bytes; a 400 kB device warns at 50%.
-    monkeypatch.setattr(training_config, 'device_memory_bytes', lambda device: 400_000)
-    setup_training_config(**opts)
+    training_config.warn_attention_memory([4, 8], c.G_kwargs.attn_kwargs, batch_gpu=4, device='cpu', total_bytes=400_000)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith('warning: --attn-res 4,8') and '--batch-gpu' in err[0]
+    training_config.warn_attention_memory([4, 8], c.G_kwargs.attn_kwargs, batch_gpu=4, device='cpu', total_bytes=600_000)
+    assert capsys.readouterr().err == ''
 
 
 def test_hook_options_reach_the_config(data):
@@ -114,5 +115,19 @@ def test_hook_options_reach_the_config(data):
                               fq_res='8', fq_mode='loss')
     assert c.loss_kwargs.topk_global is True and c.loss_kwargs.topk_kwargs['min_frac'] == 0.75
     assert c.D_kwargs.quantize_kwargs['mode'] == 'loss'
+    # The hooks by today's class names (training/), in the one network family.
+    assert c.loss_kwargs.topk_kwargs['class_name'] == 'training.topk.TopK'
+    assert c.D_kwargs.quantize_kwargs['class_name'] == 'training.fq.FeatureQuantizer'
+    assert c.G_kwargs.class_name == 'training.networks.Generator'
     with pytest.raises(click.UsageError, match='--fq-mode'):
         setup_training_config(data=data, batch=4, metrics='none', device='cpu', fq_res='8', fq_mode='both')
+
+
+def test_checkpointing_and_bf16_reach_the_2d_networks(data):
+    """The one network family takes checkpointing and mixed_precision in 2D too; a 2D config names them only when
+    asked, so its networks are configured as before."""
+    c = setup_training_config(data=data, batch=4, metrics='none', device='cpu')
+    assert not {'checkpointing', 'mixed_precision'} & (set(c.G_kwargs) | set(c.D_kwargs))
+    c = setup_training_config(data=data, batch=4, metrics='none', device='cpu', checkpointing=True, bf16=True)
+    for kwargs in (c.G_kwargs, c.D_kwargs):
+        assert kwargs.checkpointing is True and kwargs.mixed_precision == 'bfloat16'

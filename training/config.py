@@ -2,8 +2,11 @@
 
 ``setup_training_config(**opts)`` is pure (no I/O besides reading the dataset header and, for ``resume``, the
 snapshot) so tests and other front ends can build a run without the CLI; every check that can fail runs here,
-before a run dir exists. ``resume_run_config(run_dir, **changes)`` reloads a run's options to continue it in
-place with the options that may change mid-run (``MID_RUN_OPTIONS``). Presets follow the StyleGAN2-ADA paper's
+before a run dir exists, in named phases (process, dataset facts, preset and batch, networks, hooks, optimizers
+and loss, augmentation, metrics, resume). 2D images and volumes get the same classes (one network family, one
+augmentation pipeline), named in ``NETWORK_CLASSES`` and ``HOOK_CLASSES``. ``resume_run_config(run_dir,
+**changes)`` reloads a run's options (class names of earlier versions mapped to today's) to continue it in place
+with the options that may change mid-run (``MID_RUN_OPTIONS``). Presets follow the StyleGAN2-ADA paper's
 configurations.
 """
 
@@ -26,7 +29,7 @@ CFG_SPECS = {
     'cifar':     dict(ref_gpus=2,  kimg=100000, mb=64, mbstd=32, fmaps=1, lrate=0.0025, gamma=0.01, ema=500, ramp=0.05, map=2),
 }
 
-# Volume presets (mri.networks3d): channel_base 4096 and at most 256 channels (fmaps * 32768 = channel_base), so a
+# Volume presets: channel_base 4096 and at most 256 channels (fmaps * 32768 = channel_base), so a
 # 128^3 level has 32 channels, a 64^3 level 64 (3D-StyleGAN, Hong et al. 2021, fits 16-32 at its top level);
 # gamma by the 2D auto rule 0.0002 * side^2 / batch; a short mapping network as in the 2D auto preset.
 VOLUME_CFG_SPECS = {
@@ -36,9 +39,11 @@ VOLUME_CFG_SPECS = {
     'vol256': dict(ref_gpus=1, kimg=5000, mb=4,  mbstd=2, fmaps=0.0625, cmax=256, lrate=0.002, gamma=3.3,  ema=1.25, ramp=0.05, map=2),
 }
 CFG_SPECS.update(VOLUME_CFG_SPECS)
-VOLUME_CLASSES = dict(G='mri.networks3d.Generator', D='mri.networks3d.Discriminator',
-                      augment='mri.augment3d.AugmentPipe3d', augment_keys='mri.augment3d.AUGMENT3D_KEYS',
-                      grid_setup='mri.grid3d.setup_volume_grid', grid_save='mri.grid3d.save_volume_grid')
+
+# One network family for 2D images and volumes (it infers the dimensions from img_resolution), and the hooks.
+NETWORK_CLASSES = dict(G='training.networks.Generator', D='training.networks.Discriminator')
+HOOK_CLASSES = dict(attention='training.attention.SelfAttention', fq='training.fq.FeatureQuantizer',
+                    topk='training.topk.TopK')
 
 AUGPIPE_NAMES = ['blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']
 
@@ -80,10 +85,20 @@ def parse_int_list(value, flag: str):
         raise click.BadParameter(f'{value!r} is not a comma-separated list of integers', param_hint=flag) from None
 
 
-def _check_resolutions(values, resolution, flag):
+def _shape_text(facts) -> str:
+    """'16x16' for square images, 'DxHxW' for volumes."""
+    return 'x'.join(str(s) for s in facts.spatial)
+
+
+def _check_resolutions(values, facts, flag):
+    """Every hook resolution must name a level of the networks: its largest side (block_sides)."""
     for res in values:
-        if res < 4 or res > resolution or (res & (res - 1)) != 0:
-            raise click.UsageError(f'{flag}: {res} is not a power-of-two resolution between 4 and {resolution}')
+        if res in facts.sides:
+            continue
+        if not facts.is_volume:
+            raise click.UsageError(f'{flag}: {res} is not a power-of-two resolution between 4 and {facts.res}')
+        raise click.UsageError(f'{flag}: {res} is not the largest side of a level of the networks for '
+                               f'{_shape_text(facts)} volumes; choose from {", ".join(str(s) for s in facts.sides)}')
 
 
 ATTN_MEMORY_FRACTION = 0.5          # Warn when attention's math path would need more than this share of the device.
@@ -97,14 +112,22 @@ def device_memory_bytes(device: str) -> int:
     return int(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES'))
 
 
-def _warn_attention_memory(attn: list, attn_kwargs: dict, batch_gpu: int, device: str):
+def warn_attention_memory(
+    attn: list,                     # Attention resolutions (--attn-res).
+    attn_kwargs: dict,              # The attention hook's config (its class_name states the cost).
+    batch_gpu: int,                 # Samples per process per round.
+    device: str,                    # 'cuda' or 'cpu'.
+    total_bytes: int = None,        # Memory of the device; None = device_memory_bytes(device).
+):
     """One line on stderr when the attention layers' math path (R1 / path-length passes) would need more than
     ATTN_MEMORY_FRACTION of the device. The attention class states its own cost (``memory_bytes``)."""
+    if not attn:
+        return
     cls = dnnlib.get_obj_by_name(attn_kwargs['class_name'])
-    if not attn or not hasattr(cls, 'memory_bytes'):
+    if not hasattr(cls, 'memory_bytes'):
         return
     need = 2 * sum(cls.memory_bytes(batch_gpu, r) for r in attn)    # A layer in G and one in D per resolution.
-    total = device_memory_bytes(device)
+    total = total_bytes if total_bytes is not None else device_memory_bytes(device)
     if need > ATTN_MEMORY_FRACTION * total:
         per = ', '.join(f'{r}: {cls.memory_bytes(batch_gpu, r) / 2 ** 30:.2f} GiB' for r in attn)
         click.echo(f'warning: --attn-res {",".join(map(str, attn))} at --batch-gpu {batch_gpu} needs about '
@@ -159,25 +182,62 @@ def setup_training_config(
     fq_weight: float = 1.0,         # FQ commitment-loss weight (in D's loss and, for fakes, G's).
     fq_mode: str = 'forward',       # 'forward': D continues with the codes; 'loss': loss and dictionary only.
     attn_res: str = None,           # Self-attention resolutions in G and D, e.g. '32'; None = off.
-    checkpointing: bool = False,    # Volumes: recompute each block's activations in backward (saves memory).
-    bf16: bool = False,             # Volumes: bfloat16 instead of float16 in the mixed-precision blocks.
+    checkpointing: bool = False,    # Recompute each block's activations in backward (saves memory).
+    bf16: bool = False,             # bfloat16 instead of float16 in the mixed-precision blocks.
     **_unused,
 ) -> dnnlib.EasyDict:
-    import torch  # Lazy: --help stays fast.
-
+    """The config of a new run (an EasyDict that training_loop() takes as keyword arguments, plus num_gpus), or
+    a click.UsageError naming the option and what to change. Phases: process, dataset facts, preset and batch,
+    networks and hooks, optimizers and loss, schedule, augmentation, metrics, resume."""
     c = dnnlib.EasyDict()
+    _setup_process(c, device=device, gpus=gpus, ranges=dict(gpus=gpus, p=p, target=target, freezed=freezed,
+                                                              kimg=kimg, tick=tick))
+    facts = _dataset_facts(c, data=data, subset=subset, cond=cond, mirror=mirror, seed=seed, workers=workers)
+    spec, mbstd = _preset_and_batch(c, facts, cfg=cfg, gpus=gpus, batch=batch, batch_gpu=batch_gpu,
+                                    mbstd_group=mbstd_group)
+    _networks(c, facts, spec, cfg=cfg, cbase=cbase, cmax=cmax, map_depth=map_depth, mbstd=mbstd, fp32=fp32,
+              attn_res=attn_res, checkpointing=checkpointing, bf16=bf16)
+    _fq_hook(c, facts, fq_res=fq_res, fq_dict=fq_dict, fq_decay=fq_decay, fq_mode=fq_mode)
+    _optimizers_and_loss(c, spec, cfg=cfg, glr=glr, dlr=dlr, gamma=gamma, fq_weight=fq_weight, topk=topk,
+                         topk_gamma=topk_gamma, topk_min=topk_min, topk_global=topk_global)
+    c.ema_kimg = spec.ema
+    c.ema_rampup = spec.ramp
+    c.total_kimg = kimg if kimg is not None else spec.kimg
+    c.kimg_per_tick = tick
+    c.image_snapshot_ticks = c.network_snapshot_ticks = snap
+    c.random_seed = seed
+    _augmentation(c, facts, aug=aug, p=p, target=target, augpipe=augpipe)
+    _metrics(c, facts, metrics=metrics, detector=detector, detector3d=detector3d, vgg_detector=vgg_detector)
+    _resume_from_snapshot(c, facts, resume=resume, resume_partial=resume_partial)
+    if freezed < 0:
+        raise click.UsageError('--freezed must be non-negative')
+    c.freezed = freezed
+    c.cudnn_benchmark = not nobench
+    c.allow_tf32 = allow_tf32
+    return c
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The phases of setup_training_config, in the order it runs them (so the first problem is the one reported).
+
+def _setup_process(c, device, gpus, ranges):
+    """c.device ('cuda' when available unless given) and c.num_gpus; the numeric options' ranges."""
+    import torch  # Lazy: --help stays fast.
     if device is None:
         device = 'cuda' if torch.cuda.is_available() else 'cpu'
     if device == 'cuda' and not torch.cuda.is_available():
         raise click.UsageError('--device=cuda: no CUDA device is available; use --device=cpu')
-    for name, value in dict(gpus=gpus, p=p, target=target, freezed=freezed, kimg=kimg, tick=tick).items():
+    for name, value in ranges.items():
         check_range(name, value)
     if device == 'cuda' and gpus > torch.cuda.device_count():
         raise click.UsageError(f'--gpus={gpus}: only {torch.cuda.device_count()} CUDA device(s) visible')
     c.device = device
     c.num_gpus = gpus
 
-    # Dataset.
+
+def _dataset_facts(c, data, subset, cond, mirror, seed, workers) -> dnnlib.EasyDict:
+    """Open the archive once: refuse what cannot train, set c.training_set_kwargs and c.data_loader_kwargs, and
+    return the facts the later phases need (kind, shapes, channels, labels)."""
     probe = _open_dataset(data, '--data', subset='all')
     if subset is None:
         subset = 'train' if probe.split else 'all'
@@ -187,37 +247,62 @@ def setup_training_config(
         _open_dataset(data, f'--subset={subset}', subset=subset).close()  # An empty split fails here, not in the run.
     if cond and not probe.has_labels:
         raise click.UsageError(f'--cond=1: {data} has no labels in dataset.json; use --cond=0 or add labels')
-    is_volume = len(probe.image_shape) == 4
-    spatial = list(probe.image_shape[1:])
-    if is_volume:
-        res = max(spatial)
-        if mirror:
-            raise click.UsageError('--mirror=1: flips the last array axis, which is not left-right in a volume; volumes '
-                                   'get left-right flips from ADA (--aug=ada, on by default)')
-    else:
-        problem = shape_problem(spatial)
-        if problem:
-            raise click.UsageError(f'--data: {data} holds images of {problem}; convert it again with dataset_tool.py --resolution')
-        res = probe.resolution
-    if not is_volume and (checkpointing or bf16):
-        raise click.UsageError(f'--{"checkpointing" if checkpointing else "bf16"}: volumes only; {data} holds 2D {probe.kind}')
+    spatial = [int(s) for s in probe.image_shape[1:]]
+    is_volume = len(spatial) == 3
+    if is_volume and mirror:
+        raise click.UsageError('--mirror=1: flips the last array axis, which is not left-right in a volume; volumes '
+                               'get left-right flips from ADA (--aug=ada, on by default)')
+    _check_shape(spatial, is_volume, data)
+    res = max(spatial) if is_volume else probe.resolution
     c.training_set_kwargs = dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path=os.path.abspath(data),
                                             use_labels=cond, max_size=None, xflip=mirror,
                                             resolution=res if len(set(spatial)) == 1 else None,
                                             subset=subset, random_seed=seed)
-    facts = dict(resolution=res, num_channels=probe.num_channels, channels=list(probe.channels),
-                 c_dim=probe.label_dim if cond else 0, label_names=list(probe.label_names) if cond else [])
+    from training.training_loop import network_resolution
+    facts = dnnlib.EasyDict(data=data, kind=probe.kind, is_volume=is_volume, spatial=spatial, res=res,
+                            sides=block_sides(spatial), resolution=network_resolution(spatial),
+                            num_channels=probe.num_channels, channels=list(probe.channels),
+                            c_dim=probe.label_dim if cond else 0, label_names=list(probe.label_names) if cond else [])
     probe.close()
-    c.data_loader_kwargs = data_loader_kwargs(workers, device)
+    c.data_loader_kwargs = data_loader_kwargs(workers, c.device)
+    return facts
 
-    # Preset, with auto values as in StyleGAN2-ADA.
+
+def _check_shape(spatial, is_volume, data):
+    """2D: square, a power of two (training.cli.shape_problem); volumes: what the network family can build."""
+    if not is_volume:
+        problem = shape_problem(spatial)
+        if problem:
+            raise click.UsageError(f'--data: {data} holds images of {problem}; convert it again with dataset_tool.py --resolution')
+        return
+    try:
+        dnnlib.get_obj_by_name(NETWORK_CLASSES['G']).check_resolution(spatial)
+    except ValueError as err:
+        raise click.UsageError(f'--data: {data}: {err}') from None
+
+
+def block_sides(spatial) -> list:
+    """The largest side of each level of the networks, smallest first. A shape is base * 2^k, with k as large
+    as keeps every side of the base >= 4 (square 2D images: base 4); level j then has the largest side
+    max(base) * 2^j, and the hooks' resolutions (--attn-res, --fq-res) name levels by it."""
+    k = 0
+    while all(s % 2 ** (k + 1) == 0 and s // 2 ** (k + 1) >= 4 for s in spatial):
+        k += 1
+    top = max(spatial) // 2 ** k
+    return [top * 2 ** j for j in range(k + 1)]
+
+
+def _preset_and_batch(c, facts, cfg, gpus, batch, batch_gpu, mbstd_group):
+    """The preset (auto values as in StyleGAN2-ADA; volumes pick a vol* preset by side), c.batch_size and
+    c.batch_gpu. Returns the preset and the minibatch-std group size."""
+    is_volume, res = facts.is_volume, facts.res
     if cfg not in CFG_SPECS:
         raise click.UsageError(f'--cfg={cfg}: unknown; choose from {", ".join(CFG_SPECS)}')
     if is_volume and cfg == 'auto':
         cfg = next((name for name in VOLUME_CFG_SPECS if int(name[3:]) >= res), list(VOLUME_CFG_SPECS)[-1])
     if is_volume != (cfg in VOLUME_CFG_SPECS):
-        raise click.UsageError(f'--cfg={cfg}: a {"2D" if is_volume else "volume"} preset, but {data} holds '
-                               f'{"volumes" if is_volume else "2D " + probe.kind}; use '
+        raise click.UsageError(f'--cfg={cfg}: a {"2D" if is_volume else "volume"} preset, but {facts.data} holds '
+                               f'{"volumes" if is_volume else "2D " + facts.kind}; use '
                                f'{"--cfg " + "|".join(VOLUME_CFG_SPECS) if is_volume else "a 2D preset"} or --cfg auto')
     spec = dnnlib.EasyDict(CFG_SPECS[cfg])
     if cfg == 'auto':
@@ -238,41 +323,48 @@ def setup_training_config(
     mbstd = min(mbstd, c.batch_gpu)
     if mbstd > 0 and c.batch_gpu % mbstd != 0:
         raise click.UsageError(f'--mbstd-group={mbstd} must divide --batch-gpu={c.batch_gpu}')
+    return spec, mbstd
 
-    channel_base = cbase if cbase is not None else int(spec.fmaps * 32768)
-    channel_max = cmax if cmax is not None else spec.get('cmax', 512)
-    num_fp16_res = 0 if (fp32 or device == 'cpu') else (2 if is_volume else 4)  # CPU kernels for fp16 convs are slow or missing.
+
+def _networks(c, facts, spec, cfg, cbase, cmax, map_depth, mbstd, fp32, attn_res, checkpointing, bf16):
+    """c.G_kwargs and c.D_kwargs: one network family for 2D and volumes, with the attention hook."""
+    num_fp16_res = 0 if (fp32 or c.device == 'cpu') else (2 if facts.is_volume else 4)  # CPU kernels for fp16 convs are slow or missing.
     conv_clamp = None if num_fp16_res == 0 else 256
     attn = parse_int_list(attn_res, '--attn-res')
-    _check_resolutions(attn, res, '--attn-res')
-    if res in attn:
-        raise click.UsageError(f'--attn-res: {res} is the full resolution; D has no {res}x{res} block output to attend '
-                               f'over, so choose from {", ".join(str(2 ** i) for i in range(2, res.bit_length() - 1))}')
-    attn_kwargs = dict(class_name='mri.attention.SelfAttention')
-    _warn_attention_memory(attn, attn_kwargs, c.batch_gpu, device)
+    _check_resolutions(attn, facts, '--attn-res')
+    if attn and facts.sides[-1] in attn:
+        full = facts.sides[-1]
+        raise click.UsageError(f'--attn-res: {full} is the full resolution; D has no {_shape_text(facts)} block output '
+                               f'to attend over, so choose from {", ".join(str(s) for s in facts.sides[:-1])}')
+    attn_kwargs = dict(class_name=HOOK_CLASSES['attention'])
+    warn_attention_memory(attn, attn_kwargs, c.batch_gpu, c.device)
+    common = dict(channel_base=cbase if cbase is not None else int(spec.fmaps * 32768),
+                  channel_max=cmax if cmax is not None else spec.get('cmax', 512),
+                  num_fp16_res=num_fp16_res, conv_clamp=conv_clamp, attn_res=attn, attn_kwargs=attn_kwargs)
+    if facts.is_volume or checkpointing or bf16:  # 2D configs name them only when asked (as earlier versions wrote).
+        common.update(checkpointing=checkpointing, mixed_precision='bfloat16' if bf16 else 'float16')
+    c.G_kwargs = dnnlib.EasyDict(class_name=NETWORK_CLASSES['G'], z_dim=512, w_dim=512,
+                                 mapping_kwargs=dict(num_layers=map_depth if map_depth is not None else spec.map), **common)
+    c.D_kwargs = dnnlib.EasyDict(class_name=NETWORK_CLASSES['D'], architecture='orig' if cfg == 'cifar' else 'resnet',
+                                 **common, epilogue_kwargs=dict(mbstd_group_size=mbstd))
 
-    c.G_kwargs = dnnlib.EasyDict(class_name='training.networks.Generator', z_dim=512, w_dim=512,
-                                 mapping_kwargs=dict(num_layers=map_depth if map_depth is not None else spec.map),
-                                 channel_base=channel_base, channel_max=channel_max, num_fp16_res=num_fp16_res,
-                                 conv_clamp=conv_clamp, attn_res=attn, attn_kwargs=attn_kwargs)
-    c.D_kwargs = dnnlib.EasyDict(class_name='training.networks.Discriminator', architecture='resnet',
-                                 channel_base=channel_base, channel_max=channel_max, num_fp16_res=num_fp16_res,
-                                 conv_clamp=conv_clamp, attn_res=attn, attn_kwargs=attn_kwargs,
-                                 epilogue_kwargs=dict(mbstd_group_size=mbstd))
-    if cfg == 'cifar':
-        c.D_kwargs.architecture = 'orig'
-    if is_volume:
-        _volume_networks(c, attn, fq_res, checkpointing, bf16, spatial, data, probe.channels)
+
+def _fq_hook(c, facts, fq_res, fq_dict, fq_decay, fq_mode):
+    """Feature quantization in D (c.D_kwargs.quantize_kwargs) at the --fq-res levels."""
     fq = parse_int_list(fq_res, '--fq-res')
-    _check_resolutions(fq, res, '--fq-res')
-    if fq:
-        check_range('fq_dict', fq_dict)
-        check_range('fq_decay', fq_decay)
-        if fq_mode not in ('forward', 'loss'):
-            raise click.UsageError(f'--fq-mode={fq_mode}: choose forward or loss')
-        c.D_kwargs.quantize_kwargs = dict(class_name='mri.fq.FeatureQuantizer', resolutions=fq, dict_size=fq_dict,
-                                          decay=fq_decay, mode=fq_mode)
+    _check_resolutions(fq, facts, '--fq-res')
+    if not fq:
+        return
+    check_range('fq_dict', fq_dict)
+    check_range('fq_decay', fq_decay)
+    if fq_mode not in ('forward', 'loss'):
+        raise click.UsageError(f'--fq-mode={fq_mode}: choose forward or loss')
+    c.D_kwargs.quantize_kwargs = dict(class_name=HOOK_CLASSES['fq'], resolutions=fq, dict_size=fq_dict,
+                                      decay=fq_decay, mode=fq_mode)
 
+
+def _optimizers_and_loss(c, spec, cfg, glr, dlr, gamma, fq_weight, topk, topk_gamma, topk_min, topk_global):
+    """Adam for G and D, and the loss: R1, style mixing, path length, the FQ weight and the top-k hook."""
     lr_g = glr if glr is not None else spec.lrate
     lr_d = dlr if dlr is not None else spec.lrate
     c.G_opt_kwargs = dnnlib.EasyDict(class_name='torch.optim.Adam', lr=lr_g, betas=[0, 0.99], eps=1e-8)
@@ -281,22 +373,19 @@ def setup_training_config(
                                     r1_gamma=gamma if gamma is not None else spec.gamma,
                                     style_mixing_prob=0 if cfg == 'cifar' else 0.9,
                                     pl_weight=0 if cfg == 'cifar' else 2)
-    if fq:
+    if 'quantize_kwargs' in c.D_kwargs:
         c.loss_kwargs.fq_weight = check_range('fq_weight', fq_weight)
     if topk:
         check_range('topk_gamma', topk_gamma)
         check_range('topk_min', topk_min)
-        c.loss_kwargs.topk_kwargs = dict(class_name='mri.topk.TopK', gamma=topk_gamma, min_frac=topk_min)
+        c.loss_kwargs.topk_kwargs = dict(class_name=HOOK_CLASSES['topk'], gamma=topk_gamma, min_frac=topk_min)
         if topk_global:
             c.loss_kwargs.topk_global = True
-    c.ema_kimg = spec.ema
-    c.ema_rampup = spec.ramp
-    c.total_kimg = kimg if kimg is not None else spec.kimg
-    c.kimg_per_tick = tick
-    c.image_snapshot_ticks = c.network_snapshot_ticks = snap
-    c.random_seed = seed
 
-    # Augmentation.
+
+def _augmentation(c, facts, aug, p, target, augpipe):
+    """c.augment_kwargs (one AugmentPipe for 2D and volumes; it skips the 2D-only transforms on volumes itself),
+    c.augment_p, and ADA's c.ada_target / c.ada_kimg."""
     c.ada_target = None
     c.augment_p = 0
     c.augment_kwargs = None
@@ -305,26 +394,26 @@ def setup_training_config(
     if p is not None and aug != 'fixed':  # As StyleGAN2-ADA: never ignore an option silently.
         raise click.UsageError(f'--p can only be specified with --aug=fixed (--aug={aug} '
                                f'{"adjusts p itself toward --target" if aug == "ada" else "does not augment"})')
-    if aug != 'noaug':
-        from training.augment import augpipe_specs
-        if augpipe not in augpipe_specs:
-            raise click.UsageError(f'--augpipe={augpipe}: unknown; choose from {", ".join(augpipe_specs)}')
-        c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', **augpipe_specs[augpipe])
-        if is_volume:  # The 3D pipeline takes the preset's transforms that exist in 3D, and the channel names.
-            keys = dnnlib.get_obj_by_name(VOLUME_CLASSES['augment_keys'])
-            c.augment_kwargs = dnnlib.EasyDict(class_name=VOLUME_CLASSES['augment'], channel_names=probe.channels,
-                                               **{k: v for k, v in augpipe_specs[augpipe].items() if k in keys})
-        if aug == 'ada':
-            c.ada_target = target
-            c.ada_kimg = 500  # 100 when starting from a snapshot: see below.
-        else:
-            if p is None:
-                raise click.UsageError('--aug=fixed needs --p')
-            c.augment_p = p
+    if aug == 'noaug':
+        return
+    from training.augment import augpipe_specs
+    if augpipe not in augpipe_specs:
+        raise click.UsageError(f'--augpipe={augpipe}: unknown; choose from {", ".join(augpipe_specs)}')
+    c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', channel_names=list(facts.channels),
+                                       **augpipe_specs[augpipe])
+    if aug == 'ada':
+        c.ada_target = target
+        c.ada_kimg = 500  # 100 when starting from a snapshot: see _resume_from_snapshot.
+    else:
+        if p is None:
+            raise click.UsageError('--aug=fixed needs --p')
+        c.augment_p = p
 
-    # Metrics.
+
+def _metrics(c, facts, metrics, detector, detector3d, vgg_detector):
+    """c.metrics (default: one that can measure this kind of data) and c.metric_kwargs (detector overrides)."""
     if metrics is None:  # Volumes default to a metric that can measure them.
-        metrics = 'fid25d_full' if is_volume else 'fid50k_full'
+        metrics = 'fid25d_full' if facts.is_volume else 'fid50k_full'
     c.metrics = parse_metrics(metrics)
     c.metric_kwargs = dnnlib.EasyDict()
     if detector:
@@ -333,34 +422,32 @@ def setup_training_config(
         c.metric_kwargs.vgg_detector_url = vgg_detector
     if c.metrics:
         from metrics import metric_main
-        problem = metric_main.metrics_problem(c.metrics, is_volume, detector3d)
+        problem = metric_main.metrics_problem(c.metrics, facts.is_volume, detector3d)
         if problem:
             raise click.UsageError(f'--metrics: {problem}')
     if detector3d:
         c.metric_kwargs.detector3d = detector3d
 
-    # Resume and freezing.
-    if resume is not None:
-        if os.path.isdir(resume):
-            raise click.UsageError(f'--resume {resume}: a run dir is continued by itself (train.py --resume RUN_DIR); '
-                                   f'to start a new run from its weights, give one of its snapshot files')
-        if not os.path.isfile(resume):
-            raise click.UsageError(f'--resume {resume}: no such run dir or snapshot file')
-        _check_resume_kind(resume, is_volume, data)
-        c.resume_pkl = os.path.abspath(resume)
-        c.resume_partial = bool(resume_partial)
-        c.ema_rampup = None  # Fine-tuning keeps the full EMA from the start.
-        if c.ada_target is not None:
-            c.ada_kimg = 100  # As StyleGAN2-ADA for transfer learning: let p react faster at the start.
-        check_resume_snapshot(c, facts, resume)
-    elif resume_partial:
-        raise click.UsageError('--resume-partial only applies to --resume SNAPSHOT')
-    if freezed < 0:
-        raise click.UsageError('--freezed must be non-negative')
-    c.freezed = freezed
-    c.cudnn_benchmark = not nobench
-    c.allow_tf32 = allow_tf32
-    return c
+
+def _resume_from_snapshot(c, facts, resume, resume_partial):
+    """--resume SNAPSHOT: a new run from its weights, which must fit (check_resume_snapshot) unless --resume-partial;
+    the full EMA from the start and, for ADA, a faster p (transfer learning)."""
+    if resume is None:
+        if resume_partial:
+            raise click.UsageError('--resume-partial only applies to --resume SNAPSHOT')
+        return
+    if os.path.isdir(resume):
+        raise click.UsageError(f'--resume {resume}: a run dir is continued by itself (train.py --resume RUN_DIR); '
+                               f'to start a new run from its weights, give one of its snapshot files')
+    if not os.path.isfile(resume):
+        raise click.UsageError(f'--resume {resume}: no such run dir or snapshot file')
+    _check_resume_kind(resume, facts.is_volume, facts.data)
+    c.resume_pkl = os.path.abspath(resume)
+    c.resume_partial = bool(resume_partial)
+    c.ema_rampup = None  # Fine-tuning keeps the full EMA from the start.
+    if c.ada_target is not None:
+        c.ada_kimg = 100  # As StyleGAN2-ADA for transfer learning: let p react faster at the start.
+    check_resume_snapshot(c, facts, resume)
 
 
 def _open_dataset(data: str, flag: str, subset: str):
@@ -400,6 +487,19 @@ def parse_metrics(metrics) -> list:
 MID_RUN_OPTIONS = ('kimg', 'metrics', 'detector', 'vgg_detector', 'snap', 'tick', 'workers')
 
 
+def _as_shape(img_resolution, ndim: int) -> list:
+    """An ``img_resolution`` as a list of sides: an int is a square (ndim 2) or a cube (ndim 3); None -> []."""
+    if img_resolution is None:
+        return []
+    if isinstance(img_resolution, (list, tuple)):
+        return [int(s) for s in img_resolution]
+    return [int(img_resolution)] * ndim
+
+
+def _text(value) -> str:
+    return 'x'.join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value)
+
+
 def check_resume_snapshot(c: dnnlib.EasyDict, facts: dict, path: str):
     """Refuse (one line) a snapshot that does not fit the run ``c`` describes: resolution, channels, labels or
     network widths differ, so fewer than all tensors would be copied. ``c.resume_partial`` accepts that.
@@ -417,11 +517,14 @@ def check_resume_snapshot(c: dnnlib.EasyDict, facts: dict, path: str):
     kw = record.get('init_kwargs') or {}
     desc = data.get('dataset') or {}
     differences = []
-    for what, theirs, ours in [('resolution', kw.get('img_resolution'), facts['resolution']),
-                               ('channels', kw.get('img_channels'), facts['num_channels']),
-                               ('label dimension (c_dim)', kw.get('c_dim'), facts['c_dim'])]:
-        if theirs is not None and theirs != ours:
-            differences.append(f'{what} {theirs} in the snapshot, {ours} here')
+    ndim = len(_as_shape(facts['resolution'], 2))
+    for what, theirs, ours, same in [
+            ('resolution', kw.get('img_resolution'), facts['resolution'],    # A cube was once recorded as its side.
+             lambda a, b: _as_shape(a, ndim) == _as_shape(b, ndim)),
+            ('channels', kw.get('img_channels'), facts['num_channels'], lambda a, b: a == b),
+            ('label dimension (c_dim)', kw.get('c_dim'), facts['c_dim'], lambda a, b: a == b)]:
+        if theirs is not None and not same(theirs, ours):
+            differences.append(f'{what} {_text(theirs)} in the snapshot, {_text(ours)} here')
     if not differences:  # Same counts: do the names agree where both sides record them?
         for what, key in [('channels', 'channels'), ('labels', 'label_names')]:
             theirs, ours = desc.get(key), facts[key]
@@ -445,6 +548,7 @@ def check_resume_snapshot(c: dnnlib.EasyDict, facts: dict, path: str):
 def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
     """A run's saved options, to continue it in place, with ``changes`` (keys of MID_RUN_OPTIONS; None = keep)."""
     import torch
+    from torch_utils import snapshot
     from training import checkpoint
     path = os.path.join(run_dir, 'training_options.json')
     if not os.path.isfile(path):
@@ -455,11 +559,13 @@ def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
                                f'snapshot; start it again')
     with open(path) as f:
         try:
-            c = json.load(f, object_hook=dnnlib.EasyDict)
+            options = json.load(f)
         except json.JSONDecodeError as err:
             raise click.UsageError(f'--resume {run_dir}: training_options.json is not valid JSON ({err})') from None
+    c = _easydicts(snapshot.upgrade_names(options))     # Class names of earlier versions -> today's.
     for key in ('resume_pkl', 'resume_partial', 'resume_run', 'allow_pickle'):  # Not options of a continued run.
         c.pop(key, None)
+    c.pop('grid_kwargs', None)  # Earlier versions named volume grid functions here; training.grids draws both kinds.
     c.resume_run = c.run_dir = os.path.abspath(run_dir)
     data = (c.get('training_set_kwargs') or {}).get('path')
     if data and not os.path.exists(data):
@@ -491,42 +597,37 @@ def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
     return c
 
 
+def _easydicts(value):
+    """Plain JSON data with every dict an EasyDict (the config's attribute access)."""
+    if isinstance(value, dict):
+        return dnnlib.EasyDict({k: _easydicts(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_easydicts(v) for v in value]
+    return value
+
+
 def save_options(c: dnnlib.EasyDict) -> None:
     """training_options.json of the run dir: what a later plain --resume continues with."""
     with dnnlib.atomic_output(os.path.join(c.run_dir, 'training_options.json')) as tmp, open(tmp, 'wt') as f:
         json.dump({k: v for k, v in c.items() if k != 'resume_run'}, f, indent=2)
 
 
-def _volume_networks(c, attn, fq_res, checkpointing, bf16, spatial, data, channels):
-    """Swap in the 3D classes (by name: training/ does not import mri/) with the same channel/precision options."""
-    if attn or parse_int_list(fq_res, '--fq-res'):
-        raise click.UsageError(f'--{"attn-res" if attn else "fq-res"}: 2D only; {data} holds volumes')
-    G_class = dnnlib.get_obj_by_name(VOLUME_CLASSES['G'])
-    try:
-        G_class.check_resolution(spatial)
-    except ValueError as err:
-        raise click.UsageError(f'--data: {data}: {err}') from None
-    common = dict(checkpointing=checkpointing, mixed_precision='bfloat16' if bf16 else 'float16')
-    for kwargs in (c.G_kwargs, c.D_kwargs):
-        kwargs.pop('attn_res')
-        kwargs.pop('attn_kwargs')
-        kwargs.update(common)
-    c.G_kwargs.class_name = VOLUME_CLASSES['G']
-    c.D_kwargs.class_name = VOLUME_CLASSES['D']
-    c.grid_kwargs = dnnlib.EasyDict(setup=VOLUME_CLASSES['grid_setup'], save=VOLUME_CLASSES['grid_save'], channels=channels)
-
-
 def _check_resume_kind(resume, is_volume, data):
     """A 2D snapshot cannot start a volume run, nor the reverse: only same-named tensors of equal shape would be
-    copied, so the run would silently start from scratch."""
+    copied, so the run would silently start from scratch. Read as plain data: nothing is built."""
     from torch_utils import snapshot
     try:
-        snap = snapshot.load_snapshot(resume)
+        snap = snapshot.read_snapshot_data(resume)
     except snapshot.SnapshotError as err:
         raise click.UsageError(f'--resume: {err}') from None
-    G = snap.get('G_ema') or snap.get('G')
-    snap_volume = len((snap.get('dataset') or {}).get('image_shape') or []) == 4 or \
-        getattr(G, 'class_name', '') == VOLUME_CLASSES['G']
+    if not isinstance(snap, dict) or snap.get('format') != snapshot.SNAPSHOT_FORMAT:
+        raise click.UsageError(f'--resume: {resume}: not a snapshot of this project')
+    modules = snap.get('modules') or {}
+    record = modules.get('G_ema') or modules.get('G') or {}
+    kwargs = record.get('init_kwargs') or {}
+    snap_volume = (len((snap.get('dataset') or {}).get('image_shape') or []) == 4
+                   or kwargs.get('spatial_dims') == 3
+                   or len(_as_shape(kwargs.get('img_resolution'), 2)) == 3)
     if snap_volume != is_volume:
         raise click.UsageError(f'--resume: {resume} is a {"3D (volume)" if snap_volume else "2D"} snapshot, but '
                                f'--data {data} holds {"volumes" if is_volume else "2D images"}')

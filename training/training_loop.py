@@ -1,17 +1,24 @@
 """The training loop: StyleGAN2-ADA's schedule (lazy regularisation, G_ema, ADA) with exact resume.
 
-One loop for every configuration: the networks, the augmentation pipeline and the loss are built from
-``class_name`` configs, so MRI variants (attention, feature quantization, top-k) plug in without this file
-importing them. Multi-process runs all-reduce gradients by hand (as StyleGAN3 does), so the R1 and
-path-length double backward need no DDP support and every rank keeps identical parameters.
+One loop for every configuration and any number of spatial dimensions: the networks, the augmentation
+pipeline and the loss are built from ``class_name`` configs, so the hooks (attention, feature quantization,
+top-k) plug in without this file importing them, and 2D images and volumes take the same path (the networks
+infer their dimensions from ``img_resolution``). Multi-process runs all-reduce gradients by hand (as StyleGAN3
+does), so the R1 and path-length double backward need no DDP support and every rank keeps identical parameters.
+
+The loop reads top to bottom: ``_setup`` builds a ``Run`` (everything the phases share), then each step
+trains one batch (``_train_step``, ``_update_ema``, ``_update_ada``) and the end of a tick reports, draws
+grids, writes the snapshot and training state, evaluates metrics and appends the statistics.
 """
 
 import copy
+import dataclasses
 import json
 import os
 import resource
 import signal
 import time
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -19,8 +26,7 @@ import torch
 import dnnlib
 from torch_utils import misc, snapshot, training_stats
 from torch_utils.ops import conv2d_gradfix, grid_sample_gradfix
-from training import checkpoint
-from training.grids import grid_style
+from training import checkpoint, grids
 
 
 class StopRequested:
@@ -49,68 +55,41 @@ class StopRequested:
             signal.signal(sig, handler)
 
 
-def _all_reduce_flag(flag: bool, device, num_gpus: int) -> bool:
-    if num_gpus == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t)
-    return bool(t.item() > 0)
+def network_resolution(spatial):
+    """The ``img_resolution`` the networks get for data of spatial shape ``spatial``: the side of square 2D
+    images (an int, as StyleGAN2-ADA's networks take), else the shape as a list, one size per axis (volumes,
+    cubes included; the network family infers 2D or 3D from its length)."""
+    spatial = [int(s) for s in spatial]
+    return spatial[0] if len(spatial) == 2 and spatial[0] == spatial[1] else spatial
 
 
-def _img_resolution(training_set):
-    """The side of square images and cubes (an int, as the 2D networks take), else the shape [D, H, W]."""
-    spatial = list(training_set.image_shape[1:])
-    return spatial[0] if len(set(spatial)) == 1 else spatial
-
-
-def _build_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device):
-    common = dict(c_dim=training_set.label_dim, img_resolution=_img_resolution(training_set),
-                  img_channels=training_set.num_channels)
-    G = dnnlib.construct_class_by_name(**G_kwargs, **common).train().requires_grad_(False).to(device)
-    D = dnnlib.construct_class_by_name(**D_kwargs, **common).train().requires_grad_(False).to(device)
-    G_ema = copy.deepcopy(G).eval()
-    augment_pipe = None
-    if augment_kwargs is not None:
-        augment_pipe = dnnlib.construct_class_by_name(**augment_kwargs).train().requires_grad_(False).to(device)
-    return G, D, G_ema, augment_pipe
-
-
-def _load_weights(resume_path, modules: dict, partial: bool, log):
-    """Copy a snapshot's tensors (ours or an NVlabs pickle) into the new networks by name and shape."""
-    log(f'Loading networks from "{resume_path}"...')
-    copied, total, first = checkpoint.transfer_weights(snapshot.read_snapshot_data(resume_path), modules)
-    log(f'  copied {copied} of {total} tensors' + (f' (first left as initialised: {first})' if first else ''))
-    if copied < total and not partial:
-        raise snapshot.SnapshotError(f'{resume_path}: copies only {copied} of {total} tensors into this run '
-                                     f'({first}); pass resume_partial=True (--resume-partial) to accept that')
-
-
-def _setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval):
-    """Lazy regularisation (StyleGAN2 Sec. 2.2): reg phases every N steps with adjusted Adam hyper-params."""
-    phases = []
-    for name, module, opt_kwargs, reg_interval in [('G', G, G_opt_kwargs, G_reg_interval), ('D', D, D_opt_kwargs, D_reg_interval)]:
-        params = list(module.parameters())
-        if reg_interval is None:
-            opt = dnnlib.construct_class_by_name(params=params, **opt_kwargs)
-            phases.append(dnnlib.EasyDict(name=name + 'both', module=module, opt=opt, interval=1))
-        else:
-            mb_ratio = reg_interval / (reg_interval + 1)
-            opt_kwargs = dnnlib.EasyDict(opt_kwargs)
-            opt_kwargs.lr = opt_kwargs.lr * mb_ratio
-            opt_kwargs.betas = [beta ** mb_ratio for beta in opt_kwargs.betas]
-            opt = dnnlib.construct_class_by_name(params=params, **opt_kwargs)
-            phases.append(dnnlib.EasyDict(name=name + 'main', module=module, opt=opt, interval=1))
-            phases.append(dnnlib.EasyDict(name=name + 'reg', module=module, opt=opt, interval=reg_interval))
-    return phases
-
-
-def _frozen_param_names(D, freezed: int):
-    """FreezeD (Mo et al. 2020): freeze the ``freezed`` highest-resolution blocks of D (named ``b<res>``)."""
-    if freezed <= 0:
-        return set()
-    block_res = sorted({int(n.split('.')[0][1:]) for n, _ in D.named_parameters() if n.split('.')[0][1:].isdigit()}, reverse=True)
-    frozen_blocks = {f'b{res}' for res in block_res[:freezed]}
-    return {n for n, _ in D.named_parameters() if n.split('.')[0] in frozen_blocks}
+@dataclasses.dataclass(eq=False)
+class Run:
+    """One training run in progress: what every phase of the loop reads and updates."""
+    opts: dnnlib.EasyDict                   # The arguments of training_loop().
+    device: torch.device = None             # This process's device.
+    log: Callable = None                    # print() on rank 0, nothing on the other ranks.
+    resume_state: dict = None               # training-state.pt of the run being continued; None = a fresh run.
+    training_set: Any = None                # The dataset (training.dataset.ImageFolderDataset).
+    batches: Iterator = None                # Endless iterator over this rank's share of the data.
+    nets: dnnlib.EasyDict = None            # G, D, G_ema, augment_pipe (None = no augmentation).
+    loss: Any = None                        # The loss (training.loss.StyleGAN2Loss or a class_name alike).
+    phases: list = None                     # Gmain/Greg/Dmain/Dreg (or *both): module, optimizer, interval, events.
+    frozen: set = None                      # Names of D's parameters that FreezeD keeps fixed.
+    ada: Any = None                         # training.augment.AdaController; None = a fixed p.
+    grid: dnnlib.EasyDict = None            # Rank 0's image grid: size, latents z, labels c, style.
+    logs: Any = None                        # _Logs: the statistics collector, stats.jsonl, TensorBoard.
+    record: dnnlib.EasyDict = None          # What every snapshot records besides the networks.
+    stop: StopRequested = None              # Set by SIGINT/SIGTERM.
+    cur_nimg: int = 0                       # Real images shown so far.
+    cur_tick: int = 0                       # Ticks completed.
+    batch_idx: int = 0                      # Steps completed.
+    start_time: float = 0.0                 # When training_loop() was entered.
+    tick_start_nimg: int = 0                # cur_nimg at the start of this tick.
+    tick_start_time: float = 0.0            # When this tick started.
+    maintenance_time: float = 0.0           # Seconds spent between the previous tick's end and this tick's start.
+    done: bool = False                      # total_kimg reached.
+    stopping: bool = False                  # A stop was requested (signal or abort_fn) on any rank.
 
 
 def training_loop(
@@ -142,7 +121,6 @@ def training_loop(
     total_kimg: float = 25000,          # Training length in thousands of real images.
     kimg_per_tick: float = 4,           # Progress reporting interval.
     image_snapshot_ticks: int = 50,     # Image grid interval in ticks; None = never.
-    grid_kwargs: dict = None,           # {setup, save, **save options} grid functions by name; None = 2D image grids.
     network_snapshot_ticks: int = 50,   # Snapshot interval in ticks; None = never.
     resume_pkl: str = None,             # Initialise weights from this snapshot (new run, counters at 0).
     resume_run: str = None,             # Continue this run dir exactly (counters, optimizers, RNG).
@@ -153,202 +131,256 @@ def training_loop(
     abort_fn=None,                      # Callback: return True to stop early (e.g. tests).
     progress_fn=None,                   # Callback: progress_fn(cur_nimg, total_nimg).
 ):
-    start_time = time.time()
-    device = _setup_device(device, random_seed, num_gpus, rank, cudnn_benchmark, allow_tf32)
-    log = (lambda *a, **k: print(*a, **k, flush=True)) if rank == 0 else (lambda *a, **k: None)
-
-    # Training state to resume from, if any.
-    state = None
-    if resume_run is not None:
-        state = checkpoint.load_training_state(resume_run)
-        resume_pkl = os.path.join(resume_run, state['snapshot'])
-    cur_nimg = int(state['cur_nimg']) if state else 0
-
-    training_set, training_set_iterator = _setup_data(training_set_kwargs, data_loader_kwargs, random_seed, rank,
-                                                      num_gpus, batch_size, cur_nimg, log)
-    G, D, G_ema, augment_pipe = _setup_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device, resume_pkl,
-                                                resume_partial, augment_p, state, batch_gpu, num_gpus, rank, log)
-    loss, phases, frozen = _setup_loss_and_phases(training_set, G, D, augment_pipe, loss_kwargs, G_opt_kwargs,
-                                                  D_opt_kwargs, G_reg_interval, D_reg_interval, freezed, device, rank)
-    ada = None
-    if ada_target is not None and augment_pipe is not None:
-        from training.augment import AdaController
-        ada = AdaController(target=ada_target, interval=ada_interval, kimg=ada_kimg, batch_size=batch_size)
-    cur_tick, batch_idx = _restore_state(state, phases, loss, augment_pipe, device, rank, resume_run, cur_nimg, log)
-    grid = _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh=state is None, log=log,
-                       grid_kwargs=grid_kwargs)
-    logs = _Logs(run_dir, rank)
-    nets = dnnlib.EasyDict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe)
-    # What every snapshot records: the data it was trained on and the configs that rebuild its networks.
-    record = dnnlib.EasyDict(dataset=training_set.describe(), config=dict(
-        training_set_kwargs=training_set_kwargs, G_kwargs=G_kwargs, D_kwargs=D_kwargs))
-
-    log(f'Training for {total_kimg} kimg...')
-    log()
-    total_nimg = int(total_kimg * 1000)
-    tick_start_nimg = cur_nimg
-    tick_start_time = time.time()
-    maintenance_time = tick_start_time - start_time
-    stop = StopRequested().__enter__()
-    done = False
+    run = _setup(dnnlib.EasyDict(locals()))  # First statement: locals() holds exactly the arguments.
+    run.log(f'Training for {total_kimg} kimg...')
+    run.log()
+    run.tick_start_nimg = run.cur_nimg
+    run.tick_start_time = time.time()
+    run.maintenance_time = run.tick_start_time - run.start_time
+    run.stop = StopRequested().__enter__()
     try:
         while True:
-            _train_step(training_set, training_set_iterator, G, D, phases, loss, frozen, batch_size, batch_gpu,
-                        batch_idx, cur_nimg, num_gpus, device)
-            _update_ema(G, G_ema, ema_kimg, ema_rampup, batch_size, cur_nimg)
-            cur_nimg += batch_size
-            batch_idx += 1
-            if ada is not None and batch_idx % ada_interval == 0:
-                _update_ada(ada, loss, augment_pipe, num_gpus)
-
-            if progress_fn is not None:
-                progress_fn(cur_nimg // 1000, total_kimg)
-            done = cur_nimg >= total_nimg
-            stopping = _all_reduce_flag(stop.requested or bool(abort_fn is not None and abort_fn()), device, num_gpus)
-            if not done and not stopping and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            _train_step(run)
+            _update_ema(run)
+            run.cur_nimg += batch_size
+            run.batch_idx += 1
+            if run.ada is not None and run.batch_idx % ada_interval == 0:
+                _update_ada(run)
+            if not _tick_ends(run):
                 continue
-
-            # Tick: status line, grids, snapshot and state, metrics, statistics.
             tick_end_time = time.time()
-            log(_tick_status(cur_tick, cur_nimg, tick_start_nimg, start_time, tick_start_time, tick_end_time,
-                             maintenance_time, device, augment_pipe, loss))
-            _maintenance(cur_tick, cur_nimg, batch_idx, done, stopping, nets, loss, phases, grid, logs, record,
-                         metrics=metrics, metric_kwargs=metric_kwargs, image_snapshot_ticks=image_snapshot_ticks,
-                         network_snapshot_ticks=network_snapshot_ticks, run_dir=run_dir, rank=rank,
-                         num_gpus=num_gpus, device=device, start_time=start_time)
-            cur_tick += 1
-            tick_start_nimg = cur_nimg
-            tick_start_time = time.time()
-            maintenance_time = tick_start_time - tick_end_time
-            if done or stopping:
+            run.log(_tick_status(run, tick_end_time))
+            _maintenance(run)
+            run.cur_tick += 1
+            run.tick_start_nimg = run.cur_nimg
+            run.tick_start_time = time.time()
+            run.maintenance_time = run.tick_start_time - tick_end_time
+            if run.done or run.stopping:
                 break
     finally:
-        stop.__exit__(None, None, None)
-        logs.close()
-    log()
-    log('Exiting...' if done else 'Stopped before the end; resume with --resume ' + os.path.abspath(run_dir))
-    return dnnlib.EasyDict(cur_nimg=cur_nimg, done=done, G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe)
+        run.stop.__exit__(None, None, None)
+        run.logs.close()
+    run.log()
+    run.log('Exiting...' if run.done else 'Stopped before the end; resume with --resume ' + os.path.abspath(run_dir))
+    return dnnlib.EasyDict(cur_nimg=run.cur_nimg, done=run.done, **run.nets)
+
+
+def _tick_ends(run: Run) -> bool:
+    """After a step: report progress, note whether training is done or asked to stop (on any rank), and say
+    whether this step ends the tick."""
+    opts = run.opts
+    if opts.progress_fn is not None:
+        opts.progress_fn(run.cur_nimg // 1000, opts.total_kimg)
+    run.done = run.cur_nimg >= int(opts.total_kimg * 1000)
+    asked = run.stop.requested or bool(opts.abort_fn is not None and opts.abort_fn())
+    run.stopping = _all_reduce_flag(asked, run.device, opts.num_gpus)
+    return run.done or run.stopping or run.cur_nimg >= run.tick_start_nimg + opts.kimg_per_tick * 1000
+
+
+def _all_reduce_flag(flag: bool, device, num_gpus: int) -> bool:
+    if num_gpus == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t)
+    return bool(t.item() > 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Set-up phases, in the order the loop runs them (the order fixes the RNG stream, so exact resume depends on it).
+# Set-up, in the order the phases run (the order fixes the RNG stream, so exact resume depends on it).
 
-def _setup_device(device, random_seed, num_gpus, rank, cudnn_benchmark, allow_tf32):
+def _setup(opts: dnnlib.EasyDict) -> Run:
+    """Device and seeds, the state to resume from, data, networks, loss and phases, ADA, restored counters, grid,
+    logs: a Run ready for its first step."""
+    run = Run(opts=opts, start_time=time.time())
+    run.device = _setup_device(opts)
+    run.log = (lambda *a, **k: print(*a, **k, flush=True)) if opts.rank == 0 else (lambda *a, **k: None)
+    if opts.resume_run is not None:
+        run.resume_state = checkpoint.load_training_state(opts.resume_run)
+        opts.resume_pkl = os.path.join(opts.resume_run, run.resume_state['snapshot'])
+        run.cur_nimg = int(run.resume_state['cur_nimg'])
+    _setup_data(run)
+    _setup_networks(run)
+    _setup_loss_and_phases(run)
+    if opts.ada_target is not None and run.nets.augment_pipe is not None:
+        from training.augment import AdaController
+        run.ada = AdaController(target=opts.ada_target, interval=opts.ada_interval, kimg=opts.ada_kimg,
+                                batch_size=opts.batch_size)
+    _restore_state(run)
+    _setup_grid(run)
+    run.logs = _Logs(opts.run_dir, opts.rank)
+    # What every snapshot records: the data it was trained on and the configs that rebuild its networks.
+    run.record = dnnlib.EasyDict(dataset=run.training_set.describe(), config=dict(
+        training_set_kwargs=opts.training_set_kwargs, G_kwargs=opts.G_kwargs, D_kwargs=opts.D_kwargs))
+    return run
+
+
+def _setup_device(opts) -> torch.device:
     """Seed this rank and set the backends' switches; returns the torch.device."""
-    device = torch.device(device)
-    np.random.seed(random_seed * num_gpus + rank)
-    torch.manual_seed(random_seed * num_gpus + rank)
+    device = torch.device(opts.device)
+    np.random.seed(opts.random_seed * opts.num_gpus + opts.rank)
+    torch.manual_seed(opts.random_seed * opts.num_gpus + opts.rank)
     if device.type == 'cuda':
-        torch.backends.cudnn.benchmark = cudnn_benchmark
-        torch.backends.cuda.matmul.allow_tf32 = allow_tf32
-        torch.backends.cudnn.allow_tf32 = allow_tf32
+        torch.backends.cudnn.benchmark = opts.cudnn_benchmark
+        torch.backends.cuda.matmul.allow_tf32 = opts.allow_tf32
+        torch.backends.cudnn.allow_tf32 = opts.allow_tf32
     conv2d_gradfix.enabled = True
     grid_sample_gradfix.enabled = True
     return device
 
 
-def _setup_data(training_set_kwargs, data_loader_kwargs, random_seed, rank, num_gpus, batch_size, cur_nimg, log):
+def _setup_data(run: Run):
     """The training set and an endless iterator over this rank's share, continuing after ``cur_nimg`` images."""
-    log('Loading training set...')
-    training_set = dnnlib.construct_class_by_name(**training_set_kwargs)
-    sampler = misc.InfiniteSampler(training_set, rank=rank, num_replicas=num_gpus, seed=random_seed, start_index=cur_nimg)
-    loader = torch.utils.data.DataLoader(training_set, sampler=sampler, batch_size=batch_size // num_gpus, **data_loader_kwargs)
-    log(f'  images {len(training_set)}, shape {training_set.image_shape}, labels {training_set.label_dim} '
-        f'({", ".join(training_set.label_names) or "none"}), channels {training_set.channels}')
-    return training_set, iter(loader)
+    opts = run.opts
+    run.log('Loading training set...')
+    run.training_set = dnnlib.construct_class_by_name(**opts.training_set_kwargs)
+    sampler = misc.InfiniteSampler(run.training_set, rank=opts.rank, num_replicas=opts.num_gpus, seed=opts.random_seed,
+                                   start_index=run.cur_nimg)
+    loader = torch.utils.data.DataLoader(run.training_set, sampler=sampler, batch_size=opts.batch_size // opts.num_gpus,
+                                         **opts.data_loader_kwargs)
+    run.batches = iter(loader)
+    ts = run.training_set
+    run.log(f'  images {len(ts)}, shape {ts.image_shape}, labels {ts.label_dim} '
+            f'({", ".join(ts.label_names) or "none"}), channels {ts.channels}')
 
 
-def _setup_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device, resume_pkl, resume_partial, augment_p,
-                    state, batch_gpu, num_gpus, rank, log):
+def _setup_networks(run: Run):
     """G, D, G_ema and the augmentation pipe: built, initialised from a snapshot if any, and synced to rank 0."""
-    log('Constructing networks...')
-    G, D, G_ema, augment_pipe = _build_networks(training_set, G_kwargs, D_kwargs, augment_kwargs, device)
-    if resume_pkl is not None:
-        _load_weights(resume_pkl, dict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe), resume_partial, log)
-    if augment_pipe is not None and state is None:
-        augment_pipe.p.copy_(torch.as_tensor(augment_p))
-    if rank == 0 and state is None:  # A resumed run already printed its networks in log.txt.
-        z = torch.empty([batch_gpu, G.z_dim], device=device)
-        c = torch.empty([batch_gpu, G.c_dim], device=device)
+    opts, device = run.opts, run.device
+    run.log('Constructing networks...')
+    common = dict(c_dim=run.training_set.label_dim, img_resolution=network_resolution(run.training_set.image_shape[1:]),
+                  img_channels=run.training_set.num_channels)
+    G = dnnlib.construct_class_by_name(**opts.G_kwargs, **common).train().requires_grad_(False).to(device)
+    D = dnnlib.construct_class_by_name(**opts.D_kwargs, **common).train().requires_grad_(False).to(device)
+    G_ema = copy.deepcopy(G).eval()
+    augment_pipe = None
+    if opts.augment_kwargs is not None:
+        augment_pipe = dnnlib.construct_class_by_name(**opts.augment_kwargs).train().requires_grad_(False).to(device)
+    run.nets = dnnlib.EasyDict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe)
+    if opts.resume_pkl is not None:
+        _load_weights(opts.resume_pkl, run.nets, opts.resume_partial, run.log)
+    if augment_pipe is not None and run.resume_state is None:
+        augment_pipe.p.copy_(torch.as_tensor(opts.augment_p))
+    if opts.rank == 0 and run.resume_state is None:  # A resumed run already printed its networks in log.txt.
+        z = torch.empty([opts.batch_gpu, G.z_dim], device=device)
+        c = torch.empty([opts.batch_gpu, G.c_dim], device=device)
         img = misc.print_module_summary(G, [z, c])
         misc.print_module_summary(D, [img, c])
-    if num_gpus > 1:
-        for module in [G, D, G_ema, augment_pipe]:
+    if opts.num_gpus > 1:
+        for module in run.nets.values():
             if module is not None:
                 for tensor in misc.params_and_buffers(module):
                     torch.distributed.broadcast(tensor, src=0)
-    return G, D, G_ema, augment_pipe
 
 
-def _setup_loss_and_phases(training_set, G, D, augment_pipe, loss_kwargs, G_opt_kwargs, D_opt_kwargs, G_reg_interval,
-                           D_reg_interval, freezed, device, rank):
+def _load_weights(resume_path, modules: dict, partial: bool, log):
+    """Copy a snapshot's tensors (ours or an NVlabs pickle) into the new networks by name and shape."""
+    log(f'Loading networks from "{resume_path}"...')
+    copied, total, first = checkpoint.transfer_weights(snapshot.read_snapshot_data(resume_path), modules)
+    log(f'  copied {copied} of {total} tensors' + (f' (first left as initialised: {first})' if first else ''))
+    if copied < total and not partial:
+        raise snapshot.SnapshotError(f'{resume_path}: copies only {copied} of {total} tensors into this run '
+                                     f'({first}); pass resume_partial=True (--resume-partial) to accept that')
+
+
+def _setup_loss_and_phases(run: Run):
     """The loss, the phases (each with its optimizer and, on CUDA, timing events) and D's frozen parameter names."""
-    loss_kwargs = dict(loss_kwargs)
+    opts, nets = run.opts, run.nets
+    loss_kwargs = dict(opts.loss_kwargs)
     if loss_kwargs.get('topk_kwargs'):
         # Epochs count distinct images of the subset trained on: --mirror's flipped copies are not new images.
-        flipped = getattr(training_set, '_xflip', None)
-        loss_kwargs.setdefault('dataset_size', int((flipped == 0).sum()) if flipped is not None else len(training_set))
-    loss = dnnlib.construct_class_by_name(device=device, G=G, D=D, augment_pipe=augment_pipe, **loss_kwargs)
-    frozen = _frozen_param_names(D, freezed)
-    phases = _setup_phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval)
-    for phase in phases:
+        flipped = getattr(run.training_set, '_xflip', None)
+        loss_kwargs.setdefault('dataset_size', int((flipped == 0).sum()) if flipped is not None else len(run.training_set))
+    run.loss = dnnlib.construct_class_by_name(device=run.device, G=nets.G, D=nets.D, augment_pipe=nets.augment_pipe,
+                                              **loss_kwargs)
+    run.frozen = _frozen_param_names(nets.D, opts.freezed)
+    run.phases = _phases(nets.G, nets.D, opts.G_opt_kwargs, opts.D_opt_kwargs, opts.G_reg_interval, opts.D_reg_interval)
+    for phase in run.phases:
         phase.start_event = phase.end_event = None
-        if rank == 0 and device.type == 'cuda':
+        if opts.rank == 0 and run.device.type == 'cuda':
             phase.start_event = torch.cuda.Event(enable_timing=True)
             phase.end_event = torch.cuda.Event(enable_timing=True)
-    return loss, phases, frozen
 
 
-def _restore_state(state, phases, loss, augment_pipe, device, rank, resume_run, cur_nimg, log):
-    """Counters, optimizers, ADA's p and pending signs, and the RNG streams of a resumed run; (tick, batch_idx)."""
+def _phases(G, D, G_opt_kwargs, D_opt_kwargs, G_reg_interval, D_reg_interval):
+    """Lazy regularisation (StyleGAN2 Sec. 2.2): reg phases every N steps with adjusted Adam hyper-params."""
+    phases = []
+    for name, module, opt_kwargs, reg_interval in [('G', G, G_opt_kwargs, G_reg_interval), ('D', D, D_opt_kwargs, D_reg_interval)]:
+        params = list(module.parameters())
+        if reg_interval is None:
+            opt = dnnlib.construct_class_by_name(params=params, **opt_kwargs)
+            phases.append(dnnlib.EasyDict(name=name + 'both', module=module, opt=opt, interval=1))
+        else:
+            mb_ratio = reg_interval / (reg_interval + 1)
+            opt_kwargs = dnnlib.EasyDict(opt_kwargs)
+            opt_kwargs.lr = opt_kwargs.lr * mb_ratio
+            opt_kwargs.betas = [beta ** mb_ratio for beta in opt_kwargs.betas]
+            opt = dnnlib.construct_class_by_name(params=params, **opt_kwargs)
+            phases.append(dnnlib.EasyDict(name=name + 'main', module=module, opt=opt, interval=1))
+            phases.append(dnnlib.EasyDict(name=name + 'reg', module=module, opt=opt, interval=reg_interval))
+    return phases
+
+
+def _frozen_param_names(D, freezed: int):
+    """FreezeD (Mo et al. 2020): freeze the ``freezed`` highest-resolution blocks of D (named ``b<res>``)."""
+    if freezed <= 0:
+        return set()
+    block_res = sorted({int(n.split('.')[0][1:]) for n, _ in D.named_parameters() if n.split('.')[0][1:].isdigit()}, reverse=True)
+    frozen_blocks = {f'b{res}' for res in block_res[:freezed]}
+    return {n for n, _ in D.named_parameters() if n.split('.')[0] in frozen_blocks}
+
+
+def _restore_state(run: Run):
+    """Counters, optimizers, ADA's p and pending signs, and the RNG streams of a resumed run."""
+    state, opts = run.resume_state, run.opts
     if state is None:
-        return 0, 0
-    opts = {phase.name[0]: phase.opt for phase in phases}
-    for key, opt in opts.items():
+        return
+    optimizers = {phase.name[0]: phase.opt for phase in run.phases}  # A main and a reg phase share one.
+    for key, opt in optimizers.items():
         opt.load_state_dict(state['optimizers'][key])
     if 'pl_mean' in state:
-        loss.pl_mean.copy_(state['pl_mean'].to(device))
+        run.loss.pl_mean.copy_(state['pl_mean'].to(run.device))
+    augment_pipe = run.nets.augment_pipe
     if 'augment_p' in state and augment_pipe is not None:
         augment_pipe.p.copy_(state['augment_p'].to(augment_pipe.p.device))
-    checkpoint.set_rng_states(state['rng'][rank] if rank < len(state['rng']) else state['rng'][0])
-    if 'ada_pending' in state and rank < len(state['ada_pending']):
-        loss.real_sign_acc.copy_(state['ada_pending'][rank].to(device))
-    log(f'Resuming "{resume_run}" at {cur_nimg / 1000:.3f} kimg, tick {state["cur_tick"]}, '
-        f'augment p {float(augment_pipe.p) if augment_pipe is not None else 0:.3f}')
-    return int(state['cur_tick']), int(state['batch_idx'])
+    checkpoint.set_rng_states(state['rng'][opts.rank] if opts.rank < len(state['rng']) else state['rng'][0])
+    if 'ada_pending' in state and opts.rank < len(state['ada_pending']):
+        run.loss.real_sign_acc.copy_(state['ada_pending'][opts.rank].to(run.device))
+    run.cur_tick, run.batch_idx = int(state['cur_tick']), int(state['batch_idx'])
+    run.log(f'Resuming "{opts.resume_run}" at {run.cur_nimg / 1000:.3f} kimg, tick {state["cur_tick"]}, '
+            f'augment p {float(augment_pipe.p) if augment_pipe is not None else 0:.3f}')
 
 
-def _setup_grid(training_set, G, G_ema, random_seed, batch_gpu, device, rank, run_dir, fresh, log, grid_kwargs=None):
+def _setup_grid(run: Run):
     """Rank 0's fixed latents and labels for the image grids; a fresh run also writes reals.png and fakes_init.png.
 
-    The grid functions are named in ``grid_kwargs`` (``setup``, ``save``; the rest goes to ``save``), so volume runs
-    draw three-plane montages (mri/grid3d.py) through the same loop. The default 2D grid also gets its style
-    (channel names for the seg overlay, a name per row: training.grids.grid_style)."""
-    grid = dnnlib.EasyDict(size=None, z=None, c=None, save=None)
-    if rank != 0:
-        return grid
-    grid_kwargs = dict(grid_kwargs or {})
-    custom = 'save' in grid_kwargs
-    setup_fn = dnnlib.get_obj_by_name(grid_kwargs.pop('setup', 'training.grids.setup_snapshot_image_grid'))
-    save_fn = dnnlib.get_obj_by_name(grid_kwargs.pop('save', 'training.grids.save_image_grid'))
-    grid.size, images, labels = setup_fn(training_set=training_set)
-    style = dict({} if custom else grid_style(training_set, labels, grid.size), **grid_kwargs)
-    grid.save = lambda images, path, drange: save_fn(images, path, drange=drange, grid_size=grid.size, **style)
+    training.grids draws 2D images and volumes alike (volumes as three-plane montages); its grid_style gives the
+    channel names (the tumour overlay) and a name per row of a conditional grid."""
+    opts = run.opts
+    run.grid = grid = dnnlib.EasyDict(size=None, z=None, c=None, style=None)
+    if opts.rank != 0:
+        return
+    fresh = run.resume_state is None
+    grid.size, images, labels = grids.setup_snapshot_image_grid(training_set=run.training_set)  # Seed 0: same reals for every --seed.
+    grid.style = grids.grid_style(run.training_set, labels, grid.size)
     if fresh:
-        log('Exporting sample images...')
-        grid.save(images, os.path.join(run_dir, 'reals.png'), drange=[0, training_set.dtype_max])
-    gen = torch.Generator().manual_seed(random_seed)
-    grid.z = torch.randn([labels.shape[0], G.z_dim], generator=gen).to(device).split(batch_gpu)
-    grid.c = torch.from_numpy(labels).to(device).split(batch_gpu)
+        run.log('Exporting sample images...')
+        _save_grid(grid, images, os.path.join(opts.run_dir, 'reals.png'), drange=[0, run.training_set.dtype_max])
+    gen = torch.Generator().manual_seed(opts.random_seed)
+    grid.z = torch.randn([labels.shape[0], run.nets.G.z_dim], generator=gen).to(run.device).split(opts.batch_gpu)
+    grid.c = torch.from_numpy(labels).to(run.device).split(opts.batch_gpu)
     if fresh:
-        _save_fakes(G_ema, grid, os.path.join(run_dir, 'fakes_init.png'))
-    return grid
+        _save_fakes(run, os.path.join(opts.run_dir, 'fakes_init.png'))
 
 
-def _save_fakes(G_ema, grid, path):
+def _save_grid(grid, images, path, drange):
+    grids.save_image_grid(images, path, drange=drange, grid_size=grid.size, **grid.style)
+
+
+def _save_fakes(run: Run, path):
     with torch.no_grad():
-        images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(grid.z, grid.c)]).numpy()
-    grid.save(images, path, drange=[-1, 1])
+        G_ema = run.nets.G_ema
+        images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(run.grid.z, run.grid.c)]).numpy()
+    _save_grid(run.grid, images, path, drange=[-1, 1])
 
 
 class _Logs:
@@ -376,47 +408,48 @@ class _Logs:
 # ---------------------------------------------------------------------------------------------------------------
 # The phases of one training step.
 
-def _fetch_batch(training_set, training_set_iterator, num_phases, batch_size, batch_gpu, G, device):
+def _train_step(run: Run):
+    """One batch through every phase that is due: accumulate gradients over the rounds, reduce, step."""
+    opts, nets = run.opts, run.nets
+    real_img, real_c, all_gen_z, all_gen_c = _fetch_batch(run)
+    for phase, phase_gen_z, phase_gen_c in zip(run.phases, all_gen_z, all_gen_c):
+        if run.batch_idx % phase.interval != 0:
+            continue
+        if phase.start_event is not None:
+            phase.start_event.record(torch.cuda.current_stream(run.device))
+        phase.opt.zero_grad(set_to_none=True)
+        for name, param in phase.module.named_parameters():
+            param.requires_grad_(not (phase.module is nets.D and name in run.frozen))
+        # Ranks draw different latents (seeded by rank), so each uses the first rounds of its own draw.
+        rounds = list(zip(real_img, real_c, phase_gen_z, phase_gen_c))
+        run.loss.accumulate_phase(phase=phase.name, rounds=rounds, gain=phase.interval / len(rounds), cur_nimg=run.cur_nimg)
+        phase.module.requires_grad_(False)
+        with torch.autograd.profiler.record_function(phase.name + '_opt'):
+            _reduce_gradients(phase.module, opts.num_gpus)
+            phase.opt.step()
+        if phase.end_event is not None:
+            phase.end_event.record(torch.cuda.current_stream(run.device))
+    # Running averages in buffers (e.g. w_avg) see each rank's own latents: average them so that every rank keeps
+    # identical networks.
+    if opts.num_gpus > 1:
+        _average_buffers(nets.G, opts.num_gpus)
+
+
+def _fetch_batch(run: Run):
     """Reals in [-1, 1] split into rounds, and per phase the latents and labels of the fakes, split likewise."""
+    opts, ts, device = run.opts, run.training_set, run.device
+    num_phases, batch_size, batch_gpu = len(run.phases), opts.batch_size, opts.batch_gpu
     with torch.autograd.profiler.record_function('data_fetch'):
-        scale = 2.0 / training_set.dtype_max
-        real_img, real_c = next(training_set_iterator)
+        scale = 2.0 / ts.dtype_max
+        real_img, real_c = next(run.batches)
         real_img = (real_img.to(device).to(torch.float32) * scale - 1).split(batch_gpu)
         real_c = real_c.to(device).split(batch_gpu)
-        all_gen_z = torch.randn([num_phases * batch_size, G.z_dim], device=device)
+        all_gen_z = torch.randn([num_phases * batch_size, run.nets.G.z_dim], device=device)
         all_gen_z = [phase_gen_z.split(batch_gpu) for phase_gen_z in all_gen_z.split(batch_size)]
-        all_gen_c = [training_set.get_label(np.random.randint(len(training_set))) for _ in range(num_phases * batch_size)]
+        all_gen_c = [ts.get_label(np.random.randint(len(ts))) for _ in range(num_phases * batch_size)]
         all_gen_c = torch.from_numpy(np.stack(all_gen_c)).to(device)
         all_gen_c = [phase_gen_c.split(batch_gpu) for phase_gen_c in all_gen_c.split(batch_size)]
     return real_img, real_c, all_gen_z, all_gen_c
-
-
-def _train_step(training_set, training_set_iterator, G, D, phases, loss, frozen, batch_size, batch_gpu, batch_idx,
-                cur_nimg, num_gpus, device):
-    """One batch through every phase that is due: accumulate gradients over the rounds, reduce, step."""
-    real_img, real_c, all_gen_z, all_gen_c = _fetch_batch(training_set, training_set_iterator, len(phases),
-                                                          batch_size, batch_gpu, G, device)
-    for phase, phase_gen_z, phase_gen_c in zip(phases, all_gen_z, all_gen_c):
-        if batch_idx % phase.interval != 0:
-            continue
-        if phase.start_event is not None:
-            phase.start_event.record(torch.cuda.current_stream(device))
-        phase.opt.zero_grad(set_to_none=True)
-        for name, param in phase.module.named_parameters():
-            param.requires_grad_(not (phase.module is D and name in frozen))
-        # Ranks draw different latents (seeded by rank), so each uses the first rounds of its own draw.
-        rounds = list(zip(real_img, real_c, phase_gen_z, phase_gen_c))
-        loss.accumulate_phase(phase=phase.name, rounds=rounds, gain=phase.interval / len(rounds), cur_nimg=cur_nimg)
-        phase.module.requires_grad_(False)
-        with torch.autograd.profiler.record_function(phase.name + '_opt'):
-            _reduce_gradients(phase.module, num_gpus)
-            phase.opt.step()
-        if phase.end_event is not None:
-            phase.end_event.record(torch.cuda.current_stream(device))
-    # Running averages in buffers (e.g. w_avg) see each rank's own latents: average them so that every rank keeps
-    # identical networks.
-    if num_gpus > 1:
-        _average_buffers(G, num_gpus)
 
 
 def _reduce_gradients(module, num_gpus):
@@ -435,90 +468,6 @@ def _reduce_gradients(module, num_gpus):
 
 
 @torch.no_grad()
-def _update_ema(G, G_ema, ema_kimg, ema_rampup, batch_size, cur_nimg):
-    """G_ema: exponential moving average of G's weights, with a ramp-up early in training."""
-    with torch.autograd.profiler.record_function('Gema'):
-        ema_nimg = ema_kimg * 1000
-        if ema_rampup is not None:
-            ema_nimg = min(ema_nimg, cur_nimg * ema_rampup)
-        ema_beta = 0.5 ** (batch_size / max(ema_nimg, 1e-8))
-        for p_ema, p in zip(G_ema.parameters(), G.parameters()):
-            p_ema.copy_(p.lerp(p_ema, ema_beta))
-        for b_ema, b in zip(G_ema.buffers(), G.buffers()):
-            b_ema.copy_(b)
-
-
-def _update_ada(ada, loss, augment_pipe, num_gpus):
-    """ADA heuristic (Karras et al. 2020, Sec. 3): move p toward the target overfitting signal r_t."""
-    acc = loss.real_sign_acc.clone()
-    if num_gpus > 1:
-        torch.distributed.all_reduce(acc)
-    loss.real_sign_acc.zero_()
-    ada.accumulate(*acc.tolist())
-    ada.update_from_accumulated(augment_pipe)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The end of a tick.
-
-def _maintenance(cur_tick, cur_nimg, batch_idx, done, stopping, nets, loss, phases, grid, logs, record, *, metrics,
-                 metric_kwargs, image_snapshot_ticks, network_snapshot_ticks, run_dir, rank, num_gpus, device, start_time):
-    """Image grid, snapshot and training state, metrics, then the tick's statistics."""
-    snap_now = network_snapshot_ticks is not None and (done or stopping or cur_tick % network_snapshot_ticks == 0)
-    if rank == 0 and image_snapshot_ticks is not None and (done or cur_tick % image_snapshot_ticks == 0):
-        _save_fakes(nets.G_ema, grid, checkpoint.grid_path(run_dir, cur_nimg))
-    snapshot_file = None
-    if snap_now:
-        snapshot_file = _write_snapshot_and_state(
-            run_dir, rank, num_gpus, device, cur_nimg, cur_tick + 1, batch_idx, nets.G, nets.D, nets.G_ema,
-            nets.augment_pipe, loss, phases, record.dataset, record.config)
-    if snapshot_file is not None and len(metrics) > 0 and not stopping:
-        logs.metrics.update(_evaluate_metrics(metrics, metric_kwargs, nets.G_ema, record.config['training_set_kwargs'],
-                                              num_gpus, rank, device, run_dir, snapshot_file))
-    _write_stats(logs.collector, logs.metrics, logs.jsonl, logs.tfevents, cur_nimg, start_time)
-
-
-def _tick_status(cur_tick, cur_nimg, tick_start_nimg, start_time, tick_start_time, tick_end_time, maintenance_time,
-                 device, augment_pipe, loss) -> str:
-    """The status line of a tick; every number is also reported to training_stats (and so to stats.jsonl)."""
-    report0 = training_stats.report0
-    tick_sec = tick_end_time - tick_start_time
-    fields = [
-        f"tick {report0('Progress/tick', cur_tick):<5d}",
-        f"kimg {report0('Progress/kimg', cur_nimg / 1e3):<8.3f}",
-        f"time {dnnlib.format_time(report0('Timing/total_sec', tick_end_time - start_time)):<12s}",
-        f"sec/tick {report0('Timing/sec_per_tick', tick_sec):<7.1f}",
-        f"sec/kimg {report0('Timing/sec_per_kimg', tick_sec / max(cur_nimg - tick_start_nimg, 1) * 1e3):<7.2f}",
-        f"maintenance {report0('Timing/maintenance_sec', maintenance_time):<6.1f}",
-        f"cpumem {report0('Resources/cpu_mem_gb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20):<6.2f}",
-    ]
-    if device.type == 'cuda':
-        fields.append(f"gpumem {report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(device) / 2 ** 30):<6.2f}")
-        torch.cuda.reset_peak_memory_stats()
-    fields.append(f"augment {report0('Progress/augment', float(augment_pipe.p.cpu()) if augment_pipe is not None else 0):.3f}")
-    if getattr(loss, 'topk', None) is not None:
-        fields.append(f"topk {report0('Progress/topk_fraction', loss.topk_fraction):.3f}")
-    return ' '.join(fields)
-
-
-def _write_stats(collector, metric_values, jsonl, tfevents, cur_nimg, start_time):
-    """Append the tick's statistics to stats.jsonl and TensorBoard (rank 0 holds the files)."""
-    collector.update()  # Every rank: the reduction across ranks happens here.
-    stats = collector.as_dict()
-    timestamp = time.time()
-    if jsonl is not None:
-        jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
-        jsonl.flush()
-    if tfevents is not None:
-        step, walltime = int(cur_nimg / 1e3), timestamp - start_time
-        for name, value in stats.items():
-            tfevents.add_scalar(name, value.mean, global_step=step, walltime=walltime)
-        for name, value in metric_values.items():
-            tfevents.add_scalar(f'Metrics/{name}', value, global_step=step, walltime=walltime)
-        tfevents.flush()
-
-
-@torch.no_grad()
 def _average_buffers(module, num_gpus):
     buffers = [b for b in module.buffers() if b.is_floating_point()]
     if buffers:
@@ -529,52 +478,137 @@ def _average_buffers(module, num_gpus):
             b.copy_(v.reshape(b.shape))
 
 
-def _write_snapshot_and_state(run_dir, rank, num_gpus, device, cur_nimg, cur_tick, batch_idx, G, D, G_ema,
-                              augment_pipe, loss, phases, dataset_desc, config):
+@torch.no_grad()
+def _update_ema(run: Run):
+    """G_ema: exponential moving average of G's weights, with a ramp-up early in training."""
+    opts = run.opts
+    with torch.autograd.profiler.record_function('Gema'):
+        ema_nimg = opts.ema_kimg * 1000
+        if opts.ema_rampup is not None:
+            ema_nimg = min(ema_nimg, run.cur_nimg * opts.ema_rampup)
+        ema_beta = 0.5 ** (opts.batch_size / max(ema_nimg, 1e-8))
+        for p_ema, p in zip(run.nets.G_ema.parameters(), run.nets.G.parameters()):
+            p_ema.copy_(p.lerp(p_ema, ema_beta))
+        for b_ema, b in zip(run.nets.G_ema.buffers(), run.nets.G.buffers()):
+            b_ema.copy_(b)
+
+
+def _update_ada(run: Run):
+    """ADA heuristic (Karras et al. 2020, Sec. 3): move p toward the target overfitting signal r_t."""
+    acc = run.loss.real_sign_acc.clone()
+    if run.opts.num_gpus > 1:
+        torch.distributed.all_reduce(acc)
+    run.loss.real_sign_acc.zero_()
+    run.ada.accumulate(*acc.tolist())
+    run.ada.update_from_accumulated(run.nets.augment_pipe)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The end of a tick.
+
+def _tick_status(run: Run, tick_end_time: float) -> str:
+    """The status line of a tick; every number is also reported to training_stats (and so to stats.jsonl)."""
+    report0 = training_stats.report0
+    tick_sec = tick_end_time - run.tick_start_time
+    fields = [
+        f"tick {report0('Progress/tick', run.cur_tick):<5d}",
+        f"kimg {report0('Progress/kimg', run.cur_nimg / 1e3):<8.3f}",
+        f"time {dnnlib.format_time(report0('Timing/total_sec', tick_end_time - run.start_time)):<12s}",
+        f"sec/tick {report0('Timing/sec_per_tick', tick_sec):<7.1f}",
+        f"sec/kimg {report0('Timing/sec_per_kimg', tick_sec / max(run.cur_nimg - run.tick_start_nimg, 1) * 1e3):<7.2f}",
+        f"maintenance {report0('Timing/maintenance_sec', run.maintenance_time):<6.1f}",
+        f"cpumem {report0('Resources/cpu_mem_gb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20):<6.2f}",
+    ]
+    if run.device.type == 'cuda':
+        fields.append(f"gpumem {report0('Resources/peak_gpu_mem_gb', torch.cuda.max_memory_allocated(run.device) / 2 ** 30):<6.2f}")
+        torch.cuda.reset_peak_memory_stats()
+    augment_pipe = run.nets.augment_pipe
+    fields.append(f"augment {report0('Progress/augment', float(augment_pipe.p.cpu()) if augment_pipe is not None else 0):.3f}")
+    if getattr(run.loss, 'topk', None) is not None:
+        fields.append(f"topk {report0('Progress/topk_fraction', run.loss.topk_fraction):.3f}")
+    return ' '.join(fields)
+
+
+def _maintenance(run: Run):
+    """Image grid, snapshot and training state, metrics, then the tick's statistics."""
+    opts = run.opts
+    end = run.done or run.stopping
+    if opts.rank == 0 and opts.image_snapshot_ticks is not None and (run.done or run.cur_tick % opts.image_snapshot_ticks == 0):
+        _save_fakes(run, checkpoint.grid_path(opts.run_dir, run.cur_nimg))
+    snapshot_file = None
+    if opts.network_snapshot_ticks is not None and (end or run.cur_tick % opts.network_snapshot_ticks == 0):
+        snapshot_file = _write_snapshot_and_state(run)
+    if snapshot_file is not None and len(opts.metrics) > 0 and not run.stopping:
+        run.logs.metrics.update(_evaluate_metrics(run, snapshot_file))
+    _write_stats(run)
+
+
+def _write_snapshot_and_state(run: Run) -> str:
     """Rank 0 writes the snapshot; every rank's RNG state is gathered into one training-state.pt."""
-    if num_gpus > 1:
-        for module in [G, D, G_ema, augment_pipe]:
+    opts, nets = run.opts, run.nets
+    if opts.num_gpus > 1:
+        for module in nets.values():
             if module is not None:
                 misc.check_ddp_consistency(module)
-    per_rank = dict(rng=checkpoint.rng_states(), ada_pending=loss.real_sign_acc.detach().cpu())
+    per_rank = dict(rng=checkpoint.rng_states(), ada_pending=run.loss.real_sign_acc.detach().cpu())
     gathered = [per_rank]
-    if num_gpus > 1:
-        gathered = [None] * num_gpus
+    if opts.num_gpus > 1:
+        gathered = [None] * opts.num_gpus
         torch.distributed.all_gather_object(gathered, per_rank)
-    path = checkpoint.snapshot_path(run_dir, cur_nimg)
-    if rank == 0:
-        snapshot.save_snapshot(path, dict(G=G, D=D, G_ema=G_ema, augment_pipe=augment_pipe), dataset=dataset_desc,
-                               extra=dict(cur_nimg=cur_nimg, config=config))
+    path = checkpoint.snapshot_path(opts.run_dir, run.cur_nimg)
+    if opts.rank == 0:
+        snapshot.save_snapshot(path, dict(nets), dataset=run.record.dataset,
+                               extra=dict(cur_nimg=run.cur_nimg, config=run.record.config))
         state = dict(
             snapshot=os.path.basename(path),
-            cur_nimg=cur_nimg,
-            cur_tick=cur_tick,
-            batch_idx=batch_idx,
-            optimizers={phase.name[0]: phase.opt.state_dict() for phase in phases if phase.name.endswith(('main', 'both'))},
-            pl_mean=loss.pl_mean.detach().cpu(),
-            topk_fraction=float(getattr(loss, 'topk_fraction', 1.0)),
+            cur_nimg=run.cur_nimg,
+            cur_tick=run.cur_tick + 1,      # The tick this snapshot ends is complete.
+            batch_idx=run.batch_idx,
+            optimizers={phase.name[0]: phase.opt.state_dict() for phase in run.phases if phase.name.endswith(('main', 'both'))},
+            pl_mean=run.loss.pl_mean.detach().cpu(),
+            topk_fraction=float(getattr(run.loss, 'topk_fraction', 1.0)),
             rng=[g['rng'] for g in gathered],
             ada_pending=[g['ada_pending'] for g in gathered],
         )
-        if augment_pipe is not None:
-            state['augment_p'] = augment_pipe.p.detach().cpu()
-        checkpoint.save_training_state(run_dir, state)
-    if num_gpus > 1:
+        if nets.augment_pipe is not None:
+            state['augment_p'] = nets.augment_pipe.p.detach().cpu()
+        checkpoint.save_training_state(opts.run_dir, state)
+    if opts.num_gpus > 1:
         torch.distributed.barrier()
     return path
 
 
-def _evaluate_metrics(metrics, metric_kwargs, G_ema, training_set_kwargs, num_gpus, rank, device, run_dir, snapshot_file):
+def _evaluate_metrics(run: Run, snapshot_file: str) -> dict:
     """Every metric of a snapshot, sharing detector features; rank 0 shows calc_metrics.py's progress lines
     (images, rate, time left) in the log, and reports each result."""
     from metrics import metric_main  # Imported lazily: runs without --metrics never load detectors.
-    kwargs = dict(progress=rank == 0)
-    kwargs.update(metric_kwargs)
-    done = metric_main.calc_metrics(metrics, G=G_ema, dataset_kwargs=training_set_kwargs, num_gpus=num_gpus, rank=rank,
-                                    device=device, run_dir=run_dir, **kwargs)
+    opts = run.opts
+    kwargs = dict(progress=opts.rank == 0)
+    kwargs.update(opts.metric_kwargs)
+    done = metric_main.calc_metrics(opts.metrics, G=run.nets.G_ema, dataset_kwargs=opts.training_set_kwargs,
+                                    num_gpus=opts.num_gpus, rank=opts.rank, device=run.device, run_dir=opts.run_dir,
+                                    **kwargs)
     results = {}
-    for metric, result in zip(metrics, done):
-        if rank == 0:
-            metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=snapshot_file)
+    for metric, result in zip(opts.metrics, done):
+        if opts.rank == 0:
+            metric_main.report_metric(result, run_dir=opts.run_dir, snapshot_pkl=snapshot_file)
         results.update({f'{metric}/{k}' if k != metric else k: v for k, v in result.results.items()})
     return results
+
+
+def _write_stats(run: Run):
+    """Append the tick's statistics to stats.jsonl and TensorBoard (rank 0 holds the files)."""
+    logs = run.logs
+    logs.collector.update()  # Every rank: the reduction across ranks happens here.
+    stats = logs.collector.as_dict()
+    timestamp = time.time()
+    if logs.jsonl is not None:
+        logs.jsonl.write(json.dumps(dict(stats, timestamp=timestamp)) + '\n')
+        logs.jsonl.flush()
+    if logs.tfevents is not None:
+        step, walltime = int(run.cur_nimg / 1e3), timestamp - run.start_time
+        for name, value in stats.items():
+            logs.tfevents.add_scalar(name, value.mean, global_step=step, walltime=walltime)
+        for name, value in logs.metrics.items():
+            logs.tfevents.add_scalar(f'Metrics/{name}', value, global_step=step, walltime=walltime)
+        logs.tfevents.flush()
