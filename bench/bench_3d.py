@@ -108,7 +108,7 @@ def _build(cfg, device):
     loss = dnnlib.construct_class_by_name(class_name='training.loss.StyleGAN2Loss', device=device, G=G, D=D,
                                           augment_pipe=pipe, r1_gamma=preset['gamma'], style_mixing_prob=0.9, pl_weight=2)
     opt = dict(class_name='torch.optim.Adam', lr=0.002, betas=[0, 0.99], eps=1e-8)
-    phases = training_loop._setup_phases(G, D, opt, opt, 4, 16)
+    phases = training_loop._phases(G, D, opt, opt, 4, 16)
     for phase in phases:
         phase.start_event = phase.end_event = None
     return G, D, pipe, loss, phases, shape
@@ -154,12 +154,18 @@ def _measure(cfg: dict) -> dict:
     out = dict(cfg, pass_form=upfirdn3d._pass_form(device), shape=shape, G_params=sum(p.numel() for p in G.parameters()),
                D_params=sum(p.numel() for p in D.parameters()))
 
-    def step(batch_idx=[0]):
-        training_loop._train_step(data, iter_data, G, D, phases, loss, set(), batch, batch, batch_idx[0], 0, 1, device)
-        training_loop._update_ema(G, G_ema, 2.5, None, batch, 10 ** 6)
-        batch_idx[0] += 1
+    # The loop's own step and EMA on a Run of this configuration (training.training_loop's state object).
+    run = training_loop.Run(opts=dnnlib.EasyDict(num_gpus=1, batch_size=batch, batch_gpu=batch, ema_kimg=2.5,
+                                                 ema_rampup=None),
+                            device=device, training_set=data, batches=iter(data), loss=loss, phases=phases,
+                            frozen=set(), nets=dnnlib.EasyDict(G=G, D=D, G_ema=G_ema, augment_pipe=pipe),
+                            cur_nimg=10 ** 6)
 
-    iter_data = iter(data)
+    def step():
+        training_loop._train_step(run)
+        training_loop._update_ema(run)
+        run.batch_idx += 1
+
     if cfg['skip_timing']:
         step()  # batch_idx 0: every phase runs (G main, path length, D main, R1): the step's peak memory.
         _sync(device)

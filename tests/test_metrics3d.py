@@ -1,5 +1,5 @@
 """Metrics of volumes (metrics/volumes.py): every one end to end through calc_metrics.py with a real 3D generator
-(mri.networks3d) saved as a snapshot, a tiny 2D TorchScript detector for the 2.5D FID and a tiny 3D one for the 3D
+(training.networks on volumes) saved as a snapshot, a tiny 2D TorchScript detector for the 2.5D FID and a tiny 3D one for the 3D
 FID; the pieces against direct computations; bad combinations fail in one line."""
 
 import json

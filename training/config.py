@@ -118,6 +118,7 @@ def warn_attention_memory(
     batch_gpu: int,                 # Samples per process per round.
     device: str,                    # 'cuda' or 'cpu'.
     total_bytes: int = None,        # Memory of the device; None = device_memory_bytes(device).
+    spatial: list = None,           # The data's spatial shape ([H, W] or [D, H, W]); None = square images.
 ):
     """One line on stderr when the attention layers' math path (R1 / path-length passes) would need more than
     ATTN_MEMORY_FRACTION of the device. The attention class states its own cost (``memory_bytes``)."""
@@ -126,10 +127,12 @@ def warn_attention_memory(
     cls = dnnlib.get_obj_by_name(attn_kwargs['class_name'])
     if not hasattr(cls, 'memory_bytes'):
         return
-    need = 2 * sum(cls.memory_bytes(batch_gpu, r) for r in attn)    # A layer in G and one in D per resolution.
+    # The level whose largest side is r has the data's shape scaled by r / its largest side (base x 2^j).
+    level = (lambda r: r) if spatial is None else (lambda r: [max(s * r // max(spatial), 1) for s in spatial])
+    need = 2 * sum(cls.memory_bytes(batch_gpu, level(r)) for r in attn)    # A layer in G and one in D per resolution.
     total = total_bytes if total_bytes is not None else device_memory_bytes(device)
     if need > ATTN_MEMORY_FRACTION * total:
-        per = ', '.join(f'{r}: {cls.memory_bytes(batch_gpu, r) / 2 ** 30:.2f} GiB' for r in attn)
+        per = ', '.join(f'{r}: {cls.memory_bytes(batch_gpu, level(r)) / 2 ** 30:.2f} GiB' for r in attn)
         click.echo(f'warning: --attn-res {",".join(map(str, attn))} at --batch-gpu {batch_gpu} needs about '
                    f'{need / 2 ** 30:.1f} GiB for attention in R1/path-length passes ({per} per layer), more than '
                    f'{ATTN_MEMORY_FRACTION:.0%} of the {device} memory ({total / 2 ** 30:.1f} GiB); lower --batch-gpu '
@@ -337,7 +340,7 @@ def _networks(c, facts, spec, cfg, cbase, cmax, map_depth, mbstd, fp32, attn_res
         raise click.UsageError(f'--attn-res: {full} is the full resolution; D has no {_shape_text(facts)} block output '
                                f'to attend over, so choose from {", ".join(str(s) for s in facts.sides[:-1])}')
     attn_kwargs = dict(class_name=HOOK_CLASSES['attention'])
-    warn_attention_memory(attn, attn_kwargs, c.batch_gpu, c.device)
+    warn_attention_memory(attn, attn_kwargs, c.batch_gpu, c.device, spatial=facts.spatial)
     common = dict(channel_base=cbase if cbase is not None else int(spec.fmaps * 32768),
                   channel_max=cmax if cmax is not None else spec.get('cmax', 512),
                   num_fp16_res=num_fp16_res, conv_clamp=conv_clamp, attn_res=attn, attn_kwargs=attn_kwargs)
