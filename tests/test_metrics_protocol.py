@@ -162,12 +162,15 @@ def test_calc_metrics_cli_run_dir_names_none_and_device(run_dir, detector_path, 
 
 
 def test_metrics_during_training_show_progress_with_rate_and_time_left(archive, detector_path, tmp_path, capsys):
-    from training.training_loop import _evaluate_metrics
+    import dnnlib
+    from training.training_loop import Run, _evaluate_metrics
     kwargs = dict(class_name='training.dataset.ImageFolderDataset', path=archive, use_labels=True, xflip=True,
                   random_seed=0, resolution=16)
-    results = _evaluate_metrics(['fid10k_full', 'kid10k_full'], dict(detector_url=detector_path, num_gen=16, batch_size=8,
-                                                                      num_workers=0), FakeG(img_channels=1), kwargs, 1, 0,
-                                torch.device('cpu'), str(tmp_path), str(tmp_path / 'network-snapshot-000000.pt'))
+    opts = dnnlib.EasyDict(metrics=['fid10k_full', 'kid10k_full'], training_set_kwargs=kwargs, num_gpus=1, rank=0,
+                           run_dir=str(tmp_path), metric_kwargs=dict(detector_url=detector_path, num_gen=16,
+                                                                     batch_size=8, num_workers=0))
+    run = Run(opts=opts, device=torch.device('cpu'), nets=dnnlib.EasyDict(G_ema=FakeG(img_channels=1)))
+    results = _evaluate_metrics(run, str(tmp_path / 'network-snapshot-000000.pt'))
     assert np.isfinite(results['fid10k_full']) and np.isfinite(results['kid10k_full'])
     err = capsys.readouterr().err
     assert 'reals' in err and 'fakes' in err and 'img/s' in err and 'left' in err, err
