@@ -78,7 +78,7 @@ def network_geometry(img_resolution, spatial_dims: int = None, min_levels: int =
     base = [s // 2 ** k for s in shape]
     if k < min_levels or max(base) > MAX_BASE or min(base) < MIN_BASE:
         text = 'x'.join(str(s) for s in shape)
-        raise ShapeError(f'size {text} is not a base size ({MIN_BASE}..{MAX_BASE} per axis) times 2^k with '
+        raise ShapeError(f'shape {text} is not a base shape ({MIN_BASE}..{MAX_BASE} per axis) times 2^k with '
                          f'k >= {min_levels}; use e.g. 64, 256, 64x64x64 or 160x192x160 (= 5x6x5 x 32)')
     return shape, base, k
 
