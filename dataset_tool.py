@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert BraTS MRI (or a StyleGAN2-ADA image folder) into a training archive: a thin CLI over mri.convert.
+"""Convert BraTS MRI (or a StyleGAN2-ADA image folder) into a training archive: a thin CLI over mri.sources.convert.
 
 The archive format extends StyleGAN2-ADA's (Karras et al., NeurIPS 2020); see docs/data.md for every option,
 the archive layout and the normalisation.
@@ -19,8 +19,8 @@ import sys
 
 import click
 
-from mri import archive, brats, convert, preprocess
-from mri import download as brats_africa
+from mri.sources import archive, brats, convert, preprocess
+from mri.sources import download as brats_africa
 from training.cli import PATH, bool_option, shape_problem
 
 

@@ -11,7 +11,7 @@ give one image per channel, the decoded BraTS label map (a palette PNG: pixel va
 the colours of training.grids.LABEL_COLOURS) and a colour overlay, plus an ``.npy`` of the stack. A status line
 shows images done, rate and time left.
 A volume snapshot writes NIfTI per modality and the tumour labels, and a three-plane montage per seed
-(mri.volume_output.VolumeWriter, docs/volumes.md); one loop (generate_samples) serves both:
+(mri.output.volumes.VolumeWriter, docs/volumes.md); one loop (generate_samples) serves both:
   python generate.py --network runs/00001-vol --seeds 0-3 --class ssa --outdir out --native-grid
 """
 
@@ -143,7 +143,7 @@ def generate_samples(
     G,                              # generator: (z, c) -> [N, C, H, W] or [N, C, D, H, W]
     seeds,                          # one sample per seed and class
     classes,                        # resolve_classes()
-    writer,                         # ImageWriter or mri.volume_output.VolumeWriter: start, write, finish, unit
+    writer,                         # ImageWriter or mri.output.volumes.VolumeWriter: start, write, finish, unit
     outdir,                         # output folder, made once the first sample passed writer.start
     truncation_psi=1.0,
     noise_mode='const',
@@ -194,7 +194,7 @@ def generate_images(
     snapshot; returns the paths written."""
     import torch
     from torch_utils import snapshot
-    from mri.volume_output import VolumeOutputError, VolumeWriter, snapshot_kind
+    from mri.output.volumes import VolumeOutputError, VolumeWriter, snapshot_kind
 
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     data = snapshot.load_snapshot(resolve_network(network), device=device)
@@ -230,7 +230,7 @@ def generate_images(
 def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, native_grid, allow_pickle, device):
     """Generate images by class from a trained network."""
     from torch_utils.snapshot import SnapshotError, warn_allow_pickle
-    from mri.volume_output import VolumeOutputError
+    from mri.output.volumes import VolumeOutputError
     if allow_pickle:
         warn_allow_pickle()
     try:

@@ -6,11 +6,11 @@ The target (issue 3): converting a case costs at most twice the time of loading 
 same run on the same files (warm page cache, best of --repeats, each measurement in a fresh interpreter with
 its imports untimed, so neither inherits the other's allocator state): the load baseline reads each file the conversion
 reads (the four modalities, plus the labels when a configuration uses them) with `np.asarray(nib.load(f).dataobj)`
-in one process; the conversion runs `mri.convert.convert_brats` end to end (discovery, validation, preprocessing,
+in one process; the conversion runs `mri.sources.convert.convert_brats` end to end (discovery, validation, preprocessing,
 PNG/npy encoding, the zip written and moved into place) with the configuration's worker count.
 
 Cases: the real case from ../shared/data/brats, repeated --cases times under distinct case ids (symlinks), or
---source phantom cases from mri.phantom. Prints a table and writes JSON.
+--source phantom cases from mri.sources.phantom. Prints a table and writes JSON.
 
     python bench/bench_dataset_tool.py --cases 4 --out bench_dataset_tool.json
 
@@ -59,7 +59,7 @@ def make_sources(tmp, source, cases):
     root = Path(tmp) / 'cases'
     root.mkdir()
     if source == 'phantom':
-        from mri.phantom import write_phantom_cases
+        from mri.sources.phantom import write_phantom_cases
         write_phantom_cases(root, cases, seed=0, progress=False)
         return root
     found = brats.discover_cases(REAL)

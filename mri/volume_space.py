@@ -1,6 +1,6 @@
 """The physical space of a volume archive, and the way back to the original BraTS grid.
 
-`mri.preprocess` turns a case into a cube: reorient to RAS (axis permutations and flips), crop the brain's bounding
+`mri.sources.preprocess` turns a case into a cube: reorient to RAS (axis permutations and flips), crop the brain's bounding
 box (`start`), pad it centred to a cube of side S (`pads`), and resample the cube to R^3 voxels with pixel centres
 aligned (`grid_affine`). A conversion records, per case, what is needed to undo this (`native_grids` in
 dataset.json), and one archive-wide `space`: the grid of a reference case, the case whose cube side S is the median
@@ -35,7 +35,7 @@ def native_record(prep, original_shape, original_affine, size):
 
 
 def grid_affine(record):
-    """Voxel-to-RAS affine of the R^3 archive grid of a case (same as mri.preprocess.grid_affine)."""
+    """Voxel-to-RAS affine of the R^3 archive grid of a case (same as mri.sources.preprocess.grid_affine)."""
     scale = record['cube'] / record['size']
     m = np.eye(4)
     for axis in range(3):
@@ -78,7 +78,7 @@ def to_native(
     background=0.0,         # value outside the cube
 ):
     """The volume on the original grid: shape record['shape'], the original files' voxel order. Returns (array,
-    affine). Inverts the crop, padding and resampling of mri.preprocess, then the RAS reorientation."""
+    affine). Inverts the crop, padding and resampling of mri.sources.preprocess, then the RAS reorientation."""
     volume = np.asarray(volume)
     size = record['size']
     if volume.shape != (size, size, size):

@@ -11,7 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from mri import convert
+from mri.sources import convert
 
 SHAPE = (20, 24, 16)
 AFFINE = np.array([[-1.0, 0, 0, 10], [0, -1, 0, 12], [0, 0, 1, -8], [0, 0, 0, 1]])  # LPS, as BraTS

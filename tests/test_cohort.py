@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import dataset_tool
 import generate
-from mri import cohort
+from mri.sources import cohort
 from tests.test_dataset_tool import write_case
 from torch_utils import snapshot
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mri import brats
+from mri.sources import brats
 from tests.test_dataset_tool import ok, read_archive, run_tool, write_case, npy
 from training.dataset import ImageFolderDataset
 

@@ -1,4 +1,4 @@
-"""dataset_tool.py / mri.convert: the real BraTS case, synthetic cases, image folders, labels, splits, sources."""
+"""dataset_tool.py / mri.sources.convert: the real BraTS case, synthetic cases, image folders, labels, splits, sources."""
 
 import hashlib
 import http.server
@@ -17,8 +17,8 @@ from PIL import Image
 from scipy import ndimage
 
 import dataset_tool
-from mri import archive, brats, download, preprocess
-from mri.nifti import save_volume_nifti
+from mri.sources import archive, brats, download, preprocess
+from mri.output.nifti import save_volume_nifti
 from mri.seg import decode_seg, encode_seg
 
 REAL = Path(__file__).resolve().parents[1].parent / 'shared/data/brats'
@@ -484,7 +484,7 @@ def test_download_resumes_with_range(tmp_path, monkeypatch):
 
 
 def test_phantom_source(tmp_path):
-    pytest.importorskip('mri.phantom')
+    pytest.importorskip('mri.sources.phantom')
     dest = tmp_path / 'p.zip'
     ok('--source', 'phantom', '--phantom-cases', 1, '--dest', dest, '--kind', 'volumes', '--volume-size', 32,
        '--with-seg', '--seed', 3)

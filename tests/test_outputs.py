@@ -126,8 +126,8 @@ def test_volume_grid_setup_fewer_columns_a_row_per_class():
 
 
 def test_volume_montage_of_generation_is_the_grid_montage():
-    """mri.volume_output draws its montage with training.grids.montage, the labels over FLAIR (mri.seg)."""
-    from mri import volume_output
+    """mri.output.volumes draws its montage with training.grids.montage, the labels over FLAIR (mri.seg)."""
+    from mri.output import volumes as volume_output
     vol = np.random.RandomState(0).uniform(-1, 1, (7, 6, 7, 5)).astype(np.float32)
     names = ['t1n', 't1c', 't2w', 't2f', 'seg_netc', 'seg_snfh', 'seg_et']
     picture = volume_output.montage(vol, names)

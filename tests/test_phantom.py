@@ -1,4 +1,4 @@
-"""Tests for mri/phantom.py: synthetic BraTS-format cases (anatomy, contrasts, labels, files, resume, speed)."""
+"""Tests for mri/sources/phantom.py: synthetic BraTS-format cases (anatomy, contrasts, labels, files, resume, speed)."""
 
 import os
 import time
@@ -7,8 +7,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from mri import phantom
-from mri.phantom import MODALITIES, REF_SHAPE, brats_affine, make_phantom_case, write_phantom_cases
+from mri.sources import phantom
+from mri.sources.phantom import MODALITIES, REF_SHAPE, brats_affine, make_phantom_case, write_phantom_cases
 
 SMALL = (64, 64, 40)
 REAL_CASE = '/work/shared/data/brats/BraTS-GLI-00000-000'

@@ -1,4 +1,4 @@
-"""generate.py on a volume snapshot (mri/volume_output.py, mri/volume_space.py): NIfTI per modality and the tumour
+"""generate.py on a volume snapshot (mri/output/volumes.py, mri/volume_space.py): NIfTI per modality and the tumour
 labels with the archive's affine, three-plane montages, --native-grid back onto the original grid, and snapshots of
 the wrong kind refused in one line with nothing written."""
 
@@ -15,7 +15,8 @@ from PIL import Image
 
 import dataset_tool
 import generate
-from mri import volume_output, volume_space
+from mri.output import volumes as volume_output
+from mri import volume_space
 from tests.test_dataset_tool import REAL, needs_real, write_case
 from torch_utils import snapshot
 

@@ -1,10 +1,10 @@
 """BraTS cases -> a labelled slice or volume archive for training (the engine behind dataset_tool.py).
 
-One function, `convert_brats`, runs discovery, per-case loading/validation/preprocessing (mri.brats,
-mri.preprocess) in worker processes, and the atomic archive writer (mri.archive). Slices are labelled with their
+One function, `convert_brats`, runs discovery, per-case loading/validation/preprocessing (mri.sources.brats,
+mri.sources.preprocess) in worker processes, and the atomic archive writer (mri.sources.archive). Slices are labelled with their
 plane (one-hot group "plane"), optionally by modality, tumour presence and per-case CSV metadata, so a conditional
 StyleGAN2-ADA generator (Karras et al., NeurIPS 2020) can be asked for e.g. an axial T2w slice with tumour.
-Volumes are cubes with the affine of their grid, for 3D generators and NIfTI export (mri.nifti).
+Volumes are cubes with the affine of their grid, for 3D generators and NIfTI export (mri.output.nifti).
 """
 
 import csv
@@ -21,7 +21,8 @@ from pathlib import Path
 import numpy as np
 
 import dnnlib
-from mri import archive, brats, cohort, preprocess, volume_space
+from mri.sources import archive, brats, cohort, preprocess
+from mri import volume_space
 from mri.seg import SEG_CHANNELS, SEG_STORAGE
 
 TUMOUR_VALUES = ('tumour', 'no_tumour')
@@ -115,7 +116,7 @@ def read_label_csv(path):
 
 def build_groups(opts, csvs, cohorts=None):
     """The label groups in order (plane first): list of {'name', 'values'}; values are unique label names.
-    `cohorts`: the values of the cohort group (mri.cohort.cohort_values), for --labels cohort."""
+    `cohorts`: the values of the cohort group (mri.sources.cohort.cohort_values), for --labels cohort."""
     groups = []
     if opts.kind == 'slices':
         groups.append({'name': 'plane', 'values': [p for p in preprocess.PLANES if p in opts.planes]})
@@ -587,11 +588,11 @@ def convert_source(
     opts = opts or ConvertOptions()
     src = str(source)
     if src == 'brats-africa':
-        from mri import download as dl
+        from mri.sources import download as dl
         root = dl.resolve_brats_africa(brats_root, download, sha256, progress)
         return convert_brats(root, dest, opts, progress, {'type': 'brats-africa', 'doi': dl.DOI})
     if src == 'phantom':
-        from mri.phantom import write_phantom_cases
+        from mri.sources.phantom import write_phantom_cases
         archive.ArchiveWriter(dest, opts.overwrite).abort()  # fail on a bad --dest before generating anything
         tmp = tempfile.mkdtemp(prefix='mri-phantom-')
         try:
@@ -602,7 +603,7 @@ def convert_source(
     if not Path(src).exists():
         raise brats.BratsError(src, 'no such file or folder (use a folder of BraTS cases, an image folder or zip, '
                                     'brats-africa or phantom)')
-    from mri import image_folder
+    from mri.sources import image_folder
     if image_folder.is_image_source(src):
         return image_folder.convert_image_folder(src, dest, opts, progress)
     return convert_brats(src, dest, opts, progress, {'type': 'brats'})

@@ -569,7 +569,7 @@ def _parse_shape(text):
 
 
 def main(argv=None):
-    """python -m mri.phantom --out DIR --cases N --seed S [--shape 240,240,155] [--workers W]"""
+    """python -m mri.sources.phantom --out DIR --cases N --seed S [--shape 240,240,155] [--workers W]"""
     import click
 
     @click.command(help='Write synthetic BraTS-format brain-tumour cases (no download needed).')
@@ -589,7 +589,7 @@ def main(argv=None):
                                    workers=workers)
         click.echo(f'{len(dirs)} cases in {out_dir}')
 
-    return cli.main(args=argv, prog_name='python -m mri.phantom', standalone_mode=argv is None)
+    return cli.main(args=argv, prog_name='python -m mri.sources.phantom', standalone_mode=argv is None)
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ import numpy as np
 import scipy.sparse
 from scipy import ndimage
 
-from mri import brats
+from mri.sources import brats
 
 PLANES = ('axial', 'coronal', 'sagittal')
 PLANE_AXIS = {'sagittal': 0, 'coronal': 1, 'axial': 2}  # slice axis in the RAS array [x, y, z]

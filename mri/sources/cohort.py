@@ -23,7 +23,7 @@ KNOWN_COHORTS = {
     'MET': 'met',       # brain metastases
     'PED': 'ped',       # paediatric tumours
     'GOAT': 'goat',     # generalisability across tumours
-    'PHT': 'pht',       # this project's phantom cases (mri.phantom)
+    'PHT': 'pht',       # this project's phantom cases (mri.sources.phantom)
 }
 _PREFIX_RE = re.compile(r'^BraTS-(?P<cohort>[A-Za-z]+(?:-RT)?)-\d')
 _LEGACY_RE = re.compile(r'^BraTS(?:20)?\d\d[_-]', re.IGNORECASE)  # BraTS2021_00000, BraTS20_Training_001: adult glioma

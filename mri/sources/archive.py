@@ -75,7 +75,7 @@ def png_rows(images, bit_depth, filtered=True, prescaled=False):
         if not prescaled:
             q *= np.float32(vmax)
             np.clip(q, 0, vmax, out=q)
-        # Prescaled input comes from convex combinations of [0, 1] values times vmax (mri.preprocess), so it is
+        # Prescaled input comes from convex combinations of [0, 1] values times vmax (mri.sources.preprocess), so it is
         # within [0, vmax] up to float rounding and needs no clip pass. Rounding and the cast are one pass.
         samples = np.empty((n, h, w), dtype)
         np.add(q, np.float32(0.5), out=samples, casting='unsafe')
@@ -179,7 +179,7 @@ def encode_stored_pngs(images, bit_depth=16, prescaled=False):
         dst = np.ndarray((n, rows, w), dtype, buffer=buf, offset=offset + 1, strides=(lay.size, lay.row, dtype.itemsize))
         src = images[:, first:first + rows]
         if floats:
-            # Prescaled input is a convex combination of [0, 1] values times vmax (mri.preprocess): within [0, vmax]
+            # Prescaled input is a convex combination of [0, 1] values times vmax (mri.sources.preprocess): within [0, vmax]
             # up to float rounding, so rounding is x + 0.5 truncated, fused with the cast to big-endian samples.
             np.add(src, np.float32(0.5), out=dst, casting='unsafe')
         else:
@@ -246,7 +246,7 @@ class _StoredZip:
     """A minimal zip writer (PKWARE APPNOTE 6.3): stored members, or members the caller deflated already (`deflate`,
     so that worker threads compress in parallel), ZIP64 where sizes, offsets or the entry count need it, as
     `zipfile` reads them. Unlike `zipfile.ZipFile.writestr` it takes the member's CRC-32
-    when the caller already has it (mri.archive.encode_stored_pngs computes it in the pass that fills the PNG), and
+    when the caller already has it (mri.sources.archive.encode_stored_pngs computes it in the pass that fills the PNG), and
     writes bytes-like data without copying it."""
 
     _DOS_TIME, _DOS_DATE = 0, (_ZIP_TIME[0] - 1980) << 9 | _ZIP_TIME[1] << 5 | _ZIP_TIME[2]

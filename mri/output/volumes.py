@@ -19,7 +19,7 @@ import numpy as np
 
 import dnnlib
 from mri import volume_space
-from mri.nifti import save_volume_nifti
+from mri.output.nifti import save_volume_nifti
 from mri.seg import overlay_channel
 from training import grids
 from training.grids import channel_names, mid_planes, save_png, split_label_channels, tile_cells
@@ -94,7 +94,7 @@ def _archive_meta(path):
 def _channel_file_name(name, class_values):
     """Per-modality archives have one channel named 'modality': the file takes the modality asked for."""
     if name == 'modality':
-        from mri.brats import MODALITIES
+        from mri.sources.brats import MODALITIES
         return next((v for v in class_values if v in MODALITIES), name)
     return name
 

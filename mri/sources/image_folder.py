@@ -8,7 +8,7 @@ its bit depth; labels are kept as given, the files are renumbered.
 
 A project archive (dataset.json with "channels", "label_names", "kind", ...; PNG or `.npy` slices, `.npy` volumes)
 keeps its file names, labels, label names and groups, channels, normalisation record, case split and, for volumes,
-affines (rescaled to the new grid). `.npy` arrays are resampled like mri.preprocess resamples a case: linear with an
+affines (rescaled to the new grid). `.npy` arrays are resampled like mri.sources.preprocess resamples a case: linear with an
 anti-aliasing prefilter for images, nearest neighbour for the tumour labels, which come out as a label map
 ("seg_storage": "labelmap") whichever way the source stored them. Volumes take the cube side from --volume-size.
 """
@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 import dnnlib
-from mri import archive, brats, preprocess
+from mri.sources import archive, brats, preprocess
 from mri.seg import SEG_CHANNELS, SEG_STORAGE, onehot_to_labelmap
 
 # dataset.json keys that describe the content and survive a re-conversion unchanged
@@ -84,7 +84,7 @@ def is_project_archive(meta):
 def convert_image_folder(
     source,                 # folder or zip: StyleGAN2-ADA layout, or an archive of this project
     dest,                   # .zip or folder
-    opts,                   # mri.convert.ConvertOptions: resolution (volume_size for volumes), max_cases, compress_level, overwrite
+    opts,                   # mri.sources.convert.ConvertOptions: resolution (volume_size for volumes), max_cases, compress_level, overwrite
     progress=True,
 ):
     """Resizes every image (side: opts.resolution; volumes: opts.volume_size) keeping channels, bit depth and labels;
@@ -158,7 +158,7 @@ def _load_npy(data, where):
 
 def _resize_array(array, side, seg, where):
     """(C, [D,] H, W) -> (C', [side,] side, side) and the scale (old/new side). Image channels: linear with the
-    anti-aliasing prefilter of mri.preprocess; tumour channels: nearest neighbour, stored as one label map."""
+    anti-aliasing prefilter of mri.sources.preprocess; tumour channels: nearest neighbour, stored as one label map."""
     spatial = array.shape[1:]
     if len(set(spatial)) != 1:
         raise brats.BratsError(where, f'expected square slices or cubes, got shape {tuple(array.shape)}')
