@@ -39,7 +39,7 @@ import nibabel as nib
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from mri import brats, convert  # noqa: E402
+from mri.sources import brats, convert  # noqa: E402
 from training.cli import bool_option  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[1].parent / 'shared/data/brats'
