@@ -102,16 +102,18 @@ class ImageWriter:
         channels,           # channel names (the snapshot's dataset description)
         fmt='png',          # 'png', 'png16' or 'npy'
         verbose=True,
+        class_grid=False,   # keep the images for finish()'s class grid (class_spec 'all'); else memory stays flat
     ):
         self.outdir, self.channels, self.fmt, self.verbose = outdir, channels, fmt, verbose
-        self.samples = []   # every image, in the order written: the class grid's cells
+        self.samples = [] if class_grid else None  # the class grid's cells, in the order written
 
     def start(self, first):
         """Nothing to check on the first image [C,H,W] before anything is written."""
 
     def write(self, image, stem, class_name, class_values):
         """Writes one image; returns the paths written."""
-        self.samples.append(image)
+        if self.samples is not None:
+            self.samples.append(image)
         return write_outputs(image, self.channels, stem, self.fmt)
 
     def finish(self, classes):
@@ -210,7 +212,7 @@ def generate_images(
         if fmt == 'nifti' or native_grid:
             raise VolumeOutputError(f'{"--native-grid" if native_grid else "--format nifti"}: {network} is a 2D (slices) '
                                     f'snapshot; NIfTI output needs a volume snapshot (dataset_tool.py --kind volumes)')
-        writer = ImageWriter(outdir, desc.get('channels') or [], fmt or 'png', verbose)
+        writer = ImageWriter(outdir, desc.get('channels') or [], fmt or 'png', verbose, class_grid=class_spec == 'all')
     classes = resolve_classes(G, desc, class_spec)
     return generate_samples(G, seeds, classes, writer, outdir, truncation_psi, noise_mode, device, verbose,
                             class_grid=class_spec == 'all')
