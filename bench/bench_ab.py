@@ -29,12 +29,12 @@ import dnnlib  # noqa: E402
 BENCHES = [
     ('2D 32^2', 'bench/bench_networks.py',
      ['--res', '32', '--channels', '1', '--cbase', '4096', '--cmax', '128', '--zdim', '256', '--wdim', '256',
-      '--batch', '8', '--iters', '2', '--rounds', '2', '--device', 'cpu'], 'networks'),
+      '--batch', '8', '--iters', '4', '--rounds', '3', '--device', 'cpu'], 'networks'),
     ('2D 64^2', 'bench/bench_networks.py',
      ['--res', '64', '--channels', '1', '--cbase', '16384', '--cmax', '256', '--batch', '8', '--iters', '1',
-      '--rounds', '1', '--device', 'cpu'], 'networks'),
+      '--rounds', '3', '--device', 'cpu'], 'networks'),
     ('3D 32^3', 'bench/bench_3d.py',
-     ['--res', '32', '--batch', '4', '--channels', '7', '--cbase', '512', '--cmax', '64', '--steps', '4', '--iters', '1',
+     ['--res', '32', '--batch', '4', '--channels', '7', '--cbase', '512', '--cmax', '64', '--steps', '8', '--iters', '3',
       '--device', 'cpu'], 'volumes'),
 ]
 
