@@ -44,11 +44,19 @@ def _as_nvlabs(param):
     return torch.nn.Parameter(param.detach().contiguous(memory_format=torch.channels_last), requires_grad=param.requires_grad)
 
 
+def _nvlabs_buffer(name, tensor):
+    """NVlabs' setup_filter expands a low-pass of fewer than 8 taps into its 2-D outer product, and its layers
+    store that: our 1-D ``resample_filter`` [1,3,3,1]/8 is stored as the 4x4 [1,3,3,1]^T[1,3,3,1]/64."""
+    if name == 'resample_filter' and tensor.ndim == 1 and tensor.numel() < 8:
+        return torch.outer(tensor, tensor)
+    return tensor
+
+
 def _module_state(module, reconstruct, src, init_kwargs):
     state = {
         'training': module.training,
         '_parameters': collections.OrderedDict((k, _as_nvlabs(v)) for k, v in module._parameters.items()),
-        '_buffers': collections.OrderedDict((k, v) for k, v in module._buffers.items()
+        '_buffers': collections.OrderedDict((k, _nvlabs_buffer(k, v)) for k, v in module._buffers.items()
                                             if k not in module._non_persistent_buffers_set),
         '_non_persistent_buffers_set': set(),
         '_backward_hooks': collections.OrderedDict(),
@@ -124,8 +132,8 @@ def tiny_nvlabs_nets(img_channels=3, c_dim=2, res=8, seed=0):
     G_ema = Generator(**g_kwargs).eval()
     with torch.no_grad():  # Non-trivial values everywhere (noise strengths and w_avg start at zero).
         for net in (G, G_ema):
-            for tensor in list(net.parameters()) + list(net.buffers()):
-                if tensor.is_floating_point():
+            for name, tensor in list(net.named_parameters()) + list(net.named_buffers()):
+                if tensor.is_floating_point() and not name.endswith('resample_filter'):  # Filters are constants.
                     tensor.add_(torch.randn_like(tensor) * 0.1)
     D = Discriminator(**d_kwargs).eval()
     pipe = AugmentPipe(**a_kwargs)

@@ -70,6 +70,18 @@ def test_nvlabs_pickle_loads_identically(tmp_path, protocol):
     # What NVlabs' defaults mean is kept where ours differ (their fp16 and clamping defaults are off).
     raw = legacy.read_nvlabs_pickle(pkl)
     assert raw['modules']['G']['init_kwargs']['synthesis_kwargs']['num_fp16_res'] == 0
+    # The pickle stores the low-pass filters as NVlabs does (4x4 outer products); they come back as our 1-D taps.
+    stored = legacy.restricted_load(pkl)['D'].state['_modules']['b8'].state['_modules']['conv1'].state['_buffers']
+    assert tuple(stored['resample_filter'].shape) == (4, 4)
+    assert tuple(raw['modules']['D']['state_dict']['b8.conv1.resample_filter'].shape) == (4,)
+
+
+def test_nvlabs_filter_that_is_not_separable_is_refused(tmp_path):
+    nets = tiny_nvlabs_nets()
+    nets['D'][0].b8.conv1.resample_filter = torch.tensor([[1., 2, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    pkl = write_nvlabs_pickle(str(tmp_path / 'odd.pkl'), nets, str(tmp_path / 'ran-code'))
+    with pytest.raises(snapshot.SnapshotError, match=r'b8.conv1.resample_filter: the 4x4 filter is not the outer product'):
+        snapshot.load_snapshot(pkl)
 
 
 class _Gadget:

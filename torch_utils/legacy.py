@@ -11,7 +11,8 @@ the same ``{format, modules, dataset, extra}`` data that ``torch_utils.snapshot`
 
 Our state-dict names are StyleGAN2-ADA's (``mapping.fc0.weight``, ``synthesis.b8.conv0.affine.bias``,
 ``b4.out.weight``, ...), so tensors copy by name; only constants that NVlabs keeps as buffers and we
-recompute (the augmentation filters) are dropped.
+recompute (the augmentation filters) are dropped, and the low-pass ``resample_filter`` buffers, which NVlabs
+stores as 4x4 outer products, become the 1-D taps our separable filters keep (checked to be such a product).
 """
 
 import collections
@@ -263,6 +264,22 @@ def _init_kwargs(record: PersistentRecord, where: str) -> dict:
     return kwargs
 
 
+def _separable_taps(f2d: torch.Tensor, where: str) -> torch.Tensor:
+    """NVlabs stores a short low-pass filter as its 2-D outer product (``setup_filter`` expands filters of fewer
+    than 8 taps); ours keep the 1-D taps g of the separable filter. f2d = outer(g, g) with sum(g) > 0, so the row
+    sums are g * sum(g) and sum(f2d) = sum(g)^2: g = rowsum / sqrt(sum). Anything that is not such an outer product
+    is refused, since the networks here filter separably."""
+    k = f2d.shape[0]
+    total = float(f2d.double().sum())
+    if f2d.shape != (k, k) or not total > 0:
+        raise SnapshotError(f'{where}: filter of shape {tuple(f2d.shape)} is not a separable low-pass (square, positive sum)')
+    taps = (f2d.double().sum(dim=1) / total ** 0.5)
+    if not torch.allclose(torch.outer(taps, taps), f2d.double(), rtol=1e-5, atol=1e-8):
+        raise SnapshotError(f'{where}: the {k}x{k} filter is not the outer product of one 1-D filter; only separable '
+                            f'filters are rebuilt')
+    return taps.to(f2d.dtype)
+
+
 def module_from_record(record, where: str) -> dict:
     """A persistent record of an NVlabs network -> ``{class_name, init_kwargs, state_dict}`` of ours."""
     if not isinstance(record, PersistentRecord):
@@ -276,6 +293,9 @@ def module_from_record(record, where: str) -> dict:
     _tensors(record, '', state_dict)
     for name in _DROPPED_STATE.get(record.class_name, ()):
         state_dict.pop(name, None)
+    for name, tensor in list(state_dict.items()):
+        if name.split('.')[-1] == 'resample_filter' and tensor.ndim == 2:
+            state_dict[name] = _separable_taps(tensor, f'{where}: {name}')
     return dict(class_name=NVLABS_CLASSES[record.class_name], init_kwargs=_init_kwargs(record, where),
                 state_dict=state_dict)
 
