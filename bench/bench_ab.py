@@ -49,11 +49,16 @@ def _rates(kind: str, report: dict) -> dict:
              ('training step', 'step')]}
 
 
-def _run(tree: str, script: str, args: list, kind: str, timeout: float) -> dict:
+def _run(tree: str, script: str, args: list, kind: str, timeout: float, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'r.json')
         cmd = [sys.executable, os.path.join(tree, script)] + args + ['--out', out]
-        res = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout)
+        env = dict(os.environ)
+        if threads:  # One thread leaves the other core to the machine: far steadier timings on a shared 2-core box.
+            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+            if kind == 'networks':
+                cmd += ['--threads', str(threads)]
+        res = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=timeout, env=env)
         if res.returncode != 0 or not os.path.isfile(out):
             tail = (res.stderr or res.stdout).strip().splitlines()[-1:] or ['no output']
             raise RuntimeError(f'{script} in {tree} failed (exit {res.returncode}): {tail[0]}')
@@ -68,6 +73,7 @@ def main(argv=None):
     parser.add_argument('--rounds', type=int, default=3, metavar='INT', help='interleaved rounds per side')
     parser.add_argument('--only', default=None, metavar='NAMES', help='comma-separated bench names (default: all)')
     parser.add_argument('--timeout', type=float, default=1200, metavar='SEC', help='seconds per bench run')
+    parser.add_argument('--threads', type=int, default=1, metavar='INT', help='CPU threads per run (0 = torch default)')
     parser.add_argument('--out', default='bench_ab.json', metavar='JSON', help='JSON results')
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.base, 'train.py')):
@@ -80,7 +86,7 @@ def main(argv=None):
     for rnd in range(args.rounds):
         for name, script, bench_args, kind in benches:
             for side, tree in (('before', args.base), ('after', ROOT)):
-                rates = _run(tree, script, bench_args, kind, args.timeout)
+                rates = _run(tree, script, bench_args, kind, args.timeout, args.threads)
                 for task, rate in rates.items():
                     best[name][side][task] = max(rate, best[name][side].get(task, 0))
                 done += 1
@@ -88,7 +94,8 @@ def main(argv=None):
                 print(f'[{done}/{total}] {name} {side} round {rnd + 1} ({elapsed:.0f} s, about '
                       f'{elapsed / done * (total - done):.0f} s left)', file=sys.stderr, flush=True)
     machine = f'{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores'
-    print(f'Machine: {machine}; best of {args.rounds} interleaved rounds per side')
+    print(f'Machine: {machine}; {args.threads or "default"} thread(s) per run; best of {args.rounds} interleaved '
+          f'rounds per side')
     print(f"{'bench':<9} {'task':<22} {'before /s':>10} {'after /s':>10} {'after/before':>13}")
     rows = []
     for name, *_ in benches:
@@ -97,7 +104,8 @@ def main(argv=None):
             rows.append(dict(bench=name, task=task, before=before, after=after, ratio=after / before))
             print(f'{name:<9} {task:<22} {before:>10.2f} {after:>10.2f} {after / before:>13.3f}')
     with dnnlib.atomic_output(args.out, suffix='.json') as tmp, open(tmp, 'w') as f:
-        json.dump(dict(machine=machine, base=os.path.abspath(args.base), rounds=args.rounds, rows=rows), f, indent=2)
+        json.dump(dict(machine=machine, base=os.path.abspath(args.base), rounds=args.rounds, threads=args.threads,
+                       rows=rows), f, indent=2)
     return rows
 
 
