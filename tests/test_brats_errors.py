@@ -297,3 +297,28 @@ def test_ctrl_c_leaves_nothing(src, dest, monkeypatch):
         convert.convert_brats(src, dest, convert.ConvertOptions(resolution=16), progress=False)
     assert not dest.exists()
     assert os.listdir(dest.parent) == []
+
+
+def test_case_folders_reached_through_symlinks_convert(tmp_path, dest):
+    """A --source folder of symbolic links to case folders kept elsewhere (how many people arrange a data set)."""
+    store = tmp_path / 'store'
+    for case_id in ('BraTS-GLI-00001-000', 'BraTS-GLI-00002-000'):
+        write_case(store / case_id, case_id)
+    links = tmp_path / 'links'
+    links.mkdir()
+    for case_id in ('BraTS-GLI-00001-000', 'BraTS-GLI-00002-000'):
+        os.symlink(store / case_id, links / case_id)
+    from mri.sources import brats
+    assert [cf.case_id for cf in brats.discover_cases(links)] == ['BraTS-GLI-00001-000', 'BraTS-GLI-00002-000']
+    result = run_tool('--source', links, '--dest', dest, '--kind', 'slices', '--resolution', 16)
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(dest) as z:
+        assert 'dataset.json' in z.namelist() and len(z.namelist()) > 1
+
+
+def test_symlink_loop_is_refused_in_one_line(src, dest):
+    write_case(src / 'BraTS-GLI-00001-000', 'BraTS-GLI-00001-000')
+    os.symlink(src, src / 'BraTS-GLI-00001-000' / 'again')  # Points to a folder that contains it.
+    result = run_tool('--source', src, '--dest', dest, '--kind', 'slices', '--resolution', 16)
+    assert_clean_failure(result, dest, 'again', 'symbolic link loop')
+

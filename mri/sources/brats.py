@@ -101,9 +101,21 @@ def is_os_debris(path):
 def walk_files(source, unreadable=None):
     """Every file under the folder `source` (sorted Paths), without macOS debris (`is_os_debris`).
 
-    A folder that cannot be listed raises BratsError, or, when `unreadable` is a list, is appended to it as a
-    BratsError and skipped: never dropped silently (Path.rglob would skip it without a word)."""
+    Folders reached through symbolic links are walked too (a data set is often a folder of links to case folders
+    kept elsewhere); a link to a folder that contains it (a loop) raises BratsError naming the link. A folder that
+    cannot be listed raises BratsError, or, when `unreadable` is a list, is appended to it as a BratsError and
+    skipped: never dropped silently (Path.rglob would skip it without a word)."""
     source = Path(source)
+
+    def check_links(root, dirs):
+        here = os.path.realpath(root)
+        for d in dirs:
+            link = Path(root, d)
+            if not link.is_symlink():
+                continue
+            target = os.path.realpath(link)
+            if here == target or here.startswith(target.rstrip(os.sep) + os.sep):
+                raise BratsError(link, f'symbolic link loop: it points to {target}, a folder that contains it')
 
     def failed(err):
         folder = Path(err.filename) if err.filename else source
@@ -112,8 +124,9 @@ def walk_files(source, unreadable=None):
             raise problem
         unreadable.append(problem)
     out = []
-    for root, dirs, files in os.walk(source, onerror=failed):
+    for root, dirs, files in os.walk(source, onerror=failed, followlinks=True):
         dirs[:] = [d for d in dirs if d != '__MACOSX']
+        check_links(root, dirs)
         out += [Path(root, f) for f in files if not f.startswith('._')]
     return sorted(out)
 
