@@ -120,7 +120,7 @@ def _maybe_checkpoint(enabled: bool, fn, *args):
 def _construct_hook(class_name: str, **kwargs) -> torch.nn.Module:
     """Build a hook module by class name. Snapshots carry these names inside init_kwargs, so refuse anything that
     is not a torch.nn.Module class: a snapshot must not be able to name an arbitrary callable to run."""
-    cls = dnnlib.get_obj_by_name(snapshot.current_class_name(class_name))
+    cls = dnnlib.get_obj_by_name(class_name)
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
         raise TypeError(f'hook class_name {class_name!r} is not a torch.nn.Module class')
     return cls(**kwargs)
