@@ -1,0 +1,293 @@
+"""The baselines a paint generator is measured against: a ring fill and an L1 U-Net inpainter.
+
+Both expose the paint generator's call, ``fill(context, mask, labels) -> composite``, where every voxel outside the
+mask is exactly the context:
+
+- `RingFill`: the trivial fill. Each modality inside the mask gets the mean of a ring of healthy brain voxels around
+  it (the mask dilated by ``width`` voxels, minus the mask, inside the brain). It knows nothing of labels: it
+  paints healthy tissue only, the floor every learned inpainter must clear.
+- `UNetInpainter`: the design that won the BraTS 2024 inpainting task (Zhang, Weng and Chen, "U-Net Based Healthy 3D
+  Brain Tissue Inpainting", arXiv:2507.18126, first place in the ASNR-MICCAI BraTS Local Synthesis of Tissue via
+  Inpainting challenge: SSIM 0.841, PSNR 23.26 dB, MSE 0.007 on its validation set): a U-Net that reads the scan
+  with the region blanked and the mask, trained with an L1 loss on the region, on healthy tissue masked at random.
+  Here it is MONAI's U-Net (one class for 2D and 3D through ``spatial_dims``, residual units as in
+  mri/downstream/model.py) reading [context with the region blanked, mask, label map], so that, trained on the
+  same repaint masks as the paint GAN (`mri.painting.masks.RepaintMasks`: tumours with their labels, tumour shapes
+  in healthy tissue with all-zero labels), it answers the same question: "fill this region with tissue whose labels
+  are L". With ``use_labels=False`` it reads [context, mask] only, as the challenge's model does.
+
+An inpainter file is plain data (format, the constructor's arguments, state_dict, what training did), loaded with
+``torch.load(weights_only=True)`` and rebuilt only from the MONAI class named here.
+"""
+
+import os
+import time
+
+import numpy as np
+import torch
+
+import dnnlib
+
+INPAINTER_FORMAT = 'mri-gan-inpainter/1'
+
+
+class BaselineError(ValueError):
+    """Bad input to a baseline: names the file or argument and what is wrong."""
+
+
+# ----------------------------------------------------------------------------
+# Shared helpers.
+
+def _check_call(context: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
+    """The paint call's shapes: context [N, P, *S], mask [N, 1, *S], labels [N, L, *S] or None. Returns the bool mask."""
+    if context.ndim not in (4, 5):
+        raise BaselineError(f'context must be [N, C, H, W] or [N, C, D, H, W], got shape {list(context.shape)}')
+    spatial = list(context.shape[2:])
+    if mask.ndim != context.ndim or mask.shape[0] != context.shape[0] or mask.shape[1] != 1 or list(mask.shape[2:]) != spatial:
+        raise BaselineError(f'mask must be [{context.shape[0]}, 1, {", ".join(map(str, spatial))}], got {list(mask.shape)}')
+    if labels is not None and (labels.ndim != context.ndim or labels.shape[0] != context.shape[0]
+                               or list(labels.shape[2:]) != spatial):
+        raise BaselineError(f'labels must be [{context.shape[0]}, L, {", ".join(map(str, spatial))}], got {list(labels.shape)}')
+    return mask > 0.5 if mask.dtype != torch.bool else mask
+
+
+def composite(painted: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``mask * painted + (1 - mask) * context``, written as a selection so that outside the mask the result is the
+    context bit for bit (a product with 0 would turn a non-finite painted value into NaN there)."""
+    return torch.where(mask, painted.to(context.dtype), context)
+
+
+def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
+    """Bool ``[N, 1, *S]`` grown by a ball (3D) or disc (2D) of ``radius`` voxels."""
+    try:  # The lead's masks (one dilation for the whole package) once they exist.
+        from mri.painting.masks import dilate as masks_dilate
+    except ImportError:
+        masks_dilate = None
+    if masks_dilate is not None:
+        return masks_dilate(mask, radius) > 0
+    mask = mask > 0 if mask.dtype != torch.bool else mask
+    if radius <= 0:
+        return mask.clone()
+    dims = mask.ndim - 2
+    axis = torch.arange(-radius, radius + 1, dtype=torch.float32, device=mask.device)
+    grid = torch.stack(torch.meshgrid(*([axis] * dims), indexing='ij'))
+    ball = ((grid ** 2).sum(0) <= radius ** 2 + 1e-6).to(torch.float32)[None, None]
+    conv = torch.nn.functional.conv3d if dims == 3 else torch.nn.functional.conv2d
+    return conv(mask.to(torch.float32), ball, padding=radius) > 0.5
+
+
+def brain_of(context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The brain as the context shows it, outside the mask: any modality above the background value (-1)."""
+    return ((context > -1 + 1e-3).any(dim=1, keepdim=True)) & ~mask
+
+
+# ----------------------------------------------------------------------------
+# Ring fill.
+
+class RingFill:
+    """Fill the mask, per sample and modality, with the mean of the healthy brain voxels in a ring around it."""
+
+    def __init__(self, width: int = 3):     # ring width in voxels
+        if width < 1:
+            raise BaselineError(f'ring width must be at least 1 voxel, got {width}')
+        self.width = int(width)
+
+    @torch.no_grad()
+    def fill(
+        self,
+        context: torch.Tensor,              # [N, P, *S] in [-1, 1]; values inside the mask are ignored
+        mask: torch.Tensor,                 # [N, 1, *S] in {0, 1} (1 = repaint) or bool
+        labels: torch.Tensor = None,        # [N, L, *S]; ignored: a ring fill paints healthy tissue only
+        brain: torch.Tensor = None,         # [N, 1, *S] brain mask; None = where the context is above background
+    ) -> torch.Tensor:
+        """The composite ``[N, P, *S]``. Where a sample's ring holds no brain voxel (a mask that covers all the
+        brain near it), the mean of its whole brain outside the mask is used; with no brain at all, background (-1)."""
+        m = _check_call(context, mask, labels)
+        healthy = brain_of(context, m) if brain is None else (brain > 0.5 if brain.dtype != torch.bool else brain) & ~m
+        ring = dilate(m, self.width) & ~m & healthy
+        dims = tuple(range(2, context.ndim))
+        x = context.to(torch.float32)
+
+        def masked_mean(where):
+            count = where.sum(dim=dims, keepdim=True).to(torch.float32)
+            total = (x * where).sum(dim=dims, keepdim=True)
+            return total / count.clamp(min=1), count > 0
+
+        ring_mean, has_ring = masked_mean(ring)
+        brain_mean, has_brain = masked_mean(healthy)
+        value = torch.where(has_ring, ring_mean, torch.where(has_brain, brain_mean, torch.full_like(ring_mean, -1.0)))
+        return composite(value.expand_as(x), context, m)
+
+    __call__ = fill
+
+
+# ----------------------------------------------------------------------------
+# L1 U-Net inpainter.
+
+def _build_unet(spatial_dims: int, in_channels: int, out_channels: int, features: int, levels: int) -> torch.nn.Module:
+    from monai.networks import nets
+    return nets.UNet(spatial_dims=spatial_dims, in_channels=in_channels, out_channels=out_channels,
+                     channels=tuple(features * 2 ** i for i in range(levels)), strides=(2,) * (levels - 1),
+                     num_res_units=2, norm='instance')
+
+
+class UNetInpainter(torch.nn.Module):
+    """MONAI U-Net reading [context with the region blanked, mask, label map], predicting the painted channels."""
+
+    def __init__(
+        self,
+        spatial_dims: int,                  # 2 for images, 3 for volumes
+        paint_channels: list,               # names of the channels it paints, e.g. ['t1n', 't1c', 't2w', 't2f']
+        label_channels: list = (),          # names of the label-map channels it reads, e.g. ['seg_netc', ...]
+        features: int = 16,                 # channels of the first level; doubled per level
+        levels: int = 4,                    # resolution levels (strides of 2 between them)
+        use_labels: bool = True,            # False = read [context, mask] only, as the challenge's model does
+    ):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise BaselineError(f'spatial_dims must be 2 or 3, got {spatial_dims}')
+        if not paint_channels:
+            raise BaselineError('the inpainter needs at least one channel to paint')
+        self.init_kwargs = dict(spatial_dims=int(spatial_dims), paint_channels=list(paint_channels),
+                                label_channels=list(label_channels), features=int(features), levels=int(levels),
+                                use_labels=bool(use_labels))
+        self.spatial_dims = int(spatial_dims)
+        self.paint_channels = list(paint_channels)
+        self.label_channels = list(label_channels) if use_labels else []
+        in_channels = len(self.paint_channels) + 1 + len(self.label_channels)
+        self.net = _build_unet(self.spatial_dims, in_channels, len(self.paint_channels), features, levels)
+
+    @property
+    def min_side(self) -> int:
+        """The multiple a spatial side must be (the bottleneck keeps whole voxels)."""
+        return 2 ** (self.init_kwargs['levels'] - 1)
+
+    def forward(self, context: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
+        """The raw prediction ``[N, P, *S]`` everywhere (training takes its L1 inside the mask)."""
+        m = _check_call(context, mask, labels)
+        if context.ndim - 2 != self.spatial_dims or context.shape[1] != len(self.paint_channels):
+            raise BaselineError(f'this inpainter paints {len(self.paint_channels)} channels in {self.spatial_dims}D; '
+                                f'got context of shape {list(context.shape)}')
+        bad = [s for s in context.shape[2:] if s % self.min_side]
+        if bad:
+            raise BaselineError(f'spatial sides must be multiples of {self.min_side} for {self.init_kwargs["levels"]} '
+                                f'levels; got {list(context.shape[2:])}')
+        mf = m.to(context.dtype)
+        parts = [context * (1 - mf), mf]  # The region is blanked to 0: the context's values there must not leak in.
+        if self.label_channels:
+            if labels is None:
+                labels = torch.zeros([context.shape[0], len(self.label_channels)] + list(context.shape[2:]),
+                                     dtype=context.dtype, device=context.device)
+            if labels.shape[1] != len(self.label_channels):
+                raise BaselineError(f'this inpainter reads {len(self.label_channels)} label channels '
+                                    f'{self.label_channels}; got {labels.shape[1]}')
+            parts.append((labels > 0.5).to(context.dtype))
+        return self.net(torch.cat(parts, dim=1))
+
+    @torch.no_grad()
+    def fill(self, context: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
+        """The composite ``[N, P, *S]``: the prediction (clamped to [-1, 1]) inside the mask, the context outside."""
+        m = _check_call(context, mask, labels)
+        return composite(self(context, mask, labels).clamp(-1, 1), context, m)
+
+
+def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean absolute error over the voxels of the mask and the painted channels (0 for an empty mask)."""
+    mf = (mask > 0.5).to(pred.dtype) if mask.dtype != torch.bool else mask.to(pred.dtype)
+    return ((pred - target).abs() * mf).sum() / (mf.sum() * pred.shape[1]).clamp(min=1)
+
+
+def _random_flips(tensors: list, generator: torch.Generator) -> list:
+    """The same random flip per spatial axis on every tensor of the list (geometric augmentation of a batch)."""
+    dims = tensors[0].ndim - 2
+    flips = [2 + d for d in range(dims) if torch.rand([], generator=generator).item() < 0.5]
+    return [t.flip(flips) if flips else t for t in tensors]
+
+
+def train_inpainter(
+    model: UNetInpainter,                   # the network to train (in place)
+    images: torch.Tensor,                   # [N, P, *S] real channels in [-1, 1] (the targets)
+    brain: torch.Tensor,                    # [N, 1, *S] bool brain mask
+    labels: torch.Tensor,                   # [N, L, *S] one-hot tumour labels in {0, 1}
+    mask_sampler,                           # (labels, brain) -> (mask [N,1,*S], label map [N,L,*S]); e.g. RepaintMasks()
+    cpu_seconds: float = None,              # budget in process CPU seconds (all threads); None = steps only
+    steps: int = None,                      # stop after this many steps; None = the budget only
+    batch: int = 8,                         # patches per step
+    lr: float = 1e-3,                       # Adam learning rate
+    flips: bool = True,                     # random flips of image, brain and labels together
+    seed: int = 0,                          # batch order and flips
+    device='cpu',
+    progress=None,                          # called as progress(step, loss, cpu_seconds) every `report` steps
+    report: int = 50,
+) -> dnnlib.EasyDict:
+    """Adam on the L1 loss inside the repaint masks, for a CPU-time budget (at least one step) or a number of steps.
+
+    Returns what training did: steps, cpu_seconds, wall_seconds, first and last losses (the mean of up to the first and
+    last ``report`` steps) and the loss per step."""
+    if cpu_seconds is None and steps is None:
+        raise BaselineError('train_inpainter needs a CPU-time budget or a number of steps')
+    n = images.shape[0]
+    if n == 0:
+        raise BaselineError('train_inpainter got no patches')
+    if brain.shape[0] != n or labels.shape[0] != n:
+        raise BaselineError(f'images, brain and labels disagree in count: {n}, {brain.shape[0]}, {labels.shape[0]}')
+    model.to(device).train()
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    cpu_start, wall_start = time.process_time(), time.time()
+    step = 0
+    while True:
+        spent = time.process_time() - cpu_start
+        if (steps is not None and step >= steps) or (cpu_seconds is not None and spent >= cpu_seconds and step > 0):
+            break  # A budget run takes at least one step.
+        idx = torch.randint(n, [min(batch, n)], generator=gen)
+        x, b, lab = images[idx], brain[idx], labels[idx]
+        if flips:
+            x, b, lab = _random_flips([x, b, lab], gen)
+        mask, lab_map = mask_sampler(lab.to(torch.float32), b)
+        mask = (mask > 0.5).to(device)
+        x, lab_map = x.to(device), lab_map.to(device)
+        pred = model(x, mask, lab_map)
+        loss = masked_l1(pred, x, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+        step += 1
+        if progress is not None and step % report == 0:
+            progress(step, float(np.mean(losses[-report:])), time.process_time() - cpu_start)
+    model.eval()
+    k = max(1, min(report, len(losses) // 2)) if losses else 1
+    return dnnlib.EasyDict(steps=step, cpu_seconds=time.process_time() - cpu_start, wall_seconds=time.time() - wall_start,
+                           first_loss=float(np.mean(losses[:k])) if losses else None,
+                           last_loss=float(np.mean(losses[-k:])) if losses else None, losses=losses)
+
+
+def save_inpainter(path: str, model: UNetInpainter, training: dict = None) -> None:
+    """Write ``{format, init_kwargs, state_dict, training}`` atomically (loadable with ``weights_only=True``)."""
+    record = dict(training or {})
+    record.pop('losses', None)
+    data = dict(format=INPAINTER_FORMAT, init_kwargs=dict(model.init_kwargs),
+                state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, training=record)
+    with dnnlib.atomic_output(path, suffix='.pt') as tmp:
+        torch.save(data, tmp)
+
+
+def load_inpainter(path: str, device='cpu') -> UNetInpainter:
+    """The inpainter (eval mode, on ``device``) from a file written by `save_inpainter`."""
+    if not os.path.isfile(path):
+        raise BaselineError(f'{path}: no such inpainter file')
+    try:
+        data = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:  # torch raises many types for corrupt or foreign files.
+        raise BaselineError(f'{path}: not a readable inpainter file ({type(err).__name__})') from None
+    if not isinstance(data, dict) or data.get('format') != INPAINTER_FORMAT:
+        raise BaselineError(f'{path}: not an inpainter file of mri.painting.baselines')
+    model = UNetInpainter(**data['init_kwargs'])
+    try:
+        model.load_state_dict(data['state_dict'])
+    except RuntimeError as err:
+        raise BaselineError(f'{path}: weights do not fit the U-Net ({str(err).splitlines()[0][:160]})') from None
+    model.training_record = dnnlib.EasyDict(data.get('training', {}))
+    return model.to(device).eval()
