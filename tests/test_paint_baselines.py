@@ -142,3 +142,55 @@ def test_inpainter_bad_input(tmp_path):
         baselines.load_inpainter(str(bad))
     with pytest.raises(baselines.BaselineError, match='no such'):
         baselines.load_inpainter(str(tmp_path / 'missing.pt'))
+
+
+def _patch_archive(path, shape=(8, 8), n=4):
+    """A tiny patch archive in the layout of paint_spec.md: stored [t1n, t2w, brain, labelmap] uint16."""
+    import io
+    import json
+    import zipfile
+    import numpy as np
+    rnd = np.random.RandomState(0)
+    meta = dict(kind='patches', channels=['t1n', 't2w', 'brain', 'seg_netc', 'seg_snfh', 'seg_et'],
+                seg_storage='labelmap', patch_size=list(shape), spacing=[1.0] * len(shape), patches={},
+                cases={'BraTS-TST-00000-000': 'train'}, file_cases={},
+                labels=[], label_names=['gli', 'ssa'], label_groups=[dict(name='cohort', values=['gli', 'ssa'])])
+    with zipfile.ZipFile(path, 'w') as z:
+        for i in range(n):
+            labelmap = np.zeros(shape, np.uint16)
+            if i % 2 == 0:
+                labelmap[2:5, 2:5] = 2
+                labelmap[3, 3] = 3
+            brain = np.ones(shape, np.uint16) * 65535
+            brain[0] = 0
+            arr = np.stack([rnd.randint(0, 65536, shape), rnd.randint(0, 65536, shape), brain, labelmap]).astype(np.uint16)
+            buf = io.BytesIO()
+            np.save(buf, arr)
+            name = f'BraTS-TST-00000-000/p{i:03d}.npy'
+            z.writestr(name, buf.getvalue())
+            meta['patches'][name] = dict(case='BraTS-TST-00000-000', centre=[4, 4, 4],
+                                         type='tumour' if i % 2 == 0 else 'healthy')
+            meta['file_cases'][name] = 'BraTS-TST-00000-000'
+            meta['labels'].append([name, [1.0, 0.0]])
+        z.writestr('dataset.json', json.dumps(meta))
+    return str(path)
+
+
+def test_patch_tensors_split_channels(tmp_path):
+    data = baselines.patch_tensors(_patch_archive(tmp_path / 'p.zip'))
+    assert data.paint_channels == ['t1n', 't2w'] and data.label_channels == ['seg_netc', 'seg_snfh', 'seg_et']
+    assert list(data.images.shape) == [4, 2, 8, 8] and data.images.min() >= -1 and data.images.max() <= 1
+    assert data.brain.dtype == torch.bool and not data.brain[:, :, 0].any() and data.brain[:, :, 1:].all()
+    assert data.types == ['tumour', 'healthy', 'tumour', 'healthy']
+    assert data.labels[0, 1].sum() == 8 and data.labels[0, 2].sum() == 1 and data.labels[1].sum() == 0
+    assert data.c.tolist() == [[1.0, 0.0]] * 4
+    # Not a patch archive: one clear line.
+    import zipfile
+    with zipfile.ZipFile(tmp_path / 'slices.zip', 'w') as z:
+        import io
+        import numpy as np
+        buf = io.BytesIO()
+        np.save(buf, np.zeros((1, 8, 8), np.uint16))
+        z.writestr('a.npy', buf.getvalue())
+    with pytest.raises(baselines.BaselineError, match='not a patch archive'):
+        baselines.patch_tensors(str(tmp_path / 'slices.zip'))

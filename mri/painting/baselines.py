@@ -264,6 +264,41 @@ def train_inpainter(
                            last_loss=float(np.mean(losses[-k:])) if losses else None, losses=losses)
 
 
+def patch_tensors(
+    path: str,                              # patch archive written by dataset_tool.py --kind patches
+    subset: str = 'all',                    # 'all', 'train' or 'val': the archive's case-level split
+    max_patches: int = None,                # None = every patch
+) -> dnnlib.EasyDict:
+    """A whole patch archive in memory, split by channel role (the archive's layout, notes in paint_spec.md).
+
+    Returns images [N, P, *S] float32 in [-1, 1] (the painted channels), brain [N, 1, *S] bool, labels [N, L, *S]
+    float32 one-hot, c [N, c_dim] float32 (the archive's class labels; c_dim may be 0), types (list of 'tumour' /
+    'healthy' per patch), cases, fnames, paint_channels, label_channels, spacing."""
+    from training.dataset import ImageFolderDataset
+    ds = ImageFolderDataset(path, subset=subset, use_labels=True, max_size=max_patches)
+    names = ds.channels
+    if ds.kind != 'patches' or 'brain' not in names:
+        raise BaselineError(f'{path}: not a patch archive (kind {ds.kind!r}, channels {names}); make one with '
+                            f'dataset_tool.py --kind patches')
+    label_idx = [i for i, n in enumerate(names) if n.startswith('seg_')]
+    paint_idx = [i for i, n in enumerate(names) if n != 'brain' and i not in label_idx]
+    raw = np.stack([ds[i][0] for i in range(len(ds))]).astype(np.float32) * (2 / ds.dtype_max) - 1
+    raw = torch.from_numpy(raw)
+    meta = ds._meta  # pylint: disable=protected-access  (the patch records: type and case of each file)
+    records = meta.get('patches') or {}
+    fnames = [ds.image_fname(i) for i in range(len(ds))]
+    c = torch.from_numpy(np.stack([ds.get_label(i) for i in range(len(ds))]).astype(np.float32)) if ds.has_labels \
+        else torch.zeros([len(ds), 0])
+    out = dnnlib.EasyDict(images=raw[:, paint_idx].contiguous(), brain=raw[:, names.index('brain')][:, None] > 0,
+                          labels=(raw[:, label_idx] > 0).to(torch.float32), c=c,
+                          types=[(records.get(f) or {}).get('type', 'unknown') for f in fnames],
+                          cases=[(records.get(f) or {}).get('case', ds.file_case(i)) for i, f in enumerate(fnames)],
+                          fnames=fnames, paint_channels=[names[i] for i in paint_idx],
+                          label_channels=[names[i] for i in label_idx], spacing=meta.get('spacing'))
+    ds.close()
+    return out
+
+
 def save_inpainter(path: str, model: UNetInpainter, training: dict = None) -> None:
     """Write ``{format, init_kwargs, state_dict, training}`` atomically (loadable with ``weights_only=True``)."""
     record = dict(training or {})
