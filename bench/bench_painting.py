@@ -167,37 +167,12 @@ def make_archives(setting, cfg, side, work, log, args):
 
 
 # ----------------------------------------------------------------------------
-# The three painters behind one call: fn(context, mask, labels, c) -> composite.
+# The three painters, each behind the paint generator's call (so the registry's paint metrics score them alike).
 
-class GeneratorFill:
-    """Ours: a paint snapshot's G_ema, one seeded z per call, the patch's class vector."""
+def load_ours(snapshot_path, device='cpu'):
+    from torch_utils.snapshot import load_snapshot
+    return load_snapshot(snapshot_path, device).G_ema
 
-    def __init__(self, snapshot_path, device='cpu', seed=0):
-        from torch_utils.snapshot import load_snapshot
-        self.G = load_snapshot(snapshot_path, device).G_ema
-        self.device, self.seed = device, seed
-
-    @torch.no_grad()
-    def __call__(self, context, mask, labels, c=None):
-        n = context.shape[0]
-        z = torch.randn([n, self.G.z_dim], generator=torch.Generator().manual_seed(self.seed)).to(self.device)
-        c = torch.zeros([n, self.G.c_dim]) if c is None or c.shape[1] != self.G.c_dim else c
-        out = self.G(z, c.to(self.device), context=context.to(self.device), mask=mask.to(self.device, torch.float32),
-                     labels=labels.to(self.device, torch.float32), truncation_psi=1, noise_mode='const')
-        return out.cpu()
-
-
-def _baseline_fn(fill):
-    return lambda context, mask, labels, c=None: fill(context, mask, labels)
-
-
-def _batched(fn, context, mask, labels, c, batch):
-    return torch.cat([fn(context[i:i + batch], mask[i:i + batch], labels[i:i + batch], c[i:i + batch])
-                      for i in range(0, context.shape[0], batch)])
-
-
-# ----------------------------------------------------------------------------
-# Masks and metrics.
 
 def mask_sampler():
     """The repaint masks the GAN trains on (the lead's RepaintMasks)."""
@@ -205,42 +180,17 @@ def mask_sampler():
     return RepaintMasks()
 
 
-def healthy_eval_masks(held, seed):
-    """Tumour-shaped masks in the held-out case's healthy patches, all-zero labels: the same for every method."""
-    idx = [i for i, t in enumerate(held.types) if t == 'healthy']
-    torch.manual_seed(seed)
-    mask, labels = mask_sampler()(held.labels[idx], held.brain[idx])
-    mask = (mask > 0.5) & held.brain[idx]
-    keep = [k for k in range(len(idx)) if mask[k].any()]
-    return [idx[k] for k in keep], mask[keep], torch.zeros_like(labels[keep])
-
-
-def paint_metrics(painted, real, mask, modalities):
-    """``{modality: {ssim, psnr, mse}}``, the mean over patches, the BraTS 2024 inpainting protocol: per patch and
-    modality, both images clipped and scaled to [0, 1] by the 0.5/99.5 percentiles of the real image with the region
-    voided; MSE and PSNR over the region's voxels; SSIM over the region's bounding box.
-    (Stand-in until metrics/paint.py lands on main: then this calls its per-batch functions.)"""
-    from metrics.msssim import ssim
-    out = {m: dict(ssim=[], psnr=[], mse=[]) for m in modalities}
-    for n in range(real.shape[0]):
-        where = mask[n, 0]
-        box = tuple(slice(int(ix.min()), int(ix.max()) + 1) for ix in torch.nonzero(where, as_tuple=True))
-        for k, name in enumerate(modalities):
-            ref = (real[n, k] + 1) / 2
-            lo, hi = np.percentile((ref * ~where).numpy(), [0.5, 99.5])
-            lo = max(lo, 0.0)
-            scale = max(hi - lo, 1e-6)
-            a = ((ref.clamp(lo, hi) - lo) / scale)
-            b = (((painted[n, k] + 1) / 2).clamp(lo, hi) - lo) / scale
-            mse = float(((a[where] - b[where]) ** 2).mean())
-            out[name]['mse'].append(mse)
-            out[name]['psnr'].append(float(10 * np.log10(1 / max(mse, 1e-10))))
-            a_box, b_box = a[box], b[box]
-            pad = [(0, max(0, 7 - s)) for s in a_box.shape][::-1]
-            a_box = torch.nn.functional.pad(a_box, [p for pair in pad for p in pair])
-            b_box = torch.nn.functional.pad(b_box, [p for pair in pad for p in pair])
-            out[name]['ssim'].append(float(ssim(a_box[None, None], b_box[None, None], win_size=7)))
-    return {m: {k: float(np.mean(v)) for k, v in d.items()} for m, d in out.items()}
+def measure(G, archive, segmenter, num_items, seed):
+    """The registry's paint metrics on the held-out archive: ``{metric key: value}`` (paint_ssim/psnr/mse per
+    modality and averaged; insert_dice, insert_dice_real, their ratio, per class) -- the one place metrics are called."""
+    from metrics import metric_main
+    kwargs = dict(G=G, dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(archive),
+                                           use_labels=True), num_gpus=1, rank=0, device='cpu', cache=False,
+                  num_gen=num_items, batch_size=8, seed=seed, segmenter=str(segmenter))
+    out = {}
+    for res in metric_main.calc_metrics(['paint_ssim', 'paint_psnr', 'paint_mse', 'insert_dice'], **kwargs):
+        out.update(res.results)
+    return out
 
 
 def train_segmenter_on(train, dims, steps, path, seed=0):
@@ -259,39 +209,24 @@ def train_segmenter_on(train, dims, steps, path, seed=0):
     return model
 
 
-def segment_dice(model, images, labels):
-    """Dice per region (WT/TC/ET) pooled over the patches: segmenter on ``images`` against one-hot ``labels``."""
-    from mri.downstream.model import predict_labels
-    from mri.downstream.regions import pooled_dice
-    from mri.seg import decode_seg
-    pred = torch.cat([predict_labels(model, images[i:i + 8], list(images.shape[2:])) for i in range(0, len(images), 8)])
-    return pooled_dice(pred, decode_seg(labels * 2 - 1, axis=1).long())
-
-
-def insertion_set(train, held, radius=3):
-    """Held-out healthy patches with training tumours' label maps in them (inside the brain), the repaint mask the
-    tumour dilated by ``radius`` (as the GAN trains): (indices, mask, labels)."""
-    healthy = [i for i, t in enumerate(held.types) if t == 'healthy']
-    tumours = [i for i, t in enumerate(train.types) if t == 'tumour' and train.labels[i].any()]
-    if not healthy or not tumours:
-        return [], None, None
-    src = [tumours[k % len(tumours)] for k in range(len(healthy))]
-    labels = train.labels[src] * held.brain[healthy]
-    keep = [k for k in range(len(healthy)) if labels[k].any()]
-    labels = labels[keep]
-    mask = baselines.dilate(labels.amax(dim=1, keepdim=True) > 0, radius) & held.brain[[healthy[k] for k in keep]]
-    return [healthy[k] for k in keep], mask, labels
-
-
-def seconds_per_case(fn, held, idx, mask, labels, per_case, repeats):
-    """Median seconds to paint ``per_case`` patches one at a time (as insertion into a case does)."""
+@torch.no_grad()
+def seconds_per_case(G, held, per_case, repeats, seed=0):
+    """Median seconds to paint ``per_case`` tumours into the held-out case one at a time (as insertion into a case
+    does: one forward pass per tumour), with its own tumour patches' masks and labels."""
+    idx = [i for i, t in enumerate(held.types) if t == 'tumour' and held.labels[i].any()][:per_case]
+    if not idx:
+        return None
+    mask, labels = mask_sampler()(held.labels[idx], held.brain[idx], generator=torch.Generator().manual_seed(seed))
+    c = held.c[idx] if held.c.shape[1] == G.c_dim else torch.zeros([len(idx), G.c_dim])
+    z = torch.randn([len(idx), G.z_dim], generator=torch.Generator().manual_seed(seed))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        for k in range(min(per_case, len(idx))):
-            fn(held.images[idx[k]][None], mask[k][None], labels[k][None], held.c[idx[k]][None])
+        for k in range(len(idx)):
+            G(z[k:k + 1], c[k:k + 1], context=held.images[idx[k]][None] * (1 - mask[k:k + 1]), mask=mask[k:k + 1],
+              labels=labels[k:k + 1], truncation_psi=1, noise_mode='const')
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times) * per_case / len(idx)
 
 
 # ----------------------------------------------------------------------------
@@ -312,22 +247,17 @@ def run_setting(setting, args, log):
                   train_patches=len(train.types), held_patches=len(held.types), modalities=train.paint_channels)
 
     # Ours, stopped at the CPU budget.
-    fns, cpu = {}, {}
+    ours, cpu = None, {}
     runs = work / 'runs'
-    try:
-        import training.paint  # noqa: F401  (the paint family: is it on this branch?)
-        has_paint = True
-    except ImportError:
-        has_paint = False
-    if has_paint and not args.skip_ours:
+    if not args.skip_ours:
         _, cpu['ours'] = run_phase('train ours', ['train.py', '--data', train_zip, '--outdir', runs, '--cfg', 'paint',
                                                   '--kimg', 100000, '--tick', 0.02, '--snap', 1000, '--metrics', 'none',
                                                   '--device', 'cpu'] + args.gan_args.split(), log, budget=args.budget)
         snaps = sorted(runs.glob('*/network-snapshot-*.pt'), key=lambda p: p.stat().st_mtime)
-        fns['ours'] = GeneratorFill(str(snaps[-1]))
+        ours = load_ours(str(snaps[-1]))
         record['ours_snapshot'] = str(snaps[-1])
     else:
-        print('  ours: skipped' + ('' if has_paint else ' (training/paint.py is not on this branch yet)'))
+        print('  ours: skipped (--skip-ours)')
     budget = cpu.get('ours', args.budget)
 
     # The L1 U-Net, for the CPU seconds ours used.
@@ -340,62 +270,44 @@ def run_setting(setting, args, log):
     cpu['unet'] = trained.cpu_seconds
     print(f'  {"train U-Net (in process)":<24} {trained.wall_seconds:8.1f} s wall {trained.cpu_seconds:8.1f} s CPU '
           f'({trained.steps} steps, L1 {trained.first_loss:.3f} -> {trained.last_loss:.3f})', flush=True)
-    fns['unet'] = _baseline_fn(unet.fill)
-    fns['ring'] = _baseline_fn(baselines.RingFill(width=args.ring_width).fill)
+    shape = list(train.images.shape[2:])
+    painters = dict(ours=ours) if ours is not None else {}
+    painters['unet'] = baselines.AsGenerator(unet, train.paint_channels, train.label_channels, shape)
+    painters['ring'] = baselines.AsGenerator(baselines.RingFill(width=args.ring_width), train.paint_channels,
+                                             train.label_channels, shape)
     record.update(cpu_seconds=cpu, unet_steps=trained.steps, unet_l1=[trained.first_loss, trained.last_loss])
 
-    # paint_ssim / psnr / mse on the held-out case's healthy patches.
-    idx, mask, zero = healthy_eval_masks(held, args.seed)
-    record['paint'], record['paint_patches'] = {}, len(idx)
-    for name, fn in fns.items():
-        if not idx:
-            break
-        painted = _batched(fn, held.images[idx], mask, zero, held.c[idx], 8)
-        outside = ~mask.expand_as(painted)
-        assert torch.equal(painted[outside], held.images[idx][outside]), f'{name} changed voxels outside the mask'
-        per_mod = paint_metrics(painted, held.images[idx], mask, held.paint_channels)
-        record['paint'][name] = dict(per_modality=per_mod, **{k: float(np.mean([v[k] for v in per_mod.values()]))
-                                                             for k in ('ssim', 'psnr', 'mse')})
-
-    # insert_dice: one segmenter, real tumours against inserted ones.
-    segmenter = train_segmenter_on(train, cfg['dims'], args.seg_steps, work / 'segmenter.pt', args.seed)
-    real_idx = [i for i, t in enumerate(held.types) if t == 'tumour' and held.labels[i].any()]
-    record['dice_real'] = segment_dice(segmenter, held.images[real_idx], held.labels[real_idx]) if real_idx else None
-    ins_idx, ins_mask, ins_labels = insertion_set(train, held)
-    record['insert_dice'] = {}
-    for name in ('ours', 'unet'):
-        if name in fns and ins_idx:
-            painted = _batched(fns[name], held.images[ins_idx], ins_mask, ins_labels, held.c[ins_idx], 8)
-            record['insert_dice'][name] = segment_dice(segmenter, painted, ins_labels)
-    record['inserted_patches'] = len(ins_idx)
-
-    # Seconds per painted case.
-    record['seconds_per_case'] = {name: seconds_per_case(fns[name], held, ins_idx, ins_mask, ins_labels, args.per_case,
-                                                         args.repeats)
-                                  for name in ('ours', 'unet') if name in fns and ins_idx}
+    # One segmenter (trained on the training cases' real tumours); the registry's metrics on the held-out case.
+    start = time.time()
+    segmenter = work / 'segmenter.pt'
+    train_segmenter_on(train, cfg['dims'], args.seg_steps, segmenter, args.seed)
+    print(f'  {"segmenter":<24} {time.time() - start:8.1f} s wall ({args.seg_steps} steps)', flush=True)
+    record['metrics'], record['seconds_per_case'] = {}, {}
+    for name, G in painters.items():
+        start = time.time()
+        record['metrics'][name] = measure(G, test_zip, segmenter, args.num_items, args.seed)
+        if name != 'ring':
+            record['seconds_per_case'][name] = seconds_per_case(G, held, args.per_case, args.repeats, args.seed)
+        print(f'  {"metrics " + name:<24} {time.time() - start:8.1f} s wall', flush=True)
     return record
 
 
 def format_table(results):
-    lines = ['| setting | method | CPU s trained | SSIM | PSNR dB | MSE | insert_dice WT/TC/ET | Dice real WT/TC/ET | s / case |',
-             '|---|---|---|---|---|---|---|---|---|']
+    """One row per setting and method: CPU seconds trained, the paint scores (mean over modalities), insert_dice
+    (mean of WT/TC/ET) beside the same segmenter's Dice on real tumours, seconds per painted case."""
+    lines = ['| setting | method | CPU s trained | paint_ssim | paint_psnr dB | paint_mse | insert_dice | Dice on real '
+             'tumours | ratio | s / case |', '|---|---|---|---|---|---|---|---|---|---|']
     for setting, r in results.items():
         if 'skipped' in r:
-            lines.append(f'| {setting} | skipped: {r["skipped"]} | | | | | | | |')
+            lines.append(f'| {setting} | skipped: {r["skipped"]} | | | | | | | | |')
             continue
-        real = r.get('dice_real')
-        real_s = '/'.join(f'{real[k]:.3f}' for k in ('WT', 'TC', 'ET')) if real else '-'
-        for name in ('ours', 'unet', 'ring'):
-            p = r['paint'].get(name)
-            if p is None and name != 'ring' and name not in r['cpu_seconds']:
-                continue
-            ins = r['insert_dice'].get(name)
-            label = f'{setting} {r["side"]}^{r["dims"]}'
-            lines.append(f'| {label} | {name} | {r["cpu_seconds"].get(name, 0):.0f} | '
-                         + (f'{p["ssim"]:.3f} | {p["psnr"]:.2f} | {p["mse"]:.4f}' if p else '- | - | -') + ' | '
-                         + ('/'.join(f'{ins[k]:.3f}' for k in ('WT', 'TC', 'ET')) if ins else '-') + ' | '
-                         + (real_s if name != 'ring' else '-') + ' | '
-                         + (f'{r["seconds_per_case"][name]:.3f}' if name in r['seconds_per_case'] else '-') + ' |')
+        for name, m in r['metrics'].items():
+            cpu = r['cpu_seconds'].get(name)
+            secs = r['seconds_per_case'].get(name)
+            lines.append(f'| {setting} {r["side"]}^{r["dims"]} | {name} | {"-" if cpu is None else f"{cpu:.0f}"} | '
+                         f'{m["paint_ssim"]:.3f} | {m["paint_psnr"]:.2f} | {m["paint_mse"]:.4f} | '
+                         f'{m["insert_dice"]:.3f} | {m["insert_dice_real"]:.3f} | {m["insert_dice_ratio"]:.2f} | '
+                         f'{"-" if secs is None else f"{secs:.3f}"} |')
     return '\n'.join(lines)
 
 
@@ -412,6 +324,7 @@ def format_table(results):
 @click.option('--unet-levels',    metavar='INT', type=click.IntRange(min=2), default=4, show_default=True, help='U-Net levels')
 @click.option('--ring-width',     metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Ring fill: ring width (voxels)')
 @click.option('--seg-steps',      metavar='INT', type=click.IntRange(min=1), default=None, help='Segmenter steps  [default: 600; --quick 30]')
+@click.option('--num-items',      metavar='INT', type=click.IntRange(min=1), default=None, help='Patches per metric [default: every healthy patch, at most 1000]')
 @click.option('--per-case',       metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Tumours painted per case (timing)')
 @click.option('--repeats',        metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Timing repeats (median)')
 @click.option('--skip-ours',      is_flag=True, help='Baselines only')

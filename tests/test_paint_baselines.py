@@ -194,3 +194,22 @@ def test_patch_tensors_split_channels(tmp_path):
         z.writestr('a.npy', buf.getvalue())
     with pytest.raises(baselines.BaselineError, match='not a patch archive'):
         baselines.patch_tensors(str(tmp_path / 'slices.zip'))
+
+
+def test_unet_on_a_patch_archive_with_the_gans_repaint_masks(tmp_path):
+    """The path the benchmark takes: archive -> tensors -> the GAN's RepaintMasks -> a few steps; then the baseline
+    behind the generator's call (what the paint metrics score) keeps the outside exact."""
+    from mri.painting.masks import RepaintMasks
+    data = baselines.patch_tensors(_patch_archive(tmp_path / 'p.zip', shape=(8, 8), n=4))
+    torch.manual_seed(0)
+    model = baselines.UNetInpainter(2, data.paint_channels, data.label_channels, features=4, levels=2)
+    record = baselines.train_inpainter(model, data.images, data.brain, data.labels, RepaintMasks(dilation=1), steps=3,
+                                       batch=4)
+    assert record.steps == 3 and all(v == v for v in record.losses)
+    for painter in (model, baselines.RingFill(width=1)):
+        G = baselines.AsGenerator(painter, data.paint_channels, data.label_channels, [8, 8])
+        mask, labels = RepaintMasks(dilation=1)(data.labels, data.brain, generator=torch.Generator().manual_seed(0))
+        out = G(torch.zeros(4, G.z_dim), torch.zeros(4, G.c_dim), context=data.images, mask=mask, labels=labels,
+                noise_mode='const')
+        outside = (mask == 0).expand_as(out)
+        assert torch.equal(out[outside], data.images[outside])

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from mri.painting.masks import dilate
 
 INPAINTER_FORMAT = 'mri-gan-inpainter/1'
 
@@ -55,25 +56,6 @@ def composite(painted: torch.Tensor, context: torch.Tensor, mask: torch.Tensor) 
     """``mask * painted + (1 - mask) * context``, written as a selection so that outside the mask the result is the
     context bit for bit (a product with 0 would turn a non-finite painted value into NaN there)."""
     return torch.where(mask, painted.to(context.dtype), context)
-
-
-def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
-    """Bool ``[N, 1, *S]`` grown by a ball (3D) or disc (2D) of ``radius`` voxels."""
-    try:  # The lead's masks (one dilation for the whole package) once they exist.
-        from mri.painting.masks import dilate as masks_dilate
-    except ImportError:
-        masks_dilate = None
-    if masks_dilate is not None:
-        return masks_dilate(mask, radius) > 0
-    mask = mask > 0 if mask.dtype != torch.bool else mask
-    if radius <= 0:
-        return mask.clone()
-    dims = mask.ndim - 2
-    axis = torch.arange(-radius, radius + 1, dtype=torch.float32, device=mask.device)
-    grid = torch.stack(torch.meshgrid(*([axis] * dims), indexing='ij'))
-    ball = ((grid ** 2).sum(0) <= radius ** 2 + 1e-6).to(torch.float32)[None, None]
-    conv = torch.nn.functional.conv3d if dims == 3 else torch.nn.functional.conv2d
-    return conv(mask.to(torch.float32), ball, padding=radius) > 0.5
 
 
 def brain_of(context: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -189,6 +171,23 @@ class UNetInpainter(torch.nn.Module):
         """The composite ``[N, P, *S]``: the prediction (clamped to [-1, 1]) inside the mask, the context outside."""
         m = _check_call(context, mask, labels)
         return composite(self(context, mask, labels).clamp(-1, 1), context, m)
+
+
+class AsGenerator(torch.nn.Module):
+    """A baseline behind the paint generator's call, ``G(z, c, context=, mask=, labels=)``, with the attributes the
+    paint metrics read (paint_channels, label_channels, img_shape, z_dim, c_dim): metrics/paint.py and
+    metrics/insert_dice.py then score a baseline exactly as they score a paint snapshot (same items, masks, seeds).
+    z and c are ignored (a baseline is deterministic and unconditional)."""
+
+    def __init__(self, painter, paint_channels: list, label_channels: list, img_shape: list):
+        super().__init__()
+        self.painter = painter          # RingFill or UNetInpainter (a module is registered, so .to() moves it)
+        self.paint_channels, self.label_channels = list(paint_channels), list(label_channels)
+        self.img_shape = list(img_shape)
+        self.z_dim, self.c_dim = 1, 0
+
+    def forward(self, z, c, context=None, mask=None, labels=None, **_kwargs):  # truncation_psi, noise_mode: unused
+        return self.painter.fill(context, mask, labels)
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
