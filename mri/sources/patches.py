@@ -213,3 +213,193 @@ def paste_slice(array, patch_hw, centre, plane, where=None):
     if where is not None:
         where = np.expand_dims(from_display(np.asarray(where, bool), plane), axis)
     return paste(array, patch, centre, where)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Patch archives (dataset_tool.py --kind patches)
+
+PATCH_TYPES = ('tumour', 'healthy')
+MIN_HEALTHY_BRAIN = 0.5  # a healthy patch is at least half brain: the painter moves a tumour shape into its tissue
+EXTRA_CHANNELS = ('brain',)  # stored after the modalities, before the label map
+
+
+def check_options(opts):
+    """The problem with the patch options of a mri.sources.convert.ConvertOptions (kind 'patches'), or None. The
+    labels are implied: `opts.with_seg` is set."""
+    size = tuple(opts.patch_size)
+    if len(size) not in (2, 3) or any(int(s) != s or s < 4 for s in size):
+        return f'--patch-size must be 2 (2D crops) or 3 (3D patches) sides >= 4, got {",".join(map(str, size))}'
+    if opts.patches_per_case < 0 or (opts.healthy_per_case is not None and opts.healthy_per_case < 0):
+        return '--patches-per-case and --healthy-per-case must be >= 0'
+    if opts.patches_per_case == 0 and opts.healthy_per_case == 0:
+        return '--patches-per-case 0 and --healthy-per-case 0 leave nothing to write'
+    if 'modality' in opts.labels:
+        return ('--labels modality does not apply to --kind patches: every patch holds all its modalities as '
+                'channels (the painter paints them together)')
+    if opts.denoise:
+        # the painter fills tissue into the scan's own voxels, noise included: it must learn them as they are
+        return '--denoise does not apply to --kind patches: patches keep the scan\'s own voxels'
+    opts.with_seg = True
+    return None
+
+
+def channel_names(modalities):
+    """What a loader sees of a patch archive: the modalities, the brain mask, the three one-hot label channels."""
+    from mri.seg import SEG_CHANNELS
+    return list(modalities) + list(EXTRA_CHANNELS) + list(SEG_CHANNELS)
+
+
+def _case_rng(seed, case_id):
+    """Per-case generator from (seed, case id): the same patches whatever the worker count or case order."""
+    import zlib
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(case_id.encode())])
+
+
+def tumour_centres(
+    tumour,                 # bool (X, Y, Z): the case's tumour (any label)
+    count,                  # number of centres
+    box,                    # the patch's 3D box (a 2D crop: one voxel thick along its plane's axis)
+    rng,                    # numpy Generator
+):
+    """Centres of tumour patches: each on a voxel of a connected tumour component (chosen in proportion to its
+    size), near the middle of the component: the component's box centre, jittered by up to a quarter of the patch
+    (along a 2D crop's slice axis: anywhere within the component), snapped to the nearest voxel of the component.
+    So a patch holds its tumour and some of the tissue around it, the region the painter learns to fill."""
+    from scipy import ndimage
+    if count <= 0 or not tumour.any():
+        return []
+    comps, num = ndimage.label(tumour, structure=np.ones((3, 3, 3), bool))
+    sizes = np.bincount(comps.ravel(), minlength=num + 1)[1:].astype(np.float64)
+    boxes = ndimage.find_objects(comps)
+    voxels = {}
+    out = []
+    for k in rng.choice(num, size=count, p=sizes / sizes.sum()):
+        b = boxes[k]
+        lo = np.array([s.start for s in b], np.float64)
+        hi = np.array([s.stop - 1 for s in b], np.float64)
+        half = np.where(np.array(box) > 1, np.array(box) / 4, (hi - lo) / 2)
+        target = (lo + hi) / 2 + rng.uniform(-1, 1, size=3) * half
+        if k not in voxels:
+            voxels[k] = np.argwhere(comps[b] == k + 1) + lo.astype(np.int64)
+        v = voxels[k]
+        out.append(tuple(int(i) for i in v[np.argmin(((v - target) ** 2).sum(axis=1))]))
+    return out
+
+
+def healthy_centres(
+    tumour,                 # bool (X, Y, Z)
+    brain,                  # bool (X, Y, Z)
+    count,                  # number of centres wanted
+    box,                    # the patch's 3D box
+    rng,                    # numpy Generator
+    min_brain=MIN_HEALTHY_BRAIN,  # fraction of the box that must be brain (outside the volume counts as none)
+):
+    """Centres of healthy patches: brain voxels whose box holds no tumour voxel and at least `min_brain` brain,
+    drawn uniformly without repeats; fewer than `count` when the case has fewer such voxels."""
+    from scipy import ndimage
+    if count <= 0:
+        return []
+    # Box filters with the patch's size and scipy's default origin cover [c - s // 2, c - s // 2 + s): the box of
+    # `crop`; both are separable, so a whole BraTS volume costs a few passes.
+    near_tumour = ndimage.maximum_filter(tumour.view(np.uint8), size=box, mode='constant', cval=0)
+    fraction = ndimage.uniform_filter(brain.astype(np.float32), size=box, mode='constant', cval=0.0)
+    ok = brain & (near_tumour == 0) & (fraction >= min_brain - 1e-6)
+    flat = np.flatnonzero(ok)
+    if flat.size == 0:
+        return []
+    picks = np.sort(rng.choice(flat.size, size=min(count, flat.size), replace=False))
+    return [tuple(int(i) for i in np.unravel_index(flat[p], ok.shape)) for p in picks]
+
+
+def patch_case(
+    case,                   # brats.Case with its labels (load_seg=True)
+    opts,                   # mri.sources.convert.ConvertOptions with kind 'patches' (check_options passed)
+    base,                   # {group: value} of the case's label groups other than plane and tumour (cohort, CSV)
+):
+    """The patches of one case, as mri.sources.convert.convert_case returns a case: 'entries', 'labels', 'counts',
+    'ranges', plus 'patches' {relpath: {case, centre, type[, plane]}} and 'spacing' (mm, canonical axes).
+
+    Per case (and per plane for 2D crops), `patches_per_case` patches centred on the tumour (`tumour_centres`) and
+    `healthy_per_case` in tumour-free brain (`healthy_centres`), from a generator seeded by (seed, case id). Stored
+    as `[modalities..., brain, labels]` quantised to the bit depth: images round((x + 1) / 2 * vmax), brain 0 / vmax,
+    the label map 0-3; outside the volume image -1 (stored 0), brain 0, labels 0."""
+    from mri.sources.convert import TUMOUR_VALUES, _npy_entry  # here, not at the top: convert imports this module
+    native = load_native(case, opts.modalities, opts.normalize, opts.low, opts.high)
+    cid = native.case_id
+    vmax = (1 << opts.bit_depth) - 1
+    dtype = np.uint8 if opts.bit_depth == 8 else np.uint16
+    tumour = native.seg > 0
+    n_tumour = opts.patches_per_case
+    n_healthy = n_tumour if opts.healthy_per_case is None else opts.healthy_per_case
+    rng = _case_rng(opts.seed, cid)
+    two_d = len(opts.patch_size) == 2
+    planes = opts.planes if two_d else (None,)
+    result = {'case_id': cid, 'entries': [], 'labels': [], 'affines': {}, 'counts': {}, 'skipped_slices': {},
+              'ranges': {m: list(r) for m, r in native.ranges.items()}, 'patches': {},
+              'spacing': list(native.spacing)}
+    counts = result['counts']
+
+    def add_count(key, n):
+        counts[key] = counts.get(key, 0) + n
+    if not tumour.any():
+        add_count('cases without tumour (healthy patches only)', 1)
+    for plane in planes:
+        if two_d:
+            _, box = _slice_box(plane, opts.patch_size)
+        else:
+            box = tuple(int(s) for s in opts.patch_size)
+        centres = [('tumour', c) for c in tumour_centres(tumour, n_tumour, box, rng)]
+        healthy = healthy_centres(tumour, native.brain, n_healthy, box, rng)
+        centres += [('healthy', c) for c in healthy]
+        prefix = f'{plane} ' if two_d else ''
+        add_count(f'{prefix}tumour patches', sum(t == 'tumour' for t, _ in centres))
+        add_count(f'{prefix}healthy patches', len(healthy))
+        if len(healthy) < n_healthy:
+            add_count(f'{prefix}healthy patches not found (too little tumour-free brain)', n_healthy - len(healthy))
+        number = {t: 0 for t in PATCH_TYPES}
+        for kind, centre in centres:
+            if two_d:
+                images = crop_slice(native.images, centre, opts.patch_size, plane, fill=-1.0)
+                brain = crop_slice(native.brain, centre, opts.patch_size, plane, fill=False)
+                seg = crop_slice(native.seg, centre, opts.patch_size, plane, fill=0)
+            else:
+                images = crop(native.images, centre, box, fill=-1.0)
+                brain = crop(native.brain, centre, box, fill=False)
+                seg = crop(native.seg, centre, box, fill=0)
+            unit = (images + np.float32(1)) * np.float32(0.5)  # the archives' stored value, [0, 1]
+            stack = np.concatenate([preprocess.quantize(unit, vmax, dtype), (brain * vmax).astype(dtype)[None],
+                                    seg.astype(dtype)[None]])
+            relpath = f'{cid}/{plane}-{kind}-{number[kind]:03d}.npy' if two_d else f'{cid}/{kind}-{number[kind]:03d}.npy'
+            number[kind] += 1
+            assign = dict(base, **({'plane': plane} if two_d else {}))
+            if 'tumour' in opts.labels:
+                assign['tumour'] = TUMOUR_VALUES[0] if seg.any() else TUMOUR_VALUES[1]
+            result['entries'].append((relpath, *_npy_entry(stack, opts.compress_level)))
+            result['labels'].append((relpath, assign))
+            result['patches'][relpath] = dict(case=cid, centre=list(centre), type=kind,
+                                              **({'plane': plane} if two_d else {}))
+    return result
+
+
+def archive_meta(opts, patch_records, spacings):
+    """The dataset.json keys of a patch archive that the other kinds lack or set otherwise, and warnings:
+    ({channels, kind, patch_size, spacing, patches, resolution, case_spacing}, [str])."""
+    cases = sorted(spacings)
+    values = np.array([spacings[c] for c in cases], np.float64)
+    spacing = [float(v) for v in np.median(values, axis=0)]
+    warnings = []
+    if not np.allclose(values, values[0], rtol=0, atol=1e-3):
+        odd = [c for c, v in zip(cases, values) if not np.allclose(v, spacing, rtol=0, atol=1e-3)]
+        warnings.append(f'voxel sizes differ between cases (patches are not resampled): "spacing" records the median '
+                        f'{"x".join(f"{s:g}" for s in spacing)} mm, "case_spacing" each case; {len(odd)} differ, '
+                        f'e.g. {odd[0]}')
+    meta = {
+        'channels': channel_names(opts.modalities),
+        'kind': 'patches',
+        'patch_size': [int(s) for s in opts.patch_size],
+        'spacing': spacing,
+        'case_spacing': {c: list(map(float, v)) for c, v in zip(cases, values)},
+        'patches': patch_records,
+        'resolution': int(max(opts.patch_size)),
+    }
+    return meta, warnings
