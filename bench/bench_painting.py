@@ -49,9 +49,9 @@ from mri.painting import baselines              # noqa: E402
 SHARED = ROOT.parent / 'shared' / 'data'
 REAL_CASES = [SHARED / 'brats' / 'BraTS-GLI-00000-000', SHARED / 'brats-extra' / 'BraTS-GLI-90001-000',
               SHARED / 'brats-extra' / 'BraTS-GLI-90003-000']
-SETTINGS = {  # name: source, patch side (full, quick), dims
-    '2d': dict(source='real', side=64, quick_side=32, dims=2),
-    '3d': dict(source='phantom', side=32, quick_side=16, dims=3),
+SETTINGS = {  # name: source, dims, patch side (full, quick)
+    '2d': dict(source='real', dims=2, side=64, quick_side=32),
+    '3d': dict(source='phantom', dims=3, side=32, quick_side=16),
 }
 GAN_ARGS = '--cbase 2048 --cmax 64 --map-depth 2 --batch 8'    # CPU-sized widths of ours (train.py options)
 
@@ -89,9 +89,10 @@ def _tree_cpu_seconds(pid):
     return total
 
 
-def run_phase(name, args, log, budget=None):
-    """Run ``python ARGS`` in the repository; with ``budget`` (CPU seconds), SIGTERM it once its processes have used
-    that much. Returns ``(wall seconds, CPU seconds of all its processes)``; exits with its stderr on failure."""
+def run_phase(name, args, log, budget=None, clock='cpu'):
+    """Run ``python ARGS`` in the repository; with ``budget`` seconds, SIGTERM it once its processes have used that
+    much CPU time (``clock='cpu'``) or that much wall time has passed (``'wall'``, a GPU's time). Returns ``(wall
+    seconds, CPU seconds of all its processes)``; exits with its output's tail on failure."""
     log.write(f'$ {" ".join(map(str, args))}\n')
     log.flush()
     start, cpu_start = time.time(), _cpu_seconds_children()
@@ -100,9 +101,9 @@ def run_phase(name, args, log, budget=None):
     while proc.poll() is None:
         time.sleep(0.5)
         if budget is not None and not stopped:
-            used = _tree_cpu_seconds(proc.pid)
+            used = _tree_cpu_seconds(proc.pid) if clock == 'cpu' else None
             if used is None:
-                used = time.time() - start  # No /proc: wall time stands in.
+                used = time.time() - start  # The wall clock (asked for, or no /proc to read CPU time from).
             if used >= budget:
                 proc.send_signal(signal.SIGTERM)
                 stopped = True
@@ -136,7 +137,8 @@ def machine_name():
 def make_archives(setting, cfg, side, work, log, args):
     """(train archive, held-out archive, held-out case id) for one setting, or None when its cases are absent."""
     patch = ','.join([str(side)] * cfg['dims'])
-    common = ['--kind', 'patches', '--patch-size', patch, '--modalities', 'all', '--with-seg', '--no-progress']
+    common = ['--kind', 'patches', '--patch-size', patch, '--modalities', 'all', '--patches-per-case',
+              args.patches_per_case, '--no-progress']
     if cfg['dims'] == 2:
         common += ['--planes', 'axial']
     train_zip, test_zip = work / 'train.zip', work / 'test.zip'
@@ -180,12 +182,12 @@ def mask_sampler():
     return RepaintMasks()
 
 
-def measure(G, archive, segmenter, num_items, seed):
+def measure(G, archive, segmenter, num_items, seed, device='cpu'):
     """The registry's paint metrics on the held-out archive: ``{metric key: value}`` (paint_ssim/psnr/mse per
     modality and averaged; insert_dice, insert_dice_real, their ratio, per class) -- the one place metrics are called."""
     from metrics import metric_main
     kwargs = dict(G=G, dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(archive),
-                                           use_labels=True), num_gpus=1, rank=0, device='cpu', cache=False,
+                                           use_labels=True), num_gpus=1, rank=0, device=device, cache=False,
                   num_gen=num_items, batch_size=8, seed=seed, segmenter=str(segmenter))
     out = {}
     for res in metric_main.calc_metrics(['paint_ssim', 'paint_psnr', 'paint_mse', 'insert_dice'], **kwargs):
@@ -193,7 +195,7 @@ def measure(G, archive, segmenter, num_items, seed):
     return out
 
 
-def train_segmenter_on(train, dims, steps, path, seed=0):
+def train_segmenter_on(train, dims, steps, path, seed=0, device='cpu'):
     """One segmenter (MONAI U-Net, calc_segmentation.py's checkpoint format) on the training patches' real labels."""
     from mri.downstream.engine import train_segmenter
     from mri.downstream.model import build_segmenter, save_segmenter
@@ -203,14 +205,14 @@ def train_segmenter_on(train, dims, steps, path, seed=0):
     labelmap = decode_seg(train.labels * 2 - 1, axis=1).long()
     items = torch.utils.data.TensorDataset(train.images, labelmap)
     patch = list(train.images.shape[2:])
-    train_segmenter(model, items, steps=steps, batch=8, lr=2e-3, seed=seed, device='cpu', patch=patch, workers=0)
+    train_segmenter(model, items, steps=steps, batch=8, lr=2e-3, seed=seed, device=device, patch=patch, workers=0)
     save_segmenter(str(path), model, dict(arch='unet', spatial_dims=dims, in_channels=len(train.paint_channels),
                                           input_names=list(train.paint_channels), features=16, levels=3, patch=patch))
     return model
 
 
 @torch.no_grad()
-def seconds_per_case(G, held, per_case, repeats, seed=0):
+def seconds_per_case(G, held, per_case, repeats, seed=0, device='cpu'):
     """Median seconds to paint ``per_case`` tumours into the held-out case one at a time (as insertion into a case
     does: one forward pass per tumour), with its own tumour patches' masks and labels."""
     idx = [i for i, t in enumerate(held.types) if t == 'tumour' and held.labels[i].any()][:per_case]
@@ -219,13 +221,19 @@ def seconds_per_case(G, held, per_case, repeats, seed=0):
     mask, labels = mask_sampler()(held.labels[idx], held.brain[idx], generator=torch.Generator().manual_seed(seed))
     c = held.c[idx] if held.c.shape[1] == G.c_dim else torch.zeros([len(idx), G.c_dim])
     z = torch.randn([len(idx), G.z_dim], generator=torch.Generator().manual_seed(seed))
+    z, c, mask, labels = z.to(device), c.to(device), mask.to(device), labels.to(device)
+    context = (held.images[idx].to(device) * (1 - mask))
+    sync = torch.cuda.synchronize if torch.device(device).type == 'cuda' else (lambda: None)
     times = []
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # The first round warms up (allocator, cuDNN choices) and is not counted.
+        sync()
         start = time.perf_counter()
         for k in range(len(idx)):
-            G(z[k:k + 1], c[k:k + 1], context=held.images[idx[k]][None] * (1 - mask[k:k + 1]), mask=mask[k:k + 1],
-              labels=labels[k:k + 1], truncation_psi=1, noise_mode='const')
+            G(z[k:k + 1], c[k:k + 1], context=context[k:k + 1], mask=mask[k:k + 1], labels=labels[k:k + 1],
+              truncation_psi=1, noise_mode='const')
+        sync()
         times.append(time.perf_counter() - start)
+    times = times[1:]
     return statistics.median(times) * per_case / len(idx)
 
 
@@ -234,7 +242,7 @@ def seconds_per_case(G, held, per_case, repeats, seed=0):
 
 def run_setting(setting, args, log):
     cfg = SETTINGS[setting]
-    side = cfg['quick_side'] if args.quick else cfg['side']
+    side = args[f'side_{setting}'] or (cfg['quick_side'] if args.quick else cfg['side'])
     work = Path(args.outdir) / f'{setting}-{side}'
     work.mkdir(parents=True, exist_ok=True)
     print(f'{setting}: {cfg["dims"]}D {side}^{cfg["dims"]}, {cfg["source"]} cases', flush=True)
@@ -247,27 +255,29 @@ def run_setting(setting, args, log):
                   train_patches=len(train.types), held_patches=len(held.types), modalities=train.paint_channels)
 
     # Ours, stopped at the CPU budget.
-    ours, cpu = None, {}
+    ours, cpu, wall = None, {}, {}
+    clock = 'cpu' if args.device == 'cpu' else 'wall'  # Equal CPU time on a CPU, equal device time on a GPU.
     runs = work / 'runs'
     if not args.skip_ours:
-        _, cpu['ours'] = run_phase('train ours', ['train.py', '--data', train_zip, '--outdir', runs, '--cfg', 'paint',
+        wall['ours'], cpu['ours'] = run_phase('train ours', ['train.py', '--data', train_zip, '--outdir', runs, '--cfg', 'paint',
                                                   '--kimg', 100000, '--tick', 0.02, '--snap', 1000, '--metrics', 'none',
-                                                  '--device', 'cpu'] + args.gan_args.split(), log, budget=args.budget)
+                                                  '--device', args.device] + args.gan_args.split(), log,
+                                       budget=args.budget, clock=clock)
         snaps = sorted(runs.glob('*/network-snapshot-*.pt'), key=lambda p: p.stat().st_mtime)
-        ours = load_ours(str(snaps[-1]))
+        ours = load_ours(str(snaps[-1]), args.device)
         record['ours_snapshot'] = str(snaps[-1])
     else:
         print('  ours: skipped (--skip-ours)')
-    budget = cpu.get('ours', args.budget)
+    budget = (cpu if clock == 'cpu' else wall).get('ours', args.budget)
 
     # The L1 U-Net, for the CPU seconds ours used.
     torch.manual_seed(args.seed)
     unet = baselines.UNetInpainter(cfg['dims'], train.paint_channels, train.label_channels, features=args.unet_features,
                                    levels=args.unet_levels)
-    trained = baselines.train_inpainter(unet, train.images, train.brain, train.labels, mask_sampler(), cpu_seconds=budget,
-                                        batch=8, seed=args.seed)
+    trained = baselines.train_inpainter(unet, train.images, train.brain, train.labels, mask_sampler(), batch=8,
+                                        seed=args.seed, device=args.device, **{f'{clock}_seconds': budget})
     baselines.save_inpainter(str(work / 'unet-inpainter.pt'), unet, trained)
-    cpu['unet'] = trained.cpu_seconds
+    cpu['unet'], wall['unet'] = trained.cpu_seconds, trained.wall_seconds
     print(f'  {"train U-Net (in process)":<24} {trained.wall_seconds:8.1f} s wall {trained.cpu_seconds:8.1f} s CPU '
           f'({trained.steps} steps, L1 {trained.first_loss:.3f} -> {trained.last_loss:.3f})', flush=True)
     shape = list(train.images.shape[2:])
@@ -275,36 +285,38 @@ def run_setting(setting, args, log):
     painters['unet'] = baselines.AsGenerator(unet, train.paint_channels, train.label_channels, shape)
     painters['ring'] = baselines.AsGenerator(baselines.RingFill(width=args.ring_width), train.paint_channels,
                                              train.label_channels, shape)
-    record.update(cpu_seconds=cpu, unet_steps=trained.steps, unet_l1=[trained.first_loss, trained.last_loss])
+    record.update(budget_clock=clock, cpu_seconds=cpu, wall_seconds=wall, unet_steps=trained.steps, unet_l1=[trained.first_loss, trained.last_loss])
 
     # One segmenter (trained on the training cases' real tumours); the registry's metrics on the held-out case.
     start = time.time()
     segmenter = work / 'segmenter.pt'
-    train_segmenter_on(train, cfg['dims'], args.seg_steps, segmenter, args.seed)
+    train_segmenter_on(train, cfg['dims'], args.seg_steps, segmenter, args.seed, args.device)
     print(f'  {"segmenter":<24} {time.time() - start:8.1f} s wall ({args.seg_steps} steps)', flush=True)
     record['metrics'], record['seconds_per_case'] = {}, {}
     for name, G in painters.items():
         start = time.time()
-        record['metrics'][name] = measure(G, test_zip, segmenter, args.num_items, args.seed)
+        G = G.to(args.device)
+        record['metrics'][name] = measure(G, test_zip, segmenter, args.num_items, args.seed, args.device)
         if name != 'ring':
-            record['seconds_per_case'][name] = seconds_per_case(G, held, args.per_case, args.repeats, args.seed)
+            record['seconds_per_case'][name] = seconds_per_case(G, held, args.per_case, args.repeats, args.seed,
+                                                                args.device)
         print(f'  {"metrics " + name:<24} {time.time() - start:8.1f} s wall', flush=True)
     return record
 
 
 def format_table(results):
-    """One row per setting and method: CPU seconds trained, the paint scores (mean over modalities), insert_dice
+    """One row per setting and method: seconds trained (CPU, or wall on a GPU), the paint scores (mean over modalities), insert_dice
     (mean of WT/TC/ET) beside the same segmenter's Dice on real tumours, seconds per painted case."""
-    lines = ['| setting | method | CPU s trained | paint_ssim | paint_psnr dB | paint_mse | insert_dice | Dice on real '
+    lines = ['| setting | method | s trained | paint_ssim | paint_psnr dB | paint_mse | insert_dice | Dice on real '
              'tumours | ratio | s / case |', '|---|---|---|---|---|---|---|---|---|---|']
     for setting, r in results.items():
         if 'skipped' in r:
             lines.append(f'| {setting} | skipped: {r["skipped"]} | | | | | | | | |')
             continue
         for name, m in r['metrics'].items():
-            cpu = r['cpu_seconds'].get(name)
+            spent = r['cpu_seconds' if r['budget_clock'] == 'cpu' else 'wall_seconds'].get(name)
             secs = r['seconds_per_case'].get(name)
-            lines.append(f'| {setting} {r["side"]}^{r["dims"]} | {name} | {"-" if cpu is None else f"{cpu:.0f}"} | '
+            lines.append(f'| {setting} {r["side"]}^{r["dims"]} | {name} | {"-" if spent is None else f"{spent:.0f} {r['budget_clock']}"} | '
                          f'{m["paint_ssim"]:.3f} | {m["paint_psnr"]:.2f} | {m["paint_mse"]:.4f} | '
                          f'{m["insert_dice"]:.3f} | {m["insert_dice_real"]:.3f} | {m["insert_dice_ratio"]:.2f} | '
                          f'{"-" if secs is None else f"{secs:.3f}"} |')
@@ -316,9 +328,13 @@ def format_table(results):
 @click.option('--out',            metavar='JSON', default='bench_painting.json', show_default=True, help='Results')
 @click.option('--settings',       metavar='LIST', default='2d,3d', show_default=True, help='Which settings: 2d, 3d')
 @click.option('--quick',          is_flag=True, help='Small patches (2D 32^2, 3D 16^3), short budget: checks the bench runs')
-@click.option('--budget',         metavar='SEC', type=click.FloatRange(min=1), default=None, help='CPU seconds of training per method  [default: 1800; --quick 20]')
+@click.option('--budget',         metavar='SEC', type=click.FloatRange(min=1), default=None, help='Seconds of training per method (CPU s; wall s with --device cuda)  [default: 1800; --quick 20]')
+@click.option('--side-2d',        metavar='INT', type=click.IntRange(min=16), default=None, help='2D patch side  [default: 64; --quick 32]')
+@click.option('--side-3d',        metavar='INT', type=click.IntRange(min=16), default=None, help='3D patch side  [default: 32; --quick 16]')
+@click.option('--device',         type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True, help='cuda: budgets in wall seconds (equal device time)')
 @click.option('--held-out',       metavar='CASE', default='BraTS-GLI-00000-000', show_default=True, help='2D: the real case scored (the others train)')
 @click.option('--phantom-cases',  metavar='INT', type=click.IntRange(min=1), default=None, help='3D: phantom training cases  [default: 6; --quick 2]')
+@click.option('--patches-per-case', metavar='INT', type=click.IntRange(min=1), default=None, help='Tumour (and as many healthy) patches per case  [default: 32; --quick 6]')
 @click.option('--gan-args',       metavar='STR', default=GAN_ARGS, show_default=True, help='train.py options of ours')
 @click.option('--unet-features',  metavar='INT', type=click.IntRange(min=2), default=16, show_default=True, help='U-Net first-level channels')
 @click.option('--unet-levels',    metavar='INT', type=click.IntRange(min=2), default=4, show_default=True, help='U-Net levels')
@@ -335,6 +351,7 @@ def main(**kwargs):
     args.budget = args.budget or (20.0 if args.quick else 1800.0)
     args.phantom_cases = args.phantom_cases or (2 if args.quick else 6)
     args.seg_steps = args.seg_steps or (30 if args.quick else 600)
+    args.patches_per_case = args.patches_per_case or (6 if args.quick else 32)
     settings = [s.strip() for s in args.settings.split(',') if s.strip()]
     unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
@@ -343,14 +360,15 @@ def main(**kwargs):
     outdir = Path(args.outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     machine = args.machine or machine_name()
-    print(f'machine: {machine}\nbudget: {args.budget:.0f} CPU s of training per method and setting', flush=True)
+    clock = 'CPU' if args.device == 'cpu' else 'wall'
+    print(f'machine: {machine}\nbudget: {args.budget:.0f} {clock} s of training per method and setting', flush=True)
     results = {}
     with open(outdir / 'bench.log', 'a') as log:
         for setting in settings:
             results[setting] = run_setting(setting, args, log)
     table = format_table(results)
     print('\n' + table)
-    record = dict(machine=machine, quick=args.quick, budget_cpu_seconds=args.budget,
+    record = dict(machine=machine, device=args.device, quick=args.quick, budget_seconds=args.budget, budget_clock=clock,
                   options={k: v for k, v in args.items() if k not in ('out', 'outdir', 'machine')}, results=results,
                   table=table)
     with dnnlib.atomic_output(args.out, suffix='.json') as tmp:

@@ -210,6 +210,7 @@ def train_inpainter(
     labels: torch.Tensor,                   # [N, L, *S] one-hot tumour labels in {0, 1}
     mask_sampler,                           # (labels, brain) -> (mask [N,1,*S], label map [N,L,*S]); e.g. RepaintMasks()
     cpu_seconds: float = None,              # budget in process CPU seconds (all threads); None = steps only
+    wall_seconds: float = None,             # budget in wall-clock seconds (a GPU's time); None = no such budget
     steps: int = None,                      # stop after this many steps; None = the budget only
     batch: int = 8,                         # patches per step
     lr: float = 1e-3,                       # Adam learning rate
@@ -219,12 +220,13 @@ def train_inpainter(
     progress=None,                          # called as progress(step, loss, cpu_seconds) every `report` steps
     report: int = 50,
 ) -> dnnlib.EasyDict:
-    """Adam on the L1 loss inside the repaint masks, for a CPU-time budget (at least one step) or a number of steps.
+    """Adam on the L1 loss inside the repaint masks, for a CPU-time or wall-clock budget (at least one step) or a
+    number of steps.
 
     Returns what training did: steps, cpu_seconds, wall_seconds, first and last losses (the mean of up to the first and
     last ``report`` steps) and the loss per step."""
-    if cpu_seconds is None and steps is None:
-        raise BaselineError('train_inpainter needs a CPU-time budget or a number of steps')
+    if cpu_seconds is None and wall_seconds is None and steps is None:
+        raise BaselineError('train_inpainter needs a CPU-time or wall-clock budget, or a number of steps')
     n = images.shape[0]
     if n == 0:
         raise BaselineError('train_inpainter got no patches')
@@ -237,16 +239,16 @@ def train_inpainter(
     cpu_start, wall_start = time.process_time(), time.time()
     step = 0
     while True:
-        spent = time.process_time() - cpu_start
-        if (steps is not None and step >= steps) or (cpu_seconds is not None and spent >= cpu_seconds and step > 0):
+        over = (cpu_seconds is not None and time.process_time() - cpu_start >= cpu_seconds) or \
+            (wall_seconds is not None and time.time() - wall_start >= wall_seconds)
+        if (steps is not None and step >= steps) or (over and step > 0):
             break  # A budget run takes at least one step.
         idx = torch.randint(n, [min(batch, n)], generator=gen)
-        x, b, lab = images[idx], brain[idx], labels[idx]
+        x, b, lab = images[idx].to(device), brain[idx].to(device), labels[idx].to(device)
         if flips:
             x, b, lab = _random_flips([x, b, lab], gen)
         mask, lab_map = mask_sampler(lab.to(torch.float32), b)
-        mask = (mask > 0.5).to(device)
-        x, lab_map = x.to(device), lab_map.to(device)
+        mask = mask > 0.5
         pred = model(x, mask, lab_map)
         loss = masked_l1(pred, x, mask)
         opt.zero_grad(set_to_none=True)
