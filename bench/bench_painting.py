@@ -315,8 +315,9 @@ def format_table(results):
             continue
         for name, m in r['metrics'].items():
             spent = r['cpu_seconds' if r['budget_clock'] == 'cpu' else 'wall_seconds'].get(name)
+            spent = '-' if spent is None else f'{spent:.0f} {r["budget_clock"]}'
             secs = r['seconds_per_case'].get(name)
-            lines.append(f'| {setting} {r["side"]}^{r["dims"]} | {name} | {"-" if spent is None else f"{spent:.0f} {r['budget_clock']}"} | '
+            lines.append(f'| {setting} {r["side"]}^{r["dims"]} | {name} | {spent} | '
                          f'{m["paint_ssim"]:.3f} | {m["paint_psnr"]:.2f} | {m["paint_mse"]:.4f} | '
                          f'{m["insert_dice"]:.3f} | {m["insert_dice_real"]:.3f} | {m["insert_dice_ratio"]:.2f} | '
                          f'{"-" if secs is None else f"{secs:.3f}"} |')
