@@ -51,7 +51,7 @@ REAL_CASES = [SHARED / 'brats' / 'BraTS-GLI-00000-000', SHARED / 'brats-extra' /
               SHARED / 'brats-extra' / 'BraTS-GLI-90003-000']
 SETTINGS = {  # name: source, dims, patch side (full, quick)
     '2d': dict(source='real', dims=2, side=64, quick_side=32),
-    '3d': dict(source='phantom', dims=3, side=32, quick_side=16),
+    '3d': dict(source='phantom', dims=3, side=32, quick_side=32),  # 16^3 holds too little of a phantom's tumour
 }
 GAN_ARGS = '--cbase 2048 --cmax 64 --map-depth 2 --batch 8'    # CPU-sized widths of ours (train.py options)
 
@@ -185,13 +185,18 @@ def mask_sampler():
 def measure(G, archive, segmenter, num_items, seed, device='cpu'):
     """The registry's paint metrics on the held-out archive: ``{metric key: value}`` (paint_ssim/psnr/mse per
     modality and averaged; insert_dice, insert_dice_real, their ratio, per class) -- the one place metrics are called."""
-    from metrics import metric_main
+    from metrics import metric_main, metric_utils
     kwargs = dict(G=G, dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(archive),
                                            use_labels=True), num_gpus=1, rank=0, device=device, cache=False,
                   num_gen=num_items, batch_size=8, seed=seed, segmenter=str(segmenter))
     out = {}
-    for res in metric_main.calc_metrics(['paint_ssim', 'paint_psnr', 'paint_mse', 'insert_dice'], **kwargs):
-        out.update(res.results)
+    for group in (['paint_ssim', 'paint_psnr', 'paint_mse'], ['insert_dice']):
+        try:
+            for res in metric_main.calc_metrics(group, **kwargs):
+                out.update(res.results)
+        except metric_utils.MetricError as err:  # e.g. no tumour fits a healthy patch: recorded, the others go on
+            out[f'{group[0]}_error'] = str(err)
+            print(f'  {group[0]}: {err}', flush=True)
     return out
 
 
@@ -314,6 +319,9 @@ def format_table(results):
             lines.append(f'| {setting} | skipped: {r["skipped"]} | | | | | | | | |')
             continue
         for name, m in r['metrics'].items():
+            m = dict(m)
+            for key in ('paint_ssim', 'paint_psnr', 'paint_mse', 'insert_dice', 'insert_dice_real', 'insert_dice_ratio'):
+                m.setdefault(key, float('nan'))
             spent = r['cpu_seconds' if r['budget_clock'] == 'cpu' else 'wall_seconds'].get(name)
             spent = '-' if spent is None else f'{spent:.0f} {r["budget_clock"]}'
             secs = r['seconds_per_case'].get(name)
@@ -328,10 +336,10 @@ def format_table(results):
 @click.option('--outdir',         metavar='DIR', required=True, help='Work folder (archives, runs, models, log)')
 @click.option('--out',            metavar='JSON', default='bench_painting.json', show_default=True, help='Results')
 @click.option('--settings',       metavar='LIST', default='2d,3d', show_default=True, help='Which settings: 2d, 3d')
-@click.option('--quick',          is_flag=True, help='Small patches (2D 32^2, 3D 16^3), short budget: checks the bench runs')
+@click.option('--quick',          is_flag=True, help='2D 32^2, few patches, short budget: checks the bench runs')
 @click.option('--budget',         metavar='SEC', type=click.FloatRange(min=1), default=None, help='Seconds of training per method (CPU s; wall s with --device cuda)  [default: 1800; --quick 20]')
 @click.option('--side-2d',        metavar='INT', type=click.IntRange(min=16), default=None, help='2D patch side  [default: 64; --quick 32]')
-@click.option('--side-3d',        metavar='INT', type=click.IntRange(min=16), default=None, help='3D patch side  [default: 32; --quick 16]')
+@click.option('--side-3d',        metavar='INT', type=click.IntRange(min=16), default=None, help='3D patch side  [default: 32]')
 @click.option('--device',         type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True, help='cuda: budgets in wall seconds (equal device time)')
 @click.option('--held-out',       metavar='CASE', default='BraTS-GLI-00000-000', show_default=True, help='2D: the real case scored (the others train)')
 @click.option('--phantom-cases',  metavar='INT', type=click.IntRange(min=1), default=None, help='3D: phantom training cases  [default: 6; --quick 2]')
