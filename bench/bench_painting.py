@@ -89,31 +89,42 @@ def _tree_cpu_seconds(pid):
     return total
 
 
-def run_phase(name, args, log, budget=None, clock='cpu'):
-    """Run ``python ARGS`` in the repository; with ``budget`` seconds, SIGTERM it once its processes have used that
-    much CPU time (``clock='cpu'``) or that much wall time has passed (``'wall'``, a GPU's time). Returns ``(wall
-    seconds, CPU seconds of all its processes)``; exits with its output's tail on failure."""
+def run_phase(name, args, log, budget=None, clock='cpu', marker=None):
+    """Run ``python ARGS`` in the repository, its output to ``log``. With ``budget`` seconds, SIGTERM it once its
+    processes have used that much CPU time (``clock='cpu'``) or that much wall time has passed (``'wall'``, a GPU's
+    time), counted from the first line of output holding ``marker`` (e.g. train.py's 'Training for': imports, network
+    building and the first grids are not training time). Returns ``(wall seconds, CPU seconds)`` of all its processes
+    (with a marker, both from the marker on); exits with the log's tail on failure."""
     log.write(f'$ {" ".join(map(str, args))}\n')
     log.flush()
+    log_start = log.tell()
     start, cpu_start = time.time(), _cpu_seconds_children()
     proc = subprocess.Popen([sys.executable] + [str(a) for a in args], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
-    stopped = False
+    stopped, origin = False, None  # origin: (wall, tree CPU) when the marker was seen
+
+    def used_now():
+        cpu = _tree_cpu_seconds(proc.pid) if clock == 'cpu' else None
+        return time.time() if cpu is None else cpu  # The wall clock (asked for, or no /proc to read CPU time from).
     while proc.poll() is None:
         time.sleep(0.5)
-        if budget is not None and not stopped:
-            used = _tree_cpu_seconds(proc.pid) if clock == 'cpu' else None
-            if used is None:
-                used = time.time() - start  # The wall clock (asked for, or no /proc to read CPU time from).
-            if used >= budget:
-                proc.send_signal(signal.SIGTERM)
-                stopped = True
+        if budget is None or stopped:
+            continue
+        if origin is None:
+            if marker is None or marker in Path(log.name).read_text(errors='replace')[log_start:]:
+                origin = (time.time(), _tree_cpu_seconds(proc.pid) or 0.0, used_now())
+            continue  # The first check comes a poll later: the signal handler is installed by then.
+        if used_now() - origin[2] >= budget:
+            proc.send_signal(signal.SIGTERM)
+            stopped = True
     wall, cpu = time.time() - start, _cpu_seconds_children() - cpu_start
+    if origin is not None and marker is not None:
+        wall, cpu = wall - (origin[0] - start), cpu - origin[1]
     if proc.returncode != 0:
         log.flush()
-        tail = Path(log.name).read_text()[-3000:]
+        tail = Path(log.name).read_text(errors='replace')[-3000:]
         sys.exit(f'{name} failed (exit {proc.returncode}); see {log.name}:\n{tail}')
-    print(f'  {name:<24} {wall:8.1f} s wall {cpu:8.1f} s CPU' + (' (stopped at the budget)' if stopped else ''),
-          flush=True)
+    print(f'  {name:<24} {wall:8.1f} s wall {cpu:8.1f} s CPU' + (' (stopped at the budget)' if stopped else '')
+          + (' after setup' if origin is not None and marker is not None else ''), flush=True)
     return wall, cpu
 
 
@@ -267,7 +278,7 @@ def run_setting(setting, args, log):
         wall['ours'], cpu['ours'] = run_phase('train ours', ['train.py', '--data', train_zip, '--outdir', runs, '--cfg', 'paint',
                                                   '--kimg', 100000, '--tick', 0.02, '--snap', 1000, '--metrics', 'none',
                                                   '--device', args.device] + args.gan_args.split(), log,
-                                       budget=args.budget, clock=clock)
+                                       budget=args.budget, clock=clock, marker='Training for')
         snaps = sorted(runs.glob('*/network-snapshot-*.pt'), key=lambda p: p.stat().st_mtime)
         ours = load_ours(str(snaps[-1]), args.device)
         record['ours_snapshot'] = str(snaps[-1])
