@@ -1,20 +1,20 @@
 """Where a new tumour goes in a real case: random transforms of a label map and a placement inside the brain.
 
 A shape (a label map, values 0-3, cropped to its tumour) is flipped, turned by 90 degree steps and a small angle
-and scaled (`transform_shape`; in-plane only for the 2D shapes of a slice painter), then placed by rejection
-sampling (`Placer`): a candidate position is kept only when the whole repaint region of the new tumour (the tumour
-dilated by the painter's radius, mri.painting.masks.dilate: the region the model repaints, as in training) lies at
-least `edge` voxels inside the brain and more than `margin` voxels away from the existing tumour and from every
-earlier placement. A case's arrays are RAS-canonical (mri.sources.patches.NativeCase); a 2D shape is a slab one
-voxel thick along the slice axis of its plane, so one placement code serves volumes and slices. What cannot be
-placed within the retry limit is reported, never forced in (GliGAN, Ferreira et al. 2024, places its tumours the
-same way: sampled positions checked against the brain and the existing tumour).
+and scaled (`transform_shape`; in-plane only for the 2D shapes of a slice painter), then placed (`Placer`) at a
+random position among those where the whole repaint region of the new tumour (the tumour dilated by the painter's
+radius with mri.painting.masks.dilate: the region the model repaints, as in training) lies at least `edge` voxels
+inside the brain and more than `margin` voxels away from the existing tumour and from every earlier placement: a few
+random tries first, then an exhaustive search (a correlation of the blocked voxels with the region), so a shape is
+refused only when it fits nowhere. The caller retries with other shapes up to its limit and reports what could not
+be placed; nothing is forced in. A case's arrays are RAS-canonical (mri.sources.patches.NativeCase); a 2D shape is
+a slab one voxel thick along the slice axis of its plane, so one placement code serves volumes and slices.
 """
 
 import dataclasses
 
 import numpy as np
-from scipy import ndimage
+from scipy import ndimage, signal
 
 from mri.sources.preprocess import PLANE_AXIS
 
@@ -115,7 +115,7 @@ def transform_shape(
                                                                    mode='constant', cval=0.0))
         record['rotate'] = {'degrees': round(angle, 3), 'axes': list(pair)}
     if not np.allclose(factor, 1):
-        labels = _resample_labels(np.pad(labels, 1), lambda x: ndimage.zoom(x, factor, order=1, mode='constant',
+        labels = _resample_labels(np.pad(labels, 1), lambda x: ndimage.zoom(x, factor, order=1, mode='grid-constant',
                                                                             grid_mode=True))
     record['scale'] = round(s, 4)
     record['zoom'] = [round(float(f), 4) for f in factor]
@@ -155,15 +155,15 @@ class Placer:
         dilation=3,         # voxels: the repaint region is the tumour dilated by this much
         edge=3,             # voxels between the repaint region and the brain's edge, at least
         margin=3,           # voxels between the repaint region and the tumour or earlier regions, more than
-        max_tries=200,      # candidate positions per shape
-        max_region=None,    # (X, Y, Z) largest repaint box the painter takes (G's patch); None = any
+        quick_tries=32,     # random positions tried before the exhaustive search
+        max_region=None,    # (X, Y, Z) largest repaint box the painter takes (its patch); None = any
         case_id='case',     # names the case in messages
     ):
         brain = np.asarray(brain, bool)
         if not brain.any():
             raise PlacementError(f'case {case_id}: the brain mask is empty (all modalities are zero)')
         self.brain, self.case_id = brain, case_id
-        self.dilation, self.edge, self.margin, self.max_tries = int(dilation), int(edge), int(margin), int(max_tries)
+        self.dilation, self.edge, self.margin, self.quick_tries = int(dilation), int(edge), int(margin), int(quick_tries)
         self.max_region = None if max_region is None else tuple(int(s) for s in max_region)
         # Voxels a repaint region may cover: deep enough in the brain, far enough from the tumour.
         self.free = ndimage.distance_transform_edt(np.pad(brain, 1))[1:-1, 1:-1, 1:-1] > self.edge
@@ -181,53 +181,71 @@ class Placer:
         box = tuple(slice(l, h) for l, h in zip(lo, hi))
         self.free[box] &= ~grown[sub]
 
-    def fits_painter(self, region_shape, plane=None):
-        """None when a repaint box of `region_shape` fits the painter's patch, else the reason."""
-        if self.max_region is None:
+    @staticmethod
+    def fits_painter(region_shape, max_region):
+        """None when a repaint box of `region_shape` fits in `max_region` (the painter's patch as a box on the
+        case's axes; one voxel thick along the slice axis of a 2D painter), else the reason."""
+        if max_region is None or all(s <= p for s, p in zip(region_shape, max_region)):
             return None
-        shape = list(region_shape)
-        if plane is not None:
-            del shape[PLANE_AXIS[plane]]
-        if any(s > p for s, p in zip(shape, self.max_region)):
-            return (f'tumour with its repaint rim is {"x".join(map(str, shape))} voxels, larger than the paint '
-                    f'model\'s patch {"x".join(map(str, self.max_region))}')
-        return None
+        return (f'the tumour with its repaint rim spans {"x".join(map(str, region_shape))} voxels, more than the '
+                f'paint model\'s patch ({"x".join(map(str, max_region))})')
 
-    def place(self, labels, rng, transform=None, origin=None, plane=None, at=None):
-        """Places one shape (uint8 label box, cropped to its tumour). Returns (Placement, None) or (None, reason).
+    def place(self, labels, rng, transform=None, origin=None, plane=None, at=None, max_region=None):
+        """Places one shape (uint8 label box, cropped to its tumour) at a random position among all that keep it
+        clear of the brain's edge, the tumour and earlier placements. Returns (Placement, None) or (None, reason)
+        when there is no such position (the caller retries with another shape, up to its limit).
 
-        `at`: a fixed corner (a label map drawn on the case's grid) instead of a random position."""
+        `at`: a fixed corner (a label map drawn on the case's grid) instead of a random position; `max_region`:
+        the painter's patch for this placement (default: the Placer's)."""
         flat = PLANE_AXIS[plane] if plane is not None else None
         region, offset = dilate_box(labels > 0, self.dilation, flat)
-        too_big = self.fits_painter(region.shape, plane)
+        too_big = self.fits_painter(region.shape, max_region or self.max_region)
         if too_big:
             return None, too_big
         shape = np.array(region.shape)
         if np.any(shape > self.free.shape):
             return None, f'shape {tuple(labels.shape)} does not fit the case grid {self.free.shape}'
         if at is not None:
-            corners = [np.asarray(at) + offset]
-        else:
-            # Candidates: region centres on free voxels (a centre outside the free set can never be valid).
-            free_idx = np.flatnonzero(self.free)
-            if not free_idx.size:
-                return None, 'no free brain tissue left (margin from the tumour and earlier placements, brain edge)'
-            picks = rng.choice(free_idx, size=min(self.max_tries, free_idx.size), replace=free_idx.size < self.max_tries)
-            corners = np.stack(np.unravel_index(picks, self.free.shape), 1) - shape // 2
-        for corner in corners:
-            if np.any(corner < 0) or np.any(corner + shape > self.free.shape):
-                continue
-            box = tuple(slice(int(c), int(c) + s) for c, s in zip(corner, shape))
-            if self.free[box][region].all():
-                corner = tuple(int(c) for c in corner)
-                label_corner = tuple(c - o for c, o in zip(corner, offset))
-                self._block(region, corner)
-                p = Placement(corner=label_corner, labels=np.asarray(labels, np.uint8), region=region,
-                              region_corner=corner, transform=transform or {}, origin=origin or {}, plane=plane)
-                self.placed.append(p)
-                return p, None
-        if at is not None:
+            corner = np.asarray(at) + offset
+            ok = np.all(corner >= 0) and np.all(corner + shape <= self.free.shape)
+            if ok and self.free[tuple(slice(int(c), int(c) + s) for c, s in zip(corner, shape))][region].all():
+                return self._accept(labels, region, corner, offset, transform, origin, plane), None
             return None, ('the drawn label map is not inside the brain, or touches the existing tumour or an earlier '
                           'placement, where it was drawn')
-        return None, (f'no position in {len(corners)} tries keeps the repaint region {self.edge} voxels inside the '
-                      f'brain and {self.margin} voxels from the tumour and earlier placements')
+        free_idx = np.flatnonzero(self.free)
+        if not free_idx.size:
+            return None, 'no free brain tissue left (margin from the tumour and earlier placements, brain edge)'
+        # A few random region centres on free voxels first (cheap, and enough in a roomy brain) ...
+        picks = rng.choice(free_idx, size=min(self.quick_tries, free_idx.size), replace=False)
+        for corner in np.stack(np.unravel_index(picks, self.free.shape), 1) - shape // 2:
+            if np.any(corner < 0) or np.any(corner + shape > self.free.shape):
+                continue
+            if self.free[tuple(slice(int(c), int(c) + s) for c, s in zip(corner, shape))][region].all():
+                return self._accept(labels, region, corner, offset, transform, origin, plane), None
+        # ... then every position at once: the count of blocked voxels under the region at each corner is a
+        # correlation of the blocked map with the region (FFT), done in the box of the free voxels only.
+        nz = np.nonzero(self.free)
+        lo = np.array([i.min() for i in nz])
+        hi = np.array([i.max() + 1 for i in nz])
+        if np.any(hi - lo < shape):
+            return None, self._no_room(shape)
+        blocked = ~self.free[tuple(slice(a, b) for a, b in zip(lo, hi))]
+        hits = signal.fftconvolve(blocked.astype(np.float32), region[::-1, ::-1, ::-1].astype(np.float32), mode='valid')
+        valid = np.flatnonzero(hits.ravel() < 0.5)
+        if not valid.size:
+            return None, self._no_room(shape)
+        corner = lo + np.array(np.unravel_index(int(rng.choice(valid)), hits.shape))
+        return self._accept(labels, region, corner, offset, transform, origin, plane), None
+
+    def _no_room(self, shape):
+        return (f'no position keeps its {"x".join(map(str, shape))}-voxel repaint region {self.edge} voxels inside '
+                f'the brain and more than {self.margin} from the tumour and earlier placements')
+
+    def _accept(self, labels, region, corner, offset, transform, origin, plane):
+        corner = tuple(int(c) for c in corner)
+        self._block(region, corner)
+        p = Placement(corner=tuple(c - o for c, o in zip(corner, offset)), labels=np.asarray(labels, np.uint8),
+                      region=region, region_corner=corner, transform=transform or {}, origin=origin or {},
+                      plane=plane)
+        self.placed.append(p)
+        return p
