@@ -65,7 +65,8 @@ class Painter:
         from training.paint import is_paint_generator
         if not is_paint_generator(G):
             raise PaintError(f'{name}: is not a paint snapshot (its generator is {getattr(G, "class_name", type(G).__name__)}); '
-                             f'--insert-into needs a snapshot trained on a patch archive (train.py --cfg paint)')
+                             f'--insert-into needs a snapshot trained on a patch archive (train.py --cfg paint); a joint '
+                             f'image+label snapshot serves as --labels-from')
         self.torch = torch
         self.G, self.device = G, torch.device(device)
         self.noise_mode, self.truncation_psi, self.dilation = noise_mode, truncation_psi, int(dilation)
@@ -246,7 +247,8 @@ def insert_tumours(
             reasons[why] += 1
         if placed is None:
             why, n = reasons.most_common(1)[0]
-            failures.append(f'tumour {k + 1} of {per_case} not placed: {why} ({n} of {tries} shapes)')
+            failures.append(f'tumour {k + 1} of {per_case} not placed ({tries} shapes tried): {why}'
+                            + (f' (and {len(reasons) - 1} other reason(s))' if len(reasons) > 1 else ''))
             continue
         _paint_placement(painter, case, images, idx, placed, rng, c)
         new = placed.labels > 0

@@ -62,10 +62,9 @@ def largest_component(labels):
 
 
 def display_to_ras(image, plane):
-    """(H, W) display order of a slice of `plane` (mri.sources.preprocess._to_display) -> its (A, B) RAS order."""
-    if plane == 'sagittal':
-        return np.ascontiguousarray(np.asarray(image).T[::-1, ::-1])
-    return np.ascontiguousarray(np.asarray(image).T[:, ::-1])
+    """(H, W) display order of a slice of `plane` (the slice archives') -> its (A, B) RAS order."""
+    from mri.sources.patches import from_display
+    return np.ascontiguousarray(from_display(np.asarray(image), plane))
 
 
 def as_slab(labels2d_ras, plane):
