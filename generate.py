@@ -5,6 +5,8 @@ Examples:
   python generate.py --network runs/00000-x --seeds 0-7 --class all --outdir out          # newest snapshot, grid
   python generate.py --network net.pt --seeds 0 --class axial,t2w --format png16 --outdir out
   python generate.py --network stylegan2-ada-network.pkl --seeds 0-3 --outdir out   # NVlabs pickle, no code run
+  python generate.py --network paint.pt --insert-into cases/ --per-case 2 --labels-from cases/ --outdir out  # painting
+  python generate.py --network paint.pt --insert-into cases/ --heal --outdir healed   # docs/painting.md
 
 Single-channel images become grey PNGs (8- or 16-bit); multi-channel archives (modalities, tumour labels)
 give one image per channel, the decoded BraTS label map (a palette PNG: pixel values are the labels 0-3, shown in
@@ -241,9 +243,10 @@ def generate_images(
 @bool_option('--labels-as-drawn',       help='Painting: paint a NIfTI label map where it was drawn (on the case\'s grid)')
 @click.option('--dilation',             help='Painting: voxels of rim repainted around a tumour', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('--margin',               help='Painting: voxels kept between a new tumour and any other', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--scale', 'scale',      help='Painting: range of the random scale of a label map', metavar='MIN,MAX', type=str, default='0.8,1.25', show_default=True)
 @click.option('--tries',                help='Painting: shapes tried per tumour before it is reported', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
 def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, native_grid, allow_pickle, device, cases,
-         per_case, labels_from, heal, move, labels_as_drawn, dilation, margin, tries):
+         per_case, labels_from, heal, move, labels_as_drawn, dilation, margin, scale, tries):
     """Generate images by class from a trained network; or, with a paint snapshot, paint tumours into real cases
     (--insert-into), heal them (--heal) or move them (--move): docs/painting.md."""
     from torch_utils.snapshot import SnapshotError, warn_allow_pickle
@@ -257,7 +260,7 @@ def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, na
     painting = cases is not None or heal or move or labels_from is not None or labels_as_drawn
     if painting:
         paint_main(network, cases, outdir, labels_from, per_case, heal, move, labels_as_drawn, seed_list or [0],
-                   class_spec, dilation, margin, tries, truncation_psi, noise_mode, device)
+                   class_spec, dilation, margin, _scale_range(scale), tries, truncation_psi, noise_mode, device)
         return
     if seed_list is None:
         raise click.UsageError('Missing option \'--seeds\' (e.g. --seeds 0-3)')
@@ -268,8 +271,18 @@ def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, na
         raise click.ClickException(str(err)) from None
 
 
+def _scale_range(text):
+    try:
+        lo, hi = (float(v) for v in text.split(','))
+    except ValueError:
+        raise click.BadParameter(f'{text}: expected MIN,MAX, e.g. 0.5,1', param_hint='--scale') from None
+    if not 0 < lo <= hi:
+        raise click.BadParameter(f'{text}: need 0 < MIN <= MAX', param_hint='--scale')
+    return lo, hi
+
+
 def paint_main(network, cases, outdir, labels_from, per_case, heal, move, labels_as_drawn, seeds, class_spec,
-               dilation, margin, tries, truncation_psi, noise_mode, device):
+               dilation, margin, scale, tries, truncation_psi, noise_mode, device):
     """generate.py on a paint snapshot (mri.painting.run): checks the switches go together, then paints."""
     from torch_utils.snapshot import SnapshotError
     from mri.output.cases import CaseOutputError
@@ -283,7 +296,7 @@ def paint_main(network, cases, outdir, labels_from, per_case, heal, move, labels
         raise click.UsageError(f'{"--heal" if heal else "--move"} takes no --labels-from (healing paints healthy tissue; '
                                f'--move paints the case\'s own tumour)')
     opts = PaintOptions(mode='heal' if heal else 'move' if move else 'insert', per_case=per_case, seeds=tuple(seeds),
-                        tries=tries, dilation=dilation, margin=margin, as_drawn=labels_as_drawn)
+                        tries=tries, dilation=dilation, margin=margin, as_drawn=labels_as_drawn, scale=scale)
     try:
         paint_cases(resolve_network(network), cases, outdir, labels_from, opts, class_spec, device, noise_mode,
                     truncation_psi)

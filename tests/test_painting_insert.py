@@ -242,6 +242,18 @@ def test_label_sources_archive_joint_snapshot_and_nifti(data, tmp_path):
     arch = label_sources.open_label_source(tmp_path / 'v16.zip', 3)
     shape = arch.draw(rng)
     assert shape.labels.any() and shape.spacing is not None and shape.origin['case'].startswith('BraTS-PHT')
+    # a 3D patch archive (its tumour patches), and 2D slices: for a 2D painter, refused by a 3D one
+    for kind, extra, dims in (('patches', ['--patch-size', '16,16,16'], 3), ('slices', ['--resolution', '16'], 2)):
+        r = CliRunner().invoke(dataset_tool.main, ['--no-progress', '--source', str(data['root'] / 'cases'), '--dest',
+                                                   str(tmp_path / f'{kind}.zip'), '--kind', kind, '--modalities', 'all',
+                                                   '--with-seg', *extra])
+        assert r.exit_code == 0, r.output
+        shape = label_sources.open_label_source(tmp_path / f'{kind}.zip', dims).draw(rng, 'axial')
+        assert shape.labels.any() and shape.labels.max() <= 3
+        if dims == 2:
+            assert shape.labels.shape[2] == 1  # a slab in the painter's (axial) plane
+            with pytest.raises(label_sources.LabelSourceError, match='holds 2D label maps'):
+                label_sources.open_label_source(tmp_path / f'{kind}.zip', 3)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -218,6 +218,7 @@ def insert_tumours(
     edge=3,                 # voxels between a repaint region and the brain's edge, at least
     margin=3,               # voxels between a repaint region and any tumour or other region, more than
     transform=True,         # random flips, turns, rotation and scale of each shape
+    scale=(0.8, 1.25),      # range of the random scale (e.g. (0.5, 0.8) shrinks real tumours to fit a 64^3 patch)
     start=None,             # a PaintResult to paint on (move_tumour: the healed case), else the case itself
     blocked=None,           # bool (X, Y, Z) kept clear besides the tumour (move_tumour: the healed region)
 ) -> 'PaintResult':
@@ -238,7 +239,8 @@ def insert_tumours(
             shape = label_source.draw(rng, plane)
             flat = PLANE_AXIS[plane] if plane else None
             if transform:
-                labels, record = transform_shape(shape.labels, rng, flat_axis=flat, zoom=_zoom(shape, case))
+                labels, record = transform_shape(shape.labels, rng, flat_axis=flat, zoom=_zoom(shape, case),
+                                                 scale=scale)
             else:
                 labels, record = shape.labels, {}
             placed, why = placer.place(labels, rng, record, shape.origin, plane, max_region=painter.box(plane))
@@ -366,7 +368,9 @@ def move_tumour(painter, case, rng, c=None, tries=10, edge=3, margin=3) -> 'Pain
     if not healed.changed:
         return healed
     own = CaseTumourSource(case.case_id, case.seg, painter.ndim)
-    moved = insert_tumours(painter, case, own, 1, rng, c, tries=tries, edge=edge, margin=margin, transform=False,
+    # A 3D tumour is the same shape on every try, and a placement fails only where it fits nowhere: one try says
+    # it all. A 2D model tries other slices of it.
+    moved = insert_tumours(painter, case, own, 1, rng, c, tries=tries if painter.ndim == 2 else 1, edge=edge, margin=margin, transform=False,
                            start=healed, blocked=healed.region)
     if not moved.placements:
         moved.failures.append(f'case {case.case_id}: the tumour was healed but could not be placed elsewhere')

@@ -41,6 +41,7 @@ class PaintOptions:
     margin: int = 3                 # voxels between a repaint region and any tumour or other region
     as_drawn: bool = False          # a NIfTI label source is painted where it was drawn
     transform: bool = True          # random flips, turns, rotations and scales of the shapes
+    scale: tuple = (0.8, 1.25)      # range of the random scale of a shape
     montage: bool = True
 
 
@@ -167,7 +168,8 @@ def paint_cases(
                 result = paint.insert_drawn(painter, native, source, rng, margin=opts.margin)
             else:
                 result = paint.insert_tumours(painter, native, source, opts.per_case, rng, tries=opts.tries,
-                                              edge=opts.edge, margin=opts.margin, transform=opts.transform)
+                                              edge=opts.edge, margin=opts.margin, transform=opts.transform,
+                                              scale=tuple(opts.scale))
         except (brats.BratsError, LabelSourceError, paint.PaintError) as err:
             bar.close()
             raise PaintJobError(str(err)) from None
@@ -192,7 +194,8 @@ def paint_cases(
                    f'{out_id} <- {cf.case_id}')
     bar.close()
     summary['seconds'] = round(time.time() - t0, 2)
-    did = summary['placed'] + summary['healed'] + summary['skipped_done']
+    # --move counts as done only where the tumour landed again (a case healed but not moved gets no folder)
+    did = summary['placed'] + (summary['healed'] if opts.mode == 'heal' else 0) + summary['skipped_done']
     if jobs and not did:
         first = next((f for c in summary['cases'] for f in c.get('failures', [])), 'no reason recorded')
         raise PaintJobError(f'nothing could be painted in {len(jobs)} case(s); first: {first}')
