@@ -20,6 +20,7 @@ inside the mask only); `PaintResult.region` says which voxels were repainted.
 
 import collections
 import dataclasses
+import os
 
 import numpy as np
 
@@ -79,8 +80,19 @@ class Painter:
         self.desc, self.name = dict(desc or {}), name
         self.groups = self._groups()
         self.fixed = self._parse_class(class_spec)
-        self.planes = next((g['values'] for g in self.groups if g['name'] == 'plane'), None) \
-            or list((self.desc.get('planes') or ['axial']))
+        self.planes = next((g['values'] for g in self.groups if g['name'] == 'plane'), None) or self._archive_planes()
+
+    def _archive_planes(self):
+        """The planes an unconditional 2D model was trained on: those of its patch archive's patches when the
+        archive is still where the snapshot says, else axial."""
+        from mri.painting.label_sources import LabelSourceError, read_archive_meta
+        path = self.desc.get('path')
+        try:
+            meta = read_archive_meta(path) if path and os.path.exists(path) else None
+        except LabelSourceError:
+            meta = None
+        planes = sorted({p.get('plane') for p in ((meta or {}).get('patches') or {}).values() if p.get('plane')})
+        return planes or list(self.desc.get('planes') or ['axial'])
 
     # -- classes ------------------------------------------------------------------------------------------------
 
