@@ -221,6 +221,7 @@ class SynthesisBlock(torch.nn.Module):
         attn: torch.nn.Module = None,   # Self-attention on this block's features, before toRGB; None = none.
         cpu_fp16: bool = False,         # Honour use_fp16 on CPU too (slow; tests of the reduced-precision path).
         grouped_on_cpu: bool = False,   # Honour fused_modconv on CPU too (see layers.modulated_conv).
+        skip: torch.Tensor = None,      # Encoder features [N, O, *shape] added before toRGB (training.paint); None = none.
         **layer_kwargs,                 # noise_mode.
     ):
         misc.assert_shape(ws, [None, self.num_conv + self.num_torgb, self.w_dim])
@@ -250,6 +251,9 @@ class SynthesisBlock(torch.nn.Module):
             else:
                 x = self.conv0(x, next(w_iter), **conv_kwargs, **layer_kwargs)
                 x = self.conv1(x, next(w_iter), **conv_kwargs, **layer_kwargs)
+        if skip is not None:
+            # Co-modulated GANs' skip connections (Zhao et al. 2021): the encoder's features of this level.
+            x = x + skip.to(dtype=x.dtype, memory_format=memory_format)
         if attn is not None:
             # Before toRGB, so that the image this block adds (and, at the last block, the output) sees it.
             x = attn(x.to(dtype=torch.float32, memory_format=torch.contiguous_format))
@@ -324,6 +328,7 @@ class SynthesisNetwork(torch.nn.Module):
         noise_mode: str = 'random',     # 'random', 'const' or 'none'.
         force_fp32: bool = False,       # Run every block in float32?
         update_emas: bool = False,      # Passed to the blocks (unused there).
+        skips: dict = None,             # {level side: features} added in the blocks (training.paint); None = none.
         **block_kwargs,                 # fused_modconv, cpu_fp16, grouped_on_cpu.
     ) -> torch.Tensor:
         misc.assert_shape(ws, [None, self.num_ws, self.w_dim])
@@ -335,6 +340,8 @@ class SynthesisNetwork(torch.nn.Module):
             block_ws = ws.narrow(1, w_idx, block.num_conv + block.num_torgb)
             w_idx += block.num_conv  # toRGB shares its w with the next block's first conv.
             attn = getattr(self, f'attn{res}') if res in self.attn_res else None
+            if skips is not None:
+                block_kwargs['skip'] = skips.get(res)
             run = functools.partial(block, force_fp32=force_fp32, noise_mode=noise_mode, update_emas=update_emas,
                                     attn=attn, **block_kwargs)
             x, img = _maybe_checkpoint(self.checkpointing and self.training, run, x, img, block_ws)
