@@ -11,6 +11,7 @@ Examples:
   python dataset_tool.py --source brats-africa --brats-root ~/data/BraTS-Africa --dest africa.zip \\
       --modalities all --with-seg --labels tumour --split val=0.1
   python dataset_tool.py --source phantom --phantom-cases 8 --dest phantom-vol64.zip --kind volumes --volume-size 64
+  python dataset_tool.py --source ~/data/BraTS2023 --dest patches64.zip --kind patches --patch-size 64,64,64
 """
 
 import os
@@ -65,12 +66,15 @@ def _parse_percentiles(value):
 @click.command(help=__doc__)
 @click.option('--source',             metavar='PATH|WORD', type=PATH, required=True, help='Folder of BraTS cases, image folder/zip, brats-africa or phantom')
 @click.option('--dest',               metavar='PATH', type=PATH, required=True, help='Output archive: .zip or folder')
-@click.option('--kind',               type=click.Choice(['slices', 'volumes']), default='slices', show_default=True, help='2D slices or 3D cubes')
+@click.option('--kind',               type=click.Choice(['slices', 'volumes', 'patches']), default='slices', show_default=True, help='2D slices, 3D cubes or patches for tumour painting')
 @click.option('--planes',             metavar='LIST', default='axial,coronal,sagittal', show_default=True, help='Slice planes')
 @click.option('--resolution',         metavar='INT', type=click.IntRange(min=4), default=256, show_default=True, help='Slice side (pixels), a power of two')
 @click.option('--volume-size',        metavar='INT', type=click.IntRange(min=4), default=128, show_default=True, help='Volume cube side (voxels)')
-@click.option('--modalities',         metavar='LIST', default='t2w', show_default=True, help='t1n,t1c,t2w,t2f or all')
-@bool_option('--with-seg',            help='Add tumour channels seg_netc,seg_snfh,seg_et')
+@click.option('--patch-size',         metavar='X,Y,Z|H,W', default='64,64,64', show_default=True, help='Patch sides in native voxels: 3 = 3D, 2 = 2D crops in --planes')
+@click.option('--patches-per-case',   metavar='INT', type=click.IntRange(min=0), default=8, show_default=True, help='Tumour patches per case (2D: per plane)')
+@click.option('--healthy-per-case',   metavar='INT', type=click.IntRange(min=0), default=None, show_default='as --patches-per-case', help='Healthy patches per case (2D: per plane)')
+@click.option('--modalities',         metavar='LIST', default='t2w', show_default=True, help='t1n,t1c,t2w,t2f or all (patches: all)')
+@bool_option('--with-seg',            help='Add tumour channels seg_netc,seg_snfh,seg_et (implied by patches)')
 @click.option('--labels',             metavar='GROUP', type=PATH, multiple=True, help='Extra label group: modality, tumour, cohort[=gli,ssa,...] or a CSV path (repeatable)')
 @click.option('--normalize',          type=click.Choice(['percentile', 'minmax']), default='percentile', show_default=True, help='Per-case intensity range')
 @click.option('--percentiles',        metavar='LOW,HIGH', default='0.5,99.5', show_default=True, help='For --normalize percentile')
@@ -87,14 +91,20 @@ def _parse_percentiles(value):
 @click.option('--download',           metavar='URL', default=None, help='Fetch and extract a BraTS-Africa archive')
 @click.option('--sha256',             metavar='HEX', default=None, help='Expected sha256 of --download')
 @click.option('--phantom-cases',      metavar='INT', type=click.IntRange(min=1), default=8, show_default=True, help='Cases for --source phantom')
-@click.option('--seed',               metavar='INT', type=int, default=0, show_default=True, help='Seed for --source phantom')
+@click.option('--seed',               metavar='INT', type=int, default=0, show_default=True, help='Seed for --source phantom and the patch centres')
 @bool_option('--progress',            default=True, help='Show a progress line')
 @click.option('--no-progress',        is_flag=True, help='Same as --progress=0')
 @bool_option('--overwrite',           help='Replace an existing --dest')
-def main(source, dest, kind, planes, resolution, volume_size, modalities, with_seg, labels, normalize, percentiles,
-         denoise, bit_depth, min_brain_fraction, split, split_seed, max_cases, workers, on_error, compress_level,
-         brats_root, download, sha256, phantom_cases, seed, progress, no_progress, overwrite):
+def main(source, dest, kind, planes, resolution, volume_size, patch_size, patches_per_case, healthy_per_case,
+         modalities, with_seg, labels, normalize, percentiles, denoise, bit_depth, min_brain_fraction, split,
+         split_seed, max_cases, workers, on_error, compress_level, brats_root, download, sha256, phantom_cases, seed,
+         progress, no_progress, overwrite):
     _check_resolution(kind, resolution)
+    patch_size = _parse_patch_size(patch_size) if kind == 'patches' else (64, 64, 64)
+    if kind == 'patches':
+        with_seg = True  # a patch archive always holds the labels: the painter is told what to paint by them
+        if _is_default('modalities'):
+            modalities = 'all'
     progress = progress and not no_progress
     low, high = _parse_percentiles(percentiles)
     resolution, volume_size = _cube_side(kind, resolution, volume_size)
@@ -119,6 +129,10 @@ def main(source, dest, kind, planes, resolution, volume_size, modalities, with_s
         on_error=on_error,
         compress_level=compress_level,
         overwrite=overwrite,
+        patch_size=patch_size,
+        patches_per_case=patches_per_case,
+        healthy_per_case=healthy_per_case,
+        seed=seed,
     )
     terminated = []
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt(terminated))
@@ -138,6 +152,27 @@ def main(source, dest, kind, planes, resolution, volume_size, modalities, with_s
     click.echo(convert.format_summary(summary))
     for line in summary.get('warnings', []):
         click.echo(f'warning: {line}', err=True)
+
+
+def _parse_patch_size(value):
+    """X,Y,Z (3D patches) or H,W (2D crops, square sides the trainer can use, as slices)."""
+    try:
+        size = tuple(int(x) for x in value.split(','))
+    except ValueError:
+        size = ()
+    if len(size) not in (2, 3) or min(size) < 4:
+        raise click.BadParameter(f'expected 3 sides (3D) or 2 (2D crops), each >= 4, such as 64,64,64 or 64,64; '
+                                 f'got {value!r}', param_hint='--patch-size')
+    problem = shape_problem(size) if len(size) == 2 else None
+    if problem:
+        raise click.BadParameter(f'2D crops of {problem}; train.py could not use them', param_hint='--patch-size')
+    return size
+
+
+def _is_default(name):
+    """True when the option `name` was not given on the command line (nor by an environment variable)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is None or ctx.get_parameter_source(name) in (click.core.ParameterSource.DEFAULT, None)
 
 
 def _cube_side(kind, resolution, volume_size):

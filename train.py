@@ -244,6 +244,7 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
 @click.option('--attn-res',     help="Self-attention in G and D at these resolutions, 4 .. res/2, e.g. 16,32 (volumes: a level's largest side). "
                                      "Memory per layer in R1/path-length passes: 8*N*L*L' bytes, L=R*R, L'=L/4 from 64x64 "
                                      "(1 GiB at 64, batch-gpu 32)", metavar='LIST', type=str)
+@click.option('--paint-l1',     help='Painting family (patch archives): weight of the L1 term inside the repainted region [default: 1]', metavar='FLOAT', type=click.FloatRange(min=0))
 @bool_option('--checkpointing', help='Recompute block activations in backward (less memory, more time)')
 @bool_option('--bf16',          help='bfloat16 instead of float16 in the mixed-precision blocks')
 # Misc settings.

@@ -39,11 +39,21 @@ VOLUME_CFG_SPECS = {
     'vol256': dict(ref_gpus=1, kimg=5000, mb=4,  mbstd=2, fmaps=0.0625, cmax=256, lrate=0.002, gamma=3.3,  ema=1.25, ramp=0.05, map=2),
 }
 CFG_SPECS.update(VOLUME_CFG_SPECS)
+# The painting family (training.paint) on a patch archive: hyper-parameters as 'auto' (2D) or the vol* preset of the
+# patch side (3D); a patch archive picks it whatever --cfg names, and --cfg paint on other data is refused.
+CFG_SPECS['paint'] = dict(CFG_SPECS['auto'])
 
 # One network family for 2D images and volumes (it infers the dimensions from img_resolution), and the hooks.
 NETWORK_CLASSES = dict(G='training.networks.Generator', D='training.networks.Discriminator')
 HOOK_CLASSES = dict(attention='training.attention.SelfAttention', fq='training.fq.FeatureQuantizer',
                     topk='training.topk.TopK')
+# The painting family and what its loss builds by name (docs/painting.md).
+PAINT_CLASSES = dict(G='training.paint.PaintGenerator', D='training.paint.PaintDiscriminator',
+                     loss='training.paint_loss.PaintLoss', masks='mri.painting.masks.RepaintMasks')
+PAINT_DILATION = 3  # Voxels of rim repainted around a tumour (RepaintMasks.dilation).
+
+DEFAULT_PAINT_METRICS = 'none'  # Painting family: measured by calc_metrics.py paint_* on held-out patches.
+PAINT_METRIC_PREFIXES = ('paint_', 'insert_')
 
 AUGPIPE_NAMES = ['blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']
 
@@ -187,6 +197,7 @@ def setup_training_config(
     attn_res: str = None,           # Self-attention resolutions in G and D, e.g. '32'; None = off.
     checkpointing: bool = False,    # Recompute each block's activations in backward (saves memory).
     bf16: bool = False,             # bfloat16 instead of float16 in the mixed-precision blocks.
+    paint_l1: float = None,         # Painting family: weight of the L1 term inside the region; None = 1.
     **_unused,
 ) -> dnnlib.EasyDict:
     """The config of a new run (an EasyDict that training_loop() takes as keyword arguments, plus num_gpus), or
@@ -203,6 +214,7 @@ def setup_training_config(
     _fq_hook(c, facts, fq_res=fq_res, fq_dict=fq_dict, fq_decay=fq_decay, fq_mode=fq_mode)
     _optimizers_and_loss(c, spec, cfg=cfg, glr=glr, dlr=dlr, gamma=gamma, fq_weight=fq_weight, topk=topk,
                          topk_gamma=topk_gamma, topk_min=topk_min, topk_global=topk_global)
+    _painting(c, facts, paint_l1=paint_l1, topk=topk)
     c.ema_kimg = spec.ema
     c.ema_rampup = spec.ramp
     c.total_kimg = kimg if kimg is not None else spec.kimg
@@ -265,8 +277,11 @@ def _dataset_facts(c, data, subset, cond, mirror, seed, workers) -> dnnlib.EasyD
     facts = dnnlib.EasyDict(data=data, kind=probe.kind, is_volume=is_volume, spatial=spatial, res=res,
                             sides=block_sides(spatial), resolution=network_resolution(spatial),
                             num_channels=probe.num_channels, channels=list(probe.channels),
-                            c_dim=probe.label_dim if cond else 0, label_names=list(probe.label_names) if cond else [])
+                            c_dim=probe.label_dim if cond else 0, label_names=list(probe.label_names) if cond else [],
+                            paint=probe.kind == 'patches')
     probe.close()
+    if facts.paint:
+        _check_patch_channels(facts)
     c.data_loader_kwargs = data_loader_kwargs(workers, c.device)
     return facts
 
@@ -282,6 +297,19 @@ def _check_shape(spatial, is_volume, data):
         dnnlib.get_obj_by_name(NETWORK_CLASSES['G']).check_resolution(spatial)
     except ValueError as err:
         raise click.UsageError(f'--data: {data}: {err}') from None
+
+
+def _check_patch_channels(facts):
+    """A patch archive trains the painting family: it needs channels to paint, tumour labels and the brain mask."""
+    from torch_utils.label_channels import label_channel_indices
+    from training.paint import REGION_CHANNEL, paint_layout
+    try:
+        paint_layout(facts.channels, facts.num_channels)
+    except ValueError as err:
+        raise click.UsageError(f'--data: {facts.data}: {err}') from None
+    if not label_channel_indices(facts.channels) or REGION_CHANNEL not in facts.channels:
+        raise click.UsageError(f'--data: {facts.data} is a patch archive without tumour labels (seg_*) or the brain '
+                               f'channel ({", ".join(facts.channels)}); rebuild it with dataset_tool.py --kind patches')
 
 
 def block_sides(spatial) -> list:
@@ -301,6 +329,11 @@ def _preset_and_batch(c, facts, cfg, gpus, batch, batch_gpu, mbstd_group):
     is_volume, res = facts.is_volume, facts.res
     if cfg not in CFG_SPECS:
         raise click.UsageError(f'--cfg={cfg}: unknown; choose from {", ".join(CFG_SPECS)}')
+    if cfg == 'paint':
+        if not facts.paint:
+            raise click.UsageError(f'--cfg=paint: trains the painting family on a patch archive, and {facts.data} '
+                                   f'holds {facts.kind}; make one with dataset_tool.py --kind patches')
+        cfg = 'auto'
     if is_volume and cfg == 'auto':
         cfg = next((name for name in VOLUME_CFG_SPECS if int(name[3:]) >= res), list(VOLUME_CFG_SPECS)[-1])
     if is_volume != (cfg in VOLUME_CFG_SPECS):
@@ -346,9 +379,12 @@ def _networks(c, facts, spec, cfg, cbase, cmax, map_depth, mbstd, fp32, attn_res
                   num_fp16_res=num_fp16_res, conv_clamp=conv_clamp, attn_res=attn, attn_kwargs=attn_kwargs)
     if facts.is_volume or checkpointing or bf16:  # 2D configs name them only when asked (as earlier versions wrote).
         common.update(checkpointing=checkpointing, mixed_precision='bfloat16' if bf16 else 'float16')
-    c.G_kwargs = dnnlib.EasyDict(class_name=NETWORK_CLASSES['G'], z_dim=512, w_dim=512,
+    classes = PAINT_CLASSES if facts.paint else NETWORK_CLASSES
+    if facts.paint:  # The painting family reads the channel names: which to paint, which are labels.
+        common.update(channels=list(facts.channels))
+    c.G_kwargs = dnnlib.EasyDict(class_name=classes['G'], z_dim=512, w_dim=512,
                                  mapping_kwargs=dict(num_layers=map_depth if map_depth is not None else spec.map), **common)
-    c.D_kwargs = dnnlib.EasyDict(class_name=NETWORK_CLASSES['D'], architecture='orig' if cfg == 'cifar' else 'resnet',
+    c.D_kwargs = dnnlib.EasyDict(class_name=classes['D'], architecture='orig' if cfg == 'cifar' else 'resnet',
                                  **common, epilogue_kwargs=dict(mbstd_group_size=mbstd))
 
 
@@ -386,6 +422,25 @@ def _optimizers_and_loss(c, spec, cfg, glr, dlr, gamma, fq_weight, topk, topk_ga
             c.loss_kwargs.topk_global = True
 
 
+def _painting(c, facts, paint_l1, topk):
+    """The painting family's loss (training.paint_loss.PaintLoss): repaint masks drawn per batch, L1 in the region,
+    no path-length term (its generator is conditioned on the context, so w alone does not set the image)."""
+    if not facts.paint:
+        if paint_l1 is not None:
+            raise click.UsageError(f'--paint-l1: applies to the painting family, and {facts.data} holds {facts.kind}; '
+                                   f'train on a patch archive (dataset_tool.py --kind patches)')
+        return
+    if topk:
+        raise click.UsageError('--topk: top-k generator updates are not defined for the painting family')
+    if paint_l1 is not None and paint_l1 < 0:
+        raise click.UsageError(f'--paint-l1 must be >= 0, got {paint_l1}')
+    c.loss_kwargs.class_name = PAINT_CLASSES['loss']
+    c.loss_kwargs.channels = list(facts.channels)
+    c.loss_kwargs.mask_kwargs = dict(class_name=PAINT_CLASSES['masks'], dilation=PAINT_DILATION)
+    c.loss_kwargs.paint_l1 = 1.0 if paint_l1 is None else float(paint_l1)
+    c.loss_kwargs.pl_weight = 0
+
+
 def _augmentation(c, facts, aug, p, target, augpipe):
     """c.augment_kwargs (one AugmentPipe for 2D and volumes; it skips the 2D-only transforms on volumes itself),
     c.augment_p, and ADA's c.ada_target / c.ada_kimg."""
@@ -402,7 +457,7 @@ def _augmentation(c, facts, aug, p, target, augpipe):
     from training.augment import augpipe_specs
     if augpipe not in augpipe_specs:
         raise click.UsageError(f'--augpipe={augpipe}: unknown; choose from {", ".join(augpipe_specs)}')
-    c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', channel_names=list(facts.channels),
+    c.augment_kwargs = dnnlib.EasyDict(class_name='training.augment.AugmentPipe', channel_names=_augment_channels(facts),
                                        **augpipe_specs[augpipe])
     if aug == 'ada':
         c.ada_target = target
@@ -413,16 +468,31 @@ def _augmentation(c, facts, aug, p, target, augpipe):
         c.augment_p = p
 
 
+def _augment_channels(facts) -> list:
+    """The channels ADA sees: the data's, or for the painting family what its D reads (painted channels, the
+    mask as a label channel, the target labels), so that mask and labels move with the geometry only."""
+    if not facts.paint:
+        return list(facts.channels)
+    from training.paint import MASK_CHANNEL, paint_layout
+    paint, labels, _ = paint_layout(facts.channels, facts.num_channels)
+    return [facts.channels[i] for i in paint] + [MASK_CHANNEL] + [facts.channels[i] for i in labels]
+
+
 def _metrics(c, facts, metrics, detector, detector3d, vgg_detector):
     """c.metrics (default: one that can measure this kind of data) and c.metric_kwargs (detector overrides)."""
     if metrics is None:  # Volumes default to a metric that can measure them.
-        metrics = 'fid25d_full' if facts.is_volume else 'fid50k_full'
+        metrics = DEFAULT_PAINT_METRICS if facts.paint else 'fid25d_full' if facts.is_volume else 'fid50k_full'
     c.metrics = parse_metrics(metrics)
     c.metric_kwargs = dnnlib.EasyDict()
     if detector:
         c.metric_kwargs.detector_url = detector
     if vgg_detector:
         c.metric_kwargs.vgg_detector_url = vgg_detector
+    if facts.paint:
+        wrong = [m for m in c.metrics if not m.startswith(PAINT_METRIC_PREFIXES)]
+        if wrong:
+            raise click.UsageError(f'--metrics: {", ".join(wrong)} measure images drawn from z alone; a painting model '
+                                   f'is measured by {"/".join(p + "*" for p in PAINT_METRIC_PREFIXES)} (or none)')
     if c.metrics:
         from metrics import metric_main
         problem = metric_main.metrics_problem(c.metrics, facts.is_volume, detector3d)

@@ -421,4 +421,6 @@ class ImageFolderDataset(Dataset):
         return dict(path=os.path.abspath(self._path), resolution=self.resolution, channels=self.channels,
                     label_names=self.label_names, label_groups=self.label_groups, kind=self.kind,
                     normalization=self.normalization, dtype_max=self.dtype_max, image_shape=self.image_shape,
-                    subset=self.subset, space=self._meta.get('space'))
+                    subset=self.subset, space=self._meta.get('space'),
+                    # patch archives (tumour painting): the patch on the scan's own grid, and that grid's voxel size
+                    **{k: self._meta[k] for k in ('patch_size', 'spacing') if k in self._meta})

@@ -30,6 +30,15 @@ class Loss:
     def accumulate_gradients(self, phase, real_img, real_c, gen_z, gen_c, gain, cur_nimg):
         raise NotImplementedError
 
+    def grid_fakes(self, G, z, c, real):
+        """What the loop draws in its fakes grids: G's images for the grid's latents ``z`` and labels ``c``, in
+        the layout of the grid's reals ``real`` (in [-1, 1]; a family that paints into them reads them)."""
+        return G(z=z, c=c, noise_mode='const')
+
+    def generator_extra_loss(self, gen_img):
+        """A term added to G's main loss per sample (e.g. the paint family's L1 inside the mask); None = none."""
+        return None
+
     def accumulate_phase(self, phase, rounds, gain, cur_nimg):
         """All accumulation rounds of one phase, ``rounds`` = [(real_img, real_c, gen_z, gen_c), ...].
 
@@ -83,7 +92,8 @@ class StyleGAN2Loss(Loss):
         if self.topk is not None and not dataset_size:
             raise ValueError('top-k needs dataset_size to count epochs')
 
-    def run_G(self, z, c, update_emas=False):
+    def mapped_ws(self, z, c, update_emas=False):
+        """G's mapping of (z, c), with style mixing (StyleGAN Sec. 3.1) at the configured probability."""
         ws = self.G.mapping(z, c, update_emas=update_emas)
         if self.style_mixing_prob > 0:
             with torch.autograd.profiler.record_function('style_mixing'):
@@ -91,6 +101,10 @@ class StyleGAN2Loss(Loss):
                 cutoff = torch.where(torch.rand([], device=ws.device) < self.style_mixing_prob, cutoff,
                                      torch.full_like(cutoff, ws.shape[1]))
                 ws[:, cutoff:] = self.G.mapping(torch.randn_like(z), c, update_emas=False)[:, cutoff:]
+        return ws
+
+    def run_G(self, z, c, update_emas=False):
+        ws = self.mapped_ws(z, c, update_emas=update_emas)
         img = self.G.synthesis(ws, update_emas=update_emas)
         return img, ws
 
@@ -253,6 +267,9 @@ class StyleGAN2Loss(Loss):
                 training_stats.report('Loss/signs/fake', gen_logits.sign())
                 loss_Gmain = F.softplus(-gen_logits)  # -log(sigmoid(D(G(z)))): large logit = "real".
                 training_stats.report('Loss/G/loss', loss_Gmain)
+                extra = self.generator_extra_loss(gen_img)
+                if extra is not None:
+                    loss_Gmain = loss_Gmain + extra
                 if self.fq_weight != 0:
                     loss_Gmain = loss_Gmain + self._fq_term(_aux, 'G_fake')  # FQ-GAN: the fakes' commitment in G's loss.
             with torch.autograd.profiler.record_function('Gmain_backward'):

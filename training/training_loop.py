@@ -77,7 +77,7 @@ class Run:
     phases: list = None                     # Gmain/Greg/Dmain/Dreg (or *both): module, optimizer, interval, events.
     frozen: set = None                      # Names of D's parameters that FreezeD keeps fixed.
     ada: Any = None                         # training.augment.AdaController; None = a fixed p.
-    grid: dnnlib.EasyDict = None            # Rank 0's image grid: size, latents z, labels c, style.
+    grid: dnnlib.EasyDict = None            # Rank 0's image grid: size, latents z, labels c, reals, style.
     logs: Any = None                        # _Logs: the statistics collector, stats.jsonl, TensorBoard.
     record: dnnlib.EasyDict = None          # What every snapshot records besides the networks.
     stop: StopRequested = None              # Set by SIGINT/SIGTERM.
@@ -356,7 +356,7 @@ def _setup_grid(run: Run):
     training.grids draws 2D images and volumes alike (volumes as three-plane montages); its grid_style gives the
     channel names (the tumour overlay) and a name per row of a conditional grid."""
     opts = run.opts
-    run.grid = grid = dnnlib.EasyDict(size=None, z=None, c=None, style=None)
+    run.grid = grid = dnnlib.EasyDict(size=None, z=None, c=None, reals=None, style=None)
     if opts.rank != 0:
         return
     fresh = run.resume_state is None
@@ -368,6 +368,8 @@ def _setup_grid(run: Run):
     gen = torch.Generator().manual_seed(opts.random_seed)
     grid.z = torch.randn([labels.shape[0], run.nets.G.z_dim], generator=gen).to(run.device).split(opts.batch_gpu)
     grid.c = torch.from_numpy(labels).to(run.device).split(opts.batch_gpu)
+    grid.reals = images  # For a family that paints into them (the loss's grid_fakes reads them, see _save_fakes).
+    grid.reals_scale = 2.0 / run.training_set.dtype_max
     if fresh:
         _save_fakes(run, os.path.join(opts.run_dir, 'fakes_init.png'))
 
@@ -379,7 +381,13 @@ def _save_grid(grid, images, path, drange):
 def _save_fakes(run: Run, path):
     with torch.no_grad():
         G_ema = run.nets.G_ema
-        images = torch.cat([G_ema(z=z, c=c, noise_mode='const').cpu() for z, c in zip(run.grid.z, run.grid.c)]).numpy()
+        images, start = [], 0
+        for z, c in zip(run.grid.z, run.grid.c):
+            real = run.grid.reals[start:start + len(z)]  # One batch at a time: [-1, 1] on the device.
+            real = torch.from_numpy(np.asarray(real)).to(run.device).to(torch.float32) * run.grid.reals_scale - 1
+            images.append(run.loss.grid_fakes(G_ema, z, c, real).cpu())
+            start += len(z)
+        images = torch.cat(images).numpy()
     _save_grid(run.grid, images, path, drange=[-1, 1])
 
 

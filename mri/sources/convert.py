@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 
 import dnnlib
-from mri.sources import archive, brats, cohort, preprocess
+from mri.sources import archive, brats, cohort, patches, preprocess
 from mri import volume_space
 from mri.seg import SEG_CHANNELS, SEG_STORAGE
 
@@ -34,7 +34,7 @@ class ConversionError(ValueError):
 
 @dataclasses.dataclass
 class ConvertOptions:
-    kind: str = 'slices'                    # 'slices' or 'volumes'
+    kind: str = 'slices'                    # 'slices', 'volumes' or 'patches' (mri.sources.patches)
     planes: tuple = preprocess.PLANES       # slice planes, a subset of axial, coronal, sagittal
     resolution: int = 256                   # slice side in pixels
     volume_size: int = 128                  # volume cube side in voxels
@@ -54,10 +54,17 @@ class ConvertOptions:
     on_error: str = 'fail'                  # 'fail' or 'skip'
     compress_level: int = 0                 # deflate of PNG and .npy files: 0 stored (fastest), 1 fast RLE, 2-9 zlib
     overwrite: bool = False                 # replace an existing --dest
+    patch_size: tuple = (64, 64, 64)        # patches: 3 sides = 3D (x, y, z), 2 = 2D crops (H, W) in `planes`
+    patches_per_case: int = 8               # patches: tumour patches per case (2D: per case and plane)
+    healthy_per_case: int = None            # patches: healthy patches per case, None = patches_per_case
+    seed: int = 0                           # patches: seed of the patch centres (per case with its id)
 
     def validate(self):
-        if self.kind not in ('slices', 'volumes'):
-            raise ConversionError(f'--kind must be slices or volumes, got {self.kind!r}')
+        if self.kind not in ('slices', 'volumes', 'patches'):
+            raise ConversionError(f'--kind must be slices, volumes or patches, got {self.kind!r}')
+        problem = patches.check_options(self) if self.kind == 'patches' else None
+        if problem:
+            raise ConversionError(problem)
         bad = [p for p in self.planes if p not in preprocess.PLANES]
         if bad or not self.planes:
             raise ConversionError(f'--planes must be a non-empty subset of {",".join(preprocess.PLANES)}, got {",".join(self.planes)}')
@@ -118,7 +125,7 @@ def build_groups(opts, csvs, cohorts=None):
     """The label groups in order (plane first): list of {'name', 'values'}; values are unique label names.
     `cohorts`: the values of the cohort group (mri.sources.cohort.cohort_values), for --labels cohort."""
     groups = []
-    if opts.kind == 'slices':
+    if opts.kind == 'slices' or (opts.kind == 'patches' and len(opts.patch_size) == 2):
         groups.append({'name': 'plane', 'values': [p for p in preprocess.PLANES if p in opts.planes]})
     for spec in opts.labels:
         if spec == 'modality':
@@ -205,6 +212,8 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
         case = loading.result()  # read ahead in a background thread (see _convert_in_process); raises its BratsError
     else:
         case = brats.load_case(case_files, load_seg=need_seg, threads=threads or 1)
+    if opts.kind == 'patches':
+        return patches.patch_case(case, opts, base)
     prep = preprocess.prepare_case(case, opts.modalities, opts.normalize, opts.low, opts.high, opts.denoise)
     native_grid = (next(iter(case.images.values())).shape, case.affine)  # for volumes: the way back (mri.volume_space)
     del case  # the full-size arrays are no longer needed
@@ -404,6 +413,7 @@ def convert_brats(
     labels, file_cases, affines, case_split, ranges = [], {}, {}, {}, {}
     skipped = [{'case': e.case_id, 'file': e.path, 'problem': e.problem} for e in unreadable or []]
     counts, skipped_slices, natives = {}, {}, {}
+    patch_records, spacings = {}, {}  # kind 'patches': dataset.json "patches", and each case's voxel size
     bar = dnnlib.ProgressBar(len(cases), unit='cases', enabled=progress)
     pool = results = pending = None
 
@@ -444,6 +454,9 @@ def convert_brats(
                     affines.update(res['affines'])
                     if res.get('native'):
                         natives[cid] = res['native']
+                    if 'patches' in res:
+                        patch_records.update(res['patches'])
+                        spacings[cid] = res['spacing']
                     case_split[cid] = split[cid]
                     ranges[cid] = res['ranges']
                     for k, v in res['counts'].items():
@@ -490,6 +503,10 @@ def convert_brats(
             meta['space'] = volume_space.archive_space(natives)  # the frame of generated volumes (generate.py)
             meta['native_grids'] = natives                       # per case: crop, padding and zoom to undo
         meta['resolution'] = opts.volume_size if opts.kind == 'volumes' else opts.resolution
+        patch_warnings = []
+        if opts.kind == 'patches':
+            patch_meta, patch_warnings = patches.archive_meta(opts, patch_records, spacings)
+            meta.update(patch_meta)
         meta['source'] = dict(source_info or {}, path=str(source), tool='dataset_tool.py',
                               # every option that shapes the content; not the worker count, so that the archive
                               # is byte-identical however many processes wrote it
@@ -505,7 +522,7 @@ def convert_brats(
     counts_by_split = {s: sum(1 for v in case_split.values() if v == s) for s in sorted(set(case_split.values()))}
     warnings = [f'--split {name}={frac:g} of {len(case_split)} cases gives no {name} cases (round({frac:g} x '
                 f'{len(case_split)}) = 0); use a larger fraction or more cases'
-                for name, frac in opts.split.items() if not counts_by_split.get(name)]
+                for name, frac in opts.split.items() if not counts_by_split.get(name)] + patch_warnings
     return {
         'dest': str(dest), 'cases': len(case_split), 'images': len(labels), 'counts': counts,
         'skipped_slices': skipped_slices, 'skipped_cases': skipped, 'skipped_json': str(skipped_json) if skipped else '',
@@ -605,5 +622,8 @@ def convert_source(
                                     'brats-africa or phantom)')
     from mri.sources import image_folder
     if image_folder.is_image_source(src):
+        if opts.kind == 'patches':
+            raise ConversionError(f'{src}: --kind patches cuts patches from BraTS cases (a folder of case folders, '
+                                  f'brats-africa or phantom), not from an image folder or archive')
         return image_folder.convert_image_folder(src, dest, opts, progress)
     return convert_brats(src, dest, opts, progress, {'type': 'brats'})
