@@ -312,9 +312,9 @@ def mse3d_nn(opts):
 ANY_KIND = ('mask_dice',) + paint.PAINT_METRICS  # metrics that measure slices and volumes alike
 
 
-def metrics_problem(metrics: list, is_volumes: bool, detector3d: str = None, is_paint: bool = False) -> str:
+def metrics_problem(metrics: list, is_volumes: bool, detector3d: str = None, is_paint: bool = None) -> str:
     """Why ``metrics`` cannot run on this kind of data (one line), or None: checked before training starts.
-    ``is_paint``: the run trains a tumour-painting generator on a patch archive."""
+    ``is_paint``: whether the run trains a tumour-painting generator on a patch archive (None = not checked)."""
     if is_paint:
         wrong = [m for m in metrics if m not in paint.PAINT_METRICS]
         if wrong:
@@ -322,7 +322,7 @@ def metrics_problem(metrics: list, is_volumes: bool, detector3d: str = None, is_
                     f'paint_ssim, paint_psnr, paint_mse (insert_dice needs calc_metrics.py --segmenter)')
         return None
     wrong = [m for m in metrics if m in paint.PAINT_METRICS]
-    if wrong:
+    if wrong and is_paint is not None:
         return (f'{", ".join(wrong)} measure tumour-painting generators, trained on a patch archive '
                 f'(dataset_tool.py --kind patches)')
     wrong = [m for m in metrics if m not in ANY_KIND and (m in volumes.VOLUME_METRICS) != is_volumes]

@@ -246,7 +246,8 @@ def test_wrong_generator_family_or_data_is_one_line(archives, tmp_path):
     # Before training: paint runs take paint metrics only, other runs none of them.
     assert 'measure whole-image generators' in metric_main.metrics_problem(['fid50k_full'], False, is_paint=True)
     assert metric_main.metrics_problem(['paint_ssim', 'paint_mse'], True, is_paint=True) is None
-    assert 'measure tumour-painting generators' in metric_main.metrics_problem(['paint_ssim'], False)
+    assert 'measure tumour-painting generators' in metric_main.metrics_problem(['paint_ssim'], False, is_paint=False)
+    assert metric_main.metrics_problem(['paint_ssim'], True) is None  # not known: the caller checks the family
 
 
 def test_calc_metrics_cli_wrong_snapshot_kind_is_one_line(archives, tmp_path):
