@@ -328,3 +328,85 @@ def test_insertion_never_leaves_the_brain():
         assert moved is not None and not (moved.any(0) & ~brain).any()
         assert int(moved.any(0).sum()) >= 0.9 * int(labels.any(0).sum())
     assert place(labels, torch.zeros_like(brain), rng) is None
+
+
+# ----------------------------------------------------------------------------
+# calc_segmentation.py: the real+inserted arm.
+
+class StandInInserter:
+    """The insertion library's interface (painter, insert) with a trivial painter: the shape goes to a random box
+    of the case and is drawn brighter there. Records every case it paints into."""
+
+    def __init__(self):
+        self.cases = []
+
+    def painter(self, G, device, truncation_psi, desc):
+        from training.paint import is_paint_generator
+        assert is_paint_generator(G)
+        return type('P', (), dict(planes=None))()
+
+    def insert(self, painter, case, label_source, rng):
+        self.cases.append(case.case_id)
+        shape = label_source.draw(rng, painter.planes[0] if painter.planes else None).labels
+        corner = [int(rng.integers(0, s - t + 1)) for s, t in zip(case.shape, shape.shape)]
+        box = tuple(slice(c, c + t) for c, t in zip(corner, shape.shape))
+        images, seg, region = case.images.copy(), case.seg.copy(), np.zeros(case.shape, bool)
+        new = shape > 0
+        seg[box][new] = shape[new]
+        region[box] = new
+        images[:, region] = np.clip(images[:, region] + 0.8, -1, 1)
+        return type('R', (), dict(images=images, seg=seg, region=region, failures=[],
+                                  placements=[dict(corner=corner)]))()
+
+
+def _paint_snapshot(path, archive, channels, dims=2, side=16):
+    from torch_utils import snapshot
+    from training.dataset import ImageFolderDataset
+    from training.paint import PaintGenerator
+    torch.manual_seed(0)
+    G = PaintGenerator(z_dim=8, c_dim=0, w_dim=8, img_resolution=side, img_channels=len(channels), channels=channels,
+                       spatial_dims=dims, mapping_kwargs=dict(num_layers=1), channel_base=32, channel_max=8)
+    desc = dict(ImageFolderDataset(path=archive).describe(), channels=list(channels))
+    snapshot.save_snapshot(str(path), dict(G=G, D=None, G_ema=G, augment_pipe=None), dataset=desc)
+    return str(path)
+
+
+def test_real_inserted_never_inserts_into_a_test_case(tmp_path):
+    pytest.importorskip('monai')
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_segmentation import SEG, make_seg_archive, make_snapshot
+    from mri.downstream.data import SegmentationError
+    from mri.downstream.protocol import Plan, default_config, run_protocol
+    archive = make_seg_archive(tmp_path / 'seg.zip', cases=6, per_case=6)
+    snap = _paint_snapshot(tmp_path / 'paint.pt', archive, ['t2w'] + SEG)
+    outdir = tmp_path / 'out'
+    cfg = default_config(data=archive, paint_networks=[snap], outdir=str(outdir), folds=3, arms=['real', 'real+inserted'],
+                         ratios=[1.0], features=4, levels=2, steps=2, batch=4, workers=0, device='cpu', progress=False)
+    inserter = StandInInserter()
+    out = run_protocol(cfg, inserter=inserter)
+    assert out['arms'] == ['real', 'real+inserted@1']
+    for k, fold in enumerate(out['folds']):
+        test = set(fold['test_cases'])
+        with open(outdir / 'synthetic' / f'inserted-fold{k}.json') as f:
+            meta = json.load(f)
+        assert len(meta['sources']) == fold['num_real_train_items']  # ratio 1
+        assert not {s['case'] for s in meta['sources']} & test  # painted into training items only
+        assert not {d['case'] for s in meta['sources'] for d in s['shapes_drawn']} & test  # shapes from them only
+        labels = np.load(outdir / 'synthetic' / f'inserted-fold{k}-labels.npy')
+        assert all(m.any() for m in labels)  # every item holds a tumour (the new one at least)
+        record = out['per_fold']['real+inserted@1'][k]
+        assert record['num_synthetic'] == record['num_real'] == fold['num_real_train_items']
+    assert len(inserter.cases) == sum(f['num_real_train_items'] for f in out['folds'])  # one painting per item
+    # A rerun reuses the pools and the finished folds.
+    inserter2 = StandInInserter()
+    run_protocol(cfg, inserter=inserter2)
+    assert inserter2.cases == []
+    # A joint snapshot where a paint one is expected (and the reverse): one line each.
+    joint = make_snapshot(tmp_path / 'joint.pt', archive)
+    with pytest.raises(SegmentationError, match='is not a paint snapshot') as err:
+        Plan(default_config(**dict(cfg, paint_networks=[joint], outdir=str(tmp_path / 'x'))), inserter=StandInInserter())
+    assert '\n' not in str(err.value)
+    with pytest.raises(SegmentationError, match='is a paint snapshot'):
+        Plan(default_config(**dict(cfg, networks=[snap], arms=['real', 'real+synthetic'], outdir=str(tmp_path / 'x'))))
+    with pytest.raises(SegmentationError, match='needs a paint snapshot'):
+        Plan(default_config(**dict(cfg, paint_networks=[], outdir=str(tmp_path / 'x'))))
