@@ -28,7 +28,7 @@ from mri.seg import SEG_CHANNELS
 
 _SLICE_NAME = re.compile(r'^(?P<plane>sagittal|coronal|axial)-\d+\.[A-Za-z0-9]+$')
 EDGE = 3            # voxels kept between a new tumour's region and the brain's edge (the library's default)
-ITEM_TRIES = 20     # training items tried per pool item before the fold is reported as having no room
+ITEM_TRIES = 50     # training items tried per pool item before the fold is reported as having no room
 
 
 @dataclasses.dataclass
