@@ -82,7 +82,7 @@ def test_options_that_do_not_apply_are_refused(patches, tmp_path):
     out = ['--outdir', tmp_path / 'runs', '--device', 'cpu']
     _refused(out + ['--data', slices, '--cfg', 'paint'], '--cfg=paint', 'dataset_tool.py --kind patches')
     _refused(out + ['--data', slices, '--paint-l1', '2'], '--paint-l1', 'patch archive')
-    _refused(out + ['--data', patches, '--metrics', 'fid50k_full'], '--metrics', 'fid50k_full', 'paint_')
+    _refused(out + ['--data', patches, '--metrics', 'fid50k_full'], '--metrics', 'fid50k_full', 'paint_ssim')
     _refused(out + ['--data', patches, '--topk=1'], '--topk', 'painting family')
     assert not os.path.exists(tmp_path / 'runs')
 
