@@ -3,6 +3,7 @@
     python calc_metrics.py --network run/network-snapshot-001000000.pt --metrics fid10k_full,msssim_div
     python calc_metrics.py --network runs/00003-brats --metrics fid10k_full,kid10k_full,fid_per_class  # newest snapshot
     python calc_metrics.py --network net.pt --metrics fid50k_full --data brats.zip --subset val --gpus 4
+    python calc_metrics.py --network paint-run --metrics paint_ssim,paint_psnr,paint_mse --subset val  # paint snapshot
 
 Defaults for the real data (path, resolution, subset) come from the snapshot's dataset description; the reals
 are never x-flipped unless --mirror=1 asks (StyleGAN2-ADA's protocol). Metrics named together share one pass of
@@ -64,7 +65,7 @@ def calc_metrics(
     rank: int = 0,              # This process (set by the launcher).
     progress: bool = True,      # Status lines on stderr.
     share: bool = True,         # Metrics share detector features (one pass of the reals).
-    segmenter: str = None,      # Segmenter checkpoint of calc_segmentation.py (mask_dice).
+    segmenter: str = None,      # Segmenter checkpoint of calc_segmentation.py (mask_dice, insert_dice).
 ) -> list:
     """Evaluate ``metrics`` on this rank; returns the result dicts (rank 0 also reports them)."""
     if not metrics:
@@ -147,7 +148,7 @@ def _metric_list(_ctx, _param, value):
 @click.option('--detector3d',           help='3D feature network for fid3d_full (TorchScript; docs/volumes.md)', metavar='PATH|URL', type=PATH)
 @click.option('--run-dir',              help='Where results are appended [default: the snapshot\'s folder]', metavar='DIR',
               type=PATH)
-@click.option('--segmenter',            help='Segmenter for mask_dice (calc_segmentation.py checkpoint)', metavar='PATH',
+@click.option('--segmenter',            help='Segmenter for mask_dice and insert_dice (calc_segmentation.py checkpoint)', metavar='PATH',
               type=PATH)
 @click.option('--batch',                help='Images per GPU per step', type=click.IntRange(min=1), default=64, show_default=True)
 def main(**kwargs):

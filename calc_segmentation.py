@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Does synthetic data help tumour segmentation? k-fold cross-validation by case, real vs real+synthetic.
 
-Trains a MONAI segmenter per fold and arm (real, real+synthetic@R, synthetic, pretrained+finetune) and reports Dice
-and HD95 per BraTS region (WT, TC, ET), mean +- std over folds and the paired difference to `real` with its tests.
+Trains a MONAI segmenter per fold and arm (real, real+synthetic@R, real+inserted@R, synthetic, pretrained+finetune)
+and reports Dice and HD95 per BraTS region (WT, TC, ET), mean +- std over folds and the paired difference to `real`
+with its tests.
 See docs/segmentation.md for the protocol and how to read the numbers.
 
 Examples:
@@ -12,6 +13,8 @@ Examples:
       --synthetic-ratio 0.5,1,2 --steps 2000 --outdir seg-eval
   python calc_segmentation.py --data africa-seg.zip --network runs/00003-africa-seg --outdir seg-eval \\
       --arms real,real+synthetic,pretrained+finetune --pretrained gli-eval/checkpoints/fold0-real.pt
+  python calc_segmentation.py --data africa-vol.zip --paint-network runs/00004-africa-patches --outdir ins-eval \\
+      --arms real,real+inserted --synthetic-ratio 1
 
 A stopped run resumes from its finished folds when the same command is run again.
 """
@@ -55,6 +58,8 @@ def _sigterm_as_interrupt(_signum, _frame):
 @click.command(help=__doc__)
 @click.option('--data',            metavar='ZIP|DIR', required=True, help='Real archive with seg_* channels (dataset_tool.py --with-seg)')
 @click.option('--network',         metavar='PATH[,PATH..]', default='', help='Joint image+mask snapshot or run dir; or one per fold')
+@click.option('--paint-network',   'paint_network', metavar='PATH[,PATH..]', default='',
+              help='Paint snapshot or run dir for real+inserted (train.py --cfg paint); or one per fold')
 @click.option('--outdir',          metavar='DIR', required=True, help='Where results, checkpoints and pools go (resumable)')
 @click.option('--folds',           metavar='INT', type=click.IntRange(min=2), default=5, show_default=True, help='Cross-validation folds (by case)')
 @click.option('--test-subset',     type=click.Choice(['all', 'val', 'train']), default='all', show_default=True,
@@ -62,7 +67,7 @@ def _sigterm_as_interrupt(_signum, _frame):
 @click.option('--arms',            metavar='LIST', default='real,real+synthetic,synthetic', show_default=True, callback=_arms,
               help=f'Arms among {",".join(ARM_KINDS)} (real is always run)')
 @click.option('--synthetic-ratio', 'ratios', metavar='LIST', default='1', show_default=True, callback=_ratios,
-              help='Synthetic items per real item, one real+synthetic arm each')
+              help='Synthetic (or inserted) items per real item, one real+synthetic (real+inserted) arm each')
 @click.option('--pretrained',      metavar='PATH', default=None, help='Segmenter checkpoint for pretrained+finetune')
 @click.option('--arch',            type=click.Choice(ARCHS), default='unet', show_default=True, help='MONAI network')
 @click.option('--features',        metavar='INT', type=click.IntRange(min=1), default=16, show_default=True, help='Channels of the first level')
@@ -77,11 +82,11 @@ def _sigterm_as_interrupt(_signum, _frame):
 @click.option('--workers',         metavar='INT', type=click.IntRange(min=0), default=2, show_default=True, help='DataLoader worker processes')
 @click.option('--device',          type=click.Choice(['cuda', 'cpu']), default=None, help='Device [default: cuda if available]')
 @click.option('--progress/--no-progress', default=True, show_default=True, help='Show a progress line')
-def main(data, network, outdir, folds, test_subset, arms, ratios, pretrained, arch, features, levels, steps, batch, lr,
+def main(data, network, paint_network, outdir, folds, test_subset, arms, ratios, pretrained, arch, features, levels, steps, batch, lr,
          patch, augment, seed, trunc, workers, device, progress):
     if pretrained and 'pretrained+finetune' not in arms:
         arms = arms + ['pretrained+finetune']
-    cfg = default_config(data=data, networks=_split(network), outdir=outdir, folds=folds, test_subset=test_subset,
+    cfg = default_config(data=data, networks=_split(network), paint_networks=_split(paint_network), outdir=outdir, folds=folds, test_subset=test_subset,
                          arms=arms, ratios=ratios, pretrained=pretrained, arch=arch, features=features, levels=levels, steps=steps, batch=batch,
                          lr=lr, patch=patch, augment=augment, seed=seed, trunc=trunc, workers=workers, device=device,
                          progress=progress)

@@ -5,6 +5,8 @@ Examples:
   python generate.py --network runs/00000-x --seeds 0-7 --class all --outdir out          # newest snapshot, grid
   python generate.py --network net.pt --seeds 0 --class axial,t2w --format png16 --outdir out
   python generate.py --network stylegan2-ada-network.pkl --seeds 0-3 --outdir out   # NVlabs pickle, no code run
+  python generate.py --network paint.pt --insert-into cases/ --per-case 2 --labels-from cases/ --outdir out  # painting
+  python generate.py --network paint.pt --insert-into cases/ --heal --outdir healed   # docs/painting.md
 
 Single-channel images become grey PNGs (8- or 16-bit); multi-channel archives (modalities, tumour labels)
 give one image per channel, the decoded BraTS label map (a palette PNG: pixel values are the labels 0-3, shown in
@@ -203,6 +205,10 @@ def generate_images(
     G = data.G_ema if data.G_ema is not None else data.G
     if G is None:
         raise snapshot.SnapshotError(f'{network}: holds no generator')
+    from training.paint import is_paint_generator
+    if is_paint_generator(G):  # it would run on blank input and paint nothing of use
+        raise VolumeOutputError(f'{network}: this is a paint snapshot; use --insert-into CASES (with --labels-from, '
+                                f'--heal or --move)')
     desc = data.dataset or {}
     if snapshot_kind(desc) == 'volumes':  # 3D: NIfTI per modality and labels, three-plane montages (docs/volumes.md)
         if fmt not in (None, 'nifti', 'npy'):
@@ -220,7 +226,7 @@ def generate_images(
 
 @click.command()
 @click.option('--network', 'network',   help='Snapshot .pt, NVlabs .pkl, or run dir (newest snapshot)', metavar='PATH', type=PATH, required=True)
-@click.option('--seeds',                help='Seeds, e.g. 0-3,7', metavar='LIST', type=str, required=True)
+@click.option('--seeds',                help='Seeds, e.g. 0-3,7 [painting: default 0, one case per seed]', metavar='LIST', type=str)
 @click.option('--trunc', 'truncation_psi', help='Truncation psi', metavar='FLOAT', type=float, default=1, show_default=True)
 @click.option('--class', 'class_spec',  help='Class: name(s) one per group (axial,t2w), index (one label group only), or all', metavar='NAME|IDX|all', type=str)
 @click.option('--noise-mode',           help='Noise mode', type=click.Choice(['const', 'random', 'none']), default='const', show_default=True)
@@ -229,20 +235,72 @@ def generate_images(
 @bool_option('--native-grid',           help='Volumes: NIfTI on the original BraTS grid (240x240x155)')
 @bool_option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', hidden=True)
 @click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
-def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, native_grid, allow_pickle, device):
-    """Generate images by class from a trained network."""
+@click.option('--insert-into', 'cases', help='Paint snapshot: BraTS case folders (or an archive of them) to paint into', metavar='CASES', type=PATH)
+@click.option('--per-case',             help='Painting: new tumours per case', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--labels-from',          help='Painting: label maps: BraTS cases, an archive, a joint snapshot or a NIfTI', metavar='SOURCE', type=PATH)
+@bool_option('--heal',                  help='Painting: fill the existing tumour with healthy tissue (seg 0 there)')
+@bool_option('--move',                  help='Painting: heal the tumour, then paint it elsewhere')
+@bool_option('--labels-as-drawn',       help='Painting: paint a NIfTI label map where it was drawn (on the case\'s grid)')
+@click.option('--dilation',             help='Painting: voxels of rim repainted around a tumour', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--margin',               help='Painting: voxels kept between a new tumour and any other', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--scale', 'scale',      help='Painting: range of the random scale of a label map', metavar='MIN,MAX', type=str, default='0.8,1.25', show_default=True)
+@click.option('--tries',                help='Painting: shapes tried per tumour before it is reported', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, native_grid, allow_pickle, device, cases,
+         per_case, labels_from, heal, move, labels_as_drawn, dilation, margin, scale, tries):
+    """Generate images by class from a trained network; or, with a paint snapshot, paint tumours into real cases
+    (--insert-into), heal them (--heal) or move them (--move): docs/painting.md."""
     from torch_utils.snapshot import SnapshotError, warn_allow_pickle
     from mri.output.volumes import VolumeOutputError
     if allow_pickle:
         warn_allow_pickle()
     try:
-        seed_list = dnnlib.parse_range(seeds)
+        seed_list = dnnlib.parse_range(seeds) if seeds is not None else None
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--seeds') from None
+    painting = cases is not None or heal or move or labels_from is not None or labels_as_drawn
+    if painting:
+        paint_main(network, cases, outdir, labels_from, per_case, heal, move, labels_as_drawn, seed_list or [0],
+                   class_spec, dilation, margin, _scale_range(scale), tries, truncation_psi, noise_mode, device)
+        return
+    if seed_list is None:
+        raise click.UsageError('Missing option \'--seeds\' (e.g. --seeds 0-3)')
     try:
         generate_images(network, seed_list, outdir, class_spec, truncation_psi, noise_mode, fmt, device=device,
                         native_grid=native_grid)
     except (ClassSpecError, SnapshotError, VolumeOutputError) as err:
+        raise click.ClickException(str(err)) from None
+
+
+def _scale_range(text):
+    try:
+        lo, hi = (float(v) for v in text.split(','))
+    except ValueError:
+        raise click.BadParameter(f'{text}: expected MIN,MAX, e.g. 0.5,1', param_hint='--scale') from None
+    if not 0 < lo <= hi:
+        raise click.BadParameter(f'{text}: need 0 < MIN <= MAX', param_hint='--scale')
+    return lo, hi
+
+
+def paint_main(network, cases, outdir, labels_from, per_case, heal, move, labels_as_drawn, seeds, class_spec,
+               dilation, margin, scale, tries, truncation_psi, noise_mode, device):
+    """generate.py on a paint snapshot (mri.painting.run): checks the switches go together, then paints."""
+    from torch_utils.snapshot import SnapshotError
+    from mri.output.cases import CaseOutputError
+    from mri.painting.run import PaintJobError, PaintOptions, paint_cases
+    if cases is None:
+        flag = '--heal' if heal else '--move' if move else '--labels-from' if labels_from else '--labels-as-drawn'
+        raise click.UsageError(f'{flag} paints into real cases: pass them with --insert-into CASES')
+    if heal and move:
+        raise click.UsageError('--heal and --move: choose one (--move heals, then paints the tumour elsewhere)')
+    if (heal or move) and labels_from:
+        raise click.UsageError(f'{"--heal" if heal else "--move"} takes no --labels-from (healing paints healthy tissue; '
+                               f'--move paints the case\'s own tumour)')
+    opts = PaintOptions(mode='heal' if heal else 'move' if move else 'insert', per_case=per_case, seeds=tuple(seeds),
+                        tries=tries, dilation=dilation, margin=margin, as_drawn=labels_as_drawn, scale=scale)
+    try:
+        paint_cases(resolve_network(network), cases, outdir, labels_from, opts, class_spec, device, noise_mode,
+                    truncation_psi)
+    except (PaintJobError, SnapshotError, CaseOutputError) as err:
         raise click.ClickException(str(err)) from None
 
 

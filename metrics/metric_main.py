@@ -15,11 +15,13 @@ import torch
 import dnnlib
 from metrics import frechet_inception_distance
 from metrics import inception_score
+from metrics import insert_dice as insert_dice_module
 from metrics import kernel_inception_distance
 from metrics import mask_dice as mask_dice_module
 from metrics import metric_utils
 from metrics import msssim
 from metrics import nearest_neighbour
+from metrics import paint
 from metrics import per_class
 from metrics import perceptual_path_length
 from metrics import precision_recall
@@ -50,6 +52,9 @@ def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
     """
     if not is_valid_metric(metric):
         raise metric_utils.MetricError(f'unknown metric {metric!r}; valid metrics: {", ".join(list_valid_metrics())}')
+    problem = paint.generator_problem(metric, kwargs.get('G'))
+    if problem:
+        raise metric_utils.MetricError(problem)
     opts = metric_utils.make_options(**kwargs)
     start = time.time()
     results = _metric_dict[metric](opts)
@@ -76,6 +81,9 @@ def calc_metrics(metrics: list, share: bool = True, **kwargs) -> list:
     for metric in metrics:
         if not is_valid_metric(metric):
             raise metric_utils.MetricError(f'unknown metric {metric!r}; valid metrics: {", ".join(list_valid_metrics())}')
+        problem = paint.generator_problem(metric, kwargs.get('G'))
+        if problem:  # before the first metric runs, so that nothing is half reported
+            raise metric_utils.MetricError(problem)
     memo = metric_utils.FeatureMemo() if share and len(metrics) > 1 else None
     return [calc_metric(metric, feature_memo=memo, **kwargs) for metric in metrics]
 
@@ -233,6 +241,29 @@ def mask_dice(opts):
 
 
 # ----------------------------------------------------------------------------
+# Metrics of tumour-painting generators on patch archives (metrics/paint.py, metrics/insert_dice.py): 2D and 3D.
+
+@register_metric
+def paint_ssim(opts):
+    return paint.results('paint_ssim', paint.compute_paint_scores(opts)['ssim'])
+
+
+@register_metric
+def paint_psnr(opts):
+    return paint.results('paint_psnr', paint.compute_paint_scores(opts)['psnr'])
+
+
+@register_metric
+def paint_mse(opts):
+    return paint.results('paint_mse', paint.compute_paint_scores(opts)['mse'])
+
+
+@register_metric
+def insert_dice(opts):
+    return insert_dice_module.results(insert_dice_module.compute_insert_dice(opts))
+
+
+# ----------------------------------------------------------------------------
 # Metrics of volumes (archives of kind volumes; metrics/volumes.py, docs/volumes.md). Volumes cost ~10^3 times a
 # slice, so the generated counts are smaller.
 
@@ -278,11 +309,22 @@ def mse3d_nn(opts):
     return dict(mse3d_nn=nn['mean'], mse3d_nn_frac_closer=nn['frac_closer'], mse3d_nn_real_median=nn['real_median'])
 
 
-ANY_KIND = ('mask_dice',)  # metrics that measure slices and volumes alike
+ANY_KIND = ('mask_dice',) + paint.PAINT_METRICS  # metrics that measure slices and volumes alike
 
 
-def metrics_problem(metrics: list, is_volumes: bool, detector3d: str = None) -> str:
-    """Why ``metrics`` cannot run on this kind of data (one line), or None: checked before training starts."""
+def metrics_problem(metrics: list, is_volumes: bool, detector3d: str = None, is_paint: bool = None) -> str:
+    """Why ``metrics`` cannot run on this kind of data (one line), or None: checked before training starts.
+    ``is_paint``: whether the run trains a tumour-painting generator on a patch archive (None = not checked)."""
+    if is_paint:
+        wrong = [m for m in metrics if m not in paint.PAINT_METRICS]
+        if wrong:
+            return (f'{", ".join(wrong)} measure whole-image generators, and this run paints tumours into patches; use '
+                    f'paint_ssim, paint_psnr, paint_mse (insert_dice needs calc_metrics.py --segmenter)')
+        return None
+    wrong = [m for m in metrics if m in paint.PAINT_METRICS]
+    if wrong and is_paint is not None:
+        return (f'{", ".join(wrong)} measure tumour-painting generators, trained on a patch archive '
+                f'(dataset_tool.py --kind patches)')
     wrong = [m for m in metrics if m not in ANY_KIND and (m in volumes.VOLUME_METRICS) != is_volumes]
     if wrong:
         if is_volumes:

@@ -365,9 +365,10 @@ def test_stats_cache_reused_then_invalidated_when_archive_changes(tmp_path, dete
 # Every metric end to end.
 
 # Volume metrics: test_metrics3d.py. mask_dice needs a segmenter trained by calc_segmentation.py;
-# tests/test_segmentation.py runs it end to end.
+# tests/test_segmentation.py runs it end to end. Paint metrics (patch archives): tests/test_paint_metrics.py.
 @pytest.mark.parametrize('metric', [m for m in metric_main.list_valid_metrics()
-                                    if m not in metric_main.volumes.VOLUME_METRICS and m != 'mask_dice'])
+                                    if m not in metric_main.volumes.VOLUME_METRICS + metric_main.paint.PAINT_METRICS
+                                    and m != 'mask_dice'])
 def test_every_metric_runs_on_cpu(metric, archive, detector_path, tmp_path):
     result = metric_main.calc_metric(metric, **metric_kwargs(archive, detector_path))
     assert result.metric == metric and result.num_gpus == 1 and result.total_time >= 0

@@ -52,8 +52,7 @@ PAINT_CLASSES = dict(G='training.paint.PaintGenerator', D='training.paint.PaintD
                      loss='training.paint_loss.PaintLoss', masks='mri.painting.masks.RepaintMasks')
 PAINT_DILATION = 3  # Voxels of rim repainted around a tumour (RepaintMasks.dilation).
 
-DEFAULT_PAINT_METRICS = 'none'  # Painting family: measured by calc_metrics.py paint_* on held-out patches.
-PAINT_METRIC_PREFIXES = ('paint_', 'insert_')
+DEFAULT_PAINT_METRICS = 'paint_ssim'  # Painting family: healthy regions filled, SSIM as BraTS inpainting scores it.
 
 AUGPIPE_NAMES = ['blit', 'geom', 'color', 'filter', 'noise', 'cutout', 'bg', 'bgc', 'bgcf', 'bgcfn', 'bgcfnc']
 
@@ -488,18 +487,17 @@ def _metrics(c, facts, metrics, detector, detector3d, vgg_detector):
         c.metric_kwargs.detector_url = detector
     if vgg_detector:
         c.metric_kwargs.vgg_detector_url = vgg_detector
-    if facts.paint:
-        wrong = [m for m in c.metrics if not m.startswith(PAINT_METRIC_PREFIXES)]
-        if wrong:
-            raise click.UsageError(f'--metrics: {", ".join(wrong)} measure images drawn from z alone; a painting model '
-                                   f'is measured by {"/".join(p + "*" for p in PAINT_METRIC_PREFIXES)} (or none)')
     if c.metrics:
         from metrics import metric_main
-        problem = metric_main.metrics_problem(c.metrics, facts.is_volume, detector3d)
+        problem = metric_main.metrics_problem(c.metrics, facts.is_volume, detector3d, is_paint=facts.paint)
+        if not problem and 'insert_dice' in c.metrics:
+            problem = 'insert_dice needs a segmenter (calc_metrics.py --segmenter); measure it after training'
         if problem:
             raise click.UsageError(f'--metrics: {problem}')
     if detector3d:
         c.metric_kwargs.detector3d = detector3d
+    if facts.paint:  # The paint metrics draw their healthy regions with the training's mask sampler.
+        c.metric_kwargs.paint_masks = dict(c.loss_kwargs.mask_kwargs)
 
 
 def _resume_from_snapshot(c, facts, resume, resume_partial):

@@ -422,5 +422,18 @@ class ImageFolderDataset(Dataset):
                     label_names=self.label_names, label_groups=self.label_groups, kind=self.kind,
                     normalization=self.normalization, dtype_max=self.dtype_max, image_shape=self.image_shape,
                     subset=self.subset, space=self._meta.get('space'),
-                    # patch archives (tumour painting): the patch on the scan's own grid, and that grid's voxel size
-                    **{k: self._meta[k] for k in ('patch_size', 'spacing') if k in self._meta})
+                    # patch archives (tumour painting): the patch on the scan's own grid, that grid's voxel size, and
+                    # for 2D crops their planes (the painter paints in them, with or without plane labels)
+                    **{k: self._meta[k] for k in ('patch_size', 'spacing') if k in self._meta},
+                    **({'planes': self.planes} if self.kind == 'patches' and self.planes else {}))
+
+    @property
+    def planes(self) -> list:
+        """The slice planes of a 2D archive (its ``plane`` label group, whether or not labels are used), else []."""
+        groups = self._meta.get('label_groups') or []
+        return next((list(g['values']) for g in groups if g.get('name') == 'plane'), []) if len(self.image_shape) == 3 else []
+
+    @property
+    def patch_info(self) -> dict:
+        """dataset.json ``patches`` of a patch archive: ``{relpath: {'case', 'centre', 'type', ['plane']}}``."""
+        return dict(self._meta.get('patches') or {})

@@ -104,14 +104,15 @@ def tile_channels(image_chw: np.ndarray, channels=None, labels=None) -> np.ndarr
     return np.concatenate(panels, axis=1)
 
 
-def mid_planes(volume) -> list:
-    """(D, H, W) -> its [axial, coronal, sagittal] mid-planes in display order.
+def mid_planes(volume, at=None) -> list:
+    """(D, H, W) -> its [axial, coronal, sagittal] mid-planes in display order (the planes through the voxel `at`
+    instead of the middle when given: a painted region, say).
 
     The axes are the archives' voxel order [x, y, z] (RAS: dataset.json "space"); a plane shows rows anterior to
     posterior (axial) or superior to inferior (coronal, sagittal), and the patient's left on the right of the
     picture (radiological convention), as the 2D slices of the archives do.
     """
-    x, y, z = (s // 2 for s in volume.shape)
+    x, y, z = (s // 2 for s in volume.shape) if at is None else (int(a) for a in at)
     return [volume[:, ::-1, z].T, volume[:, y, ::-1].T, volume[x, ::-1, ::-1].T]
 
 

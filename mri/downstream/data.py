@@ -129,6 +129,10 @@ class SnapshotSource:
         G = data.G_ema if data.G_ema is not None else data.G
         if G is None:
             raise SegmentationError(f'{path}: holds no generator (--network)')
+        from training.paint import is_paint_generator
+        if is_paint_generator(G):
+            raise SegmentationError(f'{path}: is a paint snapshot (it paints tumours into real scans, it does not '
+                                    f'generate image+mask pairs); pass it as --paint-network for the arm real+inserted')
         channels = list((data.dataset or {}).get('channels') or [])
         if not all(s in channels for s in SEG_CHANNELS):
             raise SegmentationError(f'{path}: generates no tumour masks (its channels are {channels or "unrecorded"}; '

@@ -5,12 +5,16 @@ on or start from):
   real                    the fold's real training cases
   real+synthetic@R        the same real items plus R times as many synthetic image+mask items (uniform sampling over
                           the union, so a batch is R/(1+R) synthetic on average)
+  real+inserted@R         the same real items plus R times as many items made by painting one new tumour into a
+                          training item of the fold with a paint snapshot (mri/downstream/inserted.py); never into a
+                          test case, and with tumour shapes from the fold's training items only
   synthetic               as many synthetic items as the fold has real training items, and nothing real
   pretrained+finetune     the real arm, starting from a segmenter checkpoint trained elsewhere (e.g. BraTS-GLI)
 
 Outputs in the outdir: ``config.json``, ``folds/fold<k>-<arm>.json`` (per-case scores; a finished fold and arm is
 never redone, so a stopped run resumes by running the same command again), ``checkpoints/fold<k>-<arm>.pt``
-(segmenters; ``fold<k>-real.pt`` serves the ``mask_dice`` metric), ``synthetic/`` (the generated pools),
+(segmenters; ``fold<k>-real.pt`` serves the ``mask_dice`` and ``insert_dice`` metrics), ``synthetic/`` (the generated
+pools, and the inserted pools ``inserted-fold<k>`` with a sidecar naming the source of every item),
 ``results.json``, ``results.md`` (the table) and ``results.png`` (the plot).
 """
 
@@ -23,34 +27,44 @@ import torch
 import dnnlib
 from mri.downstream import engine, report
 from mri.downstream.data import RealArchive, SegmentationError, SnapshotSource, TrainingItems, ensure_pool, make_folds
+from mri.downstream.inserted import PaintSource, ensure_inserted_pool
 from mri.downstream.model import ARCHS, build_segmenter, load_segmenter, min_size, save_segmenter
 
-ARM_KINDS = ('real', 'real+synthetic', 'synthetic', 'pretrained+finetune')
+ARM_KINDS = ('real', 'real+synthetic', 'real+inserted', 'synthetic', 'pretrained+finetune')
+RATIO_ARMS = ('real+synthetic', 'real+inserted')  # one arm per --synthetic-ratio value
 # Options that do not change results: a resumed run may change them.
 _RUNTIME_KEYS = ('workers', 'device', 'progress', 'outdir')
 
 
 def expand_arms(kinds: list, ratios: list) -> list:
-    """Arm ids in run order: ``real`` first (the reference), one ``real+synthetic@R`` per ratio."""
+    """Arm ids in run order: ``real`` first (the reference), one ``real+synthetic@R`` and ``real+inserted@R`` per ratio."""
     bad = [k for k in kinds if k not in ARM_KINDS]
     if bad:
         raise SegmentationError(f'--arms: unknown arm {bad[0]!r}; expected some of {", ".join(ARM_KINDS)}')
     arms = ['real']
     for kind in ARM_KINDS[1:]:
         if kind in kinds:
-            arms += [f'real+synthetic@{r:g}' for r in ratios] if kind == 'real+synthetic' else [kind]
+            arms += [f'{kind}@{r:g}' for r in ratios] if kind in RATIO_ARMS else [kind]
     return arms
 
 
+def pool_kind(arm: str) -> str:
+    """Where an arm's extra items come from: 'synthetic' (the joint snapshot's pool), 'inserted' (the fold's inserted
+    pool), or None (real items only)."""
+    if arm == 'synthetic' or arm.startswith('real+synthetic@'):
+        return 'synthetic'
+    return 'inserted' if arm.startswith('real+inserted@') else None
+
+
 def synthetic_count(arm: str, num_real: int) -> int:
-    """Synthetic items an arm trains on, given the fold's number of real training items."""
-    if arm.startswith('real+synthetic@'):
+    """Synthetic or inserted items an arm trains on, given the fold's number of real training items."""
+    if '@' in arm:
         return int(round(float(arm.split('@', 1)[1]) * num_real))
     return num_real if arm == 'synthetic' else 0
 
 
 def default_config(**overrides) -> dnnlib.EasyDict:
-    cfg = dnnlib.EasyDict(data=None, networks=[], outdir=None, folds=5, test_subset='all',
+    cfg = dnnlib.EasyDict(data=None, networks=[], paint_networks=[], outdir=None, folds=5, test_subset='all',
                           arms=['real', 'real+synthetic', 'synthetic'], ratios=[1.0], pretrained=None, arch='unet',
                           features=16, levels=4, steps=2000, batch=16, lr=1e-3, patch=None, augment=True, seed=0,
                           trunc=1.0, workers=2, device=None, progress=True)
@@ -61,7 +75,7 @@ def default_config(**overrides) -> dnnlib.EasyDict:
 class Plan:
     """Everything checked and derived before the first file is written."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, inserter=None):
         self.cfg = cfg
         self.device = torch.device(cfg.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
         if self.device.type == 'cuda' and not torch.cuda.is_available():
@@ -73,7 +87,7 @@ class Plan:
         self.patch = self._patch()
         self.spec = dict(arch=cfg.arch, spatial_dims=self.real.spatial_dims, in_channels=len(self.real.input_idx),
                          input_names=self.real.input_names, features=cfg.features, levels=cfg.levels, patch=self.patch)
-        needs_syn = any(a == 'synthetic' or a.startswith('real+synthetic@') for a in self.arms)
+        needs_syn = any(pool_kind(a) == 'synthetic' for a in self.arms)
         if needs_syn and not cfg.networks:
             raise SegmentationError('--network: the arms real+synthetic and synthetic need a joint image+mask snapshot '
                                     '(or pass --arms real,pretrained+finetune)')
@@ -81,6 +95,16 @@ class Plan:
             raise SegmentationError(f'--network: give one snapshot, or one per fold ({cfg.folds}); got {len(cfg.networks)}')
         self.sources = [SnapshotSource(n, self.real, self.device, cfg.trunc) for n in cfg.networks] if needs_syn else []
         self.generator_saw_test_cases = any(s.sees_test_cases(self.real, cfg.test_subset) for s in self.sources)
+        needs_ins = any(pool_kind(a) == 'inserted' for a in self.arms)
+        paint_networks = list(cfg.get('paint_networks') or [])
+        if needs_ins and not paint_networks:
+            raise SegmentationError('--paint-network: the arm real+inserted needs a paint snapshot (train.py on a patch '
+                                    'archive, --cfg paint)')
+        if paint_networks and len(paint_networks) not in (1, cfg.folds):
+            raise SegmentationError(f'--paint-network: give one snapshot, or one per fold ({cfg.folds}); got '
+                                    f'{len(paint_networks)}')
+        self.paint_sources = [PaintSource(n, self.real, self.device, cfg.trunc, inserter)
+                              for n in paint_networks] if needs_ins else []
         if 'pretrained+finetune' in self.arms:
             self._check_pretrained()
         self.train_items = [self.real.items_of(sorted(set(self.real.case_ids) - set(test))) for test in self.folds]
@@ -121,11 +145,16 @@ class Plan:
     def source_of(self, k: int):
         return self.sources[k if len(self.sources) > 1 else 0] if self.sources else None
 
+    def paint_source_of(self, k: int):
+        return self.paint_sources[k if len(self.paint_sources) > 1 else 0] if self.paint_sources else None
+
     def training_items(self, k: int, arm: str, pools: dict) -> TrainingItems:
         """What fold k, arm trains on: every arm but `synthetic` has exactly the fold's real training items."""
         real_items = self.train_items[k]
-        pool = pools.get(k if len(self.sources) > 1 else 0)
-        return TrainingItems(self.real, [] if arm == 'synthetic' else real_items, pool, synthetic_count(arm, len(real_items)))
+        kind = pool_kind(arm)
+        pool = pools.get(('inserted', k)) if kind == 'inserted' else pools.get(k if len(self.sources) > 1 else 0)
+        return TrainingItems(self.real, [] if arm == 'synthetic' else real_items, pool if kind else None,
+                             synthetic_count(arm, len(real_items)))
 
     def initial_model(self, k: int, arm: str) -> tuple:
         """(segmenter, spec) before training: the same seeded weights for every arm of a fold, or the pretrained ones."""
@@ -142,8 +171,14 @@ class Plan:
         for k, items in enumerate(self.train_items):
             if self.sources:
                 key = k if len(self.sources) > 1 else 0
-                counts[key] = max([counts.get(key, 0)] + [synthetic_count(a, len(items)) for a in self.arms])
+                counts[key] = max([counts.get(key, 0)] + [synthetic_count(a, len(items)) for a in self.arms
+                                                          if pool_kind(a) == 'synthetic'])
         return counts
+
+    def inserted_counts(self) -> dict:
+        """Inserted items each fold's pool must hold (the most its real+inserted arms need)."""
+        return {k: max([0] + [synthetic_count(a, len(items)) for a in self.arms if pool_kind(a) == 'inserted'])
+                for k, items in enumerate(self.train_items)} if self.paint_sources else {}
 
 
 def _protocol_options(cfg) -> dict:
@@ -157,6 +192,7 @@ def _prepare_outdir(cfg) -> None:
     if os.path.isfile(path):
         with open(path) as f:
             old = json.load(f)
+        old.setdefault('paint_networks', [])  # a run from before the real+inserted arm
         changed = sorted(k for k in set(old) | set(options) if old.get(k) != options.get(k))
         if changed:
             raise SegmentationError(f'{cfg.outdir}: holds a run with other options ({", ".join(changed)} differ); use a '
@@ -195,9 +231,10 @@ def _run_one(plan, k, arm, pools, bar, done_steps):
     return record
 
 
-def run_protocol(cfg) -> dict:
-    """Run (or resume) the whole protocol; returns the content of results.json."""
-    plan = Plan(cfg)  # Every check of the inputs happens here, before anything is written.
+def run_protocol(cfg, inserter=None) -> dict:
+    """Run (or resume) the whole protocol; returns the content of results.json. ``inserter``: the insertion library
+    of the real+inserted arm (None = mri.painting.insert; tests pass a stand-in)."""
+    plan = Plan(cfg, inserter)  # Every check of the inputs happens here, before anything is written.
     _prepare_outdir(cfg)
     if plan.generator_saw_test_cases and cfg.progress:
         print(f'warning: the generator was trained on cases of {cfg.data} that the folds test on; the synthetic arms may '
@@ -205,6 +242,11 @@ def run_protocol(cfg) -> dict:
     pools = {key: ensure_pool(plan.sources[key], count, os.path.join(cfg.outdir, 'synthetic'), f'pool{key}',
                               batch=cfg.batch, progress=cfg.progress)
              for key, count in plan.pool_counts().items() if count > 0}
+    for k, count in plan.inserted_counts().items():
+        if count > 0:
+            pools[('inserted', k)] = ensure_inserted_pool(plan.paint_source_of(k), plan.real, plan.train_items[k], k,
+                                                          count, plan.fold_seed(k), os.path.join(cfg.outdir, 'synthetic'),
+                                                          progress=cfg.progress)
     results, todo = {arm: {} for arm in plan.arms}, []
     for k in range(cfg.folds):
         for arm in plan.arms:
@@ -239,4 +281,4 @@ def write_results(plan, results: dict) -> dict:
     return out
 
 
-__all__ = ['ARCHS', 'ARM_KINDS', 'Plan', 'default_config', 'expand_arms', 'run_protocol', 'synthetic_count']
+__all__ = ['ARCHS', 'ARM_KINDS', 'Plan', 'default_config', 'expand_arms', 'pool_kind', 'run_protocol', 'synthetic_count']
