@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark: tumour painting (issue 18), ours against the L1 U-Net and the ring fill, after equal CPU time.
+"""Benchmark: tumour painting (issue 18), ours against the L1 U-Net and the ring fill, after equal training time.
 
 Two settings, each leaving one case out:
   2d  64^2 axial patches of the three real cases (../shared/data/brats and ../shared/data/brats-extra): trained on
@@ -7,19 +7,21 @@ Two settings, each leaving one case out:
   3d  32^3 patches of phantom cases: trained on ``--phantom-cases`` phantoms, scored on one phantom of another seed.
 
 Per setting, each phase as a user runs it: dataset_tool.py writes the patch archives (``--kind patches``); train.py
-trains ours (``--cfg paint``) until its processes have used ``--budget`` CPU seconds (then SIGTERM: the loop writes
-its snapshot and stops); the L1 U-Net (mri/painting/baselines.py) then trains in this process for exactly the CPU
-seconds ours used, on the same patches and the same repaint masks (`mri.painting.masks.RepaintMasks`). On the
-held-out case:
-  paint_ssim / paint_psnr / paint_mse: tumour-shaped masks in its healthy patches (all-zero label maps), every method
-      paints the same masks, scored per modality against the real tissue (BraTS 2024 inpainting protocol);
-  insert_dice: one segmenter (a MONAI U-Net trained here on the training patches, saved in calc_segmentation.py's
-      format) segments tumours inserted into its healthy patches (label maps of training tumours, painted by ours and
-      by the U-Net), Dice against the inserted labels, beside its Dice on the case's real tumours;
-  seconds per painted case: ``--per-case`` patches painted one at a time, median of repeats, ours vs the U-Net.
+trains ours (``--cfg paint``) until its processes have used ``--budget`` CPU seconds counted from its 'Training for'
+line (then SIGTERM: the loop finishes the step in flight, writes its snapshot and stops); the L1 U-Net
+(mri/painting/baselines.py) then trains in this process for exactly the CPU seconds ours used from that line to its
+exit, on the same patches with the same repaint masks (`mri.painting.masks.RepaintMasks`). With ``--device cuda``
+both budgets are wall seconds (equal device time). On the held-out case, every method behind the paint generator's
+call (`baselines.AsGenerator`) goes through the registry's metrics, so all paint the same masks with the same seeds:
+  paint_ssim / paint_psnr / paint_mse (metrics/paint.py): tumour-shaped masks in its healthy patches, all-zero label
+      maps, scored per modality against the real tissue (the BraTS inpainting protocol);
+  insert_dice (metrics/insert_dice.py): one segmenter (a MONAI U-Net trained here on the training patches' real
+      tumours, saved in calc_segmentation.py's format) segments tumours inserted into its healthy patches, Dice against
+      the inserted labels, beside its Dice on the case's real tumours (``insert_dice_real``) and their ratio;
+  seconds per painted case: ``--per-case`` tumours painted one forward pass each, median of repeats, ours vs the U-Net.
 Prints a table, writes JSON (``--out``) with the machine named (``--machine`` or $BENCH_MACHINE, else a description
-of this one). The goals (docs/benchmarks.md): SSIM of ours at least the U-Net's; insert_dice at least 0.9x the Dice
-on real tumours.
+of this one). The goals (docs/benchmarks.md): paint_ssim of ours at least the U-Net's; insert_dice at least 0.9x the
+Dice on real tumours.
 
     python bench/bench_painting.py --outdir /tmp/bench-paint --out bench_painting.json          # CPU, full
     python bench/bench_painting.py --outdir /tmp/bench-paint-q --out /tmp/paint-quick.json --quick   # minutes

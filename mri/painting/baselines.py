@@ -285,8 +285,7 @@ def patch_tensors(
     paint_idx = [i for i, n in enumerate(names) if n != 'brain' and i not in label_idx]
     raw = np.stack([ds[i][0] for i in range(len(ds))]).astype(np.float32) * (2 / ds.dtype_max) - 1
     raw = torch.from_numpy(raw)
-    meta = ds._meta  # pylint: disable=protected-access  (the patch records: type and case of each file)
-    records = meta.get('patches') or {}
+    records = ds.patch_info
     fnames = [ds.image_fname(i) for i in range(len(ds))]
     c = torch.from_numpy(np.stack([ds.get_label(i) for i in range(len(ds))]).astype(np.float32)) if ds.has_labels \
         else torch.zeros([len(ds), 0])
@@ -295,7 +294,7 @@ def patch_tensors(
                           types=[(records.get(f) or {}).get('type', 'unknown') for f in fnames],
                           cases=[(records.get(f) or {}).get('case', ds.file_case(i)) for i, f in enumerate(fnames)],
                           fnames=fnames, paint_channels=[names[i] for i in paint_idx],
-                          label_channels=[names[i] for i in label_idx], spacing=meta.get('spacing'))
+                          label_channels=[names[i] for i in label_idx], spacing=ds.describe().get('spacing'))
     ds.close()
     return out
 
