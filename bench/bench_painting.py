@@ -197,7 +197,8 @@ def mask_sampler():
 
 def measure(G, archive, segmenter, num_items, seed, device='cpu'):
     """The registry's paint metrics on the held-out archive: ``{metric key: value}`` (paint_ssim/psnr/mse per
-    modality and averaged; insert_dice, insert_dice_real, their ratio, per class) -- the one place metrics are called."""
+    modality and averaged; insert_dice, insert_dice_real, their ratio, per class): the one place metrics are
+    called."""
     from metrics import metric_main, metric_utils
     kwargs = dict(G=G, dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=str(archive),
                                            use_labels=True), num_gpus=1, rank=0, device=device, cache=False,
@@ -273,17 +274,19 @@ def run_setting(setting, args, log):
                   train_patches=len(train.types), held_patches=len(held.types), modalities=train.paint_channels)
 
     # Ours, stopped at the CPU budget.
-    ours, cpu, wall = None, {}, {}
+    ours, cpu, wall, images = None, {}, {}, {}
     clock = 'cpu' if args.device == 'cpu' else 'wall'  # Equal CPU time on a CPU, equal device time on a GPU.
     runs = work / 'runs'
     if not args.skip_ours:
-        wall['ours'], cpu['ours'] = run_phase('train ours', ['train.py', '--data', train_zip, '--outdir', runs, '--cfg', 'paint',
+        wall['ours'], cpu['ours'] = run_phase('train ours', ['train.py', '--data', train_zip, '--outdir', runs,
+                                                             '--cfg', 'paint',
                                                   '--kimg', 100000, '--tick', 0.02, '--snap', 1000, '--metrics', 'none',
                                                   '--device', args.device] + args.gan_args.split(), log,
                                        budget=args.budget, clock=clock, marker='Training for')
         snaps = sorted(runs.glob('*/network-snapshot-*.pt'), key=lambda p: p.stat().st_mtime)
         ours = load_ours(str(snaps[-1]), args.device)
         record['ours_snapshot'] = str(snaps[-1])
+        images['ours'] = int(snaps[-1].stem.rsplit('-', 1)[-1])  # network-snapshot-<images seen>.pt
     else:
         print('  ours: skipped (--skip-ours)')
     budget = (cpu if clock == 'cpu' else wall).get('ours', args.budget)
@@ -295,7 +298,7 @@ def run_setting(setting, args, log):
     trained = baselines.train_inpainter(unet, train.images, train.brain, train.labels, mask_sampler(), batch=8,
                                         seed=args.seed, device=args.device, **{f'{clock}_seconds': budget})
     baselines.save_inpainter(str(work / 'unet-inpainter.pt'), unet, trained)
-    cpu['unet'], wall['unet'] = trained.cpu_seconds, trained.wall_seconds
+    cpu['unet'], wall['unet'], images['unet'] = trained.cpu_seconds, trained.wall_seconds, trained.steps * 8
     print(f'  {"train U-Net (in process)":<24} {trained.wall_seconds:8.1f} s wall {trained.cpu_seconds:8.1f} s CPU '
           f'({trained.steps} steps, L1 {trained.first_loss:.3f} -> {trained.last_loss:.3f})', flush=True)
     shape = list(train.images.shape[2:])
@@ -303,7 +306,8 @@ def run_setting(setting, args, log):
     painters['unet'] = baselines.AsGenerator(unet, train.paint_channels, train.label_channels, shape)
     painters['ring'] = baselines.AsGenerator(baselines.RingFill(width=args.ring_width), train.paint_channels,
                                              train.label_channels, shape)
-    record.update(budget_clock=clock, cpu_seconds=cpu, wall_seconds=wall, unet_steps=trained.steps, unet_l1=[trained.first_loss, trained.last_loss])
+    record.update(budget_clock=clock, cpu_seconds=cpu, wall_seconds=wall, images_seen=images, unet_steps=trained.steps,
+                  unet_l1=[trained.first_loss, trained.last_loss])
 
     # One segmenter (trained on the training cases' real tumours); the registry's metrics on the held-out case.
     start = time.time()
@@ -323,22 +327,26 @@ def run_setting(setting, args, log):
 
 
 def format_table(results):
-    """One row per setting and method: seconds trained (CPU, or wall on a GPU), the paint scores (mean over modalities), insert_dice
+    """One row per setting and method: seconds trained (CPU, or wall on a GPU), patches seen, the paint scores (mean
+    over modalities), insert_dice
     (mean of WT/TC/ET) beside the same segmenter's Dice on real tumours, seconds per painted case."""
-    lines = ['| setting | method | s trained | paint_ssim | paint_psnr dB | paint_mse | insert_dice | Dice on real '
-             'tumours | ratio | s / case |', '|---|---|---|---|---|---|---|---|---|---|']
+    lines = ['| setting | method | s trained | patches seen | paint_ssim | paint_psnr dB | paint_mse | insert_dice | '
+             'Dice on real '
+             'tumours | ratio | s / case |', '|---|---|---|---|---|---|---|---|---|---|---|']
     for setting, r in results.items():
         if 'skipped' in r:
-            lines.append(f'| {setting} | skipped: {r["skipped"]} | | | | | | | | |')
+            lines.append(f'| {setting} | skipped: {r["skipped"]} | | | | | | | | | |')
             continue
         for name, m in r['metrics'].items():
             m = dict(m)
-            for key in ('paint_ssim', 'paint_psnr', 'paint_mse', 'insert_dice', 'insert_dice_real', 'insert_dice_ratio'):
+            for key in ('paint_ssim', 'paint_psnr', 'paint_mse', 'insert_dice', 'insert_dice_real',
+                        'insert_dice_ratio'):
                 m.setdefault(key, float('nan'))
             spent = r['cpu_seconds' if r['budget_clock'] == 'cpu' else 'wall_seconds'].get(name)
             spent = '-' if spent is None else f'{spent:.0f} {r["budget_clock"]}'
             secs = r['seconds_per_case'].get(name)
-            lines.append(f'| {setting} {r["side"]}^{r["dims"]} | {name} | {spent} | '
+            seen = r['images_seen'].get(name, '-')
+            lines.append(f'| {setting} {r["side"]}^{r["dims"]} | {name} | {spent} | {seen} | '
                          f'{m["paint_ssim"]:.3f} | {m["paint_psnr"]:.2f} | {m["paint_mse"]:.4f} | '
                          f'{m["insert_dice"]:.3f} | {m["insert_dice_real"]:.3f} | {m["insert_dice_ratio"]:.2f} | '
                          f'{"-" if secs is None else f"{secs:.3f}"} |')

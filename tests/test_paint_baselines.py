@@ -163,7 +163,8 @@ def _patch_archive(path, shape=(8, 8), n=4):
                 labelmap[3, 3] = 3
             brain = np.ones(shape, np.uint16) * 65535
             brain[0] = 0
-            arr = np.stack([rnd.randint(0, 65536, shape), rnd.randint(0, 65536, shape), brain, labelmap]).astype(np.uint16)
+            mods = [rnd.randint(0, 65536, shape), rnd.randint(0, 65536, shape)]
+            arr = np.stack(mods + [brain, labelmap]).astype(np.uint16)
             buf = io.BytesIO()
             np.save(buf, arr)
             name = f'BraTS-TST-00000-000/p{i:03d}.npy'

@@ -40,15 +40,18 @@ class BaselineError(ValueError):
 # Shared helpers.
 
 def _check_call(context: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor = None) -> torch.Tensor:
-    """The paint call's shapes: context [N, P, *S], mask [N, 1, *S], labels [N, L, *S] or None. Returns the bool mask."""
+    """Checks the paint call's shapes (context [N, P, *S], mask [N, 1, *S], labels [N, L, *S] or None); returns the
+    mask as bool."""
     if context.ndim not in (4, 5):
         raise BaselineError(f'context must be [N, C, H, W] or [N, C, D, H, W], got shape {list(context.shape)}')
     spatial = list(context.shape[2:])
-    if mask.ndim != context.ndim or mask.shape[0] != context.shape[0] or mask.shape[1] != 1 or list(mask.shape[2:]) != spatial:
-        raise BaselineError(f'mask must be [{context.shape[0]}, 1, {", ".join(map(str, spatial))}], got {list(mask.shape)}')
+    sides = ', '.join(map(str, spatial))
+    if mask.ndim != context.ndim or mask.shape[0] != context.shape[0] or mask.shape[1] != 1 \
+            or list(mask.shape[2:]) != spatial:
+        raise BaselineError(f'mask must be [{context.shape[0]}, 1, {sides}], got {list(mask.shape)}')
     if labels is not None and (labels.ndim != context.ndim or labels.shape[0] != context.shape[0]
                                or list(labels.shape[2:]) != spatial):
-        raise BaselineError(f'labels must be [{context.shape[0]}, L, {", ".join(map(str, spatial))}], got {list(labels.shape)}')
+        raise BaselineError(f'labels must be [{context.shape[0]}, L, {sides}], got {list(labels.shape)}')
     return mask > 0.5 if mask.dtype != torch.bool else mask
 
 
@@ -208,7 +211,7 @@ def train_inpainter(
     images: torch.Tensor,                   # [N, P, *S] real channels in [-1, 1] (the targets)
     brain: torch.Tensor,                    # [N, 1, *S] bool brain mask
     labels: torch.Tensor,                   # [N, L, *S] one-hot tumour labels in {0, 1}
-    mask_sampler,                           # (labels, brain) -> (mask [N,1,*S], label map [N,L,*S]); e.g. RepaintMasks()
+    mask_sampler,                           # (labels, brain) -> (mask [N,1,*S], labels [N,L,*S]): RepaintMasks()
     cpu_seconds: float = None,              # budget in process CPU seconds (all threads); None = steps only
     wall_seconds: float = None,             # budget in wall-clock seconds (a GPU's time); None = no such budget
     steps: int = None,                      # stop after this many steps; None = the budget only
@@ -260,7 +263,8 @@ def train_inpainter(
             progress(step, float(np.mean(losses[-report:])), time.process_time() - cpu_start)
     model.eval()
     k = max(1, min(report, len(losses) // 2)) if losses else 1
-    return dnnlib.EasyDict(steps=step, cpu_seconds=time.process_time() - cpu_start, wall_seconds=time.time() - wall_start,
+    return dnnlib.EasyDict(steps=step, cpu_seconds=time.process_time() - cpu_start,
+                           wall_seconds=time.time() - wall_start,
                            first_loss=float(np.mean(losses[:k])) if losses else None,
                            last_loss=float(np.mean(losses[-k:])) if losses else None, losses=losses)
 
