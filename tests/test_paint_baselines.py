@@ -214,3 +214,23 @@ def test_unet_on_a_patch_archive_with_the_gans_repaint_masks(tmp_path):
                 noise_mode='const')
         outside = (mask == 0).expand_as(out)
         assert torch.equal(out[outside], data.images[outside])
+
+
+def test_bench_budget_stops_a_process_after_its_marker(tmp_path):
+    """bench/bench_painting.py gives ours a CPU budget counted from train.py's 'Training for' line, then SIGTERM."""
+    import importlib.util
+    import os
+    spec = importlib.util.spec_from_file_location('bench_painting', os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'bench', 'bench_painting.py'))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    code = ('import signal, sys, time\n'
+            'signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))\n'
+            'time.sleep(1.0)\n'                         # setup: not counted
+            'print("Training for 1 kimg...", flush=True)\n'
+            'while True: pass\n')
+    with open(tmp_path / 'log.txt', 'w') as log:
+        wall, cpu = bench.run_phase('spin', ['-c', code], log, budget=1.0, marker='Training for')
+    assert 1.0 <= cpu < 4.0 and wall < 60.0, (wall, cpu)  # wall: a shared machine stretches it
+    table = bench.format_table({'2d': dict(skipped='real cases absent')})
+    assert 'skipped: real cases absent' in table.splitlines()[-1]
