@@ -48,14 +48,16 @@ sys.path.insert(0, str(ROOT))
 import dnnlib                                   # noqa: E402  (after the path)
 from mri.painting import baselines              # noqa: E402
 
-SHARED = ROOT.parent / 'shared' / 'data'
-REAL_CASES = [SHARED / 'brats' / 'BraTS-GLI-00000-000', SHARED / 'brats-extra' / 'BraTS-GLI-90001-000',
-              SHARED / 'brats-extra' / 'BraTS-GLI-90003-000']
-SETTINGS = {  # name: source, dims, patch side (full, quick)
-    '2d': dict(source='real', dims=2, side=64, quick_side=32),
-    '3d': dict(source='phantom', dims=3, side=32, quick_side=32),  # 16^3 holds too little of a phantom's tumour
+# ../shared/data beside the checkout (a git worktree one level deeper finds it one level further up).
+SHARED = next((p for p in (ROOT.parent / 'shared' / 'data', ROOT.parent.parent / 'shared' / 'data') if p.is_dir()),
+              ROOT.parent / 'shared' / 'data')
+REAL_CASES = ['brats/BraTS-GLI-00000-000', 'brats-extra/BraTS-GLI-90001-000', 'brats-extra/BraTS-GLI-90003-000']
+SETTINGS = {  # name: source, dims, patch side (full, quick), CPU-sized train.py options of ours
+    # 2D: 32 channels at 64^2, 64 below; 3D: 16 channels at 32^3, 32 at 16^3, 64 below (as the U-Net's 16, 32, ...).
+    '2d': dict(source='real', dims=2, side=64, quick_side=32, gan_args='--cbase 2048 --cmax 64 --map-depth 2 --batch 8'),
+    '3d': dict(source='phantom', dims=3, side=32, quick_side=32,  # 16^3 holds too little of a phantom's tumour
+               gan_args='--cbase 512 --cmax 64 --map-depth 2 --batch 8'),
 }
-GAN_ARGS = '--cbase 2048 --cmax 64 --map-depth 2 --batch 8'    # CPU-sized widths of ours (train.py options)
 
 
 # ----------------------------------------------------------------------------
@@ -156,9 +158,9 @@ def make_archives(setting, cfg, side, work, log, args):
         common += ['--planes', 'axial']
     train_zip, test_zip = work / 'train.zip', work / 'test.zip'
     if cfg['source'] == 'real':
-        present = [c for c in REAL_CASES if c.is_dir()]
+        present = [Path(args.shared_data) / c for c in REAL_CASES if (Path(args.shared_data) / c).is_dir()]
         if len(present) < 2:
-            print(f'{setting}: skipped (the real cases are not at {SHARED}: found {len(present)} of 3)')
+            print(f'{setting}: skipped (the real cases are not in {args.shared_data}: found {len(present)} of 3)')
             return None
         held = [c for c in present if c.name == args.held_out] or present[:1]
         sources = {'train': [c for c in present if c not in held], 'test': held}
@@ -281,7 +283,8 @@ def run_setting(setting, args, log):
         wall['ours'], cpu['ours'] = run_phase('train ours', ['train.py', '--data', train_zip, '--outdir', runs,
                                                              '--cfg', 'paint',
                                                   '--kimg', 100000, '--tick', 0.02, '--snap', 1000, '--metrics', 'none',
-                                                  '--device', args.device] + args.gan_args.split(), log,
+                                                  '--device', args.device] + (args.gan_args or cfg['gan_args']).split(),
+                                       log,
                                        budget=args.budget, clock=clock, marker='Training for')
         snaps = sorted(runs.glob('*/network-snapshot-*.pt'), key=lambda p: p.stat().st_mtime)
         ours = load_ours(str(snaps[-1]), args.device)
@@ -365,7 +368,8 @@ def format_table(results):
 @click.option('--held-out',       metavar='CASE', default='BraTS-GLI-00000-000', show_default=True, help='2D: the real case scored (the others train)')
 @click.option('--phantom-cases',  metavar='INT', type=click.IntRange(min=1), default=None, help='3D: phantom training cases  [default: 6; --quick 2]')
 @click.option('--patches-per-case', metavar='INT', type=click.IntRange(min=1), default=None, help='Tumour (and as many healthy) patches per case  [default: 32; --quick 6]')
-@click.option('--gan-args',       metavar='STR', default=GAN_ARGS, show_default=True, help='train.py options of ours')
+@click.option('--gan-args',       metavar='STR', default=None, help='train.py options of ours  [default: CPU-sized widths per setting]')
+@click.option('--shared-data',    metavar='DIR', default=str(SHARED), show_default=True, help='2D: holds brats/ and brats-extra/')
 @click.option('--unet-features',  metavar='INT', type=click.IntRange(min=2), default=16, show_default=True, help='U-Net first-level channels')
 @click.option('--unet-levels',    metavar='INT', type=click.IntRange(min=2), default=4, show_default=True, help='U-Net levels')
 @click.option('--ring-width',     metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Ring fill: ring width (voxels)')
