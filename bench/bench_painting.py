@@ -223,7 +223,7 @@ def train_segmenter_on(train, dims, steps, path, seed=0, device='cpu'):
     from mri.seg import decode_seg
     torch.manual_seed(seed)
     model = build_segmenter('unet', dims, len(train.paint_channels), features=16, levels=3)
-    labelmap = decode_seg(train.labels * 2 - 1, axis=1).long()
+    labelmap = decode_seg(train.labels.to(torch.float32) * 2 - 1, axis=1).long()
     items = torch.utils.data.TensorDataset(train.images, labelmap)
     patch = list(train.images.shape[2:])
     train_segmenter(model, items, steps=steps, batch=8, lr=2e-3, seed=seed, device=device, patch=patch, workers=0)

@@ -183,6 +183,7 @@ def test_patch_tensors_split_channels(tmp_path):
     assert list(data.images.shape) == [4, 2, 8, 8] and data.images.min() >= -1 and data.images.max() <= 1
     assert data.brain.dtype == torch.bool and not data.brain[:, :, 0].any() and data.brain[:, :, 1:].all()
     assert data.types == ['tumour', 'healthy', 'tumour', 'healthy']
+    assert data.labels.dtype == torch.bool
     assert data.labels[0, 1].sum() == 8 and data.labels[0, 2].sum() == 1 and data.labels[1].sum() == 0
     assert data.c.tolist() == [[1.0, 0.0]] * 4
     # Not a patch archive: one clear line.

@@ -210,7 +210,7 @@ def train_inpainter(
     model: UNetInpainter,                   # the network to train (in place)
     images: torch.Tensor,                   # [N, P, *S] real channels in [-1, 1] (the targets)
     brain: torch.Tensor,                    # [N, 1, *S] bool brain mask
-    labels: torch.Tensor,                   # [N, L, *S] one-hot tumour labels in {0, 1}
+    labels: torch.Tensor,                   # [N, L, *S] one-hot tumour labels, bool or in {0, 1}
     mask_sampler,                           # (labels, brain) -> (mask [N,1,*S], labels [N,L,*S]): RepaintMasks()
     cpu_seconds: float = None,              # budget in process CPU seconds (all threads); None = steps only
     wall_seconds: float = None,             # budget in wall-clock seconds (a GPU's time); None = no such budget
@@ -277,7 +277,7 @@ def patch_tensors(
     """A whole patch archive in memory, split by channel role (the archive's layout, notes in paint_spec.md).
 
     Returns images [N, P, *S] float32 in [-1, 1] (the painted channels), brain [N, 1, *S] bool, labels [N, L, *S]
-    float32 one-hot, c [N, c_dim] float32 (the archive's class labels; c_dim may be 0), types (list of 'tumour' /
+    bool one-hot, c [N, c_dim] float32 (the archive's class labels; c_dim may be 0), types (list of 'tumour' /
     'healthy' per patch), cases, fnames, paint_channels, label_channels, spacing."""
     from training.dataset import ImageFolderDataset
     ds = ImageFolderDataset(path, subset=subset, use_labels=True, max_size=max_patches)
@@ -287,14 +287,20 @@ def patch_tensors(
                             f'dataset_tool.py --kind patches')
     label_idx = [i for i, n in enumerate(names) if n.startswith('seg_')]
     paint_idx = [i for i, n in enumerate(names) if n != 'brain' and i not in label_idx]
-    raw = np.stack([ds[i][0] for i in range(len(ds))]).astype(np.float32) * (2 / ds.dtype_max) - 1
-    raw = torch.from_numpy(raw)
+    n, spatial = len(ds), list(ds.image_shape[1:])
+    images = torch.empty([n, len(paint_idx)] + spatial)  # Filled item by item: no second copy of the archive.
+    brain = torch.empty([n, 1] + spatial, dtype=torch.bool)
+    labels = torch.empty([n, len(label_idx)] + spatial, dtype=torch.bool)
+    for i in range(n):
+        raw = ds[i][0]
+        images[i] = torch.from_numpy(raw[paint_idx].astype(np.float32) * (2 / ds.dtype_max) - 1)
+        brain[i, 0] = torch.from_numpy(raw[names.index('brain')] > ds.dtype_max / 2)
+        labels[i] = torch.from_numpy(raw[label_idx] > ds.dtype_max / 2)
     records = ds.patch_info
     fnames = [ds.image_fname(i) for i in range(len(ds))]
     c = torch.from_numpy(np.stack([ds.get_label(i) for i in range(len(ds))]).astype(np.float32)) if ds.has_labels \
         else torch.zeros([len(ds), 0])
-    out = dnnlib.EasyDict(images=raw[:, paint_idx].contiguous(), brain=raw[:, names.index('brain')][:, None] > 0,
-                          labels=(raw[:, label_idx] > 0).to(torch.float32), c=c,
+    out = dnnlib.EasyDict(images=images, brain=brain, labels=labels, c=c,
                           types=[(records.get(f) or {}).get('type', 'unknown') for f in fnames],
                           cases=[(records.get(f) or {}).get('case', ds.file_case(i)) for i, f in enumerate(fnames)],
                           fnames=fnames, paint_channels=[names[i] for i in paint_idx],
