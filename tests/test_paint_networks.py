@@ -175,3 +175,16 @@ def test_grid_fakes_keep_the_archive_layout():
     assert torch.equal(a[:, 2], real[:, 2])                 # The brain channel as it was.
     assert torch.equal(a[0, 3:], real[0, 3:])               # A tumour patch keeps its labels as the target.
     assert torch.equal(a, loss.grid_fakes(G, z, c, real))   # Every tick repaints the same regions.
+
+
+def test_large_borrowed_shapes_are_shrunk():
+    from mri.painting.masks import shrink
+    m = torch.zeros([20, 20, 20], dtype=torch.bool)
+    m[1:19, 2:18, 1:19] = True
+    small = shrink(m, 0.2)
+    assert 0.1 * m.numel() < small.sum() <= 0.2 * m.numel()
+    assert torch.equal(shrink(small, 0.2), small)            # Small enough: unchanged.
+    _, labels, brain = _batch([16, 16], n=2)
+    labels[0, 1, 1:15, 1:15] = 1                              # A tumour that fills the patch.
+    mask, _ = RepaintMasks(dilation=0, max_fraction=0.3)(labels, brain, generator=torch.Generator().manual_seed(0))
+    assert mask[1].mean() <= 0.3

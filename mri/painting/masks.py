@@ -49,6 +49,24 @@ def shift(mask: torch.Tensor, offset) -> torch.Tensor:
     return out
 
 
+def shrink(mask: torch.Tensor, max_fraction: float) -> torch.Tensor:
+    """``mask`` [*S] scaled down about its bounding box (nearest neighbour) so that it covers at most
+    ``max_fraction`` of the array; unchanged when it already does."""
+    count = int(mask.sum())
+    if count <= max_fraction * mask.numel() or count == 0:
+        return mask
+    factor = (max_fraction * mask.numel() / count) ** (1 / mask.ndim)
+    voxels = mask.nonzero()
+    lo, hi = voxels.min(dim=0).values, voxels.max(dim=0).values + 1
+    box = mask[tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+    size = [max(1, int(int(n) * factor)) for n in box.shape]  # Rounded down: at most max_fraction.
+    small = F.interpolate(box[None, None].to(torch.float32), size=size, mode='nearest')[0, 0] > 0.5
+    out = torch.zeros_like(mask)
+    start = [int(a) + (int(n) - m) // 2 for a, n, m in zip(lo, box.shape, size)]  # Centred where the shape was.
+    out[tuple(slice(a, a + m) for a, m in zip(start, size))] = small
+    return out
+
+
 def random_blob(shape, centre, radius_range, generator=None, device=None) -> torch.Tensor:
     """An ellipsoid (ellipse in 2D) of random radii in ``radius_range`` voxels around ``centre``: the stand-in
     shape of a healthy repaint region when the batch holds no tumour to borrow."""
@@ -69,11 +87,13 @@ class RepaintMasks:
         blob_radius: list = [0.08, 0.25],  # Stand-in shape radii, as fractions of the patch side.
         max_tries: int = 8,             # Attempts to land a borrowed shape on enough brain before a blob is used.
         min_inside: float = 0.5,        # Fraction of a moved shape that must fall on brain tissue.
+        max_fraction: float = 0.35,     # A borrowed shape larger than this fraction of the patch is shrunk to it.
     ):
         self.dilation = int(dilation)
         self.blob_radius = [float(r) for r in blob_radius]
         self.max_tries = int(max_tries)
         self.min_inside = float(min_inside)
+        self.max_fraction = float(max_fraction)
 
     def __call__(
         self,
@@ -118,6 +138,9 @@ class RepaintMasks:
             flips = [a for a in range(shape.ndim) if randint(2)]
             if flips:
                 shape = shape.flip(flips)
+            # A glioma with its oedema can fill most of a patch: a healthy region that large would leave the
+            # painter almost no context, so such a shape is shrunk (the BraTS inpainting masks are tumour-sized).
+            shape = shrink(shape, self.max_fraction)
             voxels = shape.nonzero()
             if len(voxels) == 0:
                 continue
