@@ -54,3 +54,18 @@ def zip_folder(folder, zip_path):
 # The default --workers (3): test_joint_generation trains on a zip, where `--workers 0` once hid a crash.
 TINY_TRAIN_ARGS = ['--cbase', '1024', '--cmax', '64', '--map-depth', '2', '--batch', '8', '--metrics', 'none',
                    '--device', 'cpu']
+
+
+def make_patch_archive(root, cases=3, patch_size='16,16', seed=2):
+    """A tumour-painting patch archive (dataset_tool.py --kind patches, axial crops for 2D, with the cohort label)
+    of tiny phantom cases (a whole brain at ~6 mm, with its tumour) under ``root``; returns the zip's path."""
+    from click.testing import CliRunner
+    import dataset_tool
+    from mri.sources.phantom import write_phantom_cases
+    write_phantom_cases(os.path.join(root, 'cases'), cases, seed=seed, shape=(40, 40, 28), progress=False)
+    dest = os.path.join(root, 'patches.zip')
+    result = CliRunner().invoke(dataset_tool.main, [
+        '--source', os.path.join(root, 'cases'), '--dest', dest, '--kind', 'patches', '--patch-size', patch_size,
+        '--planes', 'axial', '--patches-per-case', '2', '--labels', 'cohort', '--no-progress'])
+    assert result.exit_code == 0, result.output
+    return dest

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import make_png_folder, zip_folder
+from tests.helpers import make_patch_archive, make_png_folder, zip_folder
 from training import checkpoint
 
 
@@ -23,10 +23,14 @@ def _worker(rank, c, init_file, out_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('hooks', [{}, dict(topk=True, fq_res='8', fq_dict=16, attn_res='8')], ids=['plain', 'mri-hooks'])
+@pytest.mark.parametrize('hooks', [{}, dict(topk=True, fq_res='8', fq_dict=16, attn_res='8'), 'paint'],
+                         ids=['plain', 'mri-hooks', 'paint'])
 def test_two_process_gloo_keeps_ranks_identical(tmp_path, hooks):
     from training.config import setup_training_config
-    data = make_png_folder(str(tmp_path / 'data'), n=8, res=16, num_classes=2)
+    if hooks == 'paint':  # The painting family: a patch archive (each rank draws its own repaint masks).
+        data, hooks = make_patch_archive(str(tmp_path / 'data')), {}
+    else:
+        data = make_png_folder(str(tmp_path / 'data'), n=8, res=16, num_classes=2)
     c = setup_training_config(data=data, gpus=2, batch=4, cond=True, cbase=256, cmax=16, map_depth=1, kimg=0.024,
                               tick=0.012, snap=1, metrics='none', workers=0, device='cpu', aug='fixed', p=0.5,
                               **hooks)

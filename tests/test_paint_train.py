@@ -11,14 +11,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import dataset_tool
 import train
-from mri.sources.phantom import write_phantom_cases
-from tests.helpers import make_png_folder
+from tests.helpers import make_patch_archive, make_png_folder
 from torch_utils import snapshot, training_stats
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPE = (40, 40, 28)  # Tiny phantom cases: a whole brain at ~6 mm, with its tumour.
 TINY = ['--cond=1', '--cbase', '256', '--cmax', '16', '--map-depth', '1', '--batch', '4', '--device', 'cpu',
         '--tick', '0.016', '--snap', '1', '--seed', '5']
 
@@ -32,14 +29,7 @@ def _run(args):
 @pytest.fixture(scope='module')
 def patches(tmp_path_factory):
     """A 2D patch archive (16x16 axial crops, with the cohort label) of three tiny phantom cases."""
-    root = tmp_path_factory.mktemp('paint')
-    write_phantom_cases(root / 'cases', 3, seed=2, shape=SHAPE, progress=False)
-    dest = str(root / 'patches.zip')
-    result = CliRunner().invoke(dataset_tool.main, [
-        '--source', str(root / 'cases'), '--dest', dest, '--kind', 'patches', '--patch-size', '16,16',
-        '--planes', 'axial', '--patches-per-case', '2', '--labels', 'cohort', '--no-progress'])
-    assert result.exit_code == 0, result.output
-    return dest
+    return make_patch_archive(str(tmp_path_factory.mktemp('paint')))
 
 
 def test_paint_run_resumes_exactly(patches, tmp_path):
