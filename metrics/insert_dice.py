@@ -4,9 +4,10 @@ and its Dice against the inserted labels is set beside its Dice on the archive's
 
 Insertion, per item (seeded from ``opts.seed`` and the item's number, so repeatable and independent of batching):
 a healthy patch without any tumour voxel is the target; the label map of one of the archive's tumour patches (a pool
-of up to ``paint.DONOR_POOL``, seeded) is flipped at random per axis and moved so that its centre lands on a random
-brain voxel of the target, until at least ``MIN_ON_BRAIN`` of it lies on brain (``PLACE_TRIES`` tries; an item that
-finds no place is skipped and counted), then clipped to the brain. The repaint region is the one training uses for a
+of up to ``paint.DONOR_POOL``, seeded), scaled down when it covers more than ``MAX_FRACTION`` of the patch, is flipped
+at random per axis and moved so that its centre lands on a random brain voxel of the target, until at least
+``MIN_ON_BRAIN`` of it lies on brain (``PLACE_TRIES`` tries; an item that finds no place is skipped and counted), then
+clipped to the brain. The repaint region is the one training uses for a
 tumour (``RepaintMasks(...)(labels, brain, mode='auto')``: the tumour dilated, inside the brain); the generator
 paints it from the moved labels. The segmenter's label map of the painted patch is scored against the moved labels.
 
@@ -28,6 +29,7 @@ from metrics import paint
 SCORER = 'mri.downstream.model.load_mask_scorer'
 MIN_ON_BRAIN = 0.9          # fraction of a moved tumour that must land on brain
 PLACE_TRIES = 16            # placements tried per item
+MAX_FRACTION = 0.35         # a donor tumour covering more of the patch is scaled down to it (as the healthy masks)
 
 
 def _shift(x: torch.Tensor, offset) -> torch.Tensor:
@@ -44,9 +46,29 @@ def _shift(x: torch.Tensor, offset) -> torch.Tensor:
     return out
 
 
+def _shrink(labels: torch.Tensor) -> torch.Tensor:
+    """``labels bool [K, *S]`` scaled down about its bounding box (nearest neighbour) to cover at most
+    ``MAX_FRACTION`` of the patch: a glioma with its oedema can fill a whole small patch, leaving nowhere to put it."""
+    tumour = labels.any(0)
+    count = int(tumour.sum())
+    if count <= MAX_FRACTION * tumour.numel():
+        return labels
+    factor = (MAX_FRACTION * tumour.numel() / count) ** (1 / tumour.ndim)
+    voxels = tumour.nonzero()
+    lo, hi = voxels.min(0).values, voxels.max(0).values + 1
+    box = labels[(slice(None),) + tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))]
+    size = [max(1, int(int(n) * factor)) for n in box.shape[1:]]
+    small = torch.nn.functional.interpolate(box[None].to(torch.float32), size=size, mode='nearest')[0] > 0.5
+    out = torch.zeros_like(labels)
+    out[(slice(None),) + tuple(slice(0, m) for m in size)] = small  # Anywhere: place() moves it.
+    return out
+
+
 def place(labels: torch.Tensor, brain: torch.Tensor, rng) -> torch.Tensor:
-    """``labels bool [K, *S]`` (a donor tumour) flipped and moved into ``brain bool [*S]``, clipped to it; None when
-    no placement puts ``MIN_ON_BRAIN`` of it on brain in ``PLACE_TRIES`` tries."""
+    """``labels bool [K, *S]`` (a donor tumour, scaled down when it covers more than ``MAX_FRACTION`` of the patch)
+    flipped and moved into ``brain bool [*S]``, clipped to it; None when no placement puts ``MIN_ON_BRAIN`` of it on
+    brain in ``PLACE_TRIES`` tries."""
+    labels = _shrink(labels)
     size = int(labels.any(0).sum())
     spots = brain.nonzero()
     if size == 0 or len(spots) == 0:
