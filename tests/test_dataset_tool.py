@@ -549,3 +549,20 @@ def test_archives_load_with_training_dataset(tmp_path):
     v = dataset.ImageFolderDataset(str(vols))
     assert v[0][0].shape == (4, 8, 8, 8) and v.channels == ['t2w', 'seg_netc', 'seg_snfh', 'seg_et']
     assert len(v.affines) == 4
+
+
+def test_dest_may_not_be_contain_or_sit_inside_the_source(tmp_path):
+    """--dest DIR --overwrite once replaced the source folder by the archive (every NIfTI lost); a --dest above the
+    source took unrelated files with it. Now: one line, exit 1, every file where it was."""
+    src = tmp_path / 'data' / 'cases'
+    write_case(src / 'BraTS-GLI-00001-000', 'BraTS-GLI-00001-000')
+    (tmp_path / 'data' / 'notes.txt').write_text('keep me')
+    before = sorted(p for p in tmp_path.rglob('*'))
+    for dest, where in [(src, 'is'), (tmp_path / 'data', 'contains'), (src / 'out.zip', 'sits inside'),
+                        (src / 'BraTS-GLI-00001-000', 'sits inside')]:
+        r = run_tool('--source', src, '--dest', dest, '--overwrite', '--resolution', 16)
+        assert r.exit_code == 1 and f'--dest {where} --source' in r.output, r.output
+        assert len(r.output.strip().splitlines()) == 1, r.output
+        assert sorted(p for p in tmp_path.rglob('*')) == before
+    assert (tmp_path / 'data' / 'notes.txt').read_text() == 'keep me'
+    ok('--source', src, '--dest', tmp_path / 'elsewhere.zip', '--resolution', 16)

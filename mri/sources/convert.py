@@ -590,6 +590,22 @@ def format_summary(summary):
 # Source words
 
 
+def check_dest_apart(source, dest):
+    """Refuse (ConversionError, one line) a --dest that is the source, contains it or sits inside it: replacing
+    the destination (--overwrite) would delete the source's files, or the archive would land among its cases."""
+    src, dst = Path(os.path.realpath(source)), Path(os.path.realpath(dest))
+    if dst == src:
+        where = 'is'
+    elif src.is_relative_to(dst):
+        where = 'contains'
+    elif dst.is_relative_to(src):
+        where = 'sits inside'
+    else:
+        return
+    raise ConversionError(f'{dest}: --dest {where} --source {source}; nothing was written, the source is untouched '
+                          f'(write the archive outside the source folder)')
+
+
 def convert_source(
     source,                 # folder / zip / 'brats-africa' / 'phantom'
     dest,
@@ -607,6 +623,7 @@ def convert_source(
     if src == 'brats-africa':
         from mri.sources import download as dl
         root = dl.resolve_brats_africa(brats_root, download, sha256, progress)
+        check_dest_apart(root, dest)
         return convert_brats(root, dest, opts, progress, {'type': 'brats-africa', 'doi': dl.DOI})
     if src == 'phantom':
         from mri.sources.phantom import write_phantom_cases
@@ -620,6 +637,7 @@ def convert_source(
     if not Path(src).exists():
         raise brats.BratsError(src, 'no such file or folder (use a folder of BraTS cases, an image folder or zip, '
                                     'brats-africa or phantom)')
+    check_dest_apart(src, dest)
     from mri.sources import image_folder
     if image_folder.is_image_source(src):
         if opts.kind == 'patches':
