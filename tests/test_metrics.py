@@ -441,7 +441,7 @@ def test_unknown_metric_lists_valid_ones():
 def test_calc_metrics_cli(tmp_path, archive, detector_path, monkeypatch):
     from click.testing import CliRunner
     import calc_metrics
-    monkeypatch.setattr(snapshot, 'TRUSTED_PREFIXES', snapshot.TRUSTED_PREFIXES + (FakeG.__module__ + '.',))
+    monkeypatch.setattr(snapshot, 'SNAPSHOT_CLASSES', snapshot.SNAPSHOT_CLASSES | {f'{FakeG.__module__}.{FakeG.__qualname__}'})
     net = str(tmp_path / 'run' / 'network-snapshot-000016.pt')
     G = FakeG()
     snapshot.save_snapshot(net, dict(G=G, D=None, G_ema=G, augment_pipe=None),

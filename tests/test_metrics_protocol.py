@@ -133,7 +133,7 @@ def test_train_passes_vgg_detector_to_the_metrics(tmp_path):
 
 @pytest.fixture
 def run_dir(tmp_path, archive, monkeypatch):
-    monkeypatch.setattr(snapshot, 'TRUSTED_PREFIXES', snapshot.TRUSTED_PREFIXES + (FakeG.__module__ + '.',))
+    monkeypatch.setattr(snapshot, 'SNAPSHOT_CLASSES', snapshot.SNAPSHOT_CLASSES | {f'{FakeG.__module__}.{FakeG.__qualname__}'})
     run = tmp_path / 'run'
     G = FakeG(img_channels=1)
     for kimg in (0, 16):

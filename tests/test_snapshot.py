@@ -54,6 +54,45 @@ def test_untrusted_class_refused(tmp_path):
         snapshot.load_snapshot(path)
 
 
+@pytest.mark.parametrize('name', ['this.Nothing', 'torch.nn.Identity', 'training.loss.StyleGAN2Loss'])
+def test_nested_hook_class_names_are_refused_before_import(tmp_path, name):
+    """A hook's class name inside init_kwargs once made every tool import the module it named (its import-time
+    code ran: ``this`` prints the Zen of Python) or build a class of another library. Now the table decides."""
+    from training.networks import Generator
+    G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=8, img_channels=1, mapping_kwargs=dict(num_layers=1),
+                  channel_base=64, channel_max=8, num_fp16_res=0, attn_res=[4],
+                  attn_kwargs=dict(class_name='training.attention.SelfAttention'))
+    path = str(tmp_path / 'net.pt')
+    snapshot.save_snapshot(path, dict(G=G))
+    data = torch.load(path, weights_only=True)
+    assert data['modules']['G']['init_kwargs']['attn_kwargs']['class_name'] == 'training.attention.SelfAttention'
+    data['modules']['G']['init_kwargs']['attn_kwargs']['class_name'] = name
+    torch.save(data, path)
+    code = (f'import sys; from torch_utils import snapshot\n'
+            f'try:\n    snapshot.load_snapshot({path!r})\nexcept snapshot.SnapshotError as e:\n    print("refused:", e)\n'
+            f'print("imported" if "this" in sys.modules else "not imported")')
+    out = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True, timeout=120).stdout
+    assert 'refused:' in out and repr(name) in out and out.strip().endswith('not imported'), out
+    assert 'Zen of Python' not in out
+
+
+def test_run_dir_class_names_are_refused_before_import(tmp_path):
+    """training_options.json is data: ``augment_kwargs = {class_name: os.system, command: ...}`` once ran the
+    command on --resume. Now the resume is refused in one line and nothing runs."""
+    import json
+    from click.testing import CliRunner
+    import train
+    run = tmp_path / 'run'
+    run.mkdir()
+    marker = tmp_path / 'ran'
+    (run / 'training-state.pt').write_bytes(b'')
+    (run / 'training_options.json').write_text(json.dumps(dict(
+        run_dir=str(run), augment_kwargs=dict(class_name='os.system', command=f'touch {marker}'))))
+    result = CliRunner().invoke(train.main, ['--resume', str(run)])
+    assert result.exit_code == 2 and "'os.system'" in result.output and 'Traceback' not in result.output, result.output
+    assert not marker.exists()
+
+
 def test_crafted_pickle_is_not_run(tmp_path):
     marker = str(tmp_path / 'pwned')
     pkl = str(tmp_path / 'network.pkl')

@@ -20,7 +20,21 @@ from torch_utils.snapshot_errors import SNAPSHOT_FORMAT, PickleRefused, Snapshot
 __all__ = ['SNAPSHOT_FORMAT', 'SnapshotError', 'PickleRefused', 'CLASS_ALIASES', 'current_class_name', 'upgrade_names',
            'persistent_class', 'build_module', 'save_snapshot', 'load_snapshot', 'read_snapshot_data']
 
-TRUSTED_PREFIXES = ('dnnlib.', 'torch_utils.', 'training.', 'metrics.', 'mri.')
+# The classes a snapshot may name (networks, augmentation, and the hooks inside their init_kwargs), and those a run
+# dir's training_options.json may name besides. Every ``class_name`` read from a file is checked against these
+# strings (after CLASS_ALIASES) before anything is imported: a file cannot make a tool import a module, whose
+# import-time code would run, nor build a class of some other library.
+SNAPSHOT_CLASSES = frozenset({
+    'training.networks.Generator', 'training.networks.Discriminator',
+    'training.paint.PaintGenerator', 'training.paint.PaintDiscriminator',
+    'training.augment.AugmentPipe',
+    'training.attention.SelfAttention', 'training.fq.FeatureQuantizer',
+})
+CONFIG_CLASSES = SNAPSHOT_CLASSES | frozenset({
+    'training.dataset.ImageFolderDataset', 'torch.optim.Adam',
+    'training.loss.StyleGAN2Loss', 'training.paint_loss.PaintLoss', 'training.topk.TopK',
+    'mri.painting.masks.RepaintMasks',
+})
 
 # Names that snapshots and run dirs of earlier versions recorded -> the name of today's class. A class that
 # takes over an old one may define ``upgrade_record(old_name, init_kwargs, state_dict)`` to map the recorded
@@ -48,6 +62,23 @@ def upgrade_names(value):
     if isinstance(value, (list, tuple)):
         return [upgrade_names(v) for v in value]
     return value
+
+
+def check_class_names(value, allowed: frozenset, source: str) -> None:
+    """Raise SnapshotError (one line naming ``source``) when plain data ``value`` names, at any depth, a
+    ``class_name`` that is not in ``allowed`` (names of earlier versions mapped through CLASS_ALIASES first)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if key == 'class_name':
+                name = current_class_name(item)
+                if not isinstance(name, str) or name not in allowed:
+                    raise SnapshotError(f'{source}: names class {item!r}, which is not one of this project\'s '
+                                        f'classes; refused before anything was imported')
+            else:
+                check_class_names(item, allowed, source)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            check_class_names(item, allowed, source)
 
 
 def _is_plain(value) -> bool:
@@ -121,9 +152,10 @@ def module_record(module: torch.nn.Module) -> dict:
 def build_module(record: dict, source: str = '<snapshot>') -> torch.nn.Module:
     recorded_name = record.get('class_name')
     class_name = current_class_name(recorded_name)
-    if not isinstance(class_name, str) or not class_name.startswith(TRUSTED_PREFIXES):
+    if not isinstance(class_name, str) or class_name not in SNAPSHOT_CLASSES:
         raise SnapshotError(f'{source}: refuses to build {recorded_name!r}: only classes of this project '
-                            f'({", ".join(TRUSTED_PREFIXES)}) are built from snapshots')
+                            f'(SNAPSHOT_CLASSES) are built from snapshots')
+    check_class_names(record.get('init_kwargs'), SNAPSHOT_CLASSES, source)  # Hooks inside: attention, quantizers.
     cls = dnnlib.get_obj_by_name(class_name)
     if not getattr(cls, '_persistent', False):
         raise SnapshotError(f'{source}: {class_name} is not a snapshot class')

@@ -633,6 +633,10 @@ def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
             options = json.load(f)
         except json.JSONDecodeError as err:
             raise click.UsageError(f'--resume {run_dir}: training_options.json is not valid JSON ({err})') from None
+    try:  # Every class it names must be one of ours, checked before anything is imported or built.
+        snapshot.check_class_names(options, snapshot.CONFIG_CLASSES, path)
+    except snapshot.SnapshotError as err:
+        raise click.UsageError(f'--resume {run_dir}: {err}') from None
     c = _easydicts(snapshot.upgrade_names(options))     # Class names of earlier versions -> today's.
     for key in ('resume_pkl', 'resume_partial', 'resume_run', 'allow_pickle'):  # Not options of a continued run.
         c.pop(key, None)
