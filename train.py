@@ -276,6 +276,10 @@ def main(**opts):
             torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', 0)))
         torch.distributed.init_process_group(backend='nccl' if device == 'cuda' else 'gloo')
     c = build_config(opts, _explicit_options(click.get_current_context()))
+    from training import checkpoint
+    if not opts.dry_run and rank in (None, 0) and not c.get('resume_run'):
+        # A new run's dir is made here, atomically: a second trainer started at once takes the next number.
+        c.run_dir = checkpoint.claim_run_dir(os.path.dirname(c.run_dir), describe_run(c, opts.desc), next_run_dir)
     if rank is not None and c.num_gpus != opts.gpus:
         raise click.UsageError(f'--resume {opts.resume}: the run used {c.num_gpus} processes; torchrun started {opts.gpus}')
     if rank is not None:
@@ -283,7 +287,14 @@ def main(**opts):
         shared = [c]
         torch.distributed.broadcast_object_list(shared, src=0)  # Every rank uses rank 0's config and run dir.
         c = shared[0]
-    launch_training(c, dry_run=opts.dry_run)
+    if opts.dry_run or rank not in (None, 0):
+        launch_training(c, dry_run=opts.dry_run)
+        return
+    try:
+        with checkpoint.RunLock(c.run_dir):  # Held by the launching process until every rank has finished.
+            launch_training(c)
+    except checkpoint.RunDirBusy as err:
+        raise click.UsageError(str(err)) from None
 
 
 if __name__ == '__main__':

@@ -210,3 +210,38 @@ def test_resume_run_config_upgrades_options_of_earlier_versions(data, tmp_path):
     assert 'grid_kwargs' not in c and c.total_kimg == 2 and c.resume_run == str(run_dir)
     assert c.training_set_kwargs.path == data                      # Attribute access all the way down.
     assert 'mri.' not in json.dumps(c)
+
+
+def test_run_dirs_are_claimed_atomically_and_locked(tmp_path):
+    """Two trainers started at once once picked the same run dir; a --resume of a run still training trained beside
+    it. Now each new run makes its own dir with os.mkdir, and a trainer holds run.lock (flock) while it trains."""
+    from training.config import next_run_dir
+    a = checkpoint.claim_run_dir(str(tmp_path), 'x', next_run_dir)
+    b = checkpoint.claim_run_dir(str(tmp_path), 'x', next_run_dir)
+    assert os.path.basename(a) == '00000-x' and os.path.basename(b) == '00001-x'
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, '-c', 'import sys, time; from training import checkpoint\n'
+                               f'with checkpoint.RunLock({a!r}):\n    print("held", flush=True); time.sleep(60)'],
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        with pytest.raises(checkpoint.RunDirBusy, match=f'PID {holder.pid}'):
+            with checkpoint.RunLock(a):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with checkpoint.RunLock(a):  # The holder died without unlocking: its lock is taken over.
+        with open(os.path.join(a, checkpoint.LOCK_NAME)) as f:
+            assert f.read().strip() == str(os.getpid())
+
+
+def test_resume_of_a_run_that_is_training_is_refused(run, tmp_path):
+    copy = str(tmp_path / 'run')
+    shutil.copytree(run, copy)
+    with checkpoint.RunLock(copy):  # As if a trainer were at work in it.
+        result = _train(['--resume', copy, '--kimg', '0.3'], ok=False)
+    assert result.exit_code == 2 and 'is training in this run dir' in result.output, result.output
+    assert 'Traceback' not in result.output

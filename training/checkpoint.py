@@ -107,3 +107,58 @@ def load_training_state(run_dir: str) -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path}: no training state to resume from (was the run stopped before its first snapshot?)')
     return torch.load(path, map_location='cpu', weights_only=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# One trainer per run dir.
+
+LOCK_NAME = 'run.lock'
+
+
+class RunDirBusy(RuntimeError):
+    """Another process trains in this run dir (one line naming its PID)."""
+
+
+class RunLock:
+    """An exclusive lock on a run dir while a process trains in it: ``run.lock`` holds the trainer's PID and an
+    ``fcntl.flock`` that the kernel releases when the process ends, however it ends, so a lock left by a dead
+    process (SIGKILL, power loss) is taken over by the next trainer without a word. A second trainer or a
+    ``--resume`` of a run still training is refused instead of training beside it (duplicate ticks, lost work)."""
+
+    def __init__(self, run_dir: str):
+        self.path = os.path.join(run_dir, LOCK_NAME)
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
+            os.close(fd)
+            raise RunDirBusy(f'{os.path.dirname(self.path)}: another process (PID {holder}) is training in this run '
+                             f'dir; wait for it to stop, or stop it (Ctrl-C / SIGTERM saves its state) first') from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            os.close(self.fd)  # Releases the flock; the file stays (a later trainer overwrites the PID).
+            self.fd = None
+
+
+def claim_run_dir(outdir: str, desc: str, next_name) -> str:
+    """Create the next free run dir ``NNNNN-desc`` under ``outdir`` atomically (``os.mkdir`` fails when another
+    process made it first; then the next number is tried), so two trainers started at once never share one."""
+    os.makedirs(outdir, exist_ok=True)
+    for _ in range(1000):
+        path = next_name(outdir, desc)
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f'{outdir}: could not create a run dir (1000 names taken while trying)')
