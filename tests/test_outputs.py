@@ -125,6 +125,16 @@ def test_volume_grid_setup_fewer_columns_a_row_per_class():
     assert size == (2, 2) and vols.shape == (4, 1, 80, 80, 80)              # large volumes: 2 columns
 
 
+def test_a_single_class_fills_the_rows_instead_of_one_strip():
+    """A conditional archive with one class (one cohort) once gave a grid of one row: a 2639x72 strip."""
+    one = np.ones((20, 1), np.float32)
+    size, images, labels = grids.setup_snapshot_image_grid(_VolumeSet([5, 16, 16], one), 0)
+    assert size[1] == grids.MAX_ROWS and len(images) == size[0] * size[1]
+    assert grids.row_names(['gli'], labels, size) == ['gli'] * grids.MAX_ROWS
+    two = np.eye(2, dtype=np.float32)[np.arange(20) % 2]
+    assert grids.setup_snapshot_image_grid(_VolumeSet([5, 16, 16], two), 0)[0][1] == 2  # A row per class, as before.
+
+
 def test_volume_montage_of_generation_is_the_grid_montage():
     """mri.output.volumes draws its montage with training.grids.montage, the labels over FLAIR (mri.seg)."""
     from mri.output import volumes as volume_output

@@ -248,7 +248,8 @@ def _grid_shape(training_set):
 
 
 def setup_snapshot_image_grid(training_set, random_seed: int = 0):
-    """Pick reals and labels for the grid: one row per distinct label (class) when conditional.
+    """Pick reals and labels for the grid: one row per distinct label (class) when conditional (a single class
+    fills the rows of an unconditional grid).
 
     Returns ``(grid_size, images [N,C,H,W] or volumes [N,C,D,H,W] uint, labels [N,L] float32)``. Volumes get
     fewer columns and classes than images (_grid_shape); save_image_grid draws them as montages.
@@ -263,11 +264,13 @@ def setup_snapshot_image_grid(training_set, random_seed: int = 0):
         for idx in range(n):
             by_label.setdefault(tuple(training_set.get_details(idx).raw_label.flatten()), []).append(idx)
         keys = sorted(by_label.keys(), reverse=True)[:max_classes]
-        rows = len(keys)
+        # One class (e.g. one cohort) fills the rows of an unconditional grid instead of one long strip.
+        per_class = rows if len(keys) == 1 else 1
+        rows = len(keys) * per_class
         indices = []
         for key in keys:
             pool = by_label[key]
             rnd.shuffle(pool)
-            indices += [pool[i % len(pool)] for i in range(cols)]
+            indices += [pool[i % len(pool)] for i in range(cols * per_class)]
     images, labels = zip(*[training_set[i] for i in indices])
     return (cols, rows), np.stack(images), np.stack(labels)
