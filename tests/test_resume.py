@@ -5,6 +5,7 @@ import os
 import shutil
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 import train
@@ -245,3 +246,21 @@ def test_resume_of_a_run_that_is_training_is_refused(run, tmp_path):
         result = _train(['--resume', copy, '--kimg', '0.3'], ok=False)
     assert result.exit_code == 2 and 'is training in this run dir' in result.output, result.output
     assert 'Traceback' not in result.output
+
+
+def test_resume_refuses_an_archive_rebuilt_at_the_same_path(run, data, tmp_path):
+    """An archive rebuilt at the same path with other cases once resumed silently; the state records its content."""
+    copy, data_copy = str(tmp_path / 'run'), str(tmp_path / 'pngs')
+    shutil.copytree(run, copy)
+    shutil.copytree(data, data_copy)
+    options = _options(copy)
+    options['training_set_kwargs']['path'] = data_copy
+    with open(os.path.join(copy, 'training_options.json'), 'w') as f:
+        json.dump(options, f)
+    state = torch.load(os.path.join(copy, checkpoint.STATE_NAME), weights_only=True)
+    assert state['data_hash']
+    name = sorted(n for n in os.listdir(data_copy) if n.endswith('.png'))[0]
+    with open(os.path.join(data_copy, name), 'ab') as f:  # One file of the archive is not what it was.
+        f.write(b'\0')
+    result = _train(['--resume', copy, '--kimg', '0.3', '--dry-run'], ok=False)
+    assert result.exit_code == 2 and 'has changed since' in result.output, result.output

@@ -662,9 +662,19 @@ def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
     if changes.get('workers') is not None:
         c.data_loader_kwargs = data_loader_kwargs(changes['workers'], c.device)
     try:
-        done_nimg = int(torch.load(state_path, map_location='cpu', weights_only=True, mmap=True)['cur_nimg'])
+        state = torch.load(state_path, map_location='cpu', weights_only=True, mmap=True)
+        done_nimg, data_hash = int(state['cur_nimg']), state.get('data_hash')
     except Exception as err:  # torch raises many types for a damaged file.
         raise click.UsageError(f'--resume {run_dir}: {checkpoint.STATE_NAME} is unreadable ({type(err).__name__})') from None
+    if data_hash is not None:
+        subset = (c.get('training_set_kwargs') or {}).get('subset', 'all')
+        dataset = _open_dataset(data, f'--resume {run_dir}: its training data', subset=subset)
+        changed = dataset.content_hash() != data_hash
+        dataset.close()
+        if changed:
+            raise click.UsageError(f'--resume {run_dir}: its training data {data} has changed since the run\'s last '
+                                   f'snapshot (other files or cases at the same path); restore the archive it trained '
+                                   f'on, or start a new run from its weights (--resume SNAPSHOT --outdir DIR --data DATA)')
     if done_nimg >= int(c.total_kimg * 1000):
         flag = f'--kimg {changes["kimg"]}' if changes.get('kimg') is not None else f'its --kimg {c.total_kimg}'
         raise click.UsageError(f'--resume {run_dir}: already at {done_nimg / 1000:.3f} kimg, {flag} is reached; '

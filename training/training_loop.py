@@ -211,6 +211,8 @@ def _setup(opts: dnnlib.EasyDict) -> Run:
     # What every snapshot records: the data it was trained on and the configs that rebuild its networks.
     run.record = dnnlib.EasyDict(dataset=run.training_set.describe(), config=dict(
         training_set_kwargs=opts.training_set_kwargs, G_kwargs=opts.G_kwargs, D_kwargs=opts.D_kwargs))
+    # The content the run trains on (zip: names, sizes and CRCs), which a resume checks (training.config).
+    run.record.data_hash = run.training_set.content_hash() if opts.rank == 0 else None
     return run
 
 
@@ -577,6 +579,7 @@ def _write_snapshot_and_state(run: Run) -> str:
             topk_fraction=float(getattr(run.loss, 'topk_fraction', 1.0)),
             rng=[g['rng'] for g in gathered],
             ada_pending=[g['ada_pending'] for g in gathered],
+            data_hash=run.record.data_hash,
         )
         if nets.augment_pipe is not None:
             state['augment_p'] = nets.augment_pipe.p.detach().cpu()
