@@ -93,6 +93,25 @@ def test_errors_name_the_file(tmp_path):
         ImageFolderDataset(root, resolution=32)
 
 
+@pytest.mark.parametrize('labels, problem', [
+    ([0.5, float('nan')], 'not finite'), ([1.0, float('inf')], 'not finite'), (-1, 'negative'),
+    ('yes', 'neither ints nor'), ([1.0], 'neither ints nor')])
+def test_bad_labels_are_one_line_naming_the_file(tmp_path, labels, problem):
+    """NaN labels once trained to exit 0 with NaN weights; ragged, string and negative labels crashed late."""
+    root = make_png_folder(str(tmp_path / 'd'), n=2, res=8)
+    with open(os.path.join(root, 'dataset.json'), 'w') as f:
+        f.write(json.dumps({'labels': [['img0000.png', [0.0, 1.0] if isinstance(labels, list) else 0],
+                                       ['img0001.png', labels]]}))
+    with pytest.raises(DatasetError, match=problem) as err:
+        ImageFolderDataset(root, use_labels=True).label_dim
+    assert 'dataset.json' in str(err.value) and '\n' not in str(err.value)
+    from click.testing import CliRunner
+    import train
+    result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', root, '--cond=1',
+                                             '--device', 'cpu', '--dry-run'])
+    assert result.exit_code == 2 and problem in result.output and 'Traceback' not in result.output, result.output
+
+
 @pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
 def test_stored_label_map_expands_into_the_named_label_channels(tmp_path, dtype):
     """"seg_storage": "labelmap": the last stored channel (values 0..K) becomes the K one-hot channels that

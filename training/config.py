@@ -259,8 +259,14 @@ def _dataset_facts(c, data, subset, cond, mirror, seed, workers) -> dnnlib.EasyD
         raise click.UsageError(f'--subset={subset}: {data} has no case-level split; rebuild it with dataset_tool.py --split val=0.1')
     if subset != 'all':
         _open_dataset(data, f'--subset={subset}', subset=subset).close()  # An empty split fails here, not in the run.
-    if cond and not probe.has_labels:
-        raise click.UsageError(f'--cond=1: {data} has no labels in dataset.json; use --cond=0 or add labels')
+    if cond:
+        from training.dataset import DatasetError
+        try:
+            has_labels = probe.has_labels  # Reads and checks the labels (finite, one length, class indices >= 0).
+        except DatasetError as err:
+            raise click.UsageError(f'--cond=1: {err}') from None
+        if not has_labels:
+            raise click.UsageError(f'--cond=1: {data} has no labels in dataset.json; use --cond=0 or add labels')
     spatial = [int(s) for s in probe.image_shape[1:]]
     is_volume = len(spatial) == 3
     if is_volume and mirror:

@@ -325,7 +325,11 @@ class ImageFolderDataset(Dataset):
         if missing:
             raise DatasetError(f'{self._path}/dataset.json: no label for {missing[0]} ({len(missing)} images unlabelled)')
         values = [labels[fname] for fname in self._image_fnames]
-        if all(isinstance(v, int) for v in values):
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            negative = [f for f, v in zip(self._image_fnames, values) if v < 0]
+            if negative:
+                raise DatasetError(f'{self._path}/dataset.json: class label {labels[negative[0]]} of {negative[0]} is '
+                                   f'negative ({len(negative)} such); integer labels are class indices 0, 1, ...')
             # StyleGAN2-ADA integer class labels become one-hot vectors.
             num = int(self._meta.get('num_classes', max(values) + 1))
             onehot = np.zeros([len(values), num], dtype=np.float32)
@@ -337,6 +341,11 @@ class ImageFolderDataset(Dataset):
             raise DatasetError(f'{self._path}/dataset.json: labels are neither ints nor equal-length float lists') from None
         if array.ndim == 1:
             array = array[:, None]
+        bad = ~np.isfinite(array).all(axis=1) if array.ndim == 2 else None
+        if bad is not None and bad.any():
+            first = self._image_fnames[int(np.flatnonzero(bad)[0])]
+            raise DatasetError(f'{self._path}/dataset.json: the label of {first} is not finite ({labels[first]}); '
+                               f'{int(bad.sum())} labels hold NaN or infinity')
         return array
 
     # -- metadata ---------------------------------------------------------------------------------
