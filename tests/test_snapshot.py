@@ -49,6 +49,7 @@ def test_untrusted_class_refused(tmp_path):
     snapshot.save_snapshot(path, dict(G=G))
     data = torch.load(path, weights_only=True)
     data['modules']['G']['class_name'] = 'os.system'
+    del data['checksum']  # A crafted file, not a damaged one.
     torch.save(data, path)
     with pytest.raises(snapshot.SnapshotError, match='refuses to build'):
         snapshot.load_snapshot(path)
@@ -67,6 +68,7 @@ def test_nested_hook_class_names_are_refused_before_import(tmp_path, name):
     data = torch.load(path, weights_only=True)
     assert data['modules']['G']['init_kwargs']['attn_kwargs']['class_name'] == 'training.attention.SelfAttention'
     data['modules']['G']['init_kwargs']['attn_kwargs']['class_name'] = name
+    del data['checksum']  # A crafted file, not a damaged one.
     torch.save(data, path)
     code = (f'import sys; from torch_utils import snapshot\n'
             f'try:\n    snapshot.load_snapshot({path!r})\nexcept snapshot.SnapshotError as e:\n    print("refused:", e)\n'
@@ -91,6 +93,23 @@ def test_run_dir_class_names_are_refused_before_import(tmp_path):
     result = CliRunner().invoke(train.main, ['--resume', str(run)])
     assert result.exit_code == 2 and "'os.system'" in result.output and 'Traceback' not in result.output, result.output
     assert not marker.exists()
+
+
+def test_damaged_snapshot_is_refused(tmp_path):
+    """64 flipped bytes inside a tensor once loaded and were used (torch's zip reader checks no CRC)."""
+    G = _tiny_G()
+    path = str(tmp_path / 'net.pt')
+    snapshot.save_snapshot(path, dict(G=G))
+    snapshot.load_snapshot(path)
+    raw = bytearray(open(path, 'rb').read())
+    weight = G.synthesis.b8.conv1.weight.detach().numpy().tobytes()
+    at = bytes(raw).find(weight[:64])
+    assert at > 0
+    raw[at:at + 64] = bytes(b ^ 0xFF for b in raw[at:at + 64])
+    with open(path, 'wb') as f:
+        f.write(raw)
+    with pytest.raises(snapshot.SnapshotError, match='damaged'):
+        snapshot.load_snapshot(path)
 
 
 def test_crafted_pickle_is_not_run(tmp_path):

@@ -7,6 +7,8 @@ no code from the file and hands back the same plain data, so both kinds load thr
 """
 
 import copy
+import hashlib
+import json
 import functools
 import inspect
 import os
@@ -183,13 +185,32 @@ def atomic_torch_save(obj, path: str) -> None:
         torch.save(obj, tmp)
 
 
+def modules_checksum(modules: dict) -> str:
+    """sha256 of a snapshot's module records: names, constructor arguments, and every tensor's name, dtype, shape
+    and bytes. torch.load checks no CRC of the zip members, so a damaged file would otherwise load and be used."""
+    h = hashlib.sha256()
+    for name in sorted(modules):
+        record = modules[name]
+        h.update(f'{name}:'.encode())
+        if record is None:
+            continue
+        h.update(json.dumps([record.get('class_name'), record.get('init_kwargs')], sort_keys=True, default=str).encode())
+        for key in sorted(record.get('state_dict') or {}):
+            t = record['state_dict'][key]
+            h.update(f'{key}:{t.dtype}:{list(t.shape)}:'.encode())
+            h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_snapshot(path: str, modules: dict, dataset: dict = None, extra: dict = None) -> None:
-    """Write ``{format, modules: {name: record or None}, dataset, extra}`` atomically."""
+    """Write ``{format, modules: {name: record or None}, dataset, extra, checksum}`` atomically."""
+    records = {name: (module_record(m) if m is not None else None) for name, m in modules.items()}
     data = {
         'format': SNAPSHOT_FORMAT,
-        'modules': {name: (module_record(m) if m is not None else None) for name, m in modules.items()},
+        'modules': records,
         'dataset': _to_plain(dict(dataset or {})),
         'extra': _to_plain(dict(extra or {})),
+        'checksum': modules_checksum(records),
     }
     atomic_torch_save(data, path)
 
@@ -217,9 +238,18 @@ def read_snapshot_data(path: str) -> dict:
     if is_pickle(path):
         return legacy.read_nvlabs_pickle(path)
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        data = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:  # torch raises many types for corrupt or hostile files.
         raise SnapshotError(f'{path}: not a readable snapshot ({type(err).__name__}: {str(err).splitlines()[0][:200]})') from None
+    if isinstance(data, dict) and 'checksum' in data:  # Snapshots written before checksums load as they are.
+        try:
+            intact = data['checksum'] == modules_checksum(data.get('modules') or {})
+        except Exception:  # A damaged record may not even be hashable as one.
+            intact = False
+        if not intact:
+            raise SnapshotError(f'{path}: damaged: its contents do not match the checksum written with them (a disk '
+                                f'or copy error?); use another snapshot of the run')
+    return data
 
 
 def load_snapshot(path: str, device='cpu', allow_pickle: bool = None) -> dnnlib.EasyDict:
