@@ -142,7 +142,7 @@ def write_onehot_layout(src, dest):
         z.writestr('dataset.json', json.dumps(meta))
 
 
-def _legacy_read_npy(f):
+def _legacy_read_npy(f, size=None):
     """How training.dataset read a .npy member before issue 11."""
     return np.load(io.BytesIO(f.read()), allow_pickle=False)
 

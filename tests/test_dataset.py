@@ -112,6 +112,25 @@ def test_bad_labels_are_one_line_naming_the_file(tmp_path, labels, problem):
     assert result.exit_code == 2 and problem in result.output and 'Traceback' not in result.output, result.output
 
 
+def test_npy_size_claims_are_checked_before_allocation(tmp_path):
+    """A 3.4 MB zip whose .npy header claimed (1, 40000, 40000) once drove train.py to 6.5 GB."""
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    np.save(buf, np.zeros((1, 8, 8), np.uint16))
+    raw = buf.getvalue()
+    header = np.lib.format.header_data_from_array_1_0(np.zeros((1, 8, 8), np.uint16))
+    header['shape'] = (1, 40000, 40000)
+    out = io.BytesIO()
+    np.lib.format.write_array_header_1_0(out, header)
+    out.write(raw[-128:])  # 128 bytes of data for a claim of 3.2 GB.
+    path = tmp_path / 'bomb.zip'
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('a.npy', out.getvalue())
+    with pytest.raises(DatasetError, match=r'a.npy: unreadable image \(its header claims shape \(1, 40000, 40000\)'):
+        ImageFolderDataset(str(path))
+
+
 @pytest.mark.parametrize('dtype', [np.uint8, np.uint16])
 def test_stored_label_map_expands_into_the_named_label_channels(tmp_path, dtype):
     """"seg_storage": "labelmap": the last stored channel (values 0..K) becomes the K one-hot channels that

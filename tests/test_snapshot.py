@@ -112,6 +112,19 @@ def test_damaged_snapshot_is_refused(tmp_path):
         snapshot.load_snapshot(path)
 
 
+def test_size_claims_are_refused_before_allocation(tmp_path):
+    """A snapshot recording z_dim = 2**40 once crashed every tool with an allocation traceback."""
+    G = _tiny_G()
+    path = str(tmp_path / 'net.pt')
+    snapshot.save_snapshot(path, dict(G=G))
+    data = torch.load(path, weights_only=True)
+    data['modules']['G']['init_kwargs']['z_dim'] = 2 ** 40
+    del data['checksum']
+    torch.save(data, path)
+    with pytest.raises(snapshot.SnapshotError, match='z_dim=1099511627776'):
+        snapshot.load_snapshot(path)
+
+
 def test_crafted_pickle_is_not_run(tmp_path):
     marker = str(tmp_path / 'pwned')
     pkl = str(tmp_path / 'network.pkl')

@@ -151,6 +151,20 @@ def module_record(module: torch.nn.Module) -> dict:
     }
 
 
+MAX_ARGUMENT = 1 << 20  # No size argument of this project's classes (widths, latents, sides) comes near it.
+
+
+def _first_too_large(value, key='') -> str:
+    """'key=value' of the first integer argument (at any depth) above MAX_ARGUMENT, or ''."""
+    if isinstance(value, dict):
+        return next((t for k, v in value.items() if (t := _first_too_large(v, k))), '')
+    if isinstance(value, (list, tuple)):
+        return next((t for v in value if (t := _first_too_large(v, key))), '')
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_ARGUMENT:
+        return f'{key}={value}'
+    return ''
+
+
 def build_module(record: dict, source: str = '<snapshot>') -> torch.nn.Module:
     recorded_name = record.get('class_name')
     class_name = current_class_name(recorded_name)
@@ -164,10 +178,17 @@ def build_module(record: dict, source: str = '<snapshot>') -> torch.nn.Module:
     init_kwargs, state_dict = upgrade_names(record['init_kwargs']), record['state_dict']
     if class_name != recorded_name and hasattr(cls, 'upgrade_record'):
         init_kwargs, state_dict = cls.upgrade_record(recorded_name, init_kwargs, dict(state_dict))
+    too_large = _first_too_large(init_kwargs)
+    if too_large:  # Before anything is allocated: a claim of 2**40 latents would die in the allocator.
+        raise SnapshotError(f'{source}: {class_name} records {too_large}, beyond any network of this project '
+                            f'(at most {MAX_ARGUMENT}); a damaged or crafted snapshot')
     try:
         module = cls(**init_kwargs)
     except (TypeError, ValueError) as err:  # Arguments this version of the class does not take.
         raise SnapshotError(f'{source}: cannot build {class_name} from its recorded arguments ({err})') from None
+    except (RuntimeError, MemoryError) as err:  # The allocator refusing what the arguments ask for.
+        raise SnapshotError(f'{source}: cannot build {class_name}: its recorded arguments ask for more memory '
+                            f'than there is ({str(err).splitlines()[0][:120]})') from None
     try:
         missing, unexpected = module.load_state_dict(state_dict, strict=False)
     except RuntimeError as err:  # Shape mismatches.

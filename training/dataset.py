@@ -20,9 +20,10 @@ from torch_utils.label_channels import label_channel_indices, labelmap_to_onehot
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.npy')
 
 
-def _read_npy(f) -> np.ndarray:
+def _read_npy(f, size: int = None) -> np.ndarray:
     """A .npy array read straight from a file object into a fresh writable array: one copy, where np.load on a zip
-    member (no fileno) copies the bytes twice more in 256 KB chunks."""
+    member (no fileno) copies the bytes twice more in 256 KB chunks. ``size``: the file's length in bytes, so that a
+    header claiming more data than the file holds is refused before the claim is allocated."""
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
@@ -30,6 +31,9 @@ def _read_npy(f) -> np.ndarray:
         shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
     if dtype.hasobject:
         raise ValueError('object arrays are not images')
+    claim = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if size is not None and claim > size:
+        raise ValueError(f'its header claims shape {tuple(shape)} ({claim} bytes), more than the file holds ({size})')
     image = np.empty(shape[::-1] if fortran else shape, dtype)
     if f.readinto(memoryview(image).cast('B')) != image.nbytes:
         raise ValueError(f'truncated .npy data (expected {image.nbytes} bytes for shape {shape})')
@@ -244,6 +248,12 @@ class ImageFolderDataset(Dataset):
         except (OSError, ValueError):
             pass
 
+    def _file_size(self, fname) -> int:
+        """Bytes of a member (uncompressed) or file, as its directory records them."""
+        if self._type == 'dir':
+            return os.path.getsize(os.path.join(self._path, fname))
+        return self._get_zipfile().getinfo(fname).file_size
+
     def _open_file(self, fname):
         if self._type == 'dir':
             return open(os.path.join(self._path, fname), 'rb')
@@ -282,7 +292,7 @@ class ImageFolderDataset(Dataset):
         try:
             with self._open_file(fname) as f:
                 if fname.lower().endswith('.npy'):
-                    image = _read_npy(f)
+                    image = _read_npy(f, self._file_size(fname))
                 else:
                     image = np.array(PIL.Image.open(f))
         except (OSError, ValueError, zipfile.BadZipFile) as err:
