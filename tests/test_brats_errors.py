@@ -146,6 +146,23 @@ def test_truncated_gzip(src, dest):
     assert_clean_failure(r, dest, 'C-001-t2w.nii.gz', 'corrupt or truncated gzip')
 
 
+@pytest.mark.parametrize('ext', ['.nii.gz', '.nii'])
+@pytest.mark.parametrize('claim', [(32767, 32767, 32767), (2000, 2000, 400), (20, 24, 400)])
+def test_header_size_claims_are_refused_before_allocation(src, dest, ext, claim):
+    """Headers claiming 100000^3 or 32767^3 voxels once made dataset_tool allocate the claim and die of a
+    MemoryError traceback; an uncompressed file shorter than its header is refused too."""
+    paths = write_case(src, 'C-001', ext=ext)
+    img = nib.load(paths['t2w'])
+    raw = (gzip.decompress(open(paths['t2w'], 'rb').read()) if ext == '.nii.gz' else open(paths['t2w'], 'rb').read())
+    header = img.header.copy()
+    header.set_data_shape(claim)
+    raw = header.binaryblock + raw[348:]
+    open(paths['t2w'], 'wb').write(gzip.compress(raw) if ext == '.nii.gz' else raw)
+    r = run_tool('--source', src, '--dest', dest)
+    problem = 'beyond any brain scan' if np.prod(claim, dtype=float) > 2 ** 30 else ('truncated' if ext == '.nii' else 'gzip')
+    assert_clean_failure(r, dest, f'C-001-t2w{ext}', problem)
+
+
 def test_corrupt_gzip(src, dest):
     paths = write_case(src, 'C-001')
     raw = gzip.decompress(open(paths['t1c'], 'rb').read())

@@ -184,6 +184,7 @@ def _read(path, case_id):
     """Loads one NIfTI file once: (array with the on-disk dtype, affine). Raises BratsError on any read problem."""
     try:
         img = nib.load(str(path))
+        _check_claim(path, img, case_id)
         data = _gzip_fast_path(path, img.dataobj)
         if data is None:
             # np.asarray on dataobj keeps the on-disk dtype when the header has no scaling (the BraTS case), which is
@@ -207,6 +208,24 @@ def _read(path, case_id):
     if data.dtype.kind not in 'biuf':
         raise BratsError(path, f'has unsupported data type {data.dtype}', case_id)
     return data, np.asarray(affine, dtype=np.float64)
+
+
+MAX_VOXELS = 1 << 30  # 1024^3: far beyond any brain MRI (BraTS: 240 x 240 x 155 = 8.9 million)
+
+
+def _check_claim(path, img, case_id):
+    """Refuse (BratsError) a header whose voxel count is beyond any brain scan, or an uncompressed file shorter
+    than its header says, before the data is allocated (a header claiming 100000^3 voxels would otherwise be)."""
+    shape = tuple(int(n) for n in img.header.get_data_shape())
+    voxels = int(np.prod(shape, dtype=np.float64))
+    if voxels > MAX_VOXELS:
+        raise BratsError(path, f'its header claims {"x".join(map(str, shape))} voxels, beyond any brain scan '
+                               f'(at most {MAX_VOXELS}); a damaged header?', case_id)
+    if not str(path).endswith('.gz'):
+        need = int(img.header.get('vox_offset', 0)) + voxels * img.header.get_data_dtype().itemsize
+        have = os.path.getsize(path)
+        if have < need:
+            raise BratsError(path, f'truncated: its header claims {need} bytes of image, the file has {have}', case_id)
 
 
 def _gzip_fast_path(path, proxy):
