@@ -92,6 +92,9 @@ def calc_metrics(
                                      max_size=None, xflip=False, subset=subset or defaults['subset'] or 'all')
     if defaults['resolution'] and data == defaults['path']:
         dataset_kwargs.resolution = defaults['resolution']
+    if run_dir is not None and not os.path.isdir(run_dir):  # Results would otherwise be printed and not saved.
+        raise metric_utils.MetricError(f'--run-dir {run_dir}: no such folder (results are appended to '
+                                       f'metric-<name>.jsonl there)')
     run_dir = run_dir or os.path.dirname(os.path.abspath(network))
     results = metric_main.calc_metrics(metrics, share=share, G=G, dataset_kwargs=dataset_kwargs, num_gpus=gpus, rank=rank,
                                        device=device, progress=progress, channel=channel, detector_url=detector,

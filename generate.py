@@ -257,6 +257,8 @@ def main(network, seeds, truncation_psi, class_spec, noise_mode, outdir, fmt, na
         seed_list = dnnlib.parse_range(seeds) if seeds is not None else None
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint='--seeds') from None
+    if os.path.exists(outdir) and not os.path.isdir(outdir):
+        raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint='--outdir')
     painting = cases is not None or heal or move or labels_from is not None or labels_as_drawn
     if painting:
         paint_main(network, cases, outdir, labels_from, per_case, heal, move, labels_as_drawn, seed_list or [0],

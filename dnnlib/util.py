@@ -259,6 +259,9 @@ def open_url(
     return io.BytesIO(data)
 
 
+MAX_RANGE = 1_000_000  # Numbers in one parsed list: a typo like 0-999999999999 must not fill the memory.
+
+
 def parse_range(text) -> list:
     """'0-3,7,10-11' -> [0, 1, 2, 3, 7, 10, 11] (seed lists on the command line)."""
     if isinstance(text, (list, tuple)):
@@ -273,6 +276,8 @@ def parse_range(text) -> list:
             lo, hi = int(m.group(1)), int(m.group(2))
             if hi < lo:
                 raise ValueError(f'range {part!r} ends before it starts')
+            if hi - lo + 1 + len(out) > MAX_RANGE:
+                raise ValueError(f'range {part!r} holds {hi - lo + 1} numbers; at most {MAX_RANGE} in one list')
             out.extend(range(lo, hi + 1))
         elif part.isdigit():
             out.append(int(part))

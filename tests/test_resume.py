@@ -199,7 +199,9 @@ def test_resume_run_config_upgrades_options_of_earlier_versions(data, tmp_path):
         grid_kwargs=dict(setup='mri.grid3d.setup_volume_grid', save='mri.grid3d.save_volume_grid', channels=['t1n']),
         metrics=[], metric_kwargs={})
     (run_dir / 'training_options.json').write_text(json.dumps(old))
-    torch.save(dict(cur_nimg=8), str(run_dir / checkpoint.STATE_NAME))
+    from torch_utils import snapshot
+    snapshot.save_snapshot(str(run_dir / 'network-snapshot-000008.pt'), {})
+    torch.save(dict(cur_nimg=8, snapshot='network-snapshot-000008.pt'), str(run_dir / checkpoint.STATE_NAME))
     c = resume_run_config(str(run_dir), kimg=2)
     assert c.G_kwargs.class_name == 'training.networks.Generator'
     assert c.D_kwargs.class_name == 'training.networks.Discriminator'
@@ -264,3 +266,19 @@ def test_resume_refuses_an_archive_rebuilt_at_the_same_path(run, data, tmp_path)
         f.write(b'\0')
     result = _train(['--resume', copy, '--kimg', '0.3', '--dry-run'], ok=False)
     assert result.exit_code == 2 and 'has changed since' in result.output, result.output
+
+
+@pytest.mark.parametrize('damage', ['missing', 'truncated'])
+def test_resume_whose_snapshot_is_missing_or_truncated(run, tmp_path, damage):
+    copy = str(tmp_path / 'run')
+    shutil.copytree(run, copy)
+    name = torch.load(os.path.join(copy, checkpoint.STATE_NAME), weights_only=True)['snapshot']
+    path = os.path.join(copy, name)
+    if damage == 'missing':
+        os.remove(path)
+    else:
+        with open(path, 'r+b') as f:
+            f.truncate(os.path.getsize(path) // 2)
+    result = _train(['--resume', copy, '--kimg', '0.3'], ok=False)
+    assert result.exit_code == 2 and name in result.output and 'cannot be used' in result.output, result.output
+    assert 'Traceback' not in result.output

@@ -280,6 +280,8 @@ def load_snapshot(path: str, device='cpu', allow_pickle: bool = None) -> dnnlib.
     data = read_snapshot_data(path)
     if not isinstance(data, dict) or data.get('format') != SNAPSHOT_FORMAT:
         raise SnapshotError(f'{path}: not a snapshot of this project (format {data.get("format") if isinstance(data, dict) else None!r})')
+    if not isinstance(data.get('modules'), dict) or not all(isinstance(r, dict) or r is None for r in data['modules'].values()):
+        raise SnapshotError(f'{path}: damaged: its "modules" is not a table of network records')
     out = dnnlib.EasyDict(G=None, D=None, G_ema=None, augment_pipe=None)
     for name, record in data['modules'].items():
         out[name] = None if record is None else build_module(record, path).to(device).eval().requires_grad_(False)

@@ -669,9 +669,17 @@ def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
         c.data_loader_kwargs = data_loader_kwargs(changes['workers'], c.device)
     try:
         state = torch.load(state_path, map_location='cpu', weights_only=True, mmap=True)
-        done_nimg, data_hash = int(state['cur_nimg']), state.get('data_hash')
+        done_nimg, data_hash, snap_name = int(state['cur_nimg']), state.get('data_hash'), str(state['snapshot'])
     except Exception as err:  # torch raises many types for a damaged file.
         raise click.UsageError(f'--resume {run_dir}: {checkpoint.STATE_NAME} is unreadable ({type(err).__name__})') from None
+    try:  # The snapshot the state belongs to: present, intact (its checksum), of this project.
+        snap = snapshot.read_snapshot_data(os.path.join(run_dir, os.path.basename(snap_name)))
+        if not isinstance(snap, dict) or snap.get('format') != snapshot.SNAPSHOT_FORMAT:
+            raise snapshot.SnapshotError(f'{snap_name}: not a snapshot of this project')
+    except snapshot.SnapshotError as err:
+        raise click.UsageError(f'--resume {run_dir}: {checkpoint.STATE_NAME} continues from {snap_name}, which cannot '
+                               f'be used ({err}); the run cannot continue exactly; start a new run from an earlier '
+                               f'snapshot (--resume SNAPSHOT --outdir DIR --data DATA)') from None
     if data_hash is not None:
         subset = (c.get('training_set_kwargs') or {}).get('subset', 'all')
         dataset = _open_dataset(data, f'--resume {run_dir}: its training data', subset=subset)
