@@ -236,7 +236,9 @@ def test_run_dirs_are_claimed_atomically_and_locked(tmp_path):
     finally:
         holder.kill()
         holder.wait()
-    with checkpoint.RunLock(a):  # The holder died without unlocking: its lock is taken over.
+    open(os.path.join(a, '.tmp-abc123.pt'), 'wb').close()  # What SIGKILL during a snapshot write leaves.
+    with checkpoint.RunLock(a):  # The holder died without unlocking: its lock is taken over, its leftovers removed.
+        assert not os.path.exists(os.path.join(a, '.tmp-abc123.pt'))
         with open(os.path.join(a, checkpoint.LOCK_NAME)) as f:
             assert f.read().strip() == str(os.getpid())
 

@@ -142,6 +142,14 @@ class RunLock:
         os.ftruncate(fd, 0)
         os.write(fd, f'{os.getpid()}\n'.encode())
         self.fd = fd
+        # Holding the lock, any temporary file of an atomic write here (dnnlib.atomic_output's '.tmp-*') is what a
+        # killed writer left (SIGKILL or a full disk during a snapshot): nobody will finish it, so it goes.
+        for name in os.listdir(os.path.dirname(self.path)):
+            if name.startswith('.tmp-'):
+                try:
+                    os.remove(os.path.join(os.path.dirname(self.path), name))
+                except OSError:
+                    pass
         return self
 
     def __exit__(self, *exc):
