@@ -4,6 +4,7 @@ import json
 import os
 
 import numpy as np
+import PIL.Image
 import pytest
 
 from tests.helpers import make_png_folder, zip_folder
@@ -110,6 +111,17 @@ def test_bad_labels_are_one_line_naming_the_file(tmp_path, labels, problem):
     result = CliRunner().invoke(train.main, ['--outdir', str(tmp_path / 'runs'), '--data', root, '--cond=1',
                                              '--device', 'cpu', '--dry-run'])
     assert result.exit_code == 2 and problem in result.output and 'Traceback' not in result.output, result.output
+
+
+@pytest.mark.parametrize('odd', ['size', 'rgb', '8bit'])
+def test_one_odd_png_is_refused_before_training(tmp_path, odd):
+    """One 32x32, RGB or 8-bit PNG among 16x16 16-bit ones once crashed training mid-run (bare AssertionError)."""
+    root = make_png_folder(str(tmp_path / 'd'), n=4, res=16, bit16=True)
+    img = {'size': PIL.Image.new('I;16', (32, 32)), 'rgb': PIL.Image.new('RGB', (16, 16)),
+           '8bit': PIL.Image.new('L', (16, 16))}[odd]
+    img.save(os.path.join(root, 'img0002.png'))
+    with pytest.raises(DatasetError, match=r'img0002.png: size and mode .* differs from img0000.png'):
+        ImageFolderDataset(root)
 
 
 def test_npy_size_claims_are_checked_before_allocation(tmp_path):

@@ -197,30 +197,41 @@ class ImageFolderDataset(Dataset):
         if resolution is not None and (raw_shape[-1] != resolution or raw_shape[-2] != resolution):
             raise DatasetError(f'{path}: images are {raw_shape[-2]}x{raw_shape[-1]}, expected {resolution}x{resolution}')
         self._dtype = first.dtype
-        if first.ndim == 4:
-            self._check_volume_shapes()
+        self._check_shapes(volumes=first.ndim == 4)
         super().__init__(name=name, raw_shape=raw_shape, **super_kwargs)
 
-    def _check_volume_shapes(self):
-        """Every volume of the archive has the first one's stored shape and dtype (read from the .npy headers only):
-        a mismatch is one line naming the file, before training or measuring starts rather than in a worker."""
+    def _check_shapes(self, volumes: bool):
+        """Every file of the archive has the first one's stored shape and type, read from the headers only (.npy
+        header; PNG/JPEG size and mode): a 32x32, RGB or 8-bit PNG among 16x16 16-bit ones is one line naming the
+        file before training or measuring starts, not a bare AssertionError in a worker mid-run."""
         first = None
         for fname in self._image_fnames:
-            if not fname.lower().endswith('.npy'):
+            npy = fname.lower().endswith('.npy')
+            if volumes and not npy:
                 raise DatasetError(f'{self._path}/{fname}: a volume archive holds only .npy volumes')
             try:
                 with self._open_file(fname) as f:
-                    version = np.lib.format.read_magic(f)
-                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                    shape, _order, dtype = read(f)
-            except (OSError, ValueError, zipfile.BadZipFile) as err:
-                raise DatasetError(f'{self._path}/{fname}: unreadable volume ({err})') from None
+                    if npy:
+                        version = np.lib.format.read_magic(f)
+                        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                        shape, _order, dtype = read(f)
+                        form = (tuple(shape), str(dtype))
+                    else:
+                        with PIL.Image.open(f) as im:  # Reads the header only.
+                            form = (im.size, im.mode)
+            except (OSError, ValueError, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as err:
+                raise DatasetError(f'{self._path}/{fname}: unreadable {"volume" if volumes else "image"} ({err})') from None
             if first is None:
-                first = (tuple(shape), dtype)
-            elif (tuple(shape), dtype) != first:
-                raise DatasetError(f'{self._path}/{fname}: volume of shape {tuple(shape)} ({dtype}) differs from '
+                first = form
+            elif form != first and volumes:
+                raise DatasetError(f'{self._path}/{fname}: volume of shape {form[0]} ({form[1]}) differs from '
                                    f'{self._image_fnames[0]} {first[0]} ({first[1]}); every volume of an archive '
                                    f'must have one shape (rebuild it with one --volume-size)')
+            elif form != first:
+                what = 'shape' if npy else 'size and mode'
+                raise DatasetError(f'{self._path}/{fname}: {what} {form[0]} ({form[1]}) differs from '
+                                   f'{self._image_fnames[0]} {first[0]} ({first[1]}); every image of an archive must '
+                                   f'have one {what} (rebuild it with dataset_tool.py)')
 
     # -- file access -------------------------------------------------------------------------------
 
@@ -295,7 +306,7 @@ class ImageFolderDataset(Dataset):
                     image = _read_npy(f, self._file_size(fname))
                 else:
                     image = np.array(PIL.Image.open(f))
-        except (OSError, ValueError, zipfile.BadZipFile) as err:
+        except (OSError, ValueError, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as err:
             raise DatasetError(f'{self._path}/{fname}: unreadable image ({err})') from None
         if fname.lower().endswith('.npy'):
             if image.ndim not in (3, 4):
