@@ -121,6 +121,10 @@ def test_hook_options_reach_the_config(data):
     assert c.G_kwargs.class_name == 'training.networks.Generator'
     with pytest.raises(click.UsageError, match='--fq-mode'):
         setup_training_config(data=data, batch=4, metrics='none', device='cpu', fq_res='8', fq_mode='both')
+    # The full resolution (the README's --fq-res 32 on a 32-px archive once passed --dry-run and crashed later).
+    full = setup_training_config(data=data, batch=4, metrics='none', device='cpu').training_set_kwargs.resolution
+    with pytest.raises(click.UsageError, match=f'--fq-res: {full} is the full resolution'):
+        setup_training_config(data=data, batch=4, metrics='none', device='cpu', fq_res=str(full))
 
 
 def test_checkpointing_and_bf16_reach_the_2d_networks(data):

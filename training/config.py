@@ -399,6 +399,9 @@ def _fq_hook(c, facts, fq_res, fq_dict, fq_decay, fq_mode):
     _check_resolutions(fq, facts, '--fq-res')
     if not fq:
         return
+    if facts.sides[-1] in fq:  # D quantizes block outputs, and no block outputs the full resolution.
+        raise click.UsageError(f'--fq-res: {facts.sides[-1]} is the full resolution; D has no {_shape_text(facts)} '
+                               f'block output to quantize, so choose from {", ".join(str(s) for s in facts.sides[:-1])}')
     check_range('fq_dict', fq_dict)
     check_range('fq_decay', fq_decay)
     if fq_mode not in ('forward', 'loss'):
