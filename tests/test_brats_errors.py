@@ -89,6 +89,17 @@ def test_missing_modality(src, dest):
     assert_clean_failure(r, dest, 'C-002-t2w.nii.gz', 'missing t2w')
 
 
+def test_missing_modality_is_skipped_with_on_error_skip(src, dest):
+    """docs/data.md: --on-error skip skips a case with a missing modality (it once stopped the conversion: exit 1)."""
+    write_case(os.path.join(src, 'C-001'), 'C-001')
+    write_case(os.path.join(src, 'C-002'), 'C-002', skip=('t2w',))
+    r = run_tool('--source', src, '--dest', dest, '--on-error', 'skip', '--resolution', 16)
+    assert r.exit_code == 0 and 'C-002' in r.output and 'missing t2w' in r.output, r.output
+    assert os.path.isfile(dest)
+    with open(os.path.join(os.path.dirname(dest), 'skipped.json')) as f:
+        assert [s['case'] for s in json.load(f)] == ['C-002']
+
+
 def test_missing_label_file(src, dest):
     write_case(src / 'C-001', 'C-001', skip=('seg',))
     r = run_tool('--source', src, '--dest', dest, '--with-seg')

@@ -134,10 +134,10 @@ def walk_files(source, unreadable=None):
 def discover_cases(source, unreadable=None):
     """Finds every BraTS case under the folder `source` (any depth). Returns a list of CaseFiles sorted by case id.
 
-    Raises BratsError for an empty folder, a file that appears twice (same case and modality), mixed naming
-    schemes within one case, or a missing modality file; a folder that cannot be read raises too, or is appended to
-    the list `unreadable` (see walk_files). macOS debris (`__MACOSX/`, `._*`) is ignored. A missing label file is
-    checked later, only when the conversion needs the labels.
+    Raises BratsError for an empty folder, a file that appears twice (same case and modality) or mixed naming
+    schemes within one case; a folder that cannot be read raises too, or is appended to the list `unreadable` (see
+    walk_files). macOS debris (`__MACOSX/`, `._*`) is ignored. Missing modality and label files are checked when
+    the case is loaded (load_case), so that a conversion can skip such a case (--on-error skip).
     """
     source = Path(source)
     if not source.is_dir():
@@ -163,10 +163,9 @@ def discover_cases(source, unreadable=None):
     if not found and not unreadable:
         what = f'{len(nifti_seen)} NIfTI files but none named like a BraTS case' if nifti_seen else 'no NIfTI files'
         raise BratsError(source, f'{what} (expected <case>-t1n.nii.gz ... or <case>_t1.nii.gz ..., at any depth)')
-    cases = [found[k] for k in sorted(found)]
-    for cf in cases:
-        check_complete(cf, need_seg=False)
-    return cases
+    # A case missing a modality is found all the same: load_case refuses it (check_complete), which --on-error skip
+    # can skip like any bad case instead of the whole conversion stopping here.
+    return [found[k] for k in sorted(found)]
 
 
 def check_complete(case_files, need_seg):
