@@ -19,18 +19,21 @@ Examples:
 A stopped run resumes from its finished folds when the same command is run again.
 """
 
+import os
 import signal
 import sys
 
 import click
 
 from mri.downstream.data import SegmentationError
+from training.cli import PATH, bool_option
 from mri.downstream.model import ARCHS
 from mri.downstream.protocol import ARM_KINDS, default_config, run_protocol
 
 
 def _split(value):
-    return [v.strip() for v in (value or '').split(',') if v.strip()]
+    """A comma list of paths, each with ~ expanded (as PATH options do)."""
+    return [os.path.expanduser(v.strip()) for v in (value or '').split(',') if v.strip()]
 
 
 def _ratios(_ctx, _param, value):
@@ -56,11 +59,11 @@ def _sigterm_as_interrupt(_signum, _frame):
 
 
 @click.command(help=__doc__)
-@click.option('--data',            metavar='ZIP|DIR', required=True, help='Real archive with seg_* channels (dataset_tool.py --with-seg)')
+@click.option('--data',            metavar='ZIP|DIR', type=PATH, required=True, help='Real archive with seg_* channels (dataset_tool.py --with-seg)')
 @click.option('--network',         metavar='PATH[,PATH..]', default='', help='Joint image+mask snapshot or run dir; or one per fold')
 @click.option('--paint-network',   'paint_network', metavar='PATH[,PATH..]', default='',
               help='Paint snapshot or run dir for real+inserted (train.py --cfg paint); or one per fold')
-@click.option('--outdir',          metavar='DIR', required=True, help='Where results, checkpoints and pools go (resumable)')
+@click.option('--outdir',          metavar='DIR', type=PATH, required=True, help='Where results, checkpoints and pools go (resumable)')
 @click.option('--folds',           metavar='INT', type=click.IntRange(min=2), default=5, show_default=True, help='Cross-validation folds (by case)')
 @click.option('--test-subset',     type=click.Choice(['all', 'val', 'train']), default='all', show_default=True,
               help='Cases the folds test on (a case-level split of --data); the others always train')
@@ -68,7 +71,7 @@ def _sigterm_as_interrupt(_signum, _frame):
               help=f'Arms among {",".join(ARM_KINDS)} (real is always run)')
 @click.option('--synthetic-ratio', 'ratios', metavar='LIST', default='1', show_default=True, callback=_ratios,
               help='Synthetic (or inserted) items per real item, one real+synthetic (real+inserted) arm each')
-@click.option('--pretrained',      metavar='PATH', default=None, help='Segmenter checkpoint for pretrained+finetune')
+@click.option('--pretrained',      metavar='PATH', type=PATH, default=None, help='Segmenter checkpoint for pretrained+finetune')
 @click.option('--arch',            type=click.Choice(ARCHS), default='unet', show_default=True, help='MONAI network')
 @click.option('--features',        metavar='INT', type=click.IntRange(min=1), default=16, show_default=True, help='Channels of the first level')
 @click.option('--levels',          metavar='INT', type=click.IntRange(2, 6), default=4, show_default=True, help='Resolution levels')
@@ -76,14 +79,17 @@ def _sigterm_as_interrupt(_signum, _frame):
 @click.option('--batch',           metavar='INT', type=click.IntRange(min=1), default=16, show_default=True, help='Items per step')
 @click.option('--lr',              metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1e-3, show_default=True, help='Adam learning rate')
 @click.option('--patch',           metavar='INT', type=click.IntRange(min=4), default=None, help='Training/inference patch side [default: slice size; 96 for volumes]')
-@click.option('--augment/--no-augment', default=True, show_default=True, help='Flips and intensity jitter')
+@bool_option('--augment',          default=True, help='Flips and intensity jitter')
+@click.option('--no-augment',      is_flag=True, help='Same as --augment=0')
 @click.option('--seed',            metavar='INT', type=int, default=0, show_default=True, help='Seed of folds, weights, sampling, augmentation')
 @click.option('--trunc',           metavar='FLOAT', type=float, default=1.0, show_default=True, help='Truncation psi of the generator')
 @click.option('--workers',         metavar='INT', type=click.IntRange(min=0), default=2, show_default=True, help='DataLoader worker processes')
 @click.option('--device',          type=click.Choice(['cuda', 'cpu']), default=None, help='Device [default: cuda if available]')
-@click.option('--progress/--no-progress', default=True, show_default=True, help='Show a progress line')
+@bool_option('--progress',         default=True, help='Show a progress line')
+@click.option('--no-progress',     is_flag=True, help='Same as --progress=0')
 def main(data, network, paint_network, outdir, folds, test_subset, arms, ratios, pretrained, arch, features, levels, steps, batch, lr,
-         patch, augment, seed, trunc, workers, device, progress):
+         patch, augment, no_augment, seed, trunc, workers, device, progress, no_progress):
+    augment, progress = augment and not no_augment, progress and not no_progress
     if pretrained and 'pretrained+finetune' not in arms:
         arms = arms + ['pretrained+finetune']
     cfg = default_config(data=data, networks=_split(network), paint_networks=_split(paint_network), outdir=outdir, folds=folds, test_subset=test_subset,

@@ -11,6 +11,7 @@ import pytest
 from click.testing import CliRunner
 
 import calc_metrics
+import calc_segmentation
 import dataset_tool
 import generate
 import train
@@ -23,11 +24,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, 'bench'))
 
 COMMANDS = {'train.py': train.main, 'generate.py': generate.main, 'calc_metrics.py': calc_metrics.main,
+            'calc_segmentation.py': calc_segmentation.main,
             'dataset_tool.py': dataset_tool.main, 'bench/ablation.py': importlib.import_module('ablation').main,
             'bench/bench_metrics.py': importlib.import_module('bench_metrics').main,
             'bench/bench_dataset_tool.py': importlib.import_module('bench_dataset_tool').main}
 # Documented exceptions: an off-switch spelling kept for old scripts (same as --progress=0).
-NOT_SWITCHES = {('dataset_tool.py', 'no_progress'), }
+NOT_SWITCHES = {('dataset_tool.py', 'no_progress'), ('calc_segmentation.py', 'no_progress'),
+                ('calc_segmentation.py', 'no_augment')}
 
 
 def _switches(name, command):
@@ -105,7 +108,9 @@ def test_paths_expand_home(data_dir, tmp_path, monkeypatch):
     assert f'"path": "{data_dir}"' in res.output and os.path.join(os.path.dirname(data_dir), 'runs') in res.output
     for command, option in [(generate.main, 'network'), (generate.main, 'outdir'), (calc_metrics.main, 'network'),
                             (calc_metrics.main, 'data'), (calc_metrics.main, 'detector'), (dataset_tool.main, 'dest'),
-                            (dataset_tool.main, 'source'), (train.main, 'resume'), (train.main, 'vgg_detector')]:
+                            (dataset_tool.main, 'source'), (train.main, 'resume'), (train.main, 'vgg_detector'),
+                            (calc_segmentation.main, 'data'), (calc_segmentation.main, 'outdir'),
+                            (calc_segmentation.main, 'pretrained')]:
         assert next(p for p in command.params if p.name == option).type is cli.PATH, (command.name, option)
     assert cli.PATH.convert('~/x.zip', None, None) == os.path.join(os.path.dirname(data_dir), 'x.zip')
 
