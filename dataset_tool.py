@@ -108,6 +108,9 @@ def main(source, dest, kind, planes, resolution, volume_size, patch_size, patche
     progress = progress and not no_progress
     low, high = _parse_percentiles(percentiles)
     resolution, volume_size = _cube_side(kind, resolution, volume_size)
+    problem = _volume_problem((volume_size,) * 3) if kind == 'volumes' else None
+    if problem:  # As slices refuse a --resolution the trainer cannot use, before converting anything.
+        raise click.BadParameter(f'{problem}; train.py could not use them', param_hint='--volume-size')
     opts = convert.ConvertOptions(
         kind=kind,
         planes=_parse_list(planes, preprocess.PLANES, '--planes'),
@@ -163,10 +166,21 @@ def _parse_patch_size(value):
     if len(size) not in (2, 3) or min(size) < 4:
         raise click.BadParameter(f'expected 3 sides (3D) or 2 (2D crops), each >= 4, such as 64,64,64 or 64,64; '
                                  f'got {value!r}', param_hint='--patch-size')
-    problem = shape_problem(size) if len(size) == 2 else None
+    problem = shape_problem(size) if len(size) == 2 else _volume_problem(size)
     if problem:
-        raise click.BadParameter(f'2D crops of {problem}; train.py could not use them', param_hint='--patch-size')
+        raise click.BadParameter(f'{"2D crops of " if len(size) == 2 else ""}{problem}; train.py could not use them',
+                                 param_hint='--patch-size')
     return size
+
+
+def _volume_problem(shape):
+    """Why the network family cannot build volumes of ``shape`` (a base of 4..8 per axis times 2^k), or None."""
+    from training.networks import ShapeError, network_geometry  # Lazy: --help stays fast.
+    try:
+        network_geometry(list(shape), 3, min_levels=1)
+    except ShapeError as err:
+        return str(err)
+    return None
 
 
 def _is_default(name):

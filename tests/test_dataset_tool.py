@@ -566,3 +566,12 @@ def test_dest_may_not_be_contain_or_sit_inside_the_source(tmp_path):
         assert sorted(p for p in tmp_path.rglob('*')) == before
     assert (tmp_path / 'data' / 'notes.txt').read_text() == 'keep me'
     ok('--source', src, '--dest', tmp_path / 'elsewhere.zip', '--resolution', 16)
+
+
+@pytest.mark.parametrize('args', [['--kind', 'volumes', '--volume-size', '100'],
+                                  ['--kind', 'patches', '--patch-size', '100,100,100']])
+def test_volume_sides_the_trainer_cannot_use_are_refused_up_front(tmp_path, args):
+    """--volume-size 100 once converted, then training refused the shape (slices refuse --resolution 48 up front)."""
+    r = run_tool('--source', 'phantom', '--phantom-cases', 1, '--dest', tmp_path / 'a.zip', *args)
+    assert r.exit_code == 2 and 'not a base shape' in r.output and 'train.py could not use them' in r.output, r.output
+    assert not (tmp_path / 'a.zip').exists()
