@@ -13,11 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _archive_that_breaks_mid_run(tmp_path):
-    """A zip whose first image (the one train.py's checks read) is fine and the others are not PNGs."""
+    """A zip whose first image is fine and whose others are cut inside their pixel data: their headers are those of
+    the first (the checks before training read headers only), and they fail when loaded."""
     root = make_png_folder(str(tmp_path / 'src'), n=16, res=16, num_classes=2)
     for i in range(1, 16):
-        with open(os.path.join(root, f'img{i:04d}.png'), 'wb') as f:
-            f.write(b'not a png at all')
+        path = os.path.join(root, f'img{i:04d}.png')
+        with open(path, 'rb') as f:
+            data = f.read()
+        with open(path, 'wb') as f:  # Everything up to the pixel data (IDAT), then a few bytes of it: truncated.
+            f.write(data[:data.index(b'IDAT') + 8])
     return zip_folder(root, str(tmp_path / 'broken.zip'))
 
 

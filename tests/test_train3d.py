@@ -73,12 +73,13 @@ def test_volume_run_end_to_end(straight_run):
     stats = [json.loads(line) for line in open(os.path.join(straight_run, 'stats.jsonl'))]
     assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(0.032, abs=0.001)
     assert stats[-1]['Progress/augment']['mean'] > 0  # ADA ran its 3D pipeline.
-    # Montages: one row of samples (one class), each 2 image channels + the label overlay, in 3 planes of 8 voxels,
-    # with white gaps between the cells and the class name in a left margin (training.grids, as in 2D).
-    from training.grids import GAP
+    # Montages: the rows of an unconditional volume grid for the one class, each sample 2 image channels + the label
+    # overlay, in 3 planes of 8 voxels, with white gaps between the cells and the class name in a left margin
+    # (training.grids, as in 2D).
+    from training.grids import GAP, VOLUME_ROWS
     for name in ['reals.png', 'fakes_init.png', os.path.basename(_last_grid(straight_run))]:
         grid = np.array(PIL.Image.open(os.path.join(straight_run, name)))
-        assert grid.shape[0] == 3 * 8 + 2 * GAP and grid.shape[2] == 3, (name, grid.shape)
+        assert grid.shape[0] == VOLUME_ROWS * 3 * 8 + (VOLUME_ROWS + 1) * GAP and grid.shape[2] == 3, (name, grid.shape)
         assert 10 < grid.shape[1] - (4 * 3 * 8 + 5 * GAP) < 100, (name, grid.shape)  # The class name in the margin.
 
 
@@ -140,10 +141,13 @@ def test_hook_resolutions_name_the_levels_of_a_volume(tmp_path):
     """--attn-res and --fq-res name a level by its largest side: 10x12x10 = 5x6x5 x 2 has levels of side 6, 12."""
     from training.config import setup_training_config
     data = _volume_zip(tmp_path / 'box.zip', [10, 12, 10])
-    c = setup_training_config(data=data, device='cpu', metrics='none', attn_res='6', fq_res='6,12')
+    c = setup_training_config(data=data, device='cpu', metrics='none', attn_res='6', fq_res='6')
     assert c.G_kwargs.attn_res == [6] and c.D_kwargs.attn_res == [6]
     assert c.G_kwargs.attn_kwargs['class_name'] == 'training.attention.SelfAttention'
-    assert c.D_kwargs.quantize_kwargs['resolutions'] == [6, 12]
+    assert c.D_kwargs.quantize_kwargs['resolutions'] == [6]
+    # D quantizes block outputs; none is at the full resolution (D could not be built with 12).
+    with pytest.raises(click.UsageError, match='--fq-res: 12 is the full resolution; D has no 10x12x10 block'):
+        setup_training_config(data=data, device='cpu', metrics='none', fq_res='6,12')
     with pytest.raises(click.UsageError, match='--attn-res: 12 is the full resolution; D has no 10x12x10 block') as err:
         setup_training_config(data=data, device='cpu', metrics='none', attn_res='12')
     assert 'choose from 6' in err.value.message
