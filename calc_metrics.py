@@ -96,14 +96,16 @@ def calc_metrics(
         raise metric_utils.MetricError(f'--run-dir {run_dir}: no such folder (results are appended to '
                                        f'metric-<name>.jsonl there)')
     run_dir = run_dir or os.path.dirname(os.path.abspath(network))
-    results = metric_main.calc_metrics(metrics, share=share, G=G, dataset_kwargs=dataset_kwargs, num_gpus=gpus, rank=rank,
+
+    def report(result):  # Each result printed and saved as it comes: a later failure does not lose it.
+        if rank == 0:
+            metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=network)
+    results = metric_main.calc_metrics(metrics, share=share, on_result=report, G=G, dataset_kwargs=dataset_kwargs,
+                                       num_gpus=gpus, rank=rank,
                                        device=device, progress=progress, channel=channel, detector_url=detector,
                                        vgg_detector_url=vgg_detector, num_gen=num_gen,
                                        batch_size=batch, run_dir=run_dir, xflip_reals=bool(mirror),
                                        detector3d=detector3d, segmenter=segmenter)
-    if rank == 0:
-        for result in results:
-            metric_main.report_metric(result, run_dir=run_dir, snapshot_pkl=network)
     return results
 
 

@@ -71,8 +71,9 @@ def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
                            total_time_str=dnnlib.format_time(total_time), num_gpus=opts.num_gpus)
 
 
-def calc_metrics(metrics: list, share: bool = True, **kwargs) -> list:
+def calc_metrics(metrics: list, share: bool = True, on_result=None, **kwargs) -> list:
     """Run several metrics on the same generator and data: ``[calc_metric result, ...]`` in order.
+    ``on_result(result)`` is called as each metric finishes, so that a later metric's failure loses nothing done.
 
     With ``share`` the metrics share one pass of the reals' features and one set of generated features where
     they ask for the same images (e.g. fid10k_full and kid10k_full; the per-class reals of fid_per_class come
@@ -85,7 +86,12 @@ def calc_metrics(metrics: list, share: bool = True, **kwargs) -> list:
         if problem:  # before the first metric runs, so that nothing is half reported
             raise metric_utils.MetricError(problem)
     memo = metric_utils.FeatureMemo() if share and len(metrics) > 1 else None
-    return [calc_metric(metric, feature_memo=memo, **kwargs) for metric in metrics]
+    results = []
+    for metric in metrics:
+        results.append(calc_metric(metric, feature_memo=memo, **kwargs))
+        if on_result is not None:
+            on_result(results[-1])
+    return results
 
 
 def report_metric(result_dict: dict, run_dir: str = None, snapshot_pkl: str = None) -> str:

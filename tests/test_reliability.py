@@ -63,3 +63,16 @@ def test_calc_metrics_run_dir_missing_is_refused(snap, tmp_path):
                                                     os.path.dirname(snap), '--run-dir', str(tmp_path / 'missing'),
                                                     '--device', 'cpu'])
     _one_line_error(result, '--run-dir', 'no such folder')
+
+
+def test_calc_metrics_keeps_finished_metrics_when_a_later_one_fails(snap, tmp_path):
+    """A later metric's failure once threw away the results of the finished ones (printed nowhere, saved nowhere)."""
+    from tests.helpers import make_png_folder
+    data = make_png_folder(str(tmp_path / 'pngs'), n=8, res=8)
+    run = tmp_path / 'run'
+    run.mkdir()
+    result = CliRunner().invoke(calc_metrics.main, ['--network', snap, '--metrics', 'msssim_div,mask_dice', '--data',
+                                                    data, '--run-dir', str(run), '--device', 'cpu', '--num-gen', '8'])
+    assert result.exit_code != 0 and 'Traceback' not in result.output, result.output
+    assert '"metric": "msssim_div"' in result.output
+    assert (run / 'metric-msssim_div.jsonl').is_file() and not (run / 'metric-mask_dice.jsonl').exists()
