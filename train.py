@@ -218,7 +218,7 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
 @click.option('--augpipe',      help='Augmentation pipeline', type=click.Choice(AUGPIPE_NAMES), default='bgc', show_default=True)
 @click.option('--resume',       help='Continue a run dir in place, or start a new run from a snapshot (.pt, NVlabs .pkl)', metavar='[RUN_DIR|PT|PKL]', type=PATH)
 @bool_option('--resume-partial', help='With --resume SNAPSHOT: start from the matching tensors even if the snapshot does not fit')
-@click.option('--freezed',      help='Freeze the first layers of D (FreezeD)', metavar='INT', type=RANGES['freezed'], default=0, show_default=True)
+@click.option('--freezed',      help="Freeze D's N highest-resolution blocks (FreezeD)", metavar='INT', type=RANGES['freezed'], default=0, show_default=True)
 @bool_option('--allow-pickle', help='Deprecated, ignored: .pkl files load without running code', hidden=True)
 # Hyperparameters.
 @click.option('--cfg',          help='Base configuration', type=click.Choice(list(CFG_SPECS)), default='auto', show_default=True)

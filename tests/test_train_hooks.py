@@ -135,3 +135,14 @@ def test_checkpointing_and_bf16_reach_the_2d_networks(data):
     c = setup_training_config(data=data, batch=4, metrics='none', device='cpu', checkpointing=True, bf16=True)
     for kwargs in (c.G_kwargs, c.D_kwargs):
         assert kwargs.checkpointing is True and kwargs.mixed_precision == 'bfloat16'
+
+
+def test_freezed_counts_blocks_and_refuses_freezing_all_of_d(data):
+    """--freezed N freezes N blocks (help and docs said layers); --freezed 4 on a 3-block D froze everything."""
+    from training.training_loop import _frozen_param_names
+    from training.networks import Discriminator
+    c = setup_training_config(data=data, batch=4, metrics='none', device='cpu', freezed=1)  # 16 px: blocks 16, 8, 4.
+    D = Discriminator(c_dim=2, img_resolution=16, img_channels=1, channel_base=64, channel_max=8)
+    assert {n.split('.')[0] for n in _frozen_param_names(D, c.freezed)} == {'b16'}
+    with pytest.raises(click.UsageError, match='--freezed 3: D has 3 blocks here'):
+        setup_training_config(data=data, batch=4, metrics='none', device='cpu', freezed=3)

@@ -178,7 +178,7 @@ def setup_training_config(
     seed: int = 0,                  # Random seed.
     resume: str = None,             # Snapshot (.pt or NVlabs .pkl) to start a new run from (weights only).
     resume_partial: bool = False,   # Start from the tensors that match even if the snapshot does not fit.
-    freezed: int = 0,               # FreezeD layers.
+    freezed: int = 0,               # FreezeD: D's N highest-resolution blocks stay fixed.
     fp32: bool = False,             # Disable mixed precision.
     nobench: bool = False,          # Disable cuDNN benchmarking.
     allow_tf32: bool = False,       # Allow TF32.
@@ -225,6 +225,10 @@ def setup_training_config(
     _resume_from_snapshot(c, facts, resume=resume, resume_partial=resume_partial)
     if freezed < 0:
         raise click.UsageError('--freezed must be non-negative')
+    blocks = len(facts.sides)  # D's blocks, the one at the base size (the epilogue) included.
+    if freezed >= blocks:
+        raise click.UsageError(f'--freezed {freezed}: D has {blocks} blocks here ({_shape_text(facts)}), so every one would '
+                               f'be frozen and D would not train; choose at most {blocks - 1}')
     c.freezed = freezed
     c.cudnn_benchmark = not nobench
     c.allow_tf32 = allow_tf32
