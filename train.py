@@ -260,7 +260,7 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
 @bool_option('--fp32',          help='Disable mixed-precision')
 @bool_option('--nobench',       help='Disable cuDNN benchmarking')
 @bool_option('--allow-tf32',    help='Allow TF32 for matmul and convolutions')
-@click.option('--workers',      help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
+@click.option('--workers',      help='DataLoader worker processes [default: 3, at most the CPU count]', metavar='INT', type=click.IntRange(min=0))
 @click.option('--device',       help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
 @bool_option('-n', '--dry-run', help='Print training options and exit')
 def main(**opts):

@@ -143,3 +143,12 @@ def test_dataset_tool_refuses_a_resolution_the_trainer_cannot_use(tmp_path):
     assert res.exit_code == 2 and '--resolution' in res.output and '48x48' in res.output, res.output
     assert len([line for line in res.output.splitlines() if line.startswith('Error')]) == 1
     assert not dest.exists() and os.listdir(tmp_path) == []
+
+
+def test_default_workers_never_exceed_the_cores(data_dir, monkeypatch):
+    """The default 3 DataLoader workers made torch warn twice on every 2-core run; an explicit --workers is kept."""
+    from training.config import setup_training_config
+    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    c = setup_training_config(data=data_dir, device='cpu', metrics='none')
+    assert c.data_loader_kwargs.num_workers == 2
+    assert setup_training_config(data=data_dir, device='cpu', metrics='none', workers=3).data_loader_kwargs.num_workers == 3

@@ -182,7 +182,7 @@ def setup_training_config(
     fp32: bool = False,             # Disable mixed precision.
     nobench: bool = False,          # Disable cuDNN benchmarking.
     allow_tf32: bool = False,       # Allow TF32.
-    workers: int = 3,               # DataLoader workers.
+    workers: int = None,            # DataLoader workers; None = DEFAULT_WORKERS, at most the CPU count.
     device: str = None,             # 'cuda' or 'cpu'; None = cuda when available.
     topk: bool = False,             # Top-k generator updates (Sinha et al. 2020).
     topk_gamma: float = 0.99,       # Top-k decay per epoch (distinct training images).
@@ -545,7 +545,12 @@ def _open_dataset(data: str, flag: str, subset: str):
         raise click.UsageError(f'{flag}: {data}: cannot be read ({err.strerror or err})') from None
 
 
+DEFAULT_WORKERS = 3  # StyleGAN2-ADA's; fewer on a machine with fewer cores (torch warns of more workers than cores).
+
+
 def data_loader_kwargs(workers: int, device: str) -> dnnlib.EasyDict:
+    if workers is None:
+        workers = min(DEFAULT_WORKERS, os.cpu_count() or 1)
     return dnnlib.EasyDict(pin_memory=(device == 'cuda'), num_workers=workers,
                            prefetch_factor=2 if workers > 0 else None, persistent_workers=workers > 0)
 
