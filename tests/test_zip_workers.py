@@ -54,7 +54,7 @@ def test_each_process_opens_its_own_handle(tmp_path):
 def test_train_on_zip_with_default_workers(tmp_path, channels):
     data = _zip(tmp_path, channels, n=32, res=16)
     outdir = str(tmp_path / 'runs')
-    # No --workers: the default (3) is what users get.
+    # No --workers: the default (3, at most the CPU count) is what users get.
     res = subprocess.run([sys.executable, 'train.py', '--data', data, '--outdir', outdir, '--cond=1', '--kimg', '0.064',
                           '--tick', '0.032', '--snap', '100', '--cbase', '256', '--cmax', '16', '--map-depth', '1',
                           '--batch', '8', '--metrics', 'none', '--device', 'cpu', '--aug', 'ada'],
@@ -62,6 +62,6 @@ def test_train_on_zip_with_default_workers(tmp_path, channels):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run,) = glob.glob(os.path.join(outdir, '*'))
     with open(os.path.join(run, 'training_options.json')) as f:
-        assert json.load(f)['data_loader_kwargs']['num_workers'] == 3
+        assert json.load(f)['data_loader_kwargs']['num_workers'] == min(3, os.cpu_count())
     with open(os.path.join(run, 'stats.jsonl')) as f:
         assert json.loads(f.readlines()[-1])['Progress/kimg']['mean'] == pytest.approx(0.064, abs=0.01)
