@@ -32,7 +32,7 @@ def test_two_process_gloo_keeps_ranks_identical(tmp_path, hooks):
     else:
         data = make_png_folder(str(tmp_path / 'data'), n=8, res=16, num_classes=2)
     c = setup_training_config(data=data, gpus=2, batch=4, cond=True, cbase=256, cmax=16, map_depth=1, kimg=0.024,
-                              tick=0.012, snap=1, metrics='none', workers=0, device='cpu', aug='fixed', p=0.5,
+                              tick=0.012, snap=1, metrics='none', device='cpu', aug='fixed', p=0.5,
                               **hooks)
     c.run_dir = str(tmp_path / 'run')
     os.makedirs(c.run_dir)

@@ -124,7 +124,7 @@ def archive(tmp_path_factory):
 def metric_kwargs(archive, detector_path, **overrides):
     kwargs = dict(G=FakeG(), dataset_kwargs=dict(class_name='training.dataset.ImageFolderDataset', path=archive,
                                                  use_labels=True), device='cpu', detector_url=detector_path,
-                  vgg_detector_url=detector_path, num_gen=16, batch_size=8, num_workers=0)
+                  vgg_detector_url=detector_path, num_gen=16, batch_size=8)  # The default workers.
     kwargs.update(overrides)
     return kwargs
 

@@ -168,7 +168,7 @@ def test_metrics_during_training_show_progress_with_rate_and_time_left(archive, 
                   random_seed=0, resolution=16)
     opts = dnnlib.EasyDict(metrics=['fid10k_full', 'kid10k_full'], training_set_kwargs=kwargs, num_gpus=1, rank=0,
                            run_dir=str(tmp_path), metric_kwargs=dict(detector_url=detector_path, num_gen=16,
-                                                                     batch_size=8, num_workers=0))
+                                                                     batch_size=8))
     run = Run(opts=opts, device=torch.device('cpu'), nets=dnnlib.EasyDict(G_ema=FakeG(img_channels=1)))
     results = _evaluate_metrics(run, str(tmp_path / 'network-snapshot-000000.pt'))
     assert np.isfinite(results['fid10k_full']) and np.isfinite(results['kid10k_full'])

@@ -289,8 +289,7 @@ def _segmenter(archive, path, steps=150):
             return x[:2], torch.where(onehot.any(0), onehot.to(torch.uint8).argmax(0) + 1, 0).to(torch.int64)
     engine.seed_everything(0)
     model = build_segmenter('unet', 2, 2, features=8, levels=2)
-    model = engine.train_segmenter(model, Items(), steps=steps, batch=8, lr=1e-2, seed=0, device='cpu', patch=[16, 16],
-                                   workers=0)
+    model = engine.train_segmenter(model, Items(), steps=steps, batch=8, lr=1e-2, seed=0, device='cpu', patch=[16, 16])
     save_segmenter(path, model, dict(arch='unet', spatial_dims=2, in_channels=2, input_names=MODS, features=8, levels=2,
                                      patch=[16, 16]))
     return path
@@ -381,7 +380,7 @@ def test_real_inserted_never_inserts_into_a_test_case(tmp_path):
     snap = _paint_snapshot(tmp_path / 'paint.pt', archive, ['t2w'] + SEG)
     outdir = tmp_path / 'out'
     cfg = default_config(data=archive, paint_networks=[snap], outdir=str(outdir), folds=3, arms=['real', 'real+inserted'],
-                         ratios=[1.0], features=4, levels=2, steps=2, batch=4, workers=0, device='cpu', progress=False)
+                         ratios=[1.0], features=4, levels=2, steps=2, batch=4, device='cpu', progress=False)
     inserter = StandInInserter()
     out = run_protocol(cfg, inserter=inserter)
     assert out['arms'] == ['real', 'real+inserted@1']
