@@ -111,24 +111,31 @@ def make_folds(case_ids: list, folds: int, seed: int, what: str = 'the archive')
 # ----------------------------------------------------------------------------
 # Synthetic pools: image+mask samples of a joint snapshot, written once, read by every fold and arm.
 
+def load_generator(network: str, flag: str) -> tuple:
+    """``(snapshot path, snapshot data, G_ema or G)`` of a snapshot file or run dir (its newest snapshot) named by
+    the option ``flag``; a one-line SegmentationError when there is none."""
+    from torch_utils import snapshot
+    from training.checkpoint import latest_snapshot
+    path = network
+    if os.path.isdir(network):
+        path = latest_snapshot(network)
+        if path is None:
+            raise SegmentationError(f'{network}: run dir has no network-snapshot-*.pt ({flag})')
+    try:
+        data = snapshot.load_snapshot(path, device='cpu')
+    except snapshot.SnapshotError as err:
+        raise SegmentationError(str(err)) from None
+    G = data.G_ema if data.G_ema is not None else data.G
+    if G is None:
+        raise SegmentationError(f'{path}: holds no generator ({flag})')
+    return path, data, G
+
+
 class SnapshotSource:
     """A joint image+mask generator, checked against the real archive before anything is written."""
 
     def __init__(self, network: str, real: RealArchive, device, truncation_psi: float = 1.0):
-        from torch_utils import snapshot
-        from training.checkpoint import latest_snapshot
-        path = network
-        if os.path.isdir(network):
-            path = latest_snapshot(network)
-            if path is None:
-                raise SegmentationError(f'{network}: run dir has no network-snapshot-*.pt (--network)')
-        try:
-            data = snapshot.load_snapshot(path, device='cpu')
-        except snapshot.SnapshotError as err:
-            raise SegmentationError(str(err)) from None
-        G = data.G_ema if data.G_ema is not None else data.G
-        if G is None:
-            raise SegmentationError(f'{path}: holds no generator (--network)')
+        path, data, G = load_generator(network, '--network')
         from training.paint import is_paint_generator
         if is_paint_generator(G):
             raise SegmentationError(f'{path}: is a paint snapshot (it paints tumours into real scans, it does not '

@@ -23,7 +23,7 @@ import re
 import numpy as np
 
 import dnnlib
-from mri.downstream.data import SegmentationError
+from mri.downstream.data import SegmentationError, load_generator
 from mri.seg import SEG_CHANNELS
 
 _SLICE_NAME = re.compile(r'^(?P<plane>sagittal|coronal|axial)-\d+\.[A-Za-z0-9]+$')
@@ -147,19 +147,8 @@ class PaintSource:
     """A paint snapshot, checked against the real archive before anything is written."""
 
     def __init__(self, network: str, real, device, truncation_psi: float = 1.0, inserter=None):
-        from torch_utils import snapshot
-        from training.checkpoint import latest_snapshot
         from training.paint import is_paint_generator
-        path = network
-        if os.path.isdir(network):
-            path = latest_snapshot(network)
-            if path is None:
-                raise SegmentationError(f'{network}: run dir has no network-snapshot-*.pt (--paint-network)')
-        try:
-            data = snapshot.load_snapshot(path, device='cpu')
-        except snapshot.SnapshotError as err:
-            raise SegmentationError(str(err)) from None
-        G = data.G_ema if data.G_ema is not None else data.G
+        path, data, G = load_generator(network, '--paint-network')
         if not is_paint_generator(G):
             raise SegmentationError(f'{path}: is not a paint snapshot (its generator is {type(G).__name__}); '
                                     f'--paint-network needs one trained on a patch archive (train.py --cfg paint); '
