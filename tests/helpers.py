@@ -69,3 +69,14 @@ def make_patch_archive(root, cases=3, patch_size='16,16', seed=2):
         '--planes', 'axial', '--patches-per-case', '2', '--labels', 'cohort', '--no-progress'])
     assert result.exit_code == 0, result.output
     return dest
+
+
+def blob_labels(shape, centre, radius):
+    """A tumour label map of `shape` with a ball at `centre`: SNFH (2) outside, an ET (3) ring, NETC (1) inside."""
+    grids = np.meshgrid(*[np.arange(s) for s in shape], indexing='ij')
+    dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
+    labels = np.zeros(shape, np.uint8)
+    labels[dist < radius] = 2
+    labels[dist < radius * 0.65] = 3
+    labels[dist < radius * 0.3] = 1
+    return labels

@@ -16,6 +16,7 @@ import torch
 from metrics import metric_main
 from metrics import metric_utils
 from metrics import paint
+from tests.helpers import blob_labels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODS = ['t1n', 't2w']
@@ -25,21 +26,11 @@ CHANNELS = MODS + ['brain', 'seg_netc', 'seg_snfh', 'seg_et']
 # ----------------------------------------------------------------------------
 # A tiny patch archive: a brain ball with smooth texture; tumour patches hold a layered blob (brighter per label).
 
-def _blob(shape, centre, radius):
-    grids = np.meshgrid(*[np.arange(s) for s in shape], indexing='ij')
-    dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
-    labels = np.zeros(shape, np.uint8)
-    labels[dist < radius] = 2
-    labels[dist < radius * 0.65] = 3
-    labels[dist < radius * 0.3] = 1
-    return labels
-
-
 def _patch(shape, rnd, tumour):
     grids = np.meshgrid(*[np.arange(s) / s for s in shape], indexing='ij')
     centre = [s / 2 - 0.5 for s in shape]
     brain = np.sqrt(sum((g * s - c) ** 2 for g, s, c in zip(grids, shape, centre))) < 0.47 * shape[0]
-    labels = _blob(shape, [s * rnd.uniform(0.4, 0.6) for s in shape], shape[0] * 0.25) if tumour else np.zeros(shape, np.uint8)
+    labels = blob_labels(shape, [s * rnd.uniform(0.4, 0.6) for s in shape], shape[0] * 0.25) if tumour else np.zeros(shape, np.uint8)
     labels = np.where(brain, labels, 0).astype(np.uint8)
     mods = []
     for m in range(len(MODS)):
@@ -319,7 +310,7 @@ def test_insert_dice_reports_inserted_and_real(archives):
 def test_insertion_never_leaves_the_brain():
     from metrics.insert_dice import place
     rng = np.random.RandomState(0)
-    labels = torch.from_numpy(np.stack([_blob((16, 16), (8, 8), 4) == k for k in (1, 2, 3)]))
+    labels = torch.from_numpy(np.stack([blob_labels((16, 16), (8, 8), 4) == k for k in (1, 2, 3)]))
     brain = torch.zeros(16, 16, dtype=torch.bool)
     brain[2:14, 3:13] = True
     for _ in range(20):

@@ -13,6 +13,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from tests.helpers import blob_labels
+
 pytest.importorskip('monai')
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -21,17 +23,6 @@ SEG = ['seg_netc', 'seg_snfh', 'seg_et']
 
 # ----------------------------------------------------------------------------
 # Tiny archives whose tumour is easy to see: a blob whose rings carry the labels, brighter per label.
-
-def _blob(shape, centre, radius):
-    """Label map with a blob: SNFH (2) outside, ET (3) ring, NETC (1) in the middle."""
-    grids = np.meshgrid(*[np.arange(s) for s in shape], indexing='ij')
-    dist = np.sqrt(sum((g - c) ** 2 for g, c in zip(grids, centre)))
-    labels = np.zeros(shape, np.uint8)
-    labels[dist < radius] = 2
-    labels[dist < radius * 0.65] = 3
-    labels[dist < radius * 0.3] = 1
-    return labels
-
 
 def _encode(labels, rnd, with_seg=True):
     brightness = np.array([0.15, 1.0, 0.45, 0.75])[labels]
@@ -55,7 +46,7 @@ def make_seg_archive(path, cases=6, per_case=6, res=16, volumes=False, with_seg=
                 shape = (res,) * (3 if volumes else 2)
                 q = (c * per_case + s) % 4
                 centre = [res * (0.3 if (q >> (i % 2)) & 1 else 0.7) for i in range(len(shape))]
-                labels = _blob(shape, centre, res * 0.22) if volumes or s % 3 != 2 else np.zeros(shape, np.uint8)
+                labels = blob_labels(shape, centre, res * 0.22) if volumes or s % 3 != 2 else np.zeros(shape, np.uint8)
                 name = f'{case}/{case}.npy' if volumes else f'{case}/axial-{40 + s:03d}.npy'
                 buf = _npy_bytes(_encode(labels, rnd, with_seg))
                 z.writestr(name, buf)
