@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import misc
 from metrics import metric_utils
 from metrics import paint
 
@@ -30,20 +31,6 @@ SCORER = 'mri.downstream.model.load_mask_scorer'
 MIN_ON_BRAIN = 0.9          # fraction of a moved tumour that must land on brain
 PLACE_TRIES = 16            # placements tried per item
 MAX_FRACTION = 0.35         # a donor tumour covering more of the patch is scaled down to it (as the healthy masks)
-
-
-def _shift(x: torch.Tensor, offset) -> torch.Tensor:
-    """``x [C, *S]`` moved by the integer ``offset`` (one per spatial axis); what leaves is dropped, zeros enter."""
-    out = torch.zeros_like(x)
-    src, dst = [slice(None)], [slice(None)]
-    for size, d in zip(x.shape[1:], offset):
-        d = int(d)
-        if abs(d) >= size:
-            return out
-        src.append(slice(max(0, -d), size - max(0, d)))
-        dst.append(slice(max(0, d), size - max(0, -d)))
-    out[tuple(dst)] = x[tuple(src)]
-    return out
 
 
 def _shrink(labels: torch.Tensor) -> torch.Tensor:
@@ -77,7 +64,7 @@ def place(labels: torch.Tensor, brain: torch.Tensor, rng) -> torch.Tensor:
         flips = [1 + a for a in range(brain.ndim) if rng.randint(2)]
         shape = labels.flip(flips) if flips else labels
         centre = shape.any(0).nonzero().to(torch.float32).mean(0).round().to(torch.int64)
-        moved = _shift(shape, (spots[rng.randint(len(spots))] - centre).tolist())
+        moved = misc.shift(shape, (spots[rng.randint(len(spots))] - centre).tolist())
         if int((moved.any(0) & brain).sum()) >= MIN_ON_BRAIN * size:
             return moved & brain
     return None

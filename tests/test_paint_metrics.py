@@ -400,3 +400,12 @@ def test_real_inserted_never_inserts_into_a_test_case(tmp_path):
         Plan(default_config(**dict(cfg, networks=[snap], arms=['real', 'real+synthetic'], outdir=str(tmp_path / 'x'))))
     with pytest.raises(SegmentationError, match='needs a paint snapshot'):
         Plan(default_config(**dict(cfg, paint_networks=[], outdir=str(tmp_path / 'x'))))
+
+
+def test_shift_moves_the_trailing_axes_only():
+    from torch_utils.misc import shift
+    x = torch.arange(2 * 3 * 4).reshape(2, 3, 4)
+    moved = shift(x, [1, -2])              # [C, H, W]: the channels stay, H and W move
+    assert torch.equal(moved[:, 1:, :2], x[:, :2, 2:]) and (moved[:, 0] == 0).all() and (moved[:, :, 2:] == 0).all()
+    assert torch.equal(shift(x[0], [1, -2]), moved[0])  # [H, W] alike (mri.painting.masks)
+    assert (shift(x, [0, 4]) == 0).all() and torch.equal(shift(x, [0, 0, 0]), x)

@@ -64,6 +64,21 @@ def assert_shape(tensor: torch.Tensor, ref_shape) -> None:
                                  f'(shape {tuple(tensor.shape)} vs {tuple(ref_shape)})')
 
 
+
+def shift(x: torch.Tensor, offset) -> torch.Tensor:
+    """``x`` moved by the integer ``offset``, one per trailing axis (``x [C, *S]`` with an offset per spatial axis
+    leaves C alone); what leaves the array is dropped, zeros enter."""
+    out = torch.zeros_like(x)
+    src = dst = [slice(None)] * (x.ndim - len(offset))
+    for size, d in zip(x.shape[x.ndim - len(offset):], offset):
+        d = int(d)
+        if abs(d) >= size:
+            return out
+        src = src + [slice(max(0, -d), size - max(0, d))]
+        dst = dst + [slice(max(0, d), size - max(0, -d))]
+    out[tuple(dst)] = x[tuple(src)]
+    return out
+
 class InfiniteSampler(torch.utils.data.Sampler):
     """Endless index stream for the data loader: shuffled, sharded by rank, with a moving shuffle window.
 

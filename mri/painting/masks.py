@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from torch_utils.misc import shift  # one copy for metrics/insert_dice.py and the masks here
+
 
 def ball(radius: int, spatial_dims: int, device=None) -> torch.Tensor:
     """A ball (3D) or disc (2D) of ``radius`` voxels as a float kernel [1, 1, *(2r+1,)]: 1 inside, 0 outside."""
@@ -33,20 +35,6 @@ def dilate(mask: torch.Tensor, radius: int) -> torch.Tensor:
     conv = F.conv3d if dims == 3 else F.conv2d
     hit = conv(mask.to(torch.float32), ball(radius, dims, mask.device), padding=int(radius))
     return hit > 0.5
-
-
-def shift(mask: torch.Tensor, offset) -> torch.Tensor:
-    """``mask`` [*S] moved by the integer ``offset`` (one per axis); what leaves the array is dropped, zeros enter."""
-    out = torch.zeros_like(mask)
-    src, dst = [], []
-    for size, d in zip(mask.shape, offset):
-        d = int(d)
-        if abs(d) >= size:
-            return out
-        src.append(slice(max(0, -d), size - max(0, d)))
-        dst.append(slice(max(0, d), size - max(0, -d)))
-    out[tuple(dst)] = mask[tuple(src)]
-    return out
 
 
 def shrink(mask: torch.Tensor, max_fraction: float) -> torch.Tensor:
