@@ -323,3 +323,26 @@ def test_bad_input_one_line_nothing_written(files, tmp_path):
     _bad(['--data', files['archive'], '--outdir', out, '--arms', 'real', '--pretrained', tmp_path / 'missing.pt'],
          'missing.pt')
     assert not out.exists()
+
+
+def test_segmenter_checkpoint_round_trip_and_foreign_files(tmp_path):
+    from mri.downstream.data import SegmentationError
+    from mri.downstream.model import build_segmenter, load_segmenter, save_segmenter
+    spec = dict(arch='unet', spatial_dims=2, in_channels=2, features=4, levels=2, input_names=['t1n', 't2f'])
+    model = build_segmenter('unet', 2, 2, features=4, levels=2)
+    path = str(tmp_path / 'seg.pt')
+    save_segmenter(path, model, spec)
+    loaded, got = load_segmenter(path)
+    assert dict(got) == spec and not loaded.training
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+    torch.save({'format': 'mri-gan-inpainter/1'}, tmp_path / 'other.pt')
+    (tmp_path / 'junk.pt').write_bytes(b'not a checkpoint')
+    wider = dict(spec, features=8)
+    save_segmenter(str(tmp_path / 'wider.pt'), model, wider)
+    for name, message in [('missing.pt', 'no such segmenter checkpoint'),
+                          ('junk.pt', 'not a readable segmenter checkpoint'),
+                          ('other.pt', 'not a segmenter checkpoint of calc_segmentation.py'),
+                          ('wider.pt', 'weights do not fit unet')]:
+        with pytest.raises(SegmentationError, match=message) as err:
+            load_segmenter(str(tmp_path / name))
+        assert '\n' not in str(err.value)

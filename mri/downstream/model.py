@@ -8,11 +8,10 @@ A segmenter checkpoint is plain data (architecture name, its arguments, input ch
 loaded with ``torch.load(weights_only=True)`` and rebuilt only from the two MONAI classes named here.
 """
 
-import os
-
 import torch
 
 import dnnlib
+from torch_utils import records
 from mri.downstream.data import SegmentationError
 
 SEGMENTER_FORMAT = 'mri-gan-segmenter/1'
@@ -46,29 +45,18 @@ def min_size(levels: int) -> int:
 
 
 def save_segmenter(path: str, model: torch.nn.Module, spec: dict) -> None:
-    """Write ``{format, spec, state_dict}`` atomically; ``spec`` holds arch, spatial_dims, in_channels, input_names, ..."""
-    data = dict(format=SEGMENTER_FORMAT, spec=dict(spec),
-                state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
-    with dnnlib.atomic_output(path, suffix='.pt') as tmp:
-        torch.save(data, tmp)
+    """Write ``{format, spec, state_dict}`` atomically (torch_utils.records); ``spec`` holds arch, spatial_dims,
+    in_channels, input_names, ..."""
+    records.save_record(path, SEGMENTER_FORMAT, model, spec=dict(spec))
 
 
 def load_segmenter(path: str, device='cpu') -> tuple:
     """``(model in eval mode on device, spec)`` from a checkpoint written by `save_segmenter`."""
-    if not os.path.isfile(path):
-        raise SegmentationError(f'{path}: no such segmenter checkpoint')
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or foreign files.
-        raise SegmentationError(f'{path}: not a readable segmenter checkpoint ({type(err).__name__})') from None
-    if not isinstance(data, dict) or data.get('format') != SEGMENTER_FORMAT:
-        raise SegmentationError(f'{path}: not a segmenter checkpoint of calc_segmentation.py')
+    data = records.load_record(path, SEGMENTER_FORMAT, 'segmenter checkpoint', 'calc_segmentation.py',
+                               SegmentationError)
     spec = dnnlib.EasyDict(data['spec'])
     model = build_segmenter(spec.arch, spec.spatial_dims, spec.in_channels, spec.features, spec.levels)
-    try:
-        model.load_state_dict(data['state_dict'])
-    except RuntimeError as err:
-        raise SegmentationError(f'{path}: weights do not fit {spec.arch} ({str(err).splitlines()[0][:160]})') from None
+    records.load_weights(model, data, path, spec.arch, SegmentationError)
     return model.to(device).eval(), spec
 
 

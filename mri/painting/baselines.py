@@ -20,13 +20,13 @@ An inpainter file is plain data (format, the constructor's arguments, state_dict
 ``torch.load(weights_only=True)`` and rebuilt only from the MONAI class named here.
 """
 
-import os
 import time
 
 import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import records
 from mri.painting.masks import dilate
 
 INPAINTER_FORMAT = 'mri-gan-inpainter/1'
@@ -310,29 +310,16 @@ def patch_tensors(
 
 
 def save_inpainter(path: str, model: UNetInpainter, training: dict = None) -> None:
-    """Write ``{format, init_kwargs, state_dict, training}`` atomically (loadable with ``weights_only=True``)."""
+    """Write ``{format, init_kwargs, state_dict, training}`` atomically (torch_utils.records; loadable with
+    ``weights_only=True``)."""
     record = dict(training or {})
     record.pop('losses', None)
-    data = dict(format=INPAINTER_FORMAT, init_kwargs=dict(model.init_kwargs),
-                state_dict={k: v.detach().cpu().clone() for k, v in model.state_dict().items()}, training=record)
-    with dnnlib.atomic_output(path, suffix='.pt') as tmp:
-        torch.save(data, tmp)
+    records.save_record(path, INPAINTER_FORMAT, model, init_kwargs=dict(model.init_kwargs), training=record)
 
 
 def load_inpainter(path: str, device='cpu') -> UNetInpainter:
     """The inpainter (eval mode, on ``device``) from a file written by `save_inpainter`."""
-    if not os.path.isfile(path):
-        raise BaselineError(f'{path}: no such inpainter file')
-    try:
-        data = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:  # torch raises many types for corrupt or foreign files.
-        raise BaselineError(f'{path}: not a readable inpainter file ({type(err).__name__})') from None
-    if not isinstance(data, dict) or data.get('format') != INPAINTER_FORMAT:
-        raise BaselineError(f'{path}: not an inpainter file of mri.painting.baselines')
-    model = UNetInpainter(**data['init_kwargs'])
-    try:
-        model.load_state_dict(data['state_dict'])
-    except RuntimeError as err:
-        raise BaselineError(f'{path}: weights do not fit the U-Net ({str(err).splitlines()[0][:160]})') from None
+    data = records.load_record(path, INPAINTER_FORMAT, 'inpainter file', 'mri.painting.baselines', BaselineError)
+    model = records.load_weights(UNetInpainter(**data['init_kwargs']), data, path, 'the U-Net', BaselineError)
     model.training_record = dnnlib.EasyDict(data.get('training', {}))
     return model.to(device).eval()
