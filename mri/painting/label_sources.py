@@ -18,7 +18,6 @@ line naming the file.
 """
 
 import io
-import json
 import os
 import zipfile
 
@@ -26,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from mri.sources import brats, preprocess
+from mri.sources import archive, brats, preprocess
 
 SNAPSHOT_SUFFIXES = ('.pt', '.pkl')
 
@@ -172,17 +171,12 @@ class CaseFolderSource(LabelSource):
 
 
 def read_archive_meta(path):
-    """dataset.json of a zip or folder archive, or None when `path` is neither."""
+    """dataset.json of a zip or folder archive (mri.sources.archive.read_dataset_json), or None when `path` is
+    neither; LabelSourceError when it cannot be read."""
     try:
-        if os.path.isdir(path):
-            with open(os.path.join(path, 'dataset.json')) as f:
-                return json.load(f)
-        with zipfile.ZipFile(path) as z, z.open('dataset.json') as f:
-            return json.load(f)
-    except (KeyError, FileNotFoundError):
-        return None
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise LabelSourceError(f'{path}: archive cannot be read ({err})') from None
+        return archive.read_dataset_json(path)
+    except archive.ArchiveReadError as err:
+        raise LabelSourceError(str(err)) from None
 
 
 class ArchiveSource(LabelSource):

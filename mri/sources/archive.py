@@ -23,6 +23,7 @@ import os
 import shutil
 import struct
 import tempfile
+import zipfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -35,6 +36,10 @@ _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed entry time: identical inputs give byt
 
 class ArchiveError(OSError):
     """The destination cannot be written; one line naming it and the reason."""
+
+
+class ArchiveReadError(ValueError):
+    """An archive's dataset.json cannot be read; one line naming the archive and the reason."""
 
 
 def _chunk(tag, data):
@@ -431,3 +436,18 @@ def write_json_atomic(path, obj):
             tmp.unlink()
         raise
     return path
+
+
+def read_dataset_json(path):
+    """The dataset.json of a zip or folder archive; None when it has none (or `path` does not exist);
+    ArchiveReadError when it cannot be read."""
+    try:
+        if os.path.isdir(path):
+            with open(os.path.join(path, 'dataset.json')) as f:
+                return json.load(f)
+        with zipfile.ZipFile(path) as z, z.open('dataset.json') as f:
+            return json.load(f)
+    except (KeyError, FileNotFoundError):
+        return None
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ArchiveReadError(f'{path}: archive cannot be read ({err})') from None
