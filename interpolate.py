@@ -28,7 +28,7 @@ import numpy as np
 import PIL.Image
 
 import dnnlib
-from style_mixing import (MixingError, check_outdir, class_label, load_generator, parse_seeds, render_cell,
+from style_mixing import (MixingError, check_outdir, class_label, load_generator, parse_seeds, render_cell, run_job,
                           sampling_options, shown_channel, synthesize_batches)
 from training.cli import bool_option
 from training.sampling import ClassAverages, map_ws, seed_z
@@ -236,14 +236,12 @@ def interpolation_video(
 def main(seeds, frames, to_class, slerp, loop, fps, fmt, network, class_spec, truncation_psi, trunc_center, noise_mode,
          channel, overlay, batch, outdir, device):
     """Interpolation video through W from seed to seed (and from --class to --to-class)."""
-    from torch_utils.snapshot import SnapshotError
     seed_list = parse_seeds(seeds, '--seeds')
     check_outdir(outdir)
-    try:
-        interpolation_video(network, seed_list, outdir, frames, class_spec, to_class, truncation_psi, trunc_center,
-                            noise_mode, slerp, loop, fps, fmt, channel, overlay, batch, device)
-    except (MixingError, SnapshotError) as err:
-        raise click.ClickException(str(err)) from None
+    run_job(lambda: interpolation_video(network, seed_list, outdir, frames, class_spec, to_class, truncation_psi,
+                                        trunc_center, noise_mode, slerp, loop, fps, fmt, channel, overlay, batch,
+                                        device),
+            f'no video was written to {outdir}')
 
 
 if __name__ == '__main__':

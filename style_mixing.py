@@ -17,6 +17,8 @@ interpolate.py, which shares this file's loading and cells.
 """
 
 import os
+import signal
+import sys
 
 import click
 import numpy as np
@@ -261,6 +263,28 @@ def sampling_options(f):
     return f
 
 
+def run_job(job, interrupted: str) -> None:
+    """Runs ``job()`` for a command: its errors as one line, SIGTERM treated like Ctrl-C (the writers clean up on the
+    way out), then ``interrupted`` said and the usual exit status (130, or 143 for SIGTERM)."""
+    from torch_utils.snapshot import SnapshotError
+    terminated = []
+
+    def on_sigterm(signum, frame):
+        terminated.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        job()
+    except (MixingError, SnapshotError) as err:
+        raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:
+        click.echo(f'\n{"terminated (SIGTERM)" if terminated else "interrupted"}; {interrupted}', err=True)
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def parse_seeds(text: str, flag: str) -> list:
     try:
         return dnnlib.parse_range(text)
@@ -282,14 +306,11 @@ def check_outdir(outdir: str) -> None:
 def main(row_seeds, col_seeds, styles, npy, network, class_spec, truncation_psi, trunc_center, noise_mode, channel,
          overlay, batch, outdir, device):
     """Style mixing: the rows' seeds with the columns' styles at --styles (StyleGAN's figure)."""
-    from torch_utils.snapshot import SnapshotError
     rows, cols = parse_seeds(row_seeds, '--rows'), parse_seeds(col_seeds, '--cols')
     check_outdir(outdir)
-    try:
-        style_mix(network, rows, cols, styles, outdir, class_spec, truncation_psi, trunc_center, noise_mode, channel,
-                  overlay, npy, batch, device)
-    except (MixingError, SnapshotError) as err:
-        raise click.ClickException(str(err)) from None
+    run_job(lambda: style_mix(network, rows, cols, styles, outdir, class_spec, truncation_psi, trunc_center,
+                              noise_mode, channel, overlay, npy, batch, device),
+            f'the mixed images in {outdir} are whole; grid.png is written last')
 
 
 if __name__ == '__main__':

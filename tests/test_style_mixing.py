@@ -235,3 +235,23 @@ def test_video_bad_input_is_one_line(nets, tmp_path, args, expected):
     r = _video('--network', nets['slices'], '--class', 'axial', '--outdir', tmp_path / 'out', *args)
     assert r.exit_code != 0 and expected in r.output and len(r.output.strip().splitlines()) == 1, r.output
     assert not os.path.exists(tmp_path / 'out')
+
+
+@pytest.mark.parametrize('fmt', ['gif', 'frames'])
+def test_sigterm_mid_video_leaves_nothing(nets, tmp_path, monkeypatch, fmt):
+    import signal
+    drawn = []
+    real = interpolate.render_cell
+
+    def render_then_terminate(*args, **kwargs):
+        drawn.append(1)
+        if len(drawn) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)  # handled like Ctrl-C: the writer cleans up on the way out
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(interpolate, 'render_cell', render_then_terminate)
+    before = signal.getsignal(signal.SIGTERM)
+    r = _video('--network', nets['slices'], '--seeds', '0-1', '--frames', '5', '--class', 'axial', '--format', fmt,
+               '--outdir', tmp_path / 'out')
+    assert r.exit_code == 128 + signal.SIGTERM and 'terminated (SIGTERM); no video was written' in r.output
+    assert os.listdir(tmp_path / 'out') == [] and signal.getsignal(signal.SIGTERM) == before  # restored
