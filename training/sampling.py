@@ -38,7 +38,8 @@ class ClassAverages:
 
     @torch.no_grad()
     def __call__(self, G, c: torch.Tensor) -> torch.Tensor:
-        key = tuple(np.round(c.detach().cpu().numpy().reshape(-1), 6).tolist())
+        # Keyed by the generator too: one kept instance may serve several networks without mixing their averages.
+        key = (id(G.mapping), tuple(np.round(c.detach().cpu().numpy().reshape(-1), 6).tolist()))
         if key not in self._cache:
             z_all = np.random.RandomState(self.seed).randn(self.num, G.z_dim)
             total = 0
