@@ -36,8 +36,9 @@ def make_item(shape, rng) -> np.ndarray:
     return np.rint(np.stack([a, b, seg]) * 255).astype(np.uint8)
 
 
-def make_archive(path, shape, cases=4, per_case=2, seed=0, val_cases=0):
-    """A zip archive of .npy items (dataset.json with channels, cases, split) as dataset_tool.py writes them."""
+def make_archive(path, shape, cases=4, per_case=2, seed=0, val_cases=0, labels=False):
+    """A zip archive of .npy items (dataset.json with channels, cases, split; with ``labels`` a plane label
+    axial/coronal alternating by item) as dataset_tool.py writes them."""
     rng = np.random.RandomState(seed)
     items, meta = {}, {'channels': CHANNELS, 'kind': 'volumes' if len(shape) == 3 else 'slices',
                        'file_cases': {}, 'cases': {}}
@@ -48,6 +49,10 @@ def make_archive(path, shape, cases=4, per_case=2, seed=0, val_cases=0):
             name = f'{case}/item{k}.npy'
             items[name] = make_item(shape, rng)
             meta['file_cases'][name] = case
+    if labels:
+        meta['labels'] = [[name, [float(i % 2 == 0), float(i % 2 == 1)]] for i, name in enumerate(items)]
+        meta['label_names'] = ['axial', 'coronal']
+        meta['label_groups'] = [{'name': 'plane', 'values': ['axial', 'coronal']}]
     with zipfile.ZipFile(path, 'w') as z:
         for name, arr in items.items():
             with z.open(name, 'w') as f:
