@@ -198,3 +198,31 @@ def test_bad_input(tmp_path, archive2d, archive3d):
     with pytest.raises(privacy.PrivacyError, match='SSIM lies in'):
         privacy.PrivacyGate(archive2d[0], max_nn_ssim=2, verbose=False)
     assert gate.records == []  # nothing half-recorded
+
+
+def test_samples_report_cli(tmp_path, archive2d):
+    """calc_privacy.py --samples: the gate's report over a folder of generated .npy samples; files are left alone."""
+    from click.testing import CliRunner
+    import calc_privacy
+    from torch_utils import snapshot
+    from training.dataset import ImageFolderDataset
+    from training.networks import Generator
+    path, items = archive2d
+    G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=64, img_channels=3, mapping_kwargs=dict(num_layers=1),
+                  channel_base=64, channel_max=8)
+    net = str(tmp_path / 'net.pt')
+    snapshot.save_snapshot(net, dict(G=G, D=None, G_ema=G, augment_pipe=None), dataset=ImageFolderDataset(path).describe())
+    folder = tmp_path / 'samples'
+    folder.mkdir()
+    np.save(folder / 'seed0000.npy', as_sample(items[sorted(items)[0]]))                   # a copy, every channel
+    np.save(folder / 'seed0001.npy', _fresh((64, 64), np.random.RandomState(0))[0][1][:2])  # image channels only
+    res = CliRunner().invoke(calc_privacy.main, ['--network', net, '--samples', str(folder), '--max-nn-ssim', '0.9',
+                                                 '--outdir', str(tmp_path / 'out')], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    report = json.load(open(tmp_path / 'out' / 'privacy-report.json'))
+    assert [(r['name'], r['keep']) for r in report['samples']] == [('seed0000.npy', False), ('seed0001.npy', True)]
+    assert sorted(os.listdir(folder)) == ['seed0000.npy', 'seed0001.npy']
+    np.save(folder / 'seed0002.npy', np.zeros([4, 64, 64], np.float32))
+    res = CliRunner().invoke(calc_privacy.main, ['--network', net, '--samples', str(folder), '--outdir', str(tmp_path / 'o2')],
+                             catch_exceptions=False)
+    assert res.exit_code == 1 and 'seed0002.npy: 4 channels, but the training archive has 3' in res.output

@@ -144,3 +144,49 @@ def test_sigterm_saves_the_best_so_far(tmp_path, net3d):
     with np.load(out / 'projected_w.npz') as z:
         assert 1 <= int(z['steps']) < 100000
     assert 'terminated (SIGTERM) after' in stdout and os.path.exists(out / 'proj.png')
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# calc_privacy.py: the membership signal
+
+def test_attack_auc():
+    import calc_privacy
+    assert calc_privacy.attack_auc([3, 4], [1, 2]) == 1
+    assert calc_privacy.attack_auc([1, 2], [3, 4]) == 0
+    assert calc_privacy.attack_auc([1, 2], [1, 2]) == 0.5
+
+
+def test_membership_cli(tmp_path, net2d):
+    import json
+    import calc_privacy
+    path, archive, items = net2d
+    held, _ = make_archive(str(tmp_path / 'held.zip'), (16, 16), cases=2, per_case=1, seed=7, labels=True)
+    out = tmp_path / 'm'
+    res = CliRunner().invoke(calc_privacy.main, ['--network', path, '--held-out', held, '--num', '2', '--num-steps', '2',
+                                                 '--outdir', str(out)], catch_exceptions=False)
+    assert res.exit_code == 0, res.output
+    data = json.load(open(out / 'membership.json'))
+    s = data['summary']
+    assert s['complete'] and s['counts'] == {'train': 2, 'held-out': 2} and 0 <= s['auc_ssim'] <= 1
+    assert {r['group'] for r in data['items']} == {'train', 'held-out'}
+    assert len({r['case'] for r in data['items'] if r['group'] == 'train'}) == 2  # different cases first
+    assert 'membership attack AUC' in res.output and 'held-out' in res.output
+
+    wrong, _ = make_archive(str(tmp_path / 'wrong.zip'), (8, 8), cases=1, per_case=1, labels=True)
+    res = CliRunner().invoke(calc_privacy.main, ['--network', path, '--held-out', wrong, '--num', '1', '--num-steps', '1',
+                                                 '--outdir', str(tmp_path / 'w')], catch_exceptions=False)
+    assert res.exit_code == 1 and 'wrong.zip: items of shape [8, 8] differ from the generator\'s [16, 16]' in res.output
+    res = CliRunner().invoke(calc_privacy.main, ['--network', path, '--held-out', str(tmp_path / 'no.zip'),
+                                                 '--outdir', str(tmp_path / 'w')], catch_exceptions=False)
+    assert res.exit_code == 1 and 'no.zip: archive not found' in res.output and not os.path.exists(tmp_path / 'w')
+
+
+def test_membership_val_split(tmp_path):
+    """--held-out val: the training archive's own val cases against its train cases."""
+    import calc_privacy
+    path, archive, items = make_snapshot(str(tmp_path), (8, 8, 8), cases=3, per_case=1, val_cases=1)
+    G, desc = projector.load_generator(path, 'cpu')
+    result = calc_privacy.membership(G, desc, archive, 'val', num=2, num_steps=1, verbose=False)
+    held = [r['case'] for r in result['items'] if r['group'] == 'held-out']
+    train = [r['case'] for r in result['items'] if r['group'] == 'train']
+    assert held == ['case0'] and sorted(train) == ['case1', 'case2']
