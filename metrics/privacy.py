@@ -64,33 +64,50 @@ def brain_mask(x: torch.Tensor) -> torch.Tensor:
     return (x > BRAIN_THRESHOLD).any(dim=1)
 
 
-def ssim_map(x: torch.Tensor, y: torch.Tensor, win_size: int) -> torch.Tensor:
-    """The SSIM map ``[N, *S']`` of ``x, y [N, C, *S]`` in [0, 1] (channels averaged; valid windows, S' = S - win + 1):
-    metrics.msssim's filter and constants, kept as a map so that a mask can select windows (its mean over every
-    window is msssim.ssim, which a test checks)."""
-    filt = msssim._filter(x.shape[1], win_size, SSIM_SIGMA, x.device)
-    dims = tuple(range(2, x.ndim))
-    mu_x, mu_y = filt(x), filt(y)
-    xc, yc = x - x.mean(dim=dims, keepdim=True), y - y.mean(dim=dims, keepdim=True)  # centred: see msssim
-    mu_xc, mu_yc = filt(xc), filt(yc)
-    var_x = filt(xc * xc) - mu_xc ** 2
-    var_y = filt(yc * yc) - mu_yc ** 2
-    cov = filt(xc * yc) - mu_xc * mu_yc
-    c1, c2 = msssim.K1 ** 2, msssim.K2 ** 2
-    lum = (2 * mu_x * mu_y + c1) / (mu_x ** 2 + mu_y ** 2 + c1)
-    return (lum * (2 * cov + c2) / (var_x + var_y + c2)).mean(dim=1)
+class SSIMQuery:
+    """SSIM maps of one batch of query images ``x [Q, C, *S]`` in [0, 1] against candidates ``y`` of the same shape,
+    with metrics.msssim's Gaussian window, filter and constants (channels averaged; valid windows, S' = S - win + 1).
+    The query's own local means and variances are filtered once and reused for every candidate, so a pair costs three
+    filtered maps instead of seven. The mean of the map over every window is msssim.ssim (a test checks)."""
+
+    def __init__(self, x: torch.Tensor, win_size: int = 11):
+        self.win = msssim._spatial_window(x, win_size)
+        self.filt = msssim._filter(x.shape[1], self.win, SSIM_SIGMA, x.device)
+        self.dims = tuple(range(2, x.ndim))
+        # Local (co)variances from centred values: E[x^2] - E[x]^2 would cancel in float32 (see msssim). The filter
+        # is normalised, so the local mean of the centred image is the local mean minus the global one.
+        self.mean_x = x.mean(dim=self.dims, keepdim=True)
+        self.xc = x - self.mean_x
+        self.mu_x = self.filt(x)
+        self.var_x = self.filt(self.xc * self.xc) - (self.mu_x - self.mean_x) ** 2
+
+    def map(self, y: torch.Tensor) -> torch.Tensor:
+        """[Q, *S'] SSIM map of each query with its candidate in ``y [Q, C, *S]``."""
+        mean_y = y.mean(dim=self.dims, keepdim=True)
+        yc = y - mean_y
+        mu_y = self.filt(y)
+        mu_yc = mu_y - mean_y
+        var_y = self.filt(yc * yc) - mu_yc ** 2
+        cov = self.filt(self.xc * yc) - (self.mu_x - self.mean_x) * mu_yc
+        c1, c2 = msssim.K1 ** 2, msssim.K2 ** 2
+        lum = (2 * self.mu_x * mu_y + c1) / (self.mu_x ** 2 + mu_y ** 2 + c1)
+        return (lum * (2 * cov + c2) / (self.var_x + var_y + c2)).mean(dim=1)
+
+    def masked(self, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[Q] SSIM over the windows centred in ``mask [Q, *S]`` (over all windows where the mask holds none)."""
+        s = self.map(y)
+        r = self.win // 2
+        m = mask[(slice(None),) + tuple(slice(r, n - r) for n in mask.shape[1:])].to(s.dtype)
+        dims = tuple(range(1, s.ndim))
+        count = m.sum(dim=dims)
+        inside = (s * m).sum(dim=dims) / count.clamp(min=1)
+        return torch.where(count > 0, inside, s.mean(dim=dims))
 
 
 def masked_ssim(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[N] SSIM of ``x, y [N, C, *S]`` over the windows centred in ``mask [N, *S]`` (all windows where it holds none)."""
-    win = msssim._spatial_window(x, 11)
-    s = ssim_map(x, y, win)
-    r = win // 2
-    m = mask[(slice(None),) + tuple(slice(r, n - r) for n in mask.shape[1:])].to(s.dtype)
-    dims = tuple(range(1, s.ndim))
-    count = m.sum(dim=dims)
-    inside = (s * m).sum(dim=dims) / count.clamp(min=1)
-    return torch.where(count > 0, inside, s.mean(dim=dims))
+    """[N] SSIM of ``x, y [N, C, *S]`` in [0, 1] over the windows centred in ``mask [N, *S]`` (all windows where it
+    holds none)."""
+    return SSIMQuery(x).masked(y, mask)
 
 
 def masked_mse(x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -191,12 +208,12 @@ def nearest(pool: TrainingPool, x: torch.Tensor, exclude: torch.Tensor = None, c
     """Nearest archive item of each query ``x [Q, Ci, *S]`` in [0, 1] by SSIM inside the brain: ``{'ssim', 'mse',
     'index'}`` tensors [Q]. ``exclude [Q, N]`` bool marks items that may not be neighbours."""
     cand = _candidates(pool, x, exclude, candidates)
-    x_brain = brain_mask(x)
+    x_brain, query = brain_mask(x), SSIMQuery(x)
     scores, errors = [], []
     for j in range(cand.shape[1]):
         y = pool.unit(cand[:, j])
         mask = x_brain | brain_mask(y)
-        scores.append(masked_ssim(x, y, mask))
+        scores.append(query.masked(y, mask))
         errors.append(masked_mse(x, y, mask))
     scores, errors = torch.stack(scores, dim=1), torch.stack(errors, dim=1)
     if exclude is not None:
@@ -221,15 +238,16 @@ def nearest_slices(pool: TrainingPool, x: torch.Tensor, candidates=CANDIDATES) -
         cand = slab[:, (torch.arange(z, device=x.device) // factor).clamp(max=small.shape[-1] - 1)]  # [k, Z]
     k = cand.shape[0]
     xs = x[0].permute(3, 0, 1, 2)                                                         # [Z, Ci, X, Y]
+    xs_brain, query = brain_mask(xs), SSIMQuery(xs)
     best = torch.full([z], float('-inf'), device=x.device)
     best_idx = torch.zeros([z], dtype=torch.long, device=x.device)
     for j in range(k):
         ys = pool.slices(cand[j])                                                         # [Z, Ci, X, Y]
-        s = masked_ssim(xs, ys, brain_mask(xs) | brain_mask(ys))
+        s = query.masked(ys, xs_brain | brain_mask(ys))
         better = s > best
         best = torch.where(better, s, best)
         best_idx = torch.where(better, cand[j], best_idx)
-    area = brain_mask(xs).flatten(1).sum(dim=1)
+    area = xs_brain.flatten(1).sum(dim=1)
     counted = area >= SLICE_MIN_BRAIN * area.max().clamp(min=1)
     return dict(ssim=best, index=best_idx, counted=counted)
 
@@ -340,6 +358,7 @@ class PrivacyGate:
         rng = np.random.RandomState(seed)
         queries = np.sort(rng.choice(queries, min(len(queries), max_items), replace=False))
         ssim, mse = [], []
+        bar = dnnlib.ProgressBar(len(queries), desc='privacy: reference', unit='item', enabled=self.verbose)
         for start in range(0, len(queries), 16):
             rows = queries[start:start + 16]
             exclude = torch.from_numpy(pool.cases[rows][:, None] == pool.cases[None, :])
@@ -353,6 +372,8 @@ class PrivacyGate:
             found = nearest(pool, pool.unit(torch.from_numpy(rows).to(pool.device)), exclude, self.candidates)
             ssim += found['ssim'].tolist()
             mse += found['mse'].tolist()
+            bar.update(len(rows))
+        bar.close()
         return dict(what=what, items=len(ssim), nn_ssim=_quantiles(ssim), nn_mse=_quantiles(mse))
 
     def summary(self, reference: dict = None) -> dict:
