@@ -115,7 +115,10 @@ def membership(
     interruption (Ctrl-C, SIGTERM) ends it early with the items done (``summary.complete`` false)."""
     names = projector.channel_names(G, desc)
     idx = projector.image_channel_indices(names)
-    train_subset = 'train' if held_out == 'val' or desc.get('subset') == 'train' else 'all'
+    if held_out == 'val' and desc.get('subset') != 'train':
+        raise PrivacyRunError(f'--held-out val: this generator was trained on the {desc.get("subset") or "all"} items of '
+                              f'{data}, so its val cases are not held out; pass an archive of cases it never saw')
+    train_subset = 'train' if desc.get('subset') == 'train' else 'all'
     train = _open_archive(data, train_subset)
     held = _open_archive(data, 'val', '--held-out val:') if held_out == 'val' else _open_archive(held_out, 'all', '--held-out')
     for ds in (train, held):

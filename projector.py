@@ -68,7 +68,8 @@ def load_generator(network: str, device):
     G = data.G_ema if data.G_ema is not None else data.G
     if G is None:
         raise snapshot.SnapshotError(f'{network}: holds no generator')
-    if not hasattr(G, 'mapping') or not hasattr(G, 'synthesis'):
+    from training.paint import is_paint_generator
+    if is_paint_generator(G):
         raise ProjectorError(f'{network}: a paint generator has no W to project into; use a slice or volume snapshot')
     return G, dnnlib.EasyDict(data.dataset or {})
 
@@ -265,11 +266,11 @@ def project(
     c_t = torch.from_numpy(np.asarray(c, np.float32)[None]).to(device)
     w_avg, w_spread = w_statistics(G, c_t, averages=averages)
     buffers = noise_buffers(G)
+    gen = torch.Generator(device=device).manual_seed(seed)
     w_opt = w_avg.clone().requires_grad_(True)
     for buf in buffers.values():
-        buf.copy_(torch.randn_like(buf)).requires_grad_(True)
+        buf.copy_(torch.randn(buf.shape, generator=gen, device=device)).requires_grad_(True)
     opt = torch.optim.Adam([w_opt] + list(buffers.values()), betas=(0.9, 0.999), lr=INITIAL_LR)
-    gen = torch.Generator(device=device).manual_seed(seed)
 
     best = dnnlib.EasyDict(distance=float('inf'), w=w_avg.clone(), noise={k: b.detach().clone() for k, b in buffers.items()})
     steps, interrupted = 0, False

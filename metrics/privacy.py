@@ -313,7 +313,7 @@ class PrivacyGate:
         found = nearest(self.pool, x, candidates=self.candidates)
         nn_ssim, nn_index = float(found['ssim'][0]), int(found['index'][0])
         verdict = dict(name=str(name), nn_ssim=nn_ssim, nn_mse=float(found['mse'][0]), nn_index=nn_index,
-                       nn_name=self.pool.names[nn_index], nn_case=self._case(nn_index),
+                       nn_name=self.pool.names[nn_index], nn_case=self._case(nn_index), nn_split=self._split(nn_index),
                        keep=self.max_nn_ssim is None or nn_ssim <= self.max_nn_ssim)
         if x.ndim == 5:
             verdict.update(self._slices(x))
@@ -330,12 +330,35 @@ class PrivacyGate:
     def _case(self, index: int):
         return str(self.pool.cases[index]) if self.pool.has_cases else None
 
+    def _split(self, index: int):
+        return self.pool.split.get(str(self.pool.cases[index])) if self.pool.split else None
+
     def _remember(self, nn_ssim, x, nn_index):
-        item = (nn_ssim, len(self.records) - 1, x.to(torch.float16).cpu(), nn_index)
+        self._push((nn_ssim, len(self.records) - 1, x.to(torch.float16).cpu(), nn_index))
+
+    def _push(self, item):
+        """Keeps the PAIRS_SHOWN closest (nn_ssim, record index, sample, neighbour index)."""
+        nn_ssim = item[0]
         if len(self._closest) < PAIRS_SHOWN:
             heapq.heappush(self._closest, item)
         elif nn_ssim > self._closest[0][0]:
             heapq.heapreplace(self._closest, item)
+
+    # -- several processes, earlier runs -----------------------------------------------------------------------------
+
+    def state(self) -> dict:
+        """This gate's verdicts and closest pairs as plain data (picklable: torch.distributed.all_gather_object)."""
+        return dict(records=[dict(r) for r in self.records],
+                    closest=[(s, order, x.numpy(), i) for s, order, x, i in self._closest])
+
+    def merge(self, state: dict) -> None:
+        """Adds the verdicts (and closest pairs) of another gate's ``state()`` on the same archive: the report of
+        rank 0 then covers every rank's samples. ``state`` may hold only ``records`` (verdicts of an earlier run,
+        e.g. from a manifest): they are listed and counted, without pictures."""
+        offset = len(self.records)
+        self.records += [dict(r) for r in state.get('records', [])]
+        for s, order, x, i in state.get('closest', []):
+            self._push((s, offset + order, torch.as_tensor(x), i))
 
     # -- report ----------------------------------------------------------------------------------------------------
 

@@ -226,3 +226,24 @@ def test_samples_report_cli(tmp_path, archive2d):
     res = CliRunner().invoke(calc_privacy.main, ['--network', net, '--samples', str(folder), '--outdir', str(tmp_path / 'o2')],
                              catch_exceptions=False)
     assert res.exit_code == 1 and 'seed0002.npy: 4 channels, but the training archive has 3' in res.output
+
+
+def test_merge_states_of_several_gates(tmp_path, archive2d):
+    """Two ranks' gates merged into one report: every verdict, the closest pairs of both, order kept."""
+    import pickle
+    path, items = archive2d
+    names = sorted(items)
+    a = privacy.PrivacyGate(path, max_nn_ssim=0.9, verbose=False)
+    b = privacy.PrivacyGate(path, max_nn_ssim=0.9, verbose=False)
+    a.check(as_sample(items[names[0]]), CHANNELS, 'rank0-copy')
+    b.check(_fresh((64, 64), np.random.RandomState(0))[0][1], CHANNELS, 'rank1-fresh')
+    b.check(as_sample(items[names[6]]), CHANNELS, 'rank1-copy')
+    a.merge(pickle.loads(pickle.dumps(b.state())))
+    a.merge({'records': [dict(name='earlier', nn_ssim=0.2, nn_mse=0.1, nn_index=0, nn_name=names[0], keep=True)]})
+    assert [r['name'] for r in a.records] == ['rank0-copy', 'rank1-fresh', 'rank1-copy', 'earlier']
+    assert a.records[0]['nn_split'] == 'val' and a.records[2]['nn_split'] == 'train'  # case0 is a val case, case2 a train case
+    s = a.summary()
+    assert (s['checked'], s['kept'], s['dropped']) == (4, 2, 2)
+    a.report(str(tmp_path), reference=False)
+    with PIL.Image.open(tmp_path / 'privacy-pairs.png') as im:
+        assert im.size[1] > 3 * 64  # the three checked pairs (the earlier verdict has no picture)

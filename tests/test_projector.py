@@ -32,8 +32,9 @@ def make_snapshot(root, shape, c_dim=0, **archive_kwargs):
     archive, items = make_archive(os.path.join(root, 'train.zip'), shape, labels=c_dim > 0, **archive_kwargs)
     G = tiny_generator(shape, c_dim)
     path = os.path.join(root, 'net.pt')
+    subset = 'train' if archive_kwargs.get('val_cases') else 'all'  # as train.py picks it
     snapshot.save_snapshot(path, dict(G=G, D=None, G_ema=G, augment_pipe=None),
-                           dataset=ImageFolderDataset(archive, use_labels=c_dim > 0).describe())
+                           dataset=ImageFolderDataset(archive, subset=subset, use_labels=c_dim > 0).describe())
     return path, archive, items
 
 
@@ -190,3 +191,13 @@ def test_membership_val_split(tmp_path):
     held = [r['case'] for r in result['items'] if r['group'] == 'held-out']
     train = [r['case'] for r in result['items'] if r['group'] == 'train']
     assert held == ['case0'] and sorted(train) == ['case1', 'case2']
+
+
+def test_membership_val_needs_a_train_subset(tmp_path):
+    """--held-out val on a generator trained on every item: its val cases are no held-out cases."""
+    import calc_privacy
+    path, archive, items = make_snapshot(str(tmp_path), (8, 8, 8), cases=3, per_case=1, val_cases=1)
+    G, desc = projector.load_generator(path, 'cpu')
+    desc['subset'] = 'all'
+    with pytest.raises(calc_privacy.PrivacyRunError, match='trained on the all items .* val cases are not held out'):
+        calc_privacy.membership(G, desc, archive, 'val', num=1, num_steps=1, verbose=False)
