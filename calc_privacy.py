@@ -91,7 +91,8 @@ def _items(ds, indices, names, group):
     for i in indices:
         image, label = ds[i]
         image = image.astype(np.float32) / ds.dtype_max * 2 - 1
-        yield dict(group=group, name=ds.image_fname(i), case=ds.file_case(i)), projector.fit_channels(image, names, ds.path), label
+        info = dict(group=group, name=ds.image_fname(i), case=ds.file_case(i))
+        yield info, projector.fit_channels(image, names, ds.path), label
 
 
 def _quantiles(values) -> dict:
@@ -120,7 +121,10 @@ def membership(
                               f'{data}, so its val cases are not held out; pass an archive of cases it never saw')
     train_subset = 'train' if desc.get('subset') == 'train' else 'all'
     train = _open_archive(data, train_subset)
-    held = _open_archive(data, 'val', '--held-out val:') if held_out == 'val' else _open_archive(held_out, 'all', '--held-out')
+    if held_out == 'val':
+        held = _open_archive(data, 'val', '--held-out val:')
+    else:
+        held = _open_archive(held_out, 'all', '--held-out')
     for ds in (train, held):
         _check_archive(ds, G, names, ds.path)
     todo = list(_items(train, pick_items(train, num, seed), names, 'train'))
@@ -174,7 +178,7 @@ def membership_table(summary: dict) -> str:
 def _sample_channels(array, archive_channels, path):
     if array.shape[0] == len(archive_channels):
         return archive_channels
-    image = [n for n in archive_channels if n in {archive_channels[i] for i in projector.image_channel_indices(archive_channels)}]
+    image = [archive_channels[i] for i in projector.image_channel_indices(archive_channels)]
     if array.shape[0] == len(image):
         return image
     raise PrivacyRunError(f'{path}: {array.shape[0]} channels, but the training archive has {len(archive_channels)} '

@@ -279,7 +279,8 @@ def project(
             t = step / num_steps
             for group in opt.param_groups:
                 group['lr'] = _learning_rate(t)
-            w_noise = torch.randn(w_opt.shape, generator=gen, device=device) * w_spread * W_NOISE * max(0.0, 1 - t / W_NOISE_RAMP) ** 2
+            w_noise_scale = w_spread * W_NOISE * max(0.0, 1 - t / W_NOISE_RAMP) ** 2
+            w_noise = torch.randn(w_opt.shape, generator=gen, device=device) * w_noise_scale
             synth = G.synthesis((w_opt + w_noise).expand(-1, G.num_ws, -1), noise_mode='const', force_fp32=True)
             dist, ssim, mse = distance(synth[:, image_idx], target_u, mask)
             loss = dist.sum() + NOISE_REG_WEIGHT * noise_regularisation(buffers.values())

@@ -232,7 +232,8 @@ def nearest_slices(pool: TrainingPool, x: torch.Tensor, candidates=CANDIDATES) -
         cand = torch.arange(len(pool), device=x.device)[:, None].expand(-1, z)           # [k, Z]
     else:
         small = pool.shrink(x)[0].to(torch.float32)                                       # [Ci, x', y', z']
-        d = (pool.small.to(torch.float32) - small).square().sum(dim=(1, 2, 3))            # [N, z']
+        d = torch.cat([(part.to(torch.float32) - small).square().sum(dim=(1, 2, 3))       # [N, z']
+                       for part in pool.small.split(512)])
         slab = d.topk(min(candidates, len(pool)), dim=0, largest=False).indices          # [k, z']
         factor = max(z // small.shape[-1], 1)
         cand = slab[:, (torch.arange(z, device=x.device) // factor).clamp(max=small.shape[-1] - 1)]  # [k, Z]
