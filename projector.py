@@ -25,7 +25,7 @@ The projection kept is the best one seen (lowest distance), so Ctrl-C or SIGTERM
 
   python projector.py --network runs/00000-x --target 12 --outdir proj          # item 12 of the training archive
   python projector.py --network net.pt --target slice.png --class axial,t1n --num-steps 500 --outdir proj
-  python projector.py --network vol.pt --target case.nii.gz --outdir proj       # a volume on the generator's grid
+  python projector.py --network vol.pt --target t1n.nii.gz,t2w.nii.gz --outdir proj   # a volume on the generator's grid
 """
 
 import copy
@@ -143,6 +143,15 @@ def read_target_file(path: str) -> np.ndarray:
             raise
         raise ProjectorError(f'--target {path}: unreadable ({err})') from None
     raise ProjectorError(f'--target {path}: not a .png, .npy, .nii or .nii.gz file')
+
+
+def read_target_files(spec: str) -> np.ndarray:
+    """One file, or several separated by commas (a BraTS case's modalities, one NIfTI each) stacked as channels."""
+    parts = [read_target_file(p) for p in spec.split(',')]
+    if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
+        raise ProjectorError(f'--target {spec}: the files have different shapes '
+                             f'({", ".join(str(list(p.shape[1:])) for p in parts)})')
+    return np.concatenate(parts)
 
 
 def read_archive_item(archive: str, index: int):
@@ -378,7 +387,7 @@ def resolve_target(G, desc, target: str, data: str, class_spec: str):
         image, label, name = read_archive_item(archive, int(target))
         image = fit_channels(image, names, f'{archive} item {target}')
     else:
-        image, label, name = read_target_file(target), None, os.path.basename(target)
+        image, label, name = read_target_files(target), None, os.path.basename(target.split(',')[0])
         image = fit_channels(image, names, f'--target {target}')
     check_shape(G, image)
     return image, class_vector(G, desc, class_spec, label), name
@@ -386,7 +395,7 @@ def resolve_target(G, desc, target: str, data: str, class_spec: str):
 
 @click.command()
 @click.option('--network', 'network',   help='Snapshot .pt, NVlabs .pkl, or run dir (newest snapshot)', metavar='PATH', type=PATH, required=True)
-@click.option('--target',               help='PNG, .npy or NIfTI on the generator\'s grid, or an item index of --data', metavar='FILE|INDEX', type=str, required=True)
+@click.option('--target',               help='PNG, .npy or NIfTI on the generator\'s grid (several: comma-separated channels), or an item index of --data', metavar='FILE[,FILE]|INDEX', type=str, required=True)
 @click.option('--data',                 help='Archive of an item --target [default: the snapshot\'s training archive]', metavar='PATH', type=PATH)
 @click.option('--class', 'class_spec',  help='Class of the target (conditional generators; an archive item has its own)', metavar='NAME', type=str)
 @click.option('--num-steps',            help='Optimisation steps', metavar='INT', type=click.IntRange(min=1), default=NUM_STEPS, show_default=True)
@@ -406,6 +415,9 @@ def main(network, target, data, class_spec, num_steps, seed, outdir, device):
         image, c, name = resolve_target(G, desc, target, data, class_spec)
     except (ProjectorError, SnapshotError, ClassSpecError) as err:
         raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:  # before the optimisation: nothing to save
+        click.echo('\ninterrupted; nothing was written', err=True)
+        sys.exit(128 + signal.SIGINT)
     names = channel_names(G, desc)
     idx = image_channel_indices(names)
     previous, terminated = sigterm_as_interrupt()

@@ -111,6 +111,13 @@ def test_cli_outputs(tmp_path, net2d, net3d):
     res = _run(['--network', path3, '--target', str(nii), '--num-steps', '2', '--outdir', str(tmp_path / 'nii')])
     assert res.exit_code == 0, res.output
     assert np.allclose(np.load(tmp_path / 'nii' / 'target.npy'), as_sample(items3[sorted(items3)[0]])[:2], atol=1e-6)
+    one = []  # a BraTS-style case: one NIfTI per modality, given as a comma-separated list
+    for k in range(2):
+        one.append(str(tmp_path / f'm{k}.nii.gz'))
+        nibabel.save(nibabel.Nifti1Image(np.ascontiguousarray(data[..., k]), np.eye(4)), one[-1])
+    res = _run(['--network', path3, '--target', ','.join(one), '--num-steps', '1', '--outdir', str(tmp_path / 'two')])
+    assert res.exit_code == 0, res.output
+    assert np.allclose(np.load(tmp_path / 'two' / 'target.npy'), np.load(tmp_path / 'nii' / 'target.npy'))
 
 
 def test_bad_input(tmp_path, net2d, net3d):
