@@ -158,6 +158,8 @@ def test_prefilter_finds_the_exhaustive_neighbour(which, request):
     for k in range(3):  # noisy versions of archive items: the hard case, many items similar
         src = as_sample(items[sorted(items)[k * 2]])
         samples.append(np.clip(src + rng.normal(0, 0.3, src.shape), -1, 1).astype(np.float32))
+    rescaled = (as_sample(items[sorted(items)[1]]) + 1) * 0.6 - 1  # a copy at 60 % of the intensities
+    samples.append(rescaled.astype(np.float32))
     fast = privacy.PrivacyGate(path, verbose=False, candidates=3)
     full = privacy.PrivacyGate(path, verbose=False, candidates=None)
     for i, s in enumerate(samples):
@@ -166,6 +168,8 @@ def test_prefilter_finds_the_exhaustive_neighbour(which, request):
             assert a['nn_ssim'] == pytest.approx(b['nn_ssim'], abs=0.05)
             continue
         assert a['nn_index'] == b['nn_index'] and a['nn_ssim'] == pytest.approx(b['nn_ssim'], abs=1e-6)
+        if s is rescaled:
+            assert a['nn_name'] == sorted(items)[1] and a['nn_ssim'] > 0.6
         if len(shape) == 3:
             assert a['max_slice_ssim'] == pytest.approx(b['max_slice_ssim'], abs=1e-6)
 
