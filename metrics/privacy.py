@@ -134,7 +134,7 @@ def _quantiles(values) -> dict:
 
 class TrainingPool:
     """The image channels of every archive item, as stored (uint8, or float16 in [0, 1] for 16-bit archives), and a
-    box-filtered, standardised float16 copy for the pre-filter; names and cases per item."""
+    box-filtered, standardised float32 copy for the pre-filter; names and cases per item."""
 
     def __init__(self, archive: str, device='cpu', verbose: bool = True):
         self.path = str(archive)
@@ -169,10 +169,11 @@ class TrainingPool:
                 raw = torch.from_numpy(np.ascontiguousarray(dataset[i][0][self.image_idx]))
                 unit = raw.to(torch.float32) / vmax
                 store.append(raw if raw.dtype == torch.uint8 else unit.to(torch.float16))
-                small.append(self.shrink(unit[None])[0].to(torch.float16))
+                small.append(self.shrink(unit[None])[0])
                 bar.update(1)
         self.images = torch.stack(store).to(self.device)      # [N, Ci, *S] uint8 or float16
-        self.small = torch.stack(small).to(self.device)       # [N, Ci, *S/f] float16, see shrink
+        # float32: the pre-filter reads all of it per sample, and converting it each time cost more than the search
+        self.small = torch.stack(small).to(self.device)       # [N, Ci, x', y'] or [N, z', Ci*x'*y'] float32: shrink
 
     def __len__(self):
         return len(self.names)
@@ -195,7 +196,10 @@ class TrainingPool:
         to 0.062 lower.)"""
         small = nearest_neighbour._shrink(x, self.side)
         dims = tuple(range(2, small.ndim))
-        return (small - small.mean(dim=dims, keepdim=True)) / small.std(dim=dims, keepdim=True).clamp(min=1e-3)
+        small = (small - small.mean(dim=dims, keepdim=True)) / small.std(dim=dims, keepdim=True).clamp(min=1e-3)
+        if small.ndim == 5:  # volumes as [N, z', Ci * x' * y']: slabs contiguous for the per-slice pre-filter
+            small = small.permute(0, 4, 1, 2, 3).flatten(2).contiguous()
+        return small
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,12 +242,11 @@ def nearest_slices(pool: TrainingPool, x: torch.Tensor, candidates=CANDIDATES) -
     if candidates is None or candidates >= len(pool):
         cand = torch.arange(len(pool), device=x.device)[:, None].expand(-1, z)           # [k, Z]
     else:
-        small = pool.shrink(x)[0].to(torch.float32)                                       # [Ci, x', y', z']
-        d = torch.cat([(part.to(torch.float32) - small).square().sum(dim=(1, 2, 3))       # [N, z']
-                       for part in pool.small.split(512)])
+        small = pool.shrink(x)[0]                                                         # [z', Ci*x'*y']
+        d = (pool.small - small).square().sum(dim=2)                                      # [N, z']
         slab = d.topk(min(candidates, len(pool)), dim=0, largest=False).indices          # [k, z']
-        factor = max(z // small.shape[-1], 1)
-        cand = slab[:, (torch.arange(z, device=x.device) // factor).clamp(max=small.shape[-1] - 1)]  # [k, Z]
+        factor = max(z // small.shape[0], 1)
+        cand = slab[:, (torch.arange(z, device=x.device) // factor).clamp(max=small.shape[0] - 1)]  # [k, Z]
     k = cand.shape[0]
     xs = x[0].permute(3, 0, 1, 2)                                                         # [Z, Ci, X, Y]
     xs_brain, query = brain_mask(xs), SSIMQuery(xs)
