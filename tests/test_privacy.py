@@ -251,3 +251,24 @@ def test_merge_states_of_several_gates(tmp_path, archive2d):
     a.report(str(tmp_path), reference=False)
     with PIL.Image.open(tmp_path / 'privacy-pairs.png') as im:
         assert im.size[1] > 3 * 64  # the three checked pairs (the earlier verdict has no picture)
+
+
+def test_16bit_archive(tmp_path):
+    """A 16-bit archive is kept as float16 in [0, 1]: a copy is still a copy, a fresh sample is not."""
+    rng = np.random.RandomState(0)
+    meta = {'channels': CHANNELS, 'file_cases': {}}
+    items = {}
+    with zipfile.ZipFile(tmp_path / 'a16.zip', 'w') as z:
+        for i in range(4):
+            name = f'c{i}/x.npy'
+            items[name] = (make_item((32, 32), rng).astype(np.uint32) * 257).astype(np.uint16)
+            meta['file_cases'][name] = f'c{i}'
+            with z.open(name, 'w') as f:
+                np.save(f, items[name])
+        z.writestr('dataset.json', json.dumps(meta))
+    gate = privacy.PrivacyGate(str(tmp_path / 'a16.zip'), max_nn_ssim=0.9, verbose=False)
+    assert gate.pool.images.dtype == torch.float16
+    copy = items['c2/x.npy'].astype(np.float32) / 65535 * 2 - 1
+    v = gate.check(copy, CHANNELS, 'copy')
+    assert not v['keep'] and v['nn_name'] == 'c2/x.npy' and v['nn_ssim'] > 0.999
+    assert gate.check(as_sample(make_item((32, 32), np.random.RandomState(9))), CHANNELS, 'fresh')['keep']
