@@ -9,7 +9,7 @@ import sys
 import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPTS = ['train', 'generate', 'calc_metrics', 'dataset_tool', 'calc_segmentation', 'style_mixing', 'interpolate']
+SCRIPTS = ['train', 'generate', 'calc_metrics', 'dataset_tool', 'calc_segmentation', 'style_mixing', 'interpolate', 'projector', 'calc_privacy']
 NOT_SHIPPED = {'.git', 'tests', 'bench', 'build', '__pycache__'}
 OPS_SOURCES = ('.cu', '.cpp', '.h')
 
