@@ -14,7 +14,8 @@ from tests.nvlabs_fake import write_nvlabs_pickle
 from torch_utils import training_stats
 from training import checkpoint
 
-# A 16-px conditional run: 0.2 kimg in ticks of 56 images, a snapshot each tick (the default --workers).
+# A 16-px conditional run: 0.2 kimg, tick 0 after the first batch of 8 (as NVlabs), then ticks of 56 images, a
+# snapshot each tick (the default --workers).
 TINY = ['--cond=1', '--cbase', '256', '--cmax', '16', '--map-depth', '1', '--batch', '8', '--metrics', 'none',
         '--device', 'cpu', '--workers', '2']
 
@@ -60,8 +61,8 @@ def test_short_run_keeps_one_file_per_snapshot(run, tmp_path):
     names = sorted(os.listdir(run))
     snaps = [n for n in names if n.startswith('network-snapshot-')]
     grids = [n for n in names if n.startswith('fakes') and n != 'fakes_init.png']
-    assert snaps == [f'network-snapshot-{n:09d}.pt' for n in (56, 112, 168, 200)]
-    assert grids == [f'fakes{n:09d}.png' for n in (56, 112, 168, 200)]
+    assert snaps == [f'network-snapshot-{n:09d}.pt' for n in (8, 64, 120, 176, 200)]  # The first at tick 0.
+    assert grids == [f'fakes{n:09d}.png' for n in (8, 64, 120, 176, 200)]
     assert checkpoint.latest_snapshot(run) == os.path.join(run, 'network-snapshot-000000200.pt')
     import generate
     assert generate.resolve_network(run) == os.path.join(run, 'network-snapshot-000000200.pt')
