@@ -56,6 +56,7 @@ def calc_metrics(
     gpus: int = 1,              # Processes (one per GPU); on a machine without CUDA, 1 = CPU.
     channel=None,               # Channel name or index; None = each image channel.
     num_gen: int = None,        # Cap on generated (and real) images per metric; None = the metric's own.
+    num_real: int = None,       # Cap on the reals alone; None = num_gen.
     detector: str = None,       # Inception override.
     vgg_detector: str = None,   # VGG16 override.
     detector3d: str = None,     # 3D feature network (TorchScript) for fid3d_full.
@@ -104,6 +105,7 @@ def calc_metrics(
                                        num_gpus=gpus, rank=rank,
                                        device=device, progress=progress, channel=channel, detector_url=detector,
                                        vgg_detector_url=vgg_detector, num_gen=num_gen,
+                                       num_real=num_real if num_real is not None else num_gen,
                                        batch_size=batch, run_dir=run_dir, xflip_reals=bool(mirror),
                                        detector3d=detector3d, segmenter=segmenter)
     return results

@@ -1,10 +1,10 @@
 """The metric registry: each metric is one decorated function of the options, named as in StyleGAN2-ADA
 (Karras et al., NeurIPS 2020) where it exists there; see docs/metrics.md for what each one measures.
 
-``calc_metric(name, **options)`` runs one metric on this rank (``num_gen`` shortens it: the result then records
-``num_gen`` and the metric's own ``num_gen_default``) (all ranks must call it together when
-``num_gpus > 1``); ``calc_metrics(names, **options)`` runs several that share detector features;
-``report_metric`` appends a result as one JSON line to ``metric-<name>.jsonl``.
+``calc_metric(name, **options)`` runs one metric on this rank (all ranks must call it together when
+``num_gpus > 1``; ``num_gen`` and ``num_real`` shorten it, and its result then records ``num_gen``, the metric's
+own ``num_gen_default`` and ``num_real``); ``calc_metrics(names, **options)`` runs several that share detector
+features; ``report_metric`` appends a result as one JSON line to ``metric-<name>.jsonl``.
 """
 
 import json
@@ -71,8 +71,10 @@ def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
         results[key] = float(value)
     out = dnnlib.EasyDict(results=dnnlib.EasyDict(results), metric=metric, total_time=total_time,
                           total_time_str=dnnlib.format_time(total_time), num_gpus=opts.num_gpus)
-    if opts.get('num_gen'):  # Shortened (--metric-num-gen): the record says so, beside the metric's own count.
-        out.update(num_gen=opts.get('num_gen_used', int(opts.num_gen)), num_gen_default=opts.get('num_gen_default'))
+    if opts.get('num_gen') or opts.get('num_real'):  # Shortened (--metric-num-gen): the record says so.
+        out.update(num_gen=opts.get('num_gen_used', opts.get('num_gen')), num_gen_default=opts.get('num_gen_default'))
+        if opts.get('num_real'):
+            out.update(num_real=int(opts.num_real))
     return out
 
 

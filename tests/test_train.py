@@ -69,7 +69,7 @@ def test_run_dir_contents(run_dir):
     with open(os.path.join(run_dir, 'metric-mse_nn.jsonl')) as f:
         records = [json.loads(line) for line in f]
     assert [r['snapshot_pkl'] for r in records] == [f'network-snapshot-{n:09d}.pt' for n in (8, 112, 200)]
-    assert all(r['num_gen'] == 4 and r['num_gen_default'] == 1000 for r in records)
+    assert all(r['num_gen'] == 4 and r['num_gen_default'] == 1000 and r['num_real'] == 4 for r in records)
     data = snapshot.load_snapshot(os.path.join(run_dir, 'network-snapshot-000000200.pt'))
     assert data.dataset.label_names == ['class0', 'class1'] and data.G_ema.img_channels == 1
 

@@ -506,8 +506,8 @@ def _metrics(c, facts, metrics, detector, detector3d, vgg_detector, metric_num_g
         c.metric_kwargs.detector_url = detector
     if vgg_detector:
         c.metric_kwargs.vgg_detector_url = vgg_detector
-    if metric_num_gen is not None:
-        c.metric_kwargs.num_gen = check_range('metric_num_gen', metric_num_gen)
+    if metric_num_gen is not None:  # Generated and real images alike.
+        c.metric_kwargs.num_gen = c.metric_kwargs.num_real = check_range('metric_num_gen', metric_num_gen)
     if c.metrics:
         from metrics import metric_main
         problem = metric_main.metrics_problem(c.metrics, facts.is_volume, detector3d, is_paint=facts.paint)
@@ -700,8 +700,8 @@ def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
         if changes.get(key) is not None:
             c.metric_kwargs = dnnlib.EasyDict(c.get('metric_kwargs') or {}, **{f'{key}_url': changes[key]})
     if changes.get('metric_num_gen') is not None:
-        c.metric_kwargs = dnnlib.EasyDict(c.get('metric_kwargs') or {}, num_gen=check_range('metric_num_gen',
-                                                                                           changes['metric_num_gen']))
+        count = check_range('metric_num_gen', changes['metric_num_gen'])
+        c.metric_kwargs = dnnlib.EasyDict(c.get('metric_kwargs') or {}, num_gen=count, num_real=count)
     if changes.get('snap') is not None:
         c.image_snapshot_ticks = c.network_snapshot_ticks = changes['snap']
     if changes.get('tick') is not None:
