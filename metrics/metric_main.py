@@ -363,18 +363,25 @@ def detector_problem(
 
 def data_problem(metrics: list, dataset_kwargs: dict) -> str:
     """Why the real data cannot serve ``metrics`` (one line), or None: the nearest-neighbour metrics need images
-    of at least two cases for their real-to-real baseline."""
-    if not any(m in NN_METRICS for m in metrics):
+    of at least two cases for their real-to-real baseline, fid_per_class needs labels."""
+    if not any(m in NN_METRICS or m == 'fid_per_class' for m in metrics):
         return None
     kwargs = dict(dataset_kwargs, max_size=None, xflip=False)
     kwargs.setdefault('class_name', 'training.dataset.ImageFolderDataset')
     dataset = dnnlib.construct_class_by_name(**kwargs)
     try:
         problem = nearest_neighbour.cases_problem(dataset)
+        if problem:
+            return f'{", ".join(m for m in metrics if m in NN_METRICS)}: {problem}'
+        if 'fid_per_class' in metrics:
+            try:
+                per_class.class_members(dataset)
+            except metric_utils.MetricError as err:
+                return f'fid_per_class: {err}'
     finally:
         if hasattr(dataset, 'close'):
             dataset.close()
-    return f'{", ".join(m for m in metrics if m in NN_METRICS)}: {problem}' if problem else None
+    return None
 
 
 def metrics_problem(metrics: list, is_volumes: bool, detector3d: str = None, is_paint: bool = None) -> str:

@@ -173,3 +173,24 @@ def test_calc_metrics_two_processes_print_one_error_line(tmp_path):
     lines = [line for line in (res.stdout + res.stderr).splitlines() if line.strip()]
     assert res.returncode == 1 and len(lines) == 1, lines
     assert lines[0].startswith('Error: ') and 'nodata: no such dataset' in lines[0]
+
+
+def test_train_refuses_metrics_that_would_fail_at_the_first_snapshot(tmp_path, detector_path):
+    """Each of these once trained until its first snapshot and then crashed; now train.py refuses it in one line
+    before the run dir exists (--dry-run runs the same checks)."""
+    from click.testing import CliRunner
+    import train
+    from tests.helpers import make_png_folder
+    data = make_png_folder(str(tmp_path / 'pngs'), n=8, res=16, num_classes=2)
+    base = ['--outdir', str(tmp_path / 'runs'), '--data', data, '--device', 'cpu', '--detector', detector_path,
+            '--dry-run']
+    for extra, expected in [(['--metrics', 'mask_dice', '--cond=1'], 'mask_dice needs a segmenter'),
+                            (['--metrics', 'fid_per_class', '--cond=0'], 'fid_per_class: ')]:
+        res = CliRunner().invoke(train.main, base + extra)
+        errors = [line for line in res.output.splitlines() if line.startswith('Error:')]
+        assert res.exit_code == 2 and len(errors) == 1 and expected in errors[0], res.output[-2000:]
+    ok = CliRunner().invoke(train.main, base + ['--metrics', 'fid_per_class,kid10k_full', '--cond=1',
+                                                '--metric-num-gen', '100'])
+    assert ok.exit_code == 0, ok.output[-2000:]
+    assert '"num_gen": 100' in ok.output and '"num_real": 100' in ok.output
+    assert not os.path.exists(tmp_path / 'runs')

@@ -511,8 +511,9 @@ def _metrics(c, facts, metrics, detector, detector3d, vgg_detector, metric_num_g
     if c.metrics:
         from metrics import metric_main
         problem = metric_main.metrics_problem(c.metrics, facts.is_volume, detector3d, is_paint=facts.paint)
-        if not problem and 'insert_dice' in c.metrics:
-            problem = 'insert_dice needs a segmenter (calc_metrics.py --segmenter); measure it after training'
+        for name in ('insert_dice', 'mask_dice'):
+            if not problem and name in c.metrics:
+                problem = f'{name} needs a segmenter (calc_metrics.py --segmenter); measure it after training'
         if problem:
             raise click.UsageError(f'--metrics: {problem}')
     if detector3d:
