@@ -3,6 +3,7 @@
 Examples:
   python train.py --outdir runs --data slices.zip --cond=1 --mirror=1 --kimg 5000
   python train.py --outdir runs --data slices.zip --cond=1 --cbase 1024 --cmax 64 --batch 8 --kimg 0.2 --metrics none
+  python train.py --outdir runs --data slices.zip --cond=1 --metrics fid10k_full --metric-num-gen 1000   # quick metrics
   python train.py --resume runs/00003-slices-gpus1-batch8-cond --kimg 8000   # continue that run exactly, longer
   python train.py --resume other/network-snapshot-000200000.pt --outdir runs --data slices.zip   # new run from weights
   torchrun --nproc_per_node 4 train.py --outdir runs --data slices.zip --gpus 4
