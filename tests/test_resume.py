@@ -79,10 +79,12 @@ def test_short_run_keeps_one_file_per_snapshot(run, tmp_path):
 def test_resume_run_takes_mid_run_flags_and_keeps_them(run, tmp_path):
     run2 = str(tmp_path / 'run')
     shutil.copytree(run, run2)
-    result = _train(['--resume', run2, '--kimg', '0.25', '--tick', '0.04', '--snap', '2', '--workers', '1'])
+    result = _train(['--resume', run2, '--kimg', '0.25', '--tick', '0.04', '--snap', '2', '--workers', '1',
+                     '--metric-num-gen', '50'])
     assert 'Resuming' in result.output
     opts = _options(run2)
     assert opts['total_kimg'] == 0.25 and opts['kimg_per_tick'] == 0.04 and opts['network_snapshot_ticks'] == 2
+    assert opts['metric_kwargs']['num_gen'] == opts['metric_kwargs']['num_real'] == 50
     assert opts['data_loader_kwargs']['num_workers'] == 1 and 'resume_run' not in opts
     assert os.path.isfile(os.path.join(run2, 'network-snapshot-000000256.pt'))
     # A later plain resume keeps the saved total: it is reached, so it asks for a larger --kimg.

@@ -6,8 +6,9 @@ before a run dir exists, in named phases (process, dataset facts, preset and bat
 and loss, augmentation, metrics, resume). 2D images and volumes get the same classes (one network family, one
 augmentation pipeline), named in ``NETWORK_CLASSES`` and ``HOOK_CLASSES``. ``resume_run_config(run_dir,
 **changes)`` reloads a run's options (class names of earlier versions mapped to today's) to continue it in place
-with the options that may change mid-run (``MID_RUN_OPTIONS``). Presets follow the StyleGAN2-ADA paper's
-configurations.
+with the options that may change mid-run (``MID_RUN_OPTIONS``). ``check_metrics_ready(c)`` (train.py calls it
+last, before the run dir exists) loads the detectors of the run's metrics, which may download them, and checks that
+the data suits them. Presets follow the StyleGAN2-ADA paper's configurations.
 """
 
 import json

@@ -600,12 +600,12 @@ def _maintenance(run: Run):
     """Image grid, snapshot and training state, metrics, then the tick's statistics."""
     opts = run.opts
     end = run.done or run.stopping
-    skip = run.cur_tick == 0 and not opts.first_snapshot  # --first-snap=0: the first snapshot waits for tick --snap.
-    if (opts.rank == 0 and opts.image_snapshot_ticks is not None and not skip
-            and (run.done or run.cur_tick % opts.image_snapshot_ticks == 0)):
+    due = run.cur_tick > 0 or opts.first_snapshot  # --first-snap=0: the first snapshot waits for tick --snap.
+    if (opts.rank == 0 and opts.image_snapshot_ticks is not None
+            and (run.done or (due and run.cur_tick % opts.image_snapshot_ticks == 0))):
         _save_fakes(run, checkpoint.grid_path(opts.run_dir, run.cur_nimg))
     snapshot_file = None
-    if opts.network_snapshot_ticks is not None and (end or (not skip and run.cur_tick % opts.network_snapshot_ticks == 0)):
+    if opts.network_snapshot_ticks is not None and (end or (due and run.cur_tick % opts.network_snapshot_ticks == 0)):
         snapshot_file = _write_snapshot_and_state(run)
     if snapshot_file is not None and len(opts.metrics) > 0 and not run.stopping:
         run.logs.metrics.update(_evaluate_metrics(run, snapshot_file))
