@@ -55,7 +55,8 @@ def calc_metrics(
     mirror: bool = False,       # Add x-flipped reals (off in StyleGAN2-ADA's protocol, whatever the run trained with).
     gpus: int = 1,              # Processes (one per GPU); on a machine without CUDA, 1 = CPU.
     channel=None,               # Channel name or index; None = each image channel.
-    num_gen: int = None,        # Generated count override.
+    num_gen: int = None,        # Cap on generated (and real) images per metric; None = the metric's own.
+    num_real: int = None,       # Cap on the reals alone; None = num_gen.
     detector: str = None,       # Inception override.
     vgg_detector: str = None,   # VGG16 override.
     detector3d: str = None,     # 3D feature network (TorchScript) for fid3d_full.
@@ -104,12 +105,17 @@ def calc_metrics(
                                        num_gpus=gpus, rank=rank,
                                        device=device, progress=progress, channel=channel, detector_url=detector,
                                        vgg_detector_url=vgg_detector, num_gen=num_gen,
+                                       num_real=num_real if num_real is not None else num_gen,
                                        batch_size=batch, run_dir=run_dir, xflip_reals=bool(mirror),
                                        detector3d=detector3d, segmenter=segmenter)
     return results
 
 
 def _worker(rank: int, kwargs: dict, init_file: str):
+    """One process of ``--gpus N``. An expected error (bad input) is not raised here, where every rank would print
+    its own traceback: each rank writes its one line beside ``init_file`` and exits quietly, and the launcher
+    reports one of them (rank 0's). A rank whose collective broke because another rank stopped with such an
+    error exits quietly too."""
     cuda = torch.cuda.is_available() and kwargs.get('device') != 'cpu'
     torch.distributed.init_process_group(backend='nccl' if cuda else 'gloo', init_method=f'file://{init_file}', rank=rank,
                                          world_size=kwargs['gpus'])
@@ -117,8 +123,37 @@ def _worker(rank: int, kwargs: dict, init_file: str):
         torch.cuda.set_device(rank)
     try:
         calc_metrics(rank=rank, **kwargs)
+    except _expected_errors() as err:
+        with open(f'{init_file}.error{rank}', 'w') as f:
+            f.write(str(err).splitlines()[0] if str(err) else type(err).__name__)
+    except Exception:
+        if not _rank_errors(init_file, kwargs['gpus']):
+            raise
     finally:
         torch.distributed.destroy_process_group()
+
+
+def _rank_errors(init_file: str, gpus: int) -> list:
+    """The one-line errors the ranks of ``--gpus`` wrote, rank 0's first."""
+    errors = []
+    for rank in range(gpus):
+        path = f'{init_file}.error{rank}'
+        if os.path.isfile(path):
+            with open(path) as f:
+                errors.append(f.read())
+    return errors
+
+
+def _launch(kwargs: dict):
+    """``--gpus N``: N processes; one error line however many ranks stopped with it."""
+    if kwargs['device'] != 'cpu' and torch.cuda.is_available() and torch.cuda.device_count() < kwargs['gpus']:
+        raise metric_utils.MetricError(f'--gpus {kwargs["gpus"]}: only {torch.cuda.device_count()} CUDA devices')
+    with tempfile.TemporaryDirectory() as tmp:
+        init_file = os.path.join(tmp, '.dist_init')
+        torch.multiprocessing.spawn(_worker, args=(dict(kwargs), init_file), nprocs=kwargs['gpus'])
+        errors = _rank_errors(init_file, kwargs['gpus'])
+    if errors:
+        raise metric_utils.MetricError(errors[0])
 
 
 def _metric_list(_ctx, _param, value):
@@ -145,8 +180,9 @@ def _metric_list(_ctx, _param, value):
 @click.option('--gpus',                 help='Number of GPUs (processes)', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
 @click.option('--channel',              help='Measure this channel (name or index) [default: each]', metavar='NAME|INT')
-@click.option('--num-gen',              help='Generated images per metric [default: the metric\'s]', type=click.IntRange(min=2),
-              metavar='INT')
+@click.option('--metric-num-gen', '--num-gen', 'num_gen',
+                                        help='Shorten every metric: at most N generated and N real images (the results '
+                                             'record N) [default: the metric\'s own]', type=click.IntRange(min=2), metavar='N')
 @click.option('--detector',             help='Inception network (path or URL) [default: NVIDIA\'s]', metavar='PATH|URL', type=PATH)
 @click.option('--vgg-detector',         help='VGG16 network for PR and PPL [default: NVIDIA\'s]', metavar='PATH|URL', type=PATH)
 @bool_option('--allow-pickle',         help='Deprecated, ignored: .pkl files load without running code', hidden=True)
@@ -163,10 +199,7 @@ def main(**kwargs):
         snapshot.warn_allow_pickle()
     try:
         if kwargs.gpus > 1:
-            if kwargs.device != 'cpu' and torch.cuda.is_available() and torch.cuda.device_count() < kwargs.gpus:
-                raise metric_utils.MetricError(f'--gpus {kwargs.gpus}: only {torch.cuda.device_count()} CUDA devices')
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.multiprocessing.spawn(_worker, args=(dict(kwargs), os.path.join(tmp, '.dist_init')), nprocs=kwargs.gpus)
+            _launch(kwargs)
         else:
             calc_metrics(**kwargs)
     except _expected_errors() as err:

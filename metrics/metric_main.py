@@ -2,8 +2,9 @@
 (Karras et al., NeurIPS 2020) where it exists there; see docs/metrics.md for what each one measures.
 
 ``calc_metric(name, **options)`` runs one metric on this rank (all ranks must call it together when
-``num_gpus > 1``); ``calc_metrics(names, **options)`` runs several that share detector features;
-``report_metric`` appends a result as one JSON line to ``metric-<name>.jsonl``.
+``num_gpus > 1``; ``num_gen`` and ``num_real`` shorten it, and its result then records ``num_gen``, the metric's
+own ``num_gen_default`` and ``num_real``); ``calc_metrics(names, **options)`` runs several that share detector
+features; ``report_metric`` appends a result as one JSON line to ``metric-<name>.jsonl``.
 """
 
 import json
@@ -13,6 +14,7 @@ import time
 import torch
 
 import dnnlib
+from metrics import detectors
 from metrics import frechet_inception_distance
 from metrics import inception_score
 from metrics import insert_dice as insert_dice_module
@@ -67,8 +69,13 @@ def calc_metric(metric: str, **kwargs) -> dnnlib.EasyDict:
             torch.distributed.broadcast(value, src=0)
             value = float(value.cpu())
         results[key] = float(value)
-    return dnnlib.EasyDict(results=dnnlib.EasyDict(results), metric=metric, total_time=total_time,
-                           total_time_str=dnnlib.format_time(total_time), num_gpus=opts.num_gpus)
+    out = dnnlib.EasyDict(results=dnnlib.EasyDict(results), metric=metric, total_time=total_time,
+                          total_time_str=dnnlib.format_time(total_time), num_gpus=opts.num_gpus)
+    if opts.get('num_gen') or opts.get('num_real'):  # Shortened (--metric-num-gen): the record says so.
+        out.update(num_gen=opts.get('num_gen_used', opts.get('num_gen')), num_gen_default=opts.get('num_gen_default'))
+        if opts.get('num_real'):
+            out.update(num_real=int(opts.num_real))
+    return out
 
 
 def calc_metrics(metrics: list, share: bool = True, on_result=None, **kwargs) -> list:
@@ -276,14 +283,15 @@ def insert_dice(opts):
 @register_metric
 def fid25d_full(opts):
     _full(opts)
-    per_plane = volumes.compute_fid25d(opts, num_gen=metric_utils.num_generated(opts, 1000))
+    per_plane = volumes.compute_fid25d(opts, num_gen=metric_utils.num_generated(opts, 1000),
+                                       max_real=metric_utils.num_real(opts))
     return volumes.plane_results('fid25d_full', per_plane)
 
 
 @register_metric
 def fid3d_full(opts):
     _full(opts)
-    fid = volumes.compute_fid3d(opts, num_gen=metric_utils.num_generated(opts, 1000))
+    fid = volumes.compute_fid3d(opts, num_gen=metric_utils.num_generated(opts, 1000), max_real=metric_utils.num_real(opts))
     return metric_utils.per_channel_results('fid3d_full', fid)
 
 
@@ -316,6 +324,64 @@ def mse3d_nn(opts):
 
 
 ANY_KIND = ('mask_dice',) + paint.PAINT_METRICS  # metrics that measure slices and volumes alike
+
+# The detector each metric runs, and what it asks of it (detectors.Detector.check): checked before training.
+INCEPTION_METRICS = ('fid50k_full', 'kid50k_full', 'fid50k', 'kid50k', 'fid10k_full', 'kid10k_full', 'fid_per_class',
+                     'fid25d_full')
+VGG_METRICS = ('pr50k3_full', 'pr50k3', 'pr10k3_full')
+DETECTOR_NEEDS = dict({m: ('inception', 'features') for m in INCEPTION_METRICS}, is50k=('inception', 'class_probs'),
+                      ppl2_wend=('vgg16', 'lpips'), **{m: ('vgg16', 'features') for m in VGG_METRICS})
+NN_METRICS = ('ssim_nn', 'mse_nn', 'ssim3d_nn', 'mse3d_nn')
+
+
+def detector_problem(
+    metrics: list,                  # Metric names.
+    detector_url: str = None,       # --detector (Inception); None = the canonical network, then the offline copy.
+    vgg_detector_url: str = None,   # --vgg-detector; None = the canonical network.
+    detector3d: str = None,         # --detector3d (fid3d_full).
+    verbose: bool = True,           # Notices on stderr (a download, the offline fallback), as the metrics print them.
+) -> str:
+    """Why a detector of ``metrics`` cannot be had here (one line naming the metrics and the way out), or None.
+    Loads each detector once (downloading it into the cache when the network allows), exactly as the metrics
+    will, so that a run does not train a tick and then fail at its first snapshot."""
+    for kind, url in (('inception', detector_url), ('vgg16', vgg_detector_url)):
+        names = [m for m in metrics if DETECTOR_NEEDS.get(m, (None,))[0] == kind]
+        try:
+            if names:
+                detector = detectors.load_detector(kind, url=url, device='cpu', verbose=verbose)
+            for name in names:
+                detector.check(DETECTOR_NEEDS[name][1])
+        except detectors.DetectorError as err:
+            return f'{", ".join(names)}: {str(err).splitlines()[0]}'
+    if 'fid3d_full' in metrics and detector3d:
+        try:
+            volumes.VolumeDetector(dnnlib.open_url(detector3d, return_filename=True, verbose=verbose), 'cpu')
+        except (dnnlib.DownloadError, detectors.DetectorError) as err:
+            return f'fid3d_full: --detector3d {detector3d}: {str(err).splitlines()[0]}'
+    return None
+
+
+def data_problem(metrics: list, dataset_kwargs: dict) -> str:
+    """Why the real data cannot serve ``metrics`` (one line), or None: the nearest-neighbour metrics need images
+    of at least two cases for their real-to-real baseline, fid_per_class needs labels."""
+    if not any(m in NN_METRICS or m == 'fid_per_class' for m in metrics):
+        return None
+    kwargs = dict(dataset_kwargs, max_size=None, xflip=False)
+    kwargs.setdefault('class_name', 'training.dataset.ImageFolderDataset')
+    dataset = dnnlib.construct_class_by_name(**kwargs)
+    try:
+        problem = nearest_neighbour.cases_problem(dataset)
+        if problem:
+            return f'{", ".join(m for m in metrics if m in NN_METRICS)}: {problem}'
+        if 'fid_per_class' in metrics:
+            try:
+                per_class.class_members(dataset)
+            except metric_utils.MetricError as err:
+                return f'fid_per_class: {err}'
+    finally:
+        if hasattr(dataset, 'close'):
+            dataset.close()
+    return None
 
 
 def metrics_problem(metrics: list, is_volumes: bool, detector3d: str = None, is_paint: bool = None) -> str:

@@ -44,7 +44,8 @@ def make_options(
     detector_url: str = None,   # Inception override (path or URL); None = canonical, then offline fallback.
     vgg_detector_url: str = None,  # VGG16 override for PR and PPL.
     allow_pickle: bool = False, # Allow unpickling detector files that are plain pickles.
-    num_gen: int = None,        # Override of the generated count of every metric (quick runs).
+    num_gen: int = None,        # Override of the generated count of every metric (quick runs); None = theirs.
+    num_real: int = None,       # Cap on the reals of every metric (a seeded random subset); None = theirs.
     batch_size: int = 64,       # Images per rank per step.
     num_workers: int = None,    # DataLoader workers; None = 3 on CUDA, 0 on CPU.
     run_dir: str = None,        # Where results are reported (informational here).
@@ -62,13 +63,26 @@ def make_options(
     return dnnlib.EasyDict(G=G, G_kwargs=dnnlib.EasyDict(G_kwargs or {}), dataset_kwargs=dnnlib.EasyDict(dataset_kwargs or {}),
                            num_gpus=num_gpus, rank=rank, device=device, cache=cache, progress=progress and rank == 0,
                            channel=channel, detector_url=detector_url, vgg_detector_url=vgg_detector_url,
-                           allow_pickle=allow_pickle, num_gen=num_gen, batch_size=batch_size, num_workers=num_workers,
+                           allow_pickle=allow_pickle, num_gen=num_gen, num_real=num_real, batch_size=batch_size,
+                           num_workers=num_workers,
                            run_dir=run_dir, seed=seed, **extra)
 
 
 def num_generated(opts, default: int) -> int:
-    """The generated count of a metric, unless ``opts.num_gen`` overrides it."""
-    return int(opts.num_gen) if opts.get('num_gen') else int(default)
+    """The generated count of a metric, unless ``opts.num_gen`` overrides it (--metric-num-gen). The count used
+    and the metric's own are noted in ``opts`` for the result record (metric_main.calc_metric), so that a
+    shortened result is never mistaken for a full one."""
+    count = int(opts.num_gen) if opts.get('num_gen') else int(default)
+    opts['num_gen_used'], opts['num_gen_default'] = count, int(default)
+    return count
+
+
+def num_real(opts, max_real: int = None) -> int:
+    """The reals a metric measures at most: its own ``max_real`` (None = all), capped by ``opts.num_real`` when a
+    quick run shortens the metric (--metric-num-gen; a random subset with a fixed seed, as for ``max_real``)."""
+    if not opts.get('num_real'):
+        return max_real
+    return int(opts.num_real) if max_real is None else min(int(max_real), int(opts.num_real))
 
 
 def get_detector(opts, kind: str = 'inception') -> detectors.Detector:
@@ -379,6 +393,7 @@ def compute_feature_stats_for_dataset(
     else from the evaluation's shared features (``opts.feature_memo``), else from one pass over the images."""
     dataset = get_dataset(opts)
     indices = np.arange(len(dataset)) if indices is None else np.asarray(indices, dtype=np.int64)
+    max_items = num_real(opts, max_items)
     if max_items is not None and len(indices) > max_items:
         indices = np.sort(np.random.RandomState(opts.seed).choice(indices, max_items, replace=False))
     if len(indices) == 0:
@@ -400,7 +415,9 @@ def compute_feature_stats_for_dataset(
     if not todo:
         return out
     memo = opts.get('feature_memo')
-    if memo is not None and FeatureMemo.fits(len(dataset), len(todo)):
+    # The memo holds every real image's row; a shortened run (num_real) measures a subset only, so it streams that
+    # subset (the metrics of one evaluation then share it through the cache file).
+    if memo is not None and FeatureMemo.fits(len(dataset), len(todo)) and not opts.get('num_real'):
         rows = _real_rows(opts, dataset, detector, todo, what)
         for suffix, _ in todo:  # Rows at hand: keep both kinds, so the cache file serves any later request.
             out[suffix] = stats_from_rows(rows[suffix][indices], opts.batch_size * opts.num_gpus, capture_all=True,

