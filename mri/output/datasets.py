@@ -1,0 +1,322 @@
+"""Generated samples as segmentation datasets: BraTS case folders and nnU-Net v2 raw datasets (docs/cohorts.md).
+
+`generate.py --format brats|nnunet` hands every sample of a joint image+label snapshot (modalities + `seg_*` label
+channels, torch_utils/label_channels.py) to a `DatasetWriter` through generate.generate_samples' writer protocol
+(start / write / finish / unit, plus item_name / done for resumable, shardable cases):
+
+- `brats`: one folder per case, `BraTS-SYN-<seed:05d>-<class index:03d>/` with `<case>-{t1n,t1c,t2w,t2f,seg}.nii.gz`
+  (BraTS 2023 naming, labels 1 NETC, 2 SNFH, 3 ET, mri.output.cases.synthetic_case_id), and the sidecar
+  `<case>-generation.json`. The folder is written hidden and renamed into place; the sidecar comes last.
+- `nnunet`: nnU-Net v2's raw layout: `imagesTr/<case>_0000..000K.<ending>`, `labelsTr/<case>.<ending>`, a
+  `dataset.json` (channel_names, labels, numTraining, file_ending; for the BraTS label channels the BraTS regions
+  the way nnU-Net's own BraTS 2021 conversion declares them, here for the BraTS 2023 label values), and the sidecars
+  in `provenance/<case>.json`, which nnU-Net does not read. Volumes are `.nii.gz`; 2D slices are 16-bit grey `.png`
+  images and 8-bit `.png` label maps, read by nnU-Net's NaturalImage2DIO (nnU-Net v2's documented way for 2D data).
+
+Intensities are (x + 1) / 2 in [0, 1] (float32 NIfTI, 16-bit PNG), the labels the decoded map 0..K (mri.seg's rule).
+Volumes carry the archive's space (mri.output.volumes.resolve_space) or, with `native_grid`, the original BraTS grid.
+Real BraTS cases (`--with-real`) go into the same dataset under their own ids (`add_real_case`).
+"""
+
+import json
+import os
+import shutil
+
+import numpy as np
+
+import dnnlib
+from mri.output.cases import synthetic_case_id
+from mri.output.manifest import write_json
+from mri.output.nifti import save_volume_nifti
+from mri.seg import SEG_CHANNELS
+from mri.sources.brats import MODALITIES
+from torch_utils.label_channels import label_channel_indices, onehot_to_labelmap
+
+FORMATS = ('brats', 'nnunet')
+SIDECAR_DIR = 'provenance'
+
+# nnU-Net v2 region-based training for BraTS 2023 labels (1 NETC, 2 SNFH, 3 ET), declared the way nnU-Net's
+# Dataset137_BraTS21 conversion declares its regions: whole tumour = every label, tumour core = necrosis + enhancing,
+# enhancing tumour. regions_class_order names the label each region's voxels get when nnU-Net converts predicted
+# regions back to a label map, later regions overwriting earlier ones: WT -> 2 (SNFH), TC -> 1 (NETC), ET -> 3.
+BRATS_REGIONS = {'background': 0, 'whole tumor': [1, 2, 3], 'tumor core': [1, 3], 'enhancing tumor': [3]}
+BRATS_REGIONS_CLASS_ORDER = [2, 1, 3]
+BRATS_LABELS = {'background': 0, 'NETC': 1, 'SNFH': 2, 'ET': 3}
+
+
+class DatasetOutputError(ValueError):
+    """A dataset cannot be written as asked (channels missing, wrong kind of snapshot); one line."""
+
+
+def sample_case_id(seed, class_index) -> str:
+    """The case of a generated sample: BraTS-SYN-<seed>-<class index> (seeds 0-99999, classes 0-999)."""
+    if not (0 <= int(seed) <= 99999):
+        raise DatasetOutputError(f'--seeds {seed}: dataset cases are named BraTS-SYN-<seed:05d>-<class>: use seeds 0-99999')
+    return synthetic_case_id(seed, class_index)
+
+
+def nnunet_dataset_json(image_channels, label_channels, num_training, file_ending, regions=True, name=None,
+                        description=None) -> dict:
+    """nnU-Net v2's dataset.json (its dataset_format.md): channel_names, labels (or BraTS regions with
+    regions_class_order), numTraining, file_ending."""
+    out = {'channel_names': {str(i): name_ for i, name_ in enumerate(image_channels)}}
+    if tuple(label_channels) == SEG_CHANNELS:
+        out['labels'] = dict(BRATS_REGIONS if regions else BRATS_LABELS)
+        if regions:
+            out['regions_class_order'] = list(BRATS_REGIONS_CLASS_ORDER)
+    else:
+        out['labels'] = {'background': 0, **{c[len('seg_'):].upper(): k + 1 for k, c in enumerate(label_channels)}}
+    out.update(numTraining=int(num_training), file_ending=file_ending)
+    if name:
+        out['name'] = name
+    if description:
+        out['description'] = description
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Files of one case
+
+
+def _save_png(array, path, bits):
+    import PIL.Image
+    with dnnlib.atomic_output(path, suffix='.png') as tmp:
+        PIL.Image.fromarray(array.astype(np.uint16 if bits == 16 else np.uint8)).save(tmp)
+    return path
+
+
+def _unit(channel):
+    """[-1, 1] -> [0, 1] float32 (clipped: a generator's output may overshoot)."""
+    return ((np.asarray(channel, np.float32) + 1) / 2).clip(0, 1)
+
+
+class DatasetWriter:
+    """Writes generated samples as cases of a BraTS or nnU-Net v2 dataset (module docstring)."""
+
+    unit = 'cases'
+    dataset = True
+
+    def __init__(
+        self,
+        desc,               # the snapshot's dataset description (channels, kind, space)
+        outdir,             # the dataset folder
+        fmt,                # 'brats' or 'nnunet'
+        native_grid=False,  # volumes on the original BraTS grid (mri.volume_space)
+        regions=True,       # nnunet + BraTS labels: region-based dataset.json (else the three labels)
+        verbose=True,
+    ):
+        if fmt not in FORMATS:
+            raise DatasetOutputError(f'--format {fmt}: choose one of {", ".join(FORMATS)}')
+        self.desc, self.outdir, self.fmt, self.native_grid, self.regions = desc, outdir, fmt, native_grid, regions
+        self.verbose = verbose
+        self.channels = list(desc.get('channels') or [])
+        self.volumes = (desc.get('kind') == 'volumes') or len(desc.get('image_shape') or []) == 4
+        self.label_idx = label_channel_indices(self.channels)
+        self.image_idx = [i for i in range(len(self.channels)) if i not in self.label_idx]
+        self.image_names = [self.channels[i] for i in self.image_idx]
+        self.label_names = [self.channels[i] for i in self.label_idx]
+        self.space = None
+        self._check_channels()
+
+    def _check_channels(self):
+        if not self.channels:
+            raise DatasetOutputError(f'--format {self.fmt}: the snapshot records no channel names; a dataset needs '
+                                     f'named modalities and seg_* label channels (dataset_tool.py --modalities all --with-seg)')
+        if 'modality' in self.image_names:
+            raise DatasetOutputError(f'--format {self.fmt}: the snapshot makes one modality per sample (a per-modality '
+                                     f'archive); a case needs every modality at once: train on an archive made with '
+                                     f'--modalities all --with-seg')
+        if self.fmt == 'nnunet' and not self.label_idx:
+            raise DatasetOutputError('--format nnunet: the snapshot has no seg_* label channels; nnU-Net trains on '
+                                     'images with labels (train a joint snapshot: dataset_tool.py --with-seg)')
+        missing = [m for m in MODALITIES if m not in self.image_names]
+        if self.fmt == 'brats' and missing:
+            raise DatasetOutputError(f'--format brats: the snapshot makes {", ".join(self.image_names) or "no images"} '
+                                     f'but a BraTS case needs {", ".join(MODALITIES)} (missing {", ".join(missing)}); '
+                                     f'use --format nnunet for other channel sets')
+        if not self.image_idx:
+            raise DatasetOutputError(f'--format {self.fmt}: the snapshot makes label channels only')
+
+    # -- the writer protocol ------------------------------------------------------------------------------------
+
+    @property
+    def file_ending(self):
+        return '.nii.gz' if self.volumes or self.fmt == 'brats' else '.png'
+
+    def item_name(self, seed, class_index, class_name):
+        return sample_case_id(seed, class_index)
+
+    def sidecar_path(self, case):
+        if self.fmt == 'brats':
+            return os.path.join(self.outdir, case, f'{case}-generation.json')
+        return os.path.join(self.outdir, SIDECAR_DIR, f'{case}.json')
+
+    def dropped_path(self, case):
+        return os.path.join(self.outdir, SIDECAR_DIR, f'{case}.dropped.json')
+
+    def done(self, case) -> bool:
+        """A case is finished when its sidecar (or the record of its drop by the privacy gate) exists."""
+        return os.path.isfile(self.sidecar_path(case)) or os.path.isfile(self.dropped_path(case))
+
+    def start(self, first):
+        """Checks the first sample against the snapshot's kind and channels before anything is written."""
+        want = 4 if self.volumes else 3
+        if first.ndim != want:
+            raise DatasetOutputError(f'the generator made samples of shape {tuple(first.shape)}, not '
+                                     f'{"volumes (C, D, H, W)" if self.volumes else "images (C, H, W)"}')
+        if first.shape[0] != len(self.channels):
+            raise DatasetOutputError(f'the generator makes {first.shape[0]} channels but the snapshot names '
+                                     f'{len(self.channels)}')
+        if self.volumes:
+            from mri.output.volumes import resolve_space
+            self.space = resolve_space(self.desc, first.shape[1:], warn=self.verbose)
+            if self.native_grid and not self.space.get('native'):
+                raise DatasetOutputError('--native-grid: the snapshot\'s archive records no native grid (convert it '
+                                         'again with this version of dataset_tool.py, --kind volumes)')
+        elif self.native_grid:
+            raise DatasetOutputError('--native-grid: the snapshot makes 2D slices; there is no BraTS grid to map them onto')
+
+    def write(self, sample, case, class_name, class_values, record=None):
+        """Writes one case; the sidecar (`record` plus the files) last. Returns the paths written."""
+        images = [_unit(sample[i]) for i in self.image_idx]
+        labels = (onehot_to_labelmap(sample[self.label_idx], threshold=0).astype(np.uint8)
+                  if self.label_idx else None)
+        files = self._write_arrays(case, images, labels)
+        entry = dict(record or {}, case=case, files=[os.path.relpath(f, self.outdir) for f in files])
+        write_json(self.sidecar_path(case), entry)
+        return files + [self.sidecar_path(case)]
+
+    def drop(self, case, record):
+        """Records a sample the privacy gate kept out (no case is written)."""
+        os.makedirs(os.path.join(self.outdir, SIDECAR_DIR), exist_ok=True)
+        write_json(self.dropped_path(case), dict(record, case=case))
+
+    def finish(self, classes, names=()):
+        """Rank 0, after every rank: nnU-Net's dataset.json over the finished cases; returns the paths written."""
+        if self.fmt != 'nnunet':
+            return []
+        cases = self.finished_cases(names)
+        path = os.path.join(self.outdir, 'dataset.json')
+        write_json(path, nnunet_dataset_json(self.image_names, self.label_names, len(cases), self.file_ending,
+                                             self.regions, name='BraTS-SYN',
+                                             description='generated by generate.py (manifest.json); docs/cohorts.md'))
+        return [path]
+
+    def finished_cases(self, names):
+        """The sidecar entries of the cases in `names` that were written (not dropped), in that order."""
+        out = []
+        for case in names:
+            if os.path.isfile(self.sidecar_path(case)):
+                with open(self.sidecar_path(case)) as f:
+                    out.append(json.load(f))
+        return out
+
+    def dropped_cases(self, names):
+        out = []
+        for case in names:
+            if os.path.isfile(self.dropped_path(case)):
+                with open(self.dropped_path(case)) as f:
+                    out.append(json.load(f))
+        return out
+
+    # -- layouts ------------------------------------------------------------------------------------------------
+
+    def _write_arrays(self, case, images, labels):
+        if self.fmt == 'brats':
+            return self._write_brats(case, images, labels)
+        os.makedirs(os.path.join(self.outdir, 'imagesTr'), exist_ok=True)
+        os.makedirs(os.path.join(self.outdir, 'labelsTr'), exist_ok=True)
+        os.makedirs(os.path.join(self.outdir, SIDECAR_DIR), exist_ok=True)
+        paths = [os.path.join(self.outdir, 'imagesTr', f'{case}_{k:04d}{self.file_ending}') for k in range(len(images))]
+        label_path = os.path.join(self.outdir, 'labelsTr', f'{case}{self.file_ending}')
+        for image, path in zip(images, paths):
+            self._save(image, path, label=False)
+        self._save(labels, label_path, label=True)
+        return paths + [label_path]
+
+    def _write_brats(self, case, images, labels):
+        final = os.path.join(self.outdir, case)
+        if os.path.isdir(final):  # a killed run's folder without its sidecar: ours (hidden rename), replace it
+            shutil.rmtree(final)
+        tmp = os.path.join(self.outdir, f'.{case}.partial-{os.getpid()}')
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+        try:
+            names = [f'{case}-{m}.nii.gz' for m in self.image_names]
+            for image, name in zip(images, names):
+                self._save(image, os.path.join(tmp, name), label=False)
+            if labels is not None:
+                names.append(f'{case}-seg.nii.gz')
+                self._save(labels, os.path.join(tmp, names[-1]), label=True)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return [os.path.join(final, n) for n in names]
+
+    def _save(self, array, path, label):
+        if path.endswith('.png'):
+            return _save_png(array if label else np.rint(array * 65535), path, 8 if label else 16)
+        if not self.volumes:  # a 2D slice as a NIfTI with a singleton third axis (BraTS layout of 2D samples)
+            return save_volume_nifti(path, array[:, :, None], np.eye(4))
+        affine = np.asarray(self.space['affine'])
+        if self.native_grid:
+            from mri import volume_space
+            array, affine = volume_space.to_native(array, self.space['native'], labels=label)
+        return save_volume_nifti(path, array.astype(np.uint8) if label else array.astype(np.float32), affine)
+
+    # -- real cases ---------------------------------------------------------------------------------------------
+
+    def add_real_case(self, case_files) -> dict:
+        """Converts one real BraTS case (mri.sources.brats.CaseFiles) into the dataset under its own id: the image
+        files copied as they are (gzipped when they were not), the labels as BraTS 2023 values 0-3 on the case's
+        own header. Returns its sidecar entry (written last)."""
+        import nibabel as nib
+        from mri.sources.brats import labels_to_canonical
+        if not self.volumes:
+            raise DatasetOutputError('--with-real: the snapshot makes 2D slices; real cases join volume datasets only')
+        if case_files.seg is None:
+            raise DatasetOutputError(f'--with-real: {case_files.case_id} has no label map (a training case needs one)')
+        missing = [m for m in self.image_names if m not in case_files.files]
+        if missing:
+            raise DatasetOutputError(f'--with-real: {case_files.case_id} has no {", ".join(missing)}')
+        case = case_files.case_id
+        if self.fmt == 'brats':
+            targets = [os.path.join(f'.{case}.partial-{os.getpid()}', f'{case}-{m}.nii.gz') for m in self.image_names]
+            seg_target = os.path.join(f'.{case}.partial-{os.getpid()}', f'{case}-seg.nii.gz')
+        else:
+            targets = [os.path.join('imagesTr', f'{case}_{k:04d}.nii.gz') for k in range(len(self.image_names))]
+            seg_target = os.path.join('labelsTr', f'{case}.nii.gz')
+            for sub in ('imagesTr', 'labelsTr', SIDECAR_DIR):
+                os.makedirs(os.path.join(self.outdir, sub), exist_ok=True)
+        if self.fmt == 'brats':
+            shutil.rmtree(os.path.join(self.outdir, case), ignore_errors=True)
+            os.makedirs(os.path.join(self.outdir, os.path.dirname(targets[0])), exist_ok=True)
+        for m, target in zip(self.image_names, targets):
+            _copy_nifti(str(case_files.files[m]), os.path.join(self.outdir, target))
+        seg_img = nib.load(str(case_files.seg))
+        seg = labels_to_canonical(np.asanyarray(seg_img.dataobj), case_files.naming, case_files.seg, case)
+        header = seg_img.header.copy()
+        header.set_data_dtype(np.uint8)
+        header.set_slope_inter(1, 0)
+        with dnnlib.atomic_output(os.path.join(self.outdir, seg_target), suffix='.nii.gz') as tmp:
+            nib.save(nib.Nifti1Image(seg, None, header), tmp)
+        files = targets + [seg_target]
+        if self.fmt == 'brats':
+            os.replace(os.path.join(self.outdir, os.path.dirname(targets[0])), os.path.join(self.outdir, case))
+            files = [os.path.join(case, os.path.basename(f)) for f in files]
+        entry = {'case': case, 'real': True, 'source_files': {m: str(case_files.files[m]) for m in self.image_names},
+                 'source_seg': str(case_files.seg), 'files': files}
+        write_json(self.sidecar_path(case), entry)
+        return entry
+
+
+def _copy_nifti(src, dst):
+    """A real scan into the dataset: its bytes when it is gzipped NIfTI already, else re-saved gzipped."""
+    with dnnlib.atomic_output(dst, suffix='.nii.gz') as tmp:
+        if src.lower().endswith('.nii.gz'):
+            shutil.copyfile(src, tmp)
+        else:
+            import nibabel as nib
+            img = nib.load(src)  # the stored values and the header's scaling, as they were
+            nib.save(nib.Nifti1Image(img.dataobj.get_unscaled(), None, img.header.copy()), tmp)
