@@ -158,13 +158,6 @@ def item_name(writer, seed, class_index, class_name) -> str:
     return f'seed{seed:04d}' + (f'-{class_name.replace(",", "-")}' if class_name else '')
 
 
-def barrier():
-    """Waits for every process of a torchrun job (a no-op in a single process)."""
-    import torch
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _verdict(result) -> dict:
     """The privacy gate's verdict as plain JSON values."""
     out = {'keep': bool(result['keep'])}
@@ -244,6 +237,7 @@ def generate_samples(
             written += writer.write(sample, os.path.join(outdir, stem), name, values)
         bar.update(done=j + 1, tail=stem + (f' ({dropped} dropped)' if dropped else ''))
     bar.close()
+    from mri.output.datasets import barrier
     barrier()
     if finish and rank == 0 and (is_dataset or (class_grid and world_size == 1)):
         names = [item_name(writer, seed, k, classes[k][0]) for k, seed in items]
@@ -348,7 +342,7 @@ def export_dataset(G, desc, network, outdir, fmt, seeds, class_spec, truncation_
     cases (generate_samples) and real cases, and on rank 0 once all are done dataset.json and the complete manifest
     (mri.output.manifest). Returns the paths written by this process."""
     from mri.output import manifest as mf
-    from mri.output.datasets import DatasetWriter
+    from mri.output.datasets import DatasetWriter, barrier
     writer = DatasetWriter(desc, outdir, fmt, native_grid, regions, verbose)
     if balance and not G.c_dim:
         raise GenerateError('--balance: this network is unconditional; there are no classes to balance')

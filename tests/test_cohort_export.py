@@ -180,13 +180,18 @@ def test_balance_draws_classes_in_turn(nets, tmp_path):
     assert classes == ['gli', 'ssa', 'gli', 'ssa', 'gli'] and len(manifest['cases']) == 5
 
 
-@pytest.mark.parametrize('kind', ['vol', 'slc'])
-def test_nnunet_integrity_check_passes(nets, real_cases, tmp_path, kind):
+@pytest.mark.parametrize('kind', ['vol', 'slc', 'painted'])
+def test_nnunet_integrity_check_passes(nets, real_cases, tmp_path, kind, request):
     pytest.importorskip('nnunetv2')
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     out = tmp_path / 'Dataset502_Syn'
-    extra = ['--with-real', real_cases] if kind == 'vol' else []
-    ok('--network', nets[kind], '--seeds', '0-1', '--class', 'all', '--format', 'nnunet', '--outdir', out, *extra)
+    if kind == 'painted':
+        paint = request.getfixturevalue('paint')
+        ok('--network', paint / 'paint.pt', '--insert-into', paint / 'cases', '--labels-from', paint / 'small.nii.gz',
+           '--device', 'cpu', '--format', 'nnunet', '--with-real', real_cases, '--outdir', out)
+    else:
+        extra = ['--with-real', real_cases] if kind == 'vol' else []
+        ok('--network', nets[kind], '--seeds', '0-1', '--class', 'all', '--format', 'nnunet', '--outdir', out, *extra)
     verify_dataset_integrity(str(out), 1)  # raises on any problem
 
 
@@ -333,3 +338,65 @@ def test_real_cases_for_a_2d_dataset_are_refused(nets, real_cases, tmp_path):
     one_line_error(gen('--network', nets['slc'], '--seeds', '0', '--class', 'gli', '--format', 'nnunet',
                        '--with-real', real_cases, '--outdir', tmp_path / 'x'), '2D')
     assert not (tmp_path / 'x').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Painted cases
+
+
+@pytest.fixture(scope='module')
+def paint(tmp_path_factory):
+    from mri.sources.phantom import write_phantom_cases
+    from training.paint import PaintGenerator
+    root = tmp_path_factory.mktemp('paint')
+    write_phantom_cases(root / 'cases', 2, seed=1, shape=(64, 64, 40), progress=False)
+    channels = ['t1n', 't1c', 't2w', 't2f', 'brain', 'seg_netc', 'seg_snfh', 'seg_et']
+    torch.manual_seed(0)
+    G = PaintGenerator(z_dim=8, c_dim=0, w_dim=8, img_resolution=[32, 32, 32], img_channels=len(channels),
+                       channels=channels, mapping_kwargs=dict(num_layers=1), channel_base=64, channel_max=8,
+                       num_fp16_res=0, conv_clamp=None)
+    desc = {'kind': 'patches', 'channels': channels, 'patch_size': [32, 32, 32],
+            'normalization': {'method': 'percentile', 'low': 0.5, 'high': 99.5}}
+    snapshot.save_snapshot(str(root / 'paint.pt'), dict(G=G, D=None, G_ema=G, augment_pipe=None), dataset=desc)
+    g = np.indices((9, 9, 9)) - 4
+    r = np.sqrt((g ** 2).sum(0))
+    small = np.select([r <= 1, r <= 2.2, r <= 3.6], [1, 3, 2], 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(small, np.eye(4)), str(root / 'small.nii.gz'))
+    return root
+
+
+def test_painted_cases_as_nnunet_dataset_with_manifest(paint, real_cases, tmp_path):
+    args = ['--network', paint / 'paint.pt', '--insert-into', paint / 'cases', '--labels-from', paint / 'small.nii.gz',
+            '--seeds', '0-2', '--balance', '--device', 'cpu', '--format', 'nnunet']
+    out = tmp_path / 'Dataset503_Painted'
+    ok(*args, '--with-real', real_cases, '--outdir', out)
+    meta = check_nnunet_layout(str(out))
+    manifest = json.loads((out / 'manifest.json').read_text())
+    painted = [c for c in manifest['cases'] if not c.get('real')]
+    folders = sorted(d for d in os.listdir(out / 'cases') if d.startswith('BraTS-SYN'))
+    assert [c['case'] for c in painted] == folders and len(folders) >= 4  # a case where nothing fitted has none
+    assert meta['numTraining'] == len(folders) + 2
+    for c in painted:  # --balance: tumour sizes in turn, by seed
+        assert c['size_bin'] == ['small', 'medium', 'large'][c['seed']]
+    assert all(c['source_case'].startswith('BraTS-PHT') and c['placements'] for c in painted)
+    assert manifest['options']['mode'] == 'insert' and manifest['snapshot']['sha256'] == snapshot_sha(paint / 'paint.pt')
+    # the nnU-Net files are the painted case folders' own files (hard links or copies)
+    case = folders[-1]
+    with open(out / 'imagesTr' / f'{case}_0001.nii.gz', 'rb') as a, \
+            open(out / 'cases' / case / f'{case}-t1c.nii.gz', 'rb') as b:
+        assert a.read() == b.read()
+    ok('--from-manifest', out / 'manifest.json', '--outdir', tmp_path / 'again')
+    skip = ('manifest.json', 'painting-summary.json')
+    assert tree_hashes(str(out), skip) == tree_hashes(str(tmp_path / 'again'), skip)
+
+
+def test_painted_brats_dataset_refuses_a_foreign_outdir(paint, tmp_path):
+    foreign = tmp_path / 'f'
+    foreign.mkdir()
+    (foreign / 'notes.txt').write_text('mine')
+    one_line_error(gen('--network', paint / 'paint.pt', '--insert-into', paint / 'cases', '--labels-from',
+                       paint / 'small.nii.gz', '--format', 'brats', '--outdir', foreign, '--device', 'cpu'), 'not empty')
+    assert os.listdir(foreign) == ['notes.txt']
+    r = gen('--network', paint / 'paint.pt', '--insert-into', paint / 'cases', '--format', 'brats', '--outdir',
+            tmp_path / 'new', '--device', 'cpu')  # no --labels-from: refused before any case, no folder left
+    assert r.exit_code != 0 and 'labels-from' in r.output and not (tmp_path / 'new').exists()

@@ -311,6 +311,13 @@ class DatasetWriter:
         return entry
 
 
+def barrier():
+    """Waits for every process of a torchrun job (a no-op in a single process)."""
+    import torch
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def _copy_nifti(src, dst):
     """A real scan into the dataset: its bytes when it is gzipped NIfTI already, else re-saved gzipped."""
     with dnnlib.atomic_output(dst, suffix='.nii.gz') as tmp:
@@ -320,3 +327,113 @@ def _copy_nifti(src, dst):
             import nibabel as nib
             img = nib.load(src)  # the stored values and the header's scaling, as they were
             nib.save(nib.Nifti1Image(img.dataobj.get_unscaled(), None, img.header.copy()), tmp)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Painted cases (generate.py --insert-into ... --format brats|nnunet)
+
+
+def _link_or_copy(src, dst):
+    """`dst` as a hard link of `src` (no second copy on disk), else a copy; atomic either way."""
+    with dnnlib.atomic_output(dst, suffix='.nii.gz') as tmp:
+        os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+
+
+def painted_to_nnunet(writer, cases_dir, case_ids) -> list:
+    """Painted BraTS case folders (mri.output.cases) into the nnU-Net layout: images and labels hard-linked into
+    imagesTr / labelsTr, the painting sidecar as provenance/<case>.json (written last). Returns the cases added."""
+    from mri.output.cases import case_done, sidecar_path
+    added = []
+    for case in case_ids:
+        if writer.done(case) or not case_done(cases_dir, case):
+            continue
+        folder = os.path.join(cases_dir, case)
+        for sub in ('imagesTr', 'labelsTr', SIDECAR_DIR):
+            os.makedirs(os.path.join(writer.outdir, sub), exist_ok=True)
+        for k, m in enumerate(writer.image_names):
+            _link_or_copy(os.path.join(folder, f'{case}-{m}.nii.gz'),
+                          os.path.join(writer.outdir, 'imagesTr', f'{case}_{k:04d}.nii.gz'))
+        _link_or_copy(os.path.join(folder, f'{case}-seg.nii.gz'), os.path.join(writer.outdir, 'labelsTr', f'{case}.nii.gz'))
+        with open(sidecar_path(folder, case)) as f:
+            entry = json.load(f)
+        write_json(writer.sidecar_path(case), entry)
+        added.append(case)
+    return added
+
+
+def painted_entries(cases_dir, case_ids) -> list:
+    """The painting sidecars (mri.output.cases) of the finished cases among `case_ids`, in that order."""
+    from mri.output.cases import case_done, sidecar_path
+    out = []
+    for case in case_ids:
+        if case_done(cases_dir, case):
+            with open(sidecar_path(os.path.join(cases_dir, case), case)) as f:
+                out.append(json.load(f))
+    return out
+
+
+def export_painted(network, cases, outdir, labels_from, opts, class_spec, device, noise_mode, truncation_psi, fmt,
+                   with_real=None, trunc_center='class', rank=0, world_size=1, verbose=True) -> dict:
+    """generate.py --insert-into ... --format brats|nnunet: the painting job (mri.painting.run.paint_cases, its case
+    folders and resume) inside a dataset with a manifest; for nnunet the case folders go to `cases/` and the nnU-Net
+    layout beside them links their files. Every check runs before anything is written. Returns the manifest."""
+    import dataclasses
+    from mri.output import manifest as mf
+    from mri.output.cases import synthetic_case_id
+    from mri.painting.run import PaintJobError, find_cases, paint_cases
+    from mri.sources import brats
+    snap = mf.snapshot_record(network)
+    options = dict(mode=opts.mode, paint=dict(dataclasses.asdict(opts), seeds=list(opts.seeds), scale=list(opts.scale)),
+                   cases=os.path.abspath(str(cases)), labels_from=os.path.abspath(labels_from) if labels_from else None,
+                   class_spec=class_spec, truncation_psi=float(truncation_psi), trunc_center=trunc_center,
+                   noise_mode=noise_mode, fmt=fmt, with_real=os.path.abspath(with_real) if with_real else None,
+                   device=str(device) if device else None)
+    old = mf.check_outdir(outdir, fmt, snap['sha256'])
+    if old is not None and not mf.same_options(old['options'], options):
+        key = next(k for k in options if old['options'].get(k) != options[k])
+        raise mf.ManifestError(f'--outdir {outdir}: holds a dataset started with other options ({key}); choose '
+                               f'another --outdir')
+    writer = DatasetWriter({'channels': list(MODALITIES) + list(SEG_CHANNELS), 'kind': 'volumes'}, outdir, fmt)
+    real = []
+    if with_real:
+        try:
+            real = brats.discover_cases(with_real)
+        except brats.BratsError as err:
+            raise DatasetOutputError(f'--with-real: {err}') from None
+        bad = next((cf for cf in real if cf.seg is None or any(m not in cf.files for m in MODALITIES)), None)
+        if bad is not None or not real:
+            raise DatasetOutputError(f'--with-real {with_real}: ' + (f'{bad.case_id} lacks a modality or its labels'
+                                                                     if bad else 'holds no BraTS cases'))
+    source_cases = find_cases(cases)
+    case_ids = [synthetic_case_id(n, seed) for n in range(len(source_cases)) for seed in opts.seeds]
+    created = not os.path.isdir(outdir)
+    if rank == 0:
+        os.makedirs(outdir, exist_ok=True)
+        mf.write_json(os.path.join(outdir, mf.MANIFEST), mf.new_manifest(fmt, snap, options))
+    barrier()
+    cases_dir = outdir if fmt == 'brats' else os.path.join(outdir, 'cases')
+    try:
+        paint_cases(network, cases, cases_dir, labels_from, opts, class_spec, device, noise_mode, truncation_psi,
+                    verbose=verbose, rank=rank, world_size=world_size)
+    except PaintJobError:  # bad painting input is found before a case is written: leave no dataset behind
+        if created and rank == 0 and os.listdir(outdir) == [mf.MANIFEST]:
+            shutil.rmtree(outdir)
+        raise
+    for cf in real[rank::world_size]:
+        if not writer.done(cf.case_id):
+            writer.add_real_case(cf)
+    barrier()
+    manifest = None
+    if rank == 0:
+        if fmt == 'nnunet':
+            painted_to_nnunet(writer, cases_dir, case_ids)
+            writer.finish(None, case_ids + [cf.case_id for cf in real])
+        manifest = mf.new_manifest(fmt, snap, options)
+        manifest.update(status='complete', cases=painted_entries(cases_dir, case_ids) +
+                        writer.finished_cases([cf.case_id for cf in real]))
+        mf.write_json(os.path.join(outdir, mf.MANIFEST), manifest)
+    return manifest
