@@ -400,3 +400,23 @@ def test_painted_brats_dataset_refuses_a_foreign_outdir(paint, tmp_path):
     r = gen('--network', paint / 'paint.pt', '--insert-into', paint / 'cases', '--format', 'brats', '--outdir',
             tmp_path / 'new', '--device', 'cpu')  # no --labels-from: refused before any case, no folder left
     assert r.exit_code != 0 and 'labels-from' in r.output and not (tmp_path / 'new').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Scale
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes_write_every_case_once(nets, tmp_path):
+    single, multi = tmp_path / 'single', tmp_path / 'multi'
+    ok('--network', nets['vol'], '--seeds', '0-2', '--class', 'all', '--format', 'nnunet', '--outdir', single)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
+                          'generate.py', '--network', nets['vol'], '--seeds', '0-2', '--class', 'all', '--format',
+                          'nnunet', '--outdir', str(multi), '--device', 'cpu'],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    # each rank made its own 3 of the 6 cases (items rank, rank + 2, ...), and rank 0 wrote dataset.json once all were in
+    assert 'Generating (rank 0) 3/3 cases' in res.stderr and 'Generating (rank 1) 3/3 cases' in res.stderr
+    assert tree_hashes(str(multi)) == tree_hashes(str(single))
+    assert json.loads((multi / 'manifest.json').read_text())['status'] == 'complete'
