@@ -25,7 +25,7 @@ import PIL.Image
 
 import dnnlib
 from torch_utils.label_channels import onehot_to_labelmap
-from training.cli import PATH, bool_option, resolve_network
+from training.cli import BOOL, PATH, bool_option, resolve_network
 from training.grids import LABEL_COLOURS, overlay, split_label_channels
 from training.labels import ClassSpecError, all_classes, parse_class
 
@@ -60,10 +60,11 @@ def _save_npy(array, path):
 
 
 def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> list:
-    """Write one generated image [C,H,W] in [-1,1]; returns the paths written."""
+    """Write one generated image [C,H,W] (clipped to [-1,1]); returns the paths written."""
     from mri.seg import overlay_channel
     written = []
-    if fmt == 'npy':
+    img_chw = np.clip(img_chw, -1, 1)  # G may overshoot; every format writes the range [-1, 1] the archive had
+    if fmt == 'npy':  # any number of channels, one channel included: [C, H, W] float32
         _save_npy(img_chw.astype(np.float32), stem + '.npy')
         return [stem + '.npy']
     bits = 16 if fmt == 'png16' else 8
@@ -291,6 +292,7 @@ def generate_images(
     device: str = None,             # None = cuda when available.
     verbose: bool = True,
     native_grid: bool = False,      # Volumes: NIfTI on the original BraTS grid (mri.volume_space).
+    montage: bool = None,           # Volumes: a montage PNG each; None = with nifti, not with npy.
     trunc_center: str = 'class',    # Truncation around the class's own average w, or 'global'.
     balance: bool = False,          # Datasets: one class per seed, the classes in turn.
     regions: bool = True,           # nnunet: BraTS regions in dataset.json (else the three labels).
@@ -320,7 +322,7 @@ def generate_images(
         if fmt not in (None, 'nifti', 'npy'):
             raise VolumeOutputError(f'--format {fmt}: {network} is a volume snapshot; use --format nifti (its default), '
                                     f'npy, brats or nnunet')
-        writer = VolumeWriter(desc, outdir, fmt or 'nifti', native_grid, verbose)
+        writer = VolumeWriter(desc, outdir, fmt or 'nifti', native_grid, verbose, montage=montage)
     else:
         if fmt == 'nifti' or native_grid:
             raise VolumeOutputError(f'{"--native-grid" if native_grid else "--format nifti"}: {network} is a 2D (slices) '
@@ -436,6 +438,7 @@ def init_distributed(device=None):
 @click.option('--outdir',               help='Where to save the output images', metavar='DIR', type=PATH, required=True)
 @click.option('--format', 'fmt',        help='Output format [default: png; nifti for volumes]; brats / nnunet: a dataset (docs/cohorts.md)', type=click.Choice(['png', 'png16', 'npy', 'nifti', 'brats', 'nnunet']))
 @bool_option('--native-grid',           help='Volumes: NIfTI on the original BraTS grid (240x240x155)')
+@click.option('--montage',              help='Volumes: a three-plane montage PNG per volume [default: 1 with nifti, 0 with npy]', type=BOOL, is_flag=False, flag_value=True, default=None, metavar='[BOOL]')
 @bool_option('--balance',               help='Datasets: one class per seed, every class in turn (painting: tumour sizes in turn)')
 @bool_option('--regions',               help='nnunet: BraTS regions (whole tumour, tumour core, enhancing) in dataset.json', default=True)
 @click.option('--with-real',            help='Datasets: a folder of real BraTS cases to add to the dataset', metavar='PATH', type=PATH)
@@ -455,7 +458,7 @@ def init_distributed(device=None):
 @click.option('--margin',               help='Painting: voxels kept between a new tumour and any other', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('--scale', 'scale',      help='Painting: range of the random scale of a label map', metavar='MIN,MAX', type=str, default='0.8,1.25', show_default=True)
 @click.option('--tries',                help='Painting: shapes tried per tumour before it is reported', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
-def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, outdir, fmt, native_grid, balance,
+def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, outdir, fmt, native_grid, montage, balance,
          regions, with_real, from_manifest, max_nn_ssim, privacy_report, privacy_data, allow_pickle, device, cases,
          per_case, labels_from, heal, move, labels_as_drawn, dilation, margin, scale, tries):
     """Generate images by class from a trained network, or a BraTS / nnU-Net dataset of them (--format brats|nnunet,
@@ -493,7 +496,7 @@ def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, o
         if seed_list is None:
             raise click.UsageError('Missing option \'--seeds\' (e.g. --seeds 0-3)')
         generate_images(network, seed_list, outdir, class_spec, truncation_psi, noise_mode, fmt, device=device,
-                        native_grid=native_grid, trunc_center=trunc_center, balance=balance, regions=regions,
+                        native_grid=native_grid, montage=montage, trunc_center=trunc_center, balance=balance, regions=regions,
                         with_real=with_real, max_nn_ssim=max_nn_ssim, privacy_report=privacy_report,
                         privacy_data=privacy_data, rank=rank, world_size=world_size)
     except errors as err:

@@ -420,3 +420,29 @@ def test_torchrun_two_gloo_processes_write_every_case_once(nets, tmp_path):
     assert 'Generating (rank 0) 3/3 cases' in res.stderr and 'Generating (rank 1) 3/3 cases' in res.stderr
     assert tree_hashes(str(multi)) == tree_hashes(str(single))
     assert json.loads((multi / 'manifest.json').read_text())['status'] == 'complete'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --format npy (issue 21)
+
+
+@pytest.mark.parametrize('volumes', [False, True], ids=['2d', '3d'])
+def test_npy_is_clipped_one_channel_works_and_volumes_get_no_montage(tmp_path, volumes):
+    from training.networks import Generator
+    torch.manual_seed(0)
+    G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=[16] * 3 if volumes else 16, img_channels=1,
+                  mapping_kwargs=dict(num_layers=1), channel_base=64, channel_max=8)
+    with torch.no_grad():  # make the raw output overshoot [-1, 1]
+        for p in G.synthesis.parameters():
+            p.mul_(4)
+    desc = {'kind': 'volumes', 'channels': ['t1n'], 'image_shape': [1, 16, 16, 16]} if volumes else {'channels': ['t1n']}
+    net = str(tmp_path / 'one.pt')
+    snapshot.save_snapshot(net, dict(G=G, D=None, G_ema=G, augment_pipe=None), dataset=desc)
+    ok('--network', net, '--seeds', '0-1', '--format', 'npy', '--outdir', tmp_path / 'o')
+    assert sorted(os.listdir(tmp_path / 'o')) == ['seed0000.npy', 'seed0001.npy']
+    x = np.load(tmp_path / 'o' / 'seed0000.npy')
+    assert x.shape == (1,) + (16,) * (3 if volumes else 2) and x.dtype == np.float32
+    assert -1 <= x.min() and x.max() <= 1 and (np.abs(x) == 1).any()  # clipped, not rescaled
+    if volumes:
+        ok('--network', net, '--seeds', '0', '--format', 'npy', '--montage', '--outdir', tmp_path / 'm')
+        assert sorted(os.listdir(tmp_path / 'm')) == ['seed0000-montage.png', 'seed0000.npy']
