@@ -446,3 +446,14 @@ def test_npy_is_clipped_one_channel_works_and_volumes_get_no_montage(tmp_path, v
     if volumes:
         ok('--network', net, '--seeds', '0', '--format', 'npy', '--montage', '--outdir', tmp_path / 'm')
         assert sorted(os.listdir(tmp_path / 'm')) == ['seed0000-montage.png', 'seed0000.npy']
+
+
+@pytest.mark.slow
+def test_bench_cohort_runs_at_a_tiny_size(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    import bench_cohort
+    figures = bench_cohort.main.main(['--num', '3', '--compare', '1', '--res', '16', '--procs', '1', '--out',
+                                      str(tmp_path / 'c.json'), '--workdir', str(tmp_path)], standalone_mode=False)
+    saved = json.loads((tmp_path / 'c.json').read_text())
+    assert saved == json.loads(json.dumps(figures))
+    assert [r['volumes'] for r in saved['runs']] == [1, 3] and all(r['peak_mib'] > 0 for r in saved['runs'])
