@@ -457,3 +457,29 @@ def test_bench_cohort_runs_at_a_tiny_size(tmp_path):
     saved = json.loads((tmp_path / 'c.json').read_text())
     assert saved == json.loads(json.dumps(figures))
     assert [r['volumes'] for r in saved['runs']] == [1, 3] and all(r['peak_mib'] > 0 for r in saved['runs'])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# docs/cohorts.md
+
+
+def test_docs_two_commands_make_an_nnunet_training_folder(nets, tmp_path):
+    import re
+    import shlex
+    text = open(os.path.join(ROOT, 'docs', 'cohorts.md')).read()
+    block = re.search(r'runs these two commands.*?```bash\n(.*?)```', text, re.S).group(1).strip().splitlines()
+    assert len(block) == 2 and block[0].startswith('python generate.py') and block[1].startswith('nnUNetv2_plan_and_preprocess')
+    command = block[0].replace('runs/00001-vol32', nets['vol']).replace('0-499', '0-3').replace('$nnUNet_raw', str(tmp_path))
+    argv = shlex.split(command)
+    res = subprocess.run([sys.executable] + argv[1:], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    dataset_id = re.search(r'-d (\d+)', block[1]).group(1)
+    (folder,) = glob.glob(str(tmp_path / f'Dataset{dataset_id}_*'))  # the folder the second command's -d names
+    meta = check_nnunet_layout(folder)
+    assert meta['numTraining'] == 4
+    try:
+        from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    except ImportError:
+        return  # nnU-Net is not a dependency; where it is installed, its check (the second command's first step) runs
+    verify_dataset_integrity(folder, 1)
