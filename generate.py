@@ -15,9 +15,18 @@ shows images done, rate and time left.
 A volume snapshot writes NIfTI per modality and the tumour labels, and a three-plane montage per seed
 (mri.output.volumes.VolumeWriter, docs/volumes.md); one loop (generate_samples) serves both:
   python generate.py --network runs/00001-vol --seeds 0-3 --class ssa --outdir out --native-grid
+Every output is clipped to [-1, 1] (the range of the training archive); `--format npy` writes that float32 array for
+any number of channels, and for volumes no montage unless `--montage` asks for one.
+
+Datasets (docs/cohorts.md): `--format brats|nnunet` writes BraTS case folders or an nnU-Net v2 raw dataset
+(mri.output.datasets) with manifest.json (mri.output.manifest), resumable and shardable over torchrun processes:
+  python generate.py --network runs/00001-vol --seeds 0-499 --balance --format nnunet --outdir Dataset501_BraTSSyn
+  python generate.py --from-manifest Dataset501_BraTSSyn/manifest.json --outdir Dataset502_Again
 """
 
 import os
+import signal
+import sys
 
 import click
 import numpy as np
@@ -237,6 +246,9 @@ def generate_samples(
         else:
             written += writer.write(sample, os.path.join(outdir, stem), name, values)
         bar.update(done=j + 1, tail=stem + (f' ({dropped} dropped)' if dropped else ''))
+    if skipped or dropped:  # the last line says what this run did and did not make
+        bar.update(done=len(mine), tail=f'{len(mine) - skipped - dropped} made, {skipped} already done'
+                                        + (f', {dropped} dropped by the privacy gate' if dropped else ''))
     bar.close()
     from mri.output.datasets import barrier
     barrier()
@@ -474,6 +486,8 @@ def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, o
         raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint='--outdir')
     errors = (ClassSpecError, SnapshotError, VolumeOutputError, DatasetOutputError, ManifestError, GenerateError)
     rank, world_size, device = init_distributed(device)
+    terminated = []
+    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt(terminated))
     try:
         if from_manifest is not None:
             return regenerate(from_manifest, outdir, network, device, rank, world_size)
@@ -501,6 +515,20 @@ def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, o
                         privacy_data=privacy_data, rank=rank, world_size=world_size)
     except errors as err:
         raise click.ClickException(str(err)) from None
+    except KeyboardInterrupt:  # every file is written atomically; finished cases stay and a rerun skips them
+        click.echo(f'\n{"terminated (SIGTERM)" if terminated else "interrupted"}; what was finished is kept in '
+                   f'{outdir}: run the same command to resume', err=True)
+        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sigterm_as_interrupt(flag):
+    """A SIGTERM handler that raises KeyboardInterrupt, so a terminated export stops the way Ctrl-C stops it."""
+    def handler(signum, frame):
+        flag.append(signum)
+        raise KeyboardInterrupt
+    return handler
 
 
 def regenerate(manifest_path, outdir, network=None, device=None, rank=0, world_size=1, verbose=True) -> list:

@@ -483,3 +483,29 @@ def test_docs_two_commands_make_an_nnunet_training_folder(nets, tmp_path):
     except ImportError:
         return  # nnU-Net is not a dependency; where it is installed, its check (the second command's first step) runs
     verify_dataset_integrity(folder, 1)
+
+
+@pytest.mark.slow
+def test_export_killed_mid_run_resumes(nets, tmp_path):
+    import signal
+    import time
+    out = tmp_path / 'killed'
+    cmd = [sys.executable, 'generate.py', '--network', nets['vol'], '--seeds', '0-39', '--class', 'gli', '--format',
+           'nnunet', '--outdir', str(out), '--device', 'cpu']
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and len(glob.glob(str(out / 'provenance' / '*.json'))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)  # no handler runs: only atomic writes protect the folder
+    proc.wait()
+    done = sorted(glob.glob(str(out / 'provenance' / '*.json')))
+    assert 3 <= len(done) < 40 and not (out / 'dataset.json').exists()
+    stamps = {p: os.path.getmtime(p) for p in done}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f'{40 - len(done)} made, {len(done)} already done' in res.stderr  # finished cases skipped, not made again
+    assert all(os.path.getmtime(p) == stamps[p] for p in done)
+    meta = check_nnunet_layout(str(out))
+    assert meta['numTraining'] == 40 and not glob.glob(str(out / '**' / '.tmp-*'), recursive=True)
+    assert json.loads((out / 'manifest.json').read_text())['status'] == 'complete'
