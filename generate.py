@@ -379,6 +379,7 @@ def export_dataset(G, desc, network, outdir, fmt, seeds, class_spec, truncation_
 
     def start_manifest():
         if rank == 0:
+            writer.clear_partial()  # a killed export's temporary files, before any rank writes
             os.makedirs(outdir, exist_ok=True)
             mf.write_json(os.path.join(outdir, mf.MANIFEST), mf.new_manifest(fmt, snap, options))
         barrier()

@@ -502,6 +502,7 @@ def test_export_killed_mid_run_resumes(nets, tmp_path):
     done = sorted(glob.glob(str(out / 'provenance' / '*.json')))
     assert 3 <= len(done) < 40 and not (out / 'dataset.json').exists()
     stamps = {p: os.path.getmtime(p) for p in done}
+    (out / 'imagesTr' / '.tmp-killed.nii.gz').write_bytes(b'half')  # what a kill inside an atomic write leaves
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert f'{40 - len(done)} made, {len(done)} already done' in res.stderr  # finished cases skipped, not made again

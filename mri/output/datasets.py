@@ -186,6 +186,22 @@ class DatasetWriter:
         write_json(self.sidecar_path(case), entry)
         return files + [self.sidecar_path(case)]
 
+    def clear_partial(self):
+        """Removes what a killed export left half-written: the temporary files of atomic writes (`.tmp-*`) and
+        hidden partial case folders. Called by rank 0 on a dataset folder that is ours, before any rank writes."""
+        folders = [self.outdir] + [os.path.join(self.outdir, d) for d in ('imagesTr', 'labelsTr', SIDECAR_DIR)]
+        if self.fmt == 'brats' and os.path.isdir(self.outdir):
+            folders += [os.path.join(self.outdir, d) for d in os.listdir(self.outdir) if d.startswith('BraTS-')]
+        for folder in folders:
+            if not os.path.isdir(folder):
+                continue
+            for name in os.listdir(folder):
+                path = os.path.join(folder, name)
+                if name.startswith('.tmp-') and os.path.isfile(path):
+                    os.remove(path)
+                elif name.startswith('.BraTS-') and '.partial-' in name and os.path.isdir(path):
+                    shutil.rmtree(path)
+
     def drop(self, case, record):
         """Records a sample the privacy gate kept out (no case is written)."""
         os.makedirs(os.path.join(self.outdir, SIDECAR_DIR), exist_ok=True)
@@ -412,6 +428,7 @@ def export_painted(network, cases, outdir, labels_from, opts, class_spec, device
     case_ids = [synthetic_case_id(n, seed) for n in range(len(source_cases)) for seed in opts.seeds]
     created = not os.path.isdir(outdir)
     if rank == 0:
+        writer.clear_partial()
         os.makedirs(outdir, exist_ok=True)
         mf.write_json(os.path.join(outdir, mf.MANIFEST), mf.new_manifest(fmt, snap, options))
     barrier()
