@@ -169,14 +169,19 @@ def item_name(writer, seed, class_index, class_name) -> str:
 
 
 def _verdict(result) -> dict:
-    """The privacy gate's verdict as plain JSON values."""
+    """The privacy gate's verdict as plain JSON values (floats to 6 decimals; the sample's own name left out)."""
     out = {'keep': bool(result['keep'])}
-    for key in ('nn_ssim', 'nn_mse'):
-        if result.get(key) is not None:
-            out[key] = round(float(result[key]), 6)
-    for key, cast in (('nn_index', int), ('nn_name', str)):
-        if result.get(key) is not None:
-            out[key] = cast(result[key])
+    for key, value in result.items():
+        if key in ('keep', 'name') or value is None:
+            continue
+        if isinstance(value, (bool, np.bool_)):
+            out[key] = bool(value)
+        elif isinstance(value, (int, np.integer)):
+            out[key] = int(value)
+        elif isinstance(value, (float, np.floating)):
+            out[key] = round(float(value), 6)
+        else:
+            out[key] = str(value)
     return out
 
 
@@ -486,6 +491,11 @@ def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, o
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint='--outdir')
     errors = (ClassSpecError, SnapshotError, VolumeOutputError, DatasetOutputError, ManifestError, GenerateError)
+    try:  # the privacy gate's bad input (an archive of other channels or shape) is one line too
+        from metrics.privacy import PrivacyError
+        errors += (PrivacyError,)
+    except ImportError:
+        pass
     rank, world_size, device = init_distributed(device)
     terminated = []
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt(terminated))
