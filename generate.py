@@ -367,6 +367,7 @@ def export_dataset(G, desc, network, outdir, fmt, seeds, class_spec, truncation_
         raise GenerateError('--balance: this network is unconditional; there are no classes to balance')
     classes = resolve_classes(G, desc, 'all' if balance else class_spec)
     real = find_real_cases(with_real, writer) if with_real else []
+    names = [item_name(writer, seed, k, classes[k][0]) for k, seed in plan_items(seeds, classes, balance)]  # checked now
     snap = mf.snapshot_record(network)
     options = dict(seeds=[int(s) for s in seeds], class_spec=class_spec, classes=[c[0] or ','.join(c[2]) for c in classes],
                    truncation_psi=float(truncation_psi), trunc_center=trunc_center, noise_mode=noise_mode,
@@ -399,7 +400,6 @@ def export_dataset(G, desc, network, outdir, fmt, seeds, class_spec, truncation_
         written += gate.report(outdir if world_size == 1 else os.path.join(outdir, f'privacy-rank{rank}'))
     barrier()
     if rank == 0:
-        names = [item_name(writer, seed, k, classes[k][0]) for k, seed in plan_items(seeds, classes, balance)]
         written += writer.finish(classes, names + [cf.case_id for cf in real])
         manifest = mf.new_manifest(fmt, snap, options)
         manifest.update(status='complete', cases=writer.finished_cases(names + [cf.case_id for cf in real]),

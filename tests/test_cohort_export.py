@@ -510,3 +510,9 @@ def test_export_killed_mid_run_resumes(nets, tmp_path):
     meta = check_nnunet_layout(str(out))
     assert meta['numTraining'] == 40 and not glob.glob(str(out / '**' / '.tmp-*'), recursive=True)
     assert json.loads((out / 'manifest.json').read_text())['status'] == 'complete'
+
+
+def test_seeds_beyond_the_case_names_are_refused(nets, tmp_path):
+    one_line_error(gen('--network', nets['slc'], '--seeds', '99999-100000', '--class', 'gli', '--format', 'nnunet',
+                       '--outdir', tmp_path / 'x'), '0-99999')
+    assert not (tmp_path / 'x').exists()

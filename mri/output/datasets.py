@@ -52,6 +52,9 @@ def sample_case_id(seed, class_index) -> str:
     """The case of a generated sample: BraTS-SYN-<seed>-<class index> (seeds 0-99999, classes 0-999)."""
     if not (0 <= int(seed) <= 99999):
         raise DatasetOutputError(f'--seeds {seed}: dataset cases are named BraTS-SYN-<seed:05d>-<class>: use seeds 0-99999')
+    if not (0 <= int(class_index) <= 999):
+        raise DatasetOutputError(f'--class: {int(class_index) + 1} classes; dataset cases are named '
+                                 f'BraTS-SYN-<seed>-<class:03d>: ask for at most 1000 classes')
     return synthetic_case_id(seed, class_index)
 
 
