@@ -361,7 +361,7 @@ def export_dataset(G, desc, network, outdir, fmt, seeds, class_spec, truncation_
     cases (generate_samples) and real cases, and on rank 0 once all are done dataset.json and the complete manifest
     (mri.output.manifest). Returns the paths written by this process."""
     from mri.output import manifest as mf
-    from mri.output.datasets import DatasetWriter, barrier
+    from mri.output.datasets import DatasetWriter, barrier, find_real_cases
     writer = DatasetWriter(desc, outdir, fmt, native_grid, regions, verbose)
     if balance and not G.c_dim:
         raise GenerateError('--balance: this network is unconditional; there are no classes to balance')
@@ -409,25 +409,6 @@ def export_dataset(G, desc, network, outdir, fmt, seeds, class_spec, truncation_
             print(f'{len(manifest["cases"])} case(s) in {outdir} ({fmt})' +
                   (f', {len(manifest["dropped"])} dropped by the privacy gate' if manifest['dropped'] else ''))
     return written
-
-
-def find_real_cases(path, writer) -> list:
-    """The real BraTS cases of --with-real (mri.sources.brats), checked before anything is written."""
-    from mri.sources import brats
-    if not writer.volumes:
-        raise GenerateError('--with-real: the snapshot makes 2D slices; real cases join volume datasets only')
-    try:
-        found = brats.discover_cases(path)
-    except brats.BratsError as err:
-        raise GenerateError(f'--with-real: {err}') from None
-    if not found:
-        raise GenerateError(f'--with-real {path}: holds no BraTS cases')
-    for cf in found:
-        missing = [m for m in writer.image_names if m not in cf.files] + ([] if cf.seg is not None else ['seg'])
-        if missing:
-            raise GenerateError(f'--with-real: {cf.case_id} has no {", ".join(missing)} (a training case needs the '
-                                f'snapshot\'s modalities and a label map)')
-    return found
 
 
 def init_distributed(device=None):

@@ -348,6 +348,25 @@ def _copy_nifti(src, dst):
             nib.save(nib.Nifti1Image(img.dataobj.get_unscaled(), None, img.header.copy()), tmp)
 
 
+def find_real_cases(path, writer) -> list:
+    """The real BraTS cases of --with-real (mri.sources.brats), checked before anything is written."""
+    from mri.sources import brats
+    if not writer.volumes:
+        raise DatasetOutputError('--with-real: the snapshot makes 2D slices; real cases join volume datasets only')
+    try:
+        found = brats.discover_cases(path)
+    except brats.BratsError as err:
+        raise DatasetOutputError(f'--with-real: {err}') from None
+    if not found:
+        raise DatasetOutputError(f'--with-real {path}: holds no BraTS cases')
+    for cf in found:
+        missing = [m for m in writer.image_names if m not in cf.files] + ([] if cf.seg is not None else ['seg'])
+        if missing:
+            raise DatasetOutputError(f'--with-real: {cf.case_id} has no {", ".join(missing)} (a training case needs '
+                                     f'the snapshot\'s modalities and a label map)')
+    return found
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Painted cases (generate.py --insert-into ... --format brats|nnunet)
 
@@ -404,7 +423,6 @@ def export_painted(network, cases, outdir, labels_from, opts, class_spec, device
     from mri.output import manifest as mf
     from mri.output.cases import synthetic_case_id
     from mri.painting.run import PaintJobError, find_cases, paint_cases
-    from mri.sources import brats
     snap = mf.snapshot_record(network)
     options = dict(mode=opts.mode, paint=dict(dataclasses.asdict(opts), seeds=list(opts.seeds), scale=list(opts.scale)),
                    cases=os.path.abspath(str(cases)), labels_from=os.path.abspath(labels_from) if labels_from else None,
@@ -417,16 +435,7 @@ def export_painted(network, cases, outdir, labels_from, opts, class_spec, device
         raise mf.ManifestError(f'--outdir {outdir}: holds a dataset started with other options ({key}); choose '
                                f'another --outdir')
     writer = DatasetWriter({'channels': list(MODALITIES) + list(SEG_CHANNELS), 'kind': 'volumes'}, outdir, fmt)
-    real = []
-    if with_real:
-        try:
-            real = brats.discover_cases(with_real)
-        except brats.BratsError as err:
-            raise DatasetOutputError(f'--with-real: {err}') from None
-        bad = next((cf for cf in real if cf.seg is None or any(m not in cf.files for m in MODALITIES)), None)
-        if bad is not None or not real:
-            raise DatasetOutputError(f'--with-real {with_real}: ' + (f'{bad.case_id} lacks a modality or its labels'
-                                                                     if bad else 'holds no BraTS cases'))
+    real = find_real_cases(with_real, writer) if with_real else []
     source_cases = find_cases(cases)
     case_ids = [synthetic_case_id(n, seed) for n in range(len(source_cases)) for seed in opts.seeds]
     created = not os.path.isdir(outdir)
