@@ -209,7 +209,8 @@ def generate_samples(
     generate.py, style_mixing.py and projector.py): this process's share of plan_items(), each sample checked by the
     privacy gate (a dropped sample is not written; counted in the progress line, recorded by dataset writers), and
     handed to the writer (stem ``seedNNNN[-<class>]``, or the dataset writer's case id). Items a dataset writer has
-    already finished are skipped (a rerun resumes). Returns the paths written."""
+    already finished are skipped (a rerun resumes). Returns the paths written (for a dataset writer only its
+    dataset-level files: the manifest lists the cases)."""
     from training import sampling
     averages = sampling.ClassAverages()
     items = plan_items(seeds, classes, balance)
@@ -246,8 +247,8 @@ def generate_samples(
                     writer.drop(stem, record)
                 bar.update(done=j + 1, tail=f'{stem} dropped by the privacy gate ({dropped} dropped)')
                 continue
-        if is_dataset:
-            written += writer.write(sample, stem, name, values, record=record)
+        if is_dataset:  # its cases are listed in the manifest: nothing per case is kept here (flat memory)
+            writer.write(sample, stem, name, values, record=record)
         else:
             written += writer.write(sample, os.path.join(outdir, stem), name, values)
         bar.update(done=j + 1, tail=stem + (f' ({dropped} dropped)' if dropped else ''))
@@ -482,6 +483,10 @@ def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, o
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt(terminated))
     try:
         if from_manifest is not None:
+            given = [f for f, v in (('--seeds', seeds), ('--class', class_spec), ('--format', fmt),
+                                    ('--insert-into', cases), ('--with-real', with_real)) if v is not None]
+            if given:
+                raise click.UsageError(f'--from-manifest takes its options from the manifest; drop {given[0]}')
             return regenerate(from_manifest, outdir, network, device, rank, world_size)
         if network is None:
             raise click.UsageError('Missing option \'--network\'')
