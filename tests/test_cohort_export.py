@@ -516,3 +516,27 @@ def test_seeds_beyond_the_case_names_are_refused(nets, tmp_path):
     one_line_error(gen('--network', nets['slc'], '--seeds', '99999-100000', '--class', 'gli', '--format', 'nnunet',
                        '--outdir', tmp_path / 'x'), '0-99999')
     assert not (tmp_path / 'x').exists()
+
+
+def test_native_grid_puts_synthetic_cases_on_the_real_cases_grid(real_cases, tmp_path):
+    import dataset_tool
+    from training.dataset import ImageFolderDataset
+    r = CliRunner().invoke(dataset_tool.main, ['--no-progress', '--source', real_cases, '--dest', str(tmp_path / 'v.zip'),
+                                               '--kind', 'volumes', '--volume-size', '16', '--modalities', 'all',
+                                               '--with-seg'])
+    assert r.exit_code == 0, r.output
+    desc = ImageFolderDataset(str(tmp_path / 'v.zip')).describe()
+    from training.networks import Generator
+    torch.manual_seed(0)
+    G = Generator(z_dim=8, c_dim=0, w_dim=8, img_resolution=[16] * 3, img_channels=7,
+                  mapping_kwargs=dict(num_layers=1), channel_base=64, channel_max=8)
+    net = str(tmp_path / 'net.pt')
+    snapshot.save_snapshot(net, dict(G=G, D=None, G_ema=G, augment_pipe=None), dataset=desc)
+    out = tmp_path / 'Dataset504_Native'
+    ok('--network', net, '--seeds', '0', '--format', 'nnunet', '--native-grid', '--with-real', real_cases, '--outdir', out)
+    check_nnunet_layout(str(out))
+    ref = desc['space']['reference_case']
+    real = nib.load(str(out / 'labelsTr' / f'{ref}.nii.gz'))
+    for name in ('imagesTr/BraTS-SYN-00000-000_0003.nii.gz', 'labelsTr/BraTS-SYN-00000-000.nii.gz'):
+        syn = nib.load(str(out / name))
+        assert syn.shape == real.shape and np.allclose(syn.affine, real.affine)
