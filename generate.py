@@ -496,6 +496,9 @@ def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, o
             raise click.BadParameter(str(err), param_hint='--seeds') from None
         painting = cases is not None or heal or move or labels_from is not None or labels_as_drawn
         if painting:
+            if max_nn_ssim is not None or privacy_report:
+                raise click.UsageError('--max-nn-ssim / --privacy-report: the privacy gate checks generated samples; '
+                                       'painted cases keep the real case around the tumour and are not gated')
             if fmt not in (None, 'brats', 'nnunet'):
                 raise click.UsageError(f'--format {fmt}: painted cases are BraTS case folders (--format brats, the '
                                        f'default) or an nnU-Net dataset (--format nnunet)')
