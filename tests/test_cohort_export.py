@@ -540,3 +540,13 @@ def test_native_grid_puts_synthetic_cases_on_the_real_cases_grid(real_cases, tmp
     for name in ('imagesTr/BraTS-SYN-00000-000_0003.nii.gz', 'labelsTr/BraTS-SYN-00000-000.nii.gz'):
         syn = nib.load(str(out / name))
         assert syn.shape == real.shape and np.allclose(syn.affine, real.affine)
+
+
+def test_nnunet_turns_predicted_brats_regions_back_into_brats_2023_labels():
+    pytest.importorskip('nnunetv2')
+    from nnunetv2.utilities.label_handling.label_handling import LabelManager
+    from mri.output.datasets import BRATS_REGIONS, BRATS_REGIONS_CLASS_ORDER
+    manager = LabelManager(BRATS_REGIONS, BRATS_REGIONS_CLASS_ORDER)
+    # four voxels: background, NETC (in WT and TC), SNFH (in WT only), ET (in all three regions)
+    regions = np.array([[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]], np.float32)[:, :, None, None]
+    assert manager.convert_probabilities_to_segmentation(regions).ravel().tolist() == [0, 1, 2, 3]
