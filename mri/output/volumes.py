@@ -7,7 +7,8 @@ values 0-3, mri.seg.decode_seg) and a three-plane PNG montage (training.grids.mo
 mid-sagittal; a row per channel and one of the labels over the first anatomy channel). Every NIfTI carries the
 archive's space (mri.volume_space: RAS, its voxel spacing and origin), so the files of one seed overlay each other,
 and the archive's reference case, in 3D Slicer and ITK-SNAP. With `native_grid` they are mapped back onto the
-original BraTS grid (240x240x155) with the crop and zoom recorded at conversion time.
+original BraTS grid (240x240x155) with the crop and zoom recorded at conversion time. `--format npy` writes the
+(C, D, H, W) float32 array clipped to [-1, 1] and no montage unless `--montage` asks for one.
 """
 
 import json
@@ -107,13 +108,15 @@ def write_volume(
     fmt='nifti',            # 'nifti' or 'npy'
     native_grid=False,      # map onto the original BraTS grid of the space's reference case
     class_values=(),        # label names of the class generated (names the 'modality' channel)
+    montage_png=True,       # also the three-plane montage PNG
 ):
-    """Writes one generated volume; returns the paths written (NIfTI files, or the .npy, then the montage)."""
+    """Writes one generated volume; returns the paths written (NIfTI files, or the .npy clipped to [-1, 1] like
+    every other output, then the montage when asked)."""
     written = []
     images, labels = split_channels(volume, channels)
     if fmt == 'npy':
         with dnnlib.atomic_output(stem + '.npy', suffix='.npy') as tmp:
-            np.save(tmp, volume.astype(np.float32))
+            np.save(tmp, np.clip(volume, -1, 1).astype(np.float32))
         written.append(stem + '.npy')
     else:
         record = space.get('native') if native_grid else None
@@ -129,7 +132,8 @@ def write_volume(
             if record is not None:
                 data, affine = volume_space.to_native(labels, record, labels=True)
             written.append(str(save_volume_nifti(stem + '-seg.nii.gz', data.astype(np.uint8), affine, ['seg 0-3'])))
-    written.append(save_png(montage(volume, channels), stem + '-montage.png'))
+    if montage_png:
+        written.append(save_png(montage(volume, channels), stem + '-montage.png'))
     return written
 
 
@@ -147,8 +151,10 @@ class VolumeWriter:
         fmt='nifti',        # 'nifti' or 'npy'
         native_grid=False,  # also map onto the original BraTS grid
         verbose=True,
+        montage=None,       # a montage PNG per volume; None = with NIfTI, not with npy (arrays for programs)
     ):
         self.desc, self.outdir, self.fmt, self.native_grid, self.verbose = desc, outdir, fmt, native_grid, verbose
+        self.montage = (fmt != 'npy') if montage is None else bool(montage)
         self.channels = desc.get('channels') or []
         self.space = None
         self.strips = {}    # class name -> the class grid's cells, one per seed
@@ -165,7 +171,8 @@ class VolumeWriter:
 
     def write(self, volume, stem, class_name, class_values):
         """Writes one volume; returns the paths written."""
-        written = write_volume(volume, self.channels, stem, self.space, self.fmt, self.native_grid, class_values)
+        written = write_volume(volume, self.channels, stem, self.space, self.fmt, self.native_grid, class_values,
+                               montage_png=self.montage)
         images, _ = split_channels(volume, self.channels)
         row = self.strips.setdefault(class_name, [])
         if images:

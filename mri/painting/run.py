@@ -43,6 +43,19 @@ class PaintOptions:
     transform: bool = True          # random flips, turns, rotations and scales of the shapes
     scale: tuple = (0.8, 1.25)      # range of the random scale of a shape
     montage: bool = True
+    balance_sizes: bool = False     # tumour sizes in turn: seed k paints with the (k mod 3)-th third of `scale`
+
+
+SIZE_BINS = ('small', 'medium', 'large')
+
+
+def size_bin_scale(scale, seed):
+    """(bin name, scale range) of a seed under balance_sizes: the thirds of `scale` (geometric, so each third
+    grows a shape by the same factor) taken in turn, so small, medium and large tumours come in equal numbers (+-1)."""
+    lo, hi = float(scale[0]), float(scale[1])
+    k = int(seed) % len(SIZE_BINS)
+    edges = [lo * (hi / lo) ** (i / len(SIZE_BINS)) for i in range(len(SIZE_BINS) + 1)]
+    return SIZE_BINS[k], (edges[k], edges[k + 1])
 
 
 def find_cases(spec):
@@ -111,8 +124,11 @@ def paint_cases(
     noise_mode='const',
     truncation_psi=1,
     verbose=True,
+    rank=0,                 # torchrun: this process paints jobs rank, rank + world_size, ... of (case, seed)
+    world_size=1,
 ) -> dict:
-    """Runs the job; returns the summary (also written to outdir/painting-summary.json)."""
+    """Runs the job; returns the summary (also written to outdir/painting-summary.json, per process under
+    torchrun: painting-summary-rank<r>.json)."""
     import torch
     from dnnlib.util import sha256_file
     from mri.sources.patches import load_native
@@ -138,7 +154,7 @@ def paint_cases(
     case_files = find_cases(cases_spec)
     norm = desc.get('normalization') or {}
     snapshot_record = {'path': os.path.abspath(network), 'sha256': sha256_file(network)}
-    jobs = [(n, cf, seed) for n, cf in enumerate(case_files) for seed in opts.seeds]
+    jobs = [(n, cf, seed) for n, cf in enumerate(case_files) for seed in opts.seeds][rank::world_size]
     summary = {'outdir': os.path.abspath(outdir), 'snapshot': snapshot_record, 'mode': opts.mode,
                'label_source': source.describe() if source else None, 'cases': [], 'placed': 0, 'not_placed': 0,
                'healed': 0, 'skipped_done': 0, 'no_output': 0}
@@ -167,9 +183,10 @@ def paint_cases(
             elif opts.as_drawn:
                 result = paint.insert_drawn(painter, native, source, rng, margin=opts.margin)
             else:
+                scale = size_bin_scale(opts.scale, seed)[1] if opts.balance_sizes else tuple(opts.scale)
                 result = paint.insert_tumours(painter, native, source, opts.per_case, rng, tries=opts.tries,
                                               edge=opts.edge, margin=opts.margin, transform=opts.transform,
-                                              scale=tuple(opts.scale))
+                                              scale=scale)
         except (brats.BratsError, LabelSourceError, paint.PaintError) as err:
             bar.close()
             raise PaintJobError(str(err)) from None
@@ -184,6 +201,8 @@ def paint_cases(
                        'mode': opts.mode, 'label_source': source.describe() if source else None,
                        'painter': painter.describe(), 'class': class_spec,
                        'options': {k: v for k, v in dataclasses.asdict(opts).items() if k not in ('seeds', 'montage')}}
+            if opts.balance_sizes and opts.mode == 'insert' and not opts.as_drawn:
+                sidecar['size_bin'] = size_bin_scale(opts.scale, seed)[0]
             case_output.write_case(outdir, out_id, native, result, sidecar, opts.montage)
             entry['status'] = 'written'
         else:
@@ -200,7 +219,8 @@ def paint_cases(
         first = next((f for c in summary['cases'] for f in c.get('failures', [])), 'no reason recorded')
         raise PaintJobError(f'nothing could be painted in {len(jobs)} case(s); first: {first}')
     os.makedirs(outdir, exist_ok=True)
-    with dnnlib.atomic_output(os.path.join(outdir, SUMMARY), suffix='.json') as tmp:
+    name = SUMMARY if world_size == 1 else SUMMARY.replace('.json', f'-rank{rank}.json')
+    with dnnlib.atomic_output(os.path.join(outdir, name), suffix='.json') as tmp:
         with open(tmp, 'w') as f:
             json.dump(summary, f, indent=1)
     if verbose:
