@@ -550,3 +550,32 @@ def test_nnunet_turns_predicted_brats_regions_back_into_brats_2023_labels():
     # four voxels: background, NETC (in WT and TC), SNFH (in WT only), ET (in all three regions)
     regions = np.array([[0, 1, 1, 1], [0, 1, 0, 1], [0, 0, 0, 1]], np.float32)[:, :, None, None]
     assert manager.convert_probabilities_to_segmentation(regions).ravel().tolist() == [0, 1, 2, 3]
+
+
+def test_real_privacy_gate_drops_a_planted_copy_from_the_export(nets, tmp_path):
+    """generate.py with metrics.privacy.PrivacyGate itself (not a stand-in): a training archive that holds an exact
+    copy of seed 0's volume; --max-nn-ssim drops that case, keeps the others and writes the report."""
+    import zipfile
+    out_npy = tmp_path / 'npy'
+    ok('--network', nets['vol'], '--seeds', '0', '--class', 'gli', '--format', 'npy', '--outdir', out_npy)
+    copy = np.load(glob.glob(str(out_npy / '*.npy'))[0])
+    rng = np.random.RandomState(0)
+    items = [copy] + [rng.uniform(-1, 1, copy.shape).astype(np.float32) for _ in range(3)]
+    archive = tmp_path / 'train.zip'
+    meta = {'channels': CHANNELS, 'file_cases': {}}
+    with zipfile.ZipFile(archive, 'w') as z:
+        for i, item in enumerate(items):
+            name = f'case{i}/{i:05d}.npy'
+            meta['file_cases'][name] = f'case{i}'
+            with z.open(name, 'w') as f:
+                np.save(f, np.rint((item + 1) / 2 * 255).clip(0, 255).astype(np.uint8))
+        z.writestr('dataset.json', json.dumps(meta))
+    out = tmp_path / 'ds'
+    ok('--network', nets['vol'], '--seeds', '0-2', '--class', 'gli', '--format', 'nnunet', '--max-nn-ssim', '0.95',
+       '--privacy-data', archive, '--outdir', out)
+    manifest = json.loads((out / 'manifest.json').read_text())
+    dropped = {d['case']: d['privacy'] for d in manifest['dropped']}
+    assert 'BraTS-SYN-00000-000' in dropped and dropped['BraTS-SYN-00000-000']['nn_ssim'] > 0.99
+    assert dropped['BraTS-SYN-00000-000']['nn_name'].startswith('case0/')
+    assert (out / 'privacy-report.json').is_file()
+    assert not glob.glob(str(out / 'imagesTr' / 'BraTS-SYN-00000-000*'))
