@@ -528,23 +528,40 @@ for _c in all_commands():
     COMMANDS_BY_DOC.setdefault(_c.doc, []).append(_c)
 
 
-@pytest.mark.parametrize('doc', sorted(COMMANDS_BY_DOC))
-def test_doc_commands_run(doc, doc_env):
-    """Each command of one doc, in order, in one working folder; skipped ones are listed with their reason."""
+def run_doc(commands, fixtures) -> tuple:
+    """Run one doc's commands in order: ``(failure messages naming doc:line, skipped lines, (seconds, where))``."""
     failures, skipped, took = [], [], []
-    for cmd in COMMANDS_BY_DOC[doc]:
+    for cmd in commands:
         if cmd.skip:
             skipped.append(f'{cmd.where}: {cmd.skip}')
             continue
         start = time.time()
-        ok, ran, output = run_command(cmd, doc_env)
+        ok, ran, output = run_command(cmd, fixtures)
         took.append((time.time() - start, cmd.where))
         if not ok:
             tail = '\n'.join(output.strip().splitlines()[-15:])
             failures.append(f'{cmd.where}: exit non-zero\n  as written: {cmd.text}\n  as run:     '
                             f'{shlex.join(ran)}\n  output (last lines):\n{tail}')
+    return failures, skipped, took
+
+
+@pytest.mark.parametrize('doc', sorted(COMMANDS_BY_DOC))
+def test_doc_commands_run(doc, doc_env):
+    """Each command of one doc, in order, in one working folder; skipped ones are listed with their reason."""
+    failures, skipped, took = run_doc(COMMANDS_BY_DOC[doc], doc_env)
     print(f'{doc}: {len(took)} run in {sum(t for t, _ in took):.1f} s, {len(skipped)} skipped; slowest: '
           + ', '.join(f'{where} {t:.1f} s' for t, where in sorted(took, reverse=True)[:5]))
     assert not failures, f'{len(failures)} command(s) of {doc} failed:\n\n' + '\n\n'.join(failures)
     if skipped:
         print('\n'.join(skipped))
+
+
+def test_a_broken_doc_line_is_named_with_its_file_and_line(doc_env):
+    """What the lead sees when a new doc's command stops working: the file, the line, the command, the error."""
+    text = '\n'.join(['# New page', '', '```bash', 'python dataset_tool.py --source phantom --kind cubes \\',
+                      '    --dest out.zip --resolution 64', 'python train.py --data x.zip --kimg 1   # [gpu]', '```'])
+    failures, skipped, took = run_doc(extract_commands('docs/new.md', text), doc_env)
+    assert skipped == ['docs/new.md:6: needs a GPU'] and len(took) == 1
+    message, = failures
+    assert message.startswith('docs/new.md:4: exit non-zero') and '--resolution 16' in message
+    assert "'cubes'" in message.splitlines()[-1] and not os.path.exists('out.zip')
