@@ -150,6 +150,12 @@ SIZE_RULES = {
     '--cases':            lambda v: '2',
     '--workers':          lambda v: '1',
     '--freezed':          lambda v: '1',                            # of the 3 blocks of a 16-pixel D
+    # Sizes of the scripts other pages document (style mixing, projector, cohort export); a guess until they land.
+    '--rows':             lambda v: ','.join(v.split(',')[:2]),
+    '--cols':             lambda v: ','.join(v.split(',')[:2]),
+    '--num-steps':        lambda v: '2',
+    '--frames':           lambda v: '4',
+    '--num-cases':        lambda v: '2',
     '--split':            lambda v: v.split('=')[0] + '=0.5',       # 10% of 4 cases is none
 }
 # Per script: options added when the command leaves them at a large default (same meaning, tiny size). Training
