@@ -153,6 +153,7 @@ SIZE_RULES = {
     # Sizes of the scripts other pages document (style mixing, projector, cohort export); a guess until they land.
     '--rows':             lambda v: ','.join(v.split(',')[:2]),
     '--cols':             lambda v: ','.join(v.split(',')[:2]),
+    '--styles':           lambda v: '0-1' if int(re.findall(r'\d+', v)[0]) < 4 else '4-5',  # a 16-pixel G has 6 ws
     '--num-steps':        lambda v: '2',
     '--frames':           lambda v: '4',
     '--num-cases':        lambda v: '2',
@@ -239,8 +240,13 @@ INPUT_OPTIONS = {'--data', '--network', '--resume', '--paint-network', '--segmen
 SOURCE_OPTIONS = {'--source', '--brats-root', '--insert-into', '--labels-from'}
 
 
-def _kind(path: str) -> str:
+MODALITY_OR_PLANE = re.compile(r'\b(t1n|t1c|t2w|t2f|coronal|sagittal)\b')
+
+
+def _kind(path: str, class_spec: str = '') -> str:
     name = path.lower()
+    if MODALITY_OR_PLANE.search(class_spec) and not ('patch' in name or 'vol' in name):
+        return 'slices_modality'
     if 'patch' in name or 'paint' in name:
         return 'paint'
     if 'vol' in name or 'box' in name or 'native' in name:
@@ -248,7 +254,7 @@ def _kind(path: str) -> str:
     return 'slices'
 
 
-def place_input(option: str, value: str, fixtures, doc: str, network: str = ''):
+def place_input(option: str, value: str, fixtures, doc: str, network: str = '', class_spec: str = ''):
     """Make ``value`` exist (relative to the working folder) when the docs assume it does."""
     if value in ('phantom', 'brats-africa') or '://' in value or os.path.exists(value):
         return
@@ -263,7 +269,7 @@ def place_input(option: str, value: str, fixtures, doc: str, network: str = ''):
         run = _earlier_run(value)
         if run is None:
             kind = 'paint' if option == '--paint-network' else (
-                'volumes' if doc.endswith('volumes.md') and value == 'net.pt' else _kind(value))
+                'volumes' if doc.endswith('volumes.md') and value == 'net.pt' else _kind(value, class_spec))
             run = fixtures['run_' + kind]
         _remember(value, run)
         if value.endswith('.pt') or value.endswith('.pkl'):
@@ -365,7 +371,8 @@ def run_command(cmd: DocCommand, fixtures) -> tuple:
             for part in value.split(','):
                 if part:
                     try:
-                        place_input(name, part, fixtures, cmd.doc, network=_value(args, '--network'))
+                        place_input(name, part, fixtures, cmd.doc, network=_value(args, '--network'),
+                                    class_spec=_value(args, '--class'))
                     except Exception:  # noqa: BLE001 (reported as this command's failure)
                         return False, [program, script] + args, traceback.format_exc()
     if _continuing(base, args):
@@ -441,19 +448,6 @@ def fixtures(tmp_path_factory):
     for prefix, seed in [('BraTS-GLI', 0), ('BraTS-SSA', 2)]:
         phantom.write_phantom_cases(cases, 2, seed=seed, shape=(48, 48, 32), spacing=4, prefix=prefix)
     out = dict(cases=cases, images=make_png_folder(str(base / 'images'), n=8, res=16, num_classes=2))
-    tiny = ['--cbase', '256', '--cmax', '16', '--map-depth', '1', '--batch', '4', '--kimg', '0.004', '--tick', '0.004',
-            '--snap', '1', '--metrics', 'none', '--device', 'cpu']
-    for kind, args in [('slices', ['--resolution', '16', '--planes', 'axial', '--modalities', 'all', '--with-seg',
-                                   '--labels', 'cohort']),
-                       ('volumes', ['--kind', 'volumes', '--volume-size', '16', '--modalities', 'all', '--with-seg',
-                                    '--labels', 'cohort']),
-                       ('paint', ['--kind', 'patches', '--patch-size', '16,16,16', '--patches-per-case', '2',
-                                  '--labels', 'cohort'])]:
-        archive = str(base / f'{kind}.zip')
-        _quiet(dataset_tool.main, ['--source', cases, '--dest', archive, '--split', 'val=0.5', '--no-progress'] + args)
-        out['archive_' + kind] = archive
-        _quiet(train.main, ['--outdir', str(base / f'runs-{kind}'), '--data', archive, '--cond=1'] + tiny)
-        out['run_' + kind] = glob.glob(str(base / f'runs-{kind}' / '*'))[0]
     detector = str(base / 'detector.pt')
     with warnings.catch_warnings():
         warnings.simplefilter('ignore', DeprecationWarning)  # TorchScript is deprecated, but it is the format.
@@ -462,12 +456,42 @@ def fixtures(tmp_path_factory):
     return Fixtures(out, base)
 
 
+# The archives (and a tiny conditional run on each) that stand in for those the docs name without making, by kind.
+FIXTURE_ARCHIVES = {
+    'slices':          ['--resolution', '16', '--planes', 'axial', '--modalities', 'all', '--with-seg',
+                        '--labels', 'cohort'],
+    'slices_modality': ['--resolution', '16', '--planes', 'axial,coronal,sagittal', '--modalities', 'all',
+                        '--labels', 'modality'],  # For --class axial,t2f: a plane and a modality per item.
+    'volumes':         ['--kind', 'volumes', '--volume-size', '16', '--modalities', 'all', '--with-seg',
+                        '--labels', 'cohort'],
+    'paint':           ['--kind', 'patches', '--patch-size', '16,16,16', '--patches-per-case', '2',
+                        '--labels', 'cohort'],
+}
+TINY_TRAINING = ['--cbase', '256', '--cmax', '16', '--map-depth', '1', '--batch', '4', '--kimg', '0.004', '--tick',
+                 '0.004', '--snap', '1', '--metrics', 'none', '--device', 'cpu']
+
+
 class Fixtures(dict):
-    """The fixture paths, and a segmenter made on first use (a calc_segmentation.py checkpoint on the slices)."""
+    """The fixture paths; archives, runs and segmenters of each kind are made on first use."""
 
     def __init__(self, paths, base):
         super().__init__(paths)
         self.base = base
+
+    def __missing__(self, key):
+        import dataset_tool
+        import train
+        what, kind = key.split('_', 1)
+        archive = str(self.base / f'{kind}.zip')
+        if not os.path.exists(archive):
+            _quiet(dataset_tool.main, ['--source', self['cases'], '--dest', archive, '--split', 'val=0.5',
+                                       '--no-progress'] + FIXTURE_ARCHIVES[kind])
+        self['archive_' + kind] = archive
+        if what == 'run':
+            _quiet(train.main, ['--outdir', str(self.base / f'runs-{kind}'), '--data', archive, '--cond=1']
+                   + TINY_TRAINING)
+            self['run_' + kind] = glob.glob(str(self.base / f'runs-{kind}' / '*'))[0]
+        return self[key]
 
     def segmenter(self, kind='slices'):
         """A calc_segmentation.py checkpoint for 2D items (``slices``) or 3D ones (``volumes``), made on first use."""
