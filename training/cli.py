@@ -125,10 +125,15 @@ def outdir_option(help: str = 'Where to write the results', required: bool = Tru
 
 def json_option(default: str = None, help: str = 'Write the results (JSON) here'):  # noqa: A002
     """``--json PATH``: a results file; ``--out`` is kept, hidden, for command lines written before the rename."""
+    import functools
+
     def decorate(f):
-        f = click.option('--out', 'json_path', type=PATH, hidden=True, default=default)(f)
+        @functools.wraps(f)
+        def wrapper(*args, json_path=None, json_out=None, **kwargs):  # Two names, one value (any click >= 8.1).
+            return f(*args, json_path=json_out if json_out is not None else json_path, **kwargs)
+        wrapper = click.option('--out', 'json_out', type=PATH, hidden=True, default=None)(wrapper)
         return click.option('--json', 'json_path', type=PATH, metavar='PATH', default=default,
-                            show_default=default is not None, help=help)(f)
+                            show_default=default is not None, help=help)(wrapper)
     return decorate
 
 
