@@ -15,8 +15,8 @@ Every configuration runs in its own process (so peak RSS belongs to it alone). A
 are written as JSON. ``--dry-run`` runs one tiny configuration in this process, in seconds (the tests call it).
 
 Examples:
-    python bench/bench_3d.py --res 16,32,64 --batch 2 --cbase 1024 --cmax 128 --device cpu --out bench3d-cpu.json
-    python bench/bench_3d.py --res 32,64 --batch 1,2 --skip-timing --device cpu --out bench3d-mem.json
+    python bench/bench_3d.py --res 16,32,64 --batch 2 --cbase 1024 --cmax 128 --device cpu --json bench3d-cpu.json
+    python bench/bench_3d.py --res 32,64 --batch 1,2 --skip-timing --device cpu --json bench3d-mem.json
     python bench/bench_3d.py --res 128,160x192x160 --batch 8,2 --checkpointing 0,1 --device cuda
     python bench/bench_3d.py --res 32,64 --batch 8 --cbase 512 --cmax 64 --pass-form auto,folded --steps 4 --device cpu
 
@@ -41,6 +41,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib  # noqa: E402
+from training.cli import add_bool_argument, add_json_argument  # noqa: E402
 
 STEPS = 16  # Training steps averaged: one R1 pass (interval 16) and four path-length passes (interval 4).
 
@@ -265,10 +266,10 @@ def main(argv=None):
     parser.add_argument('--pass-form', default='auto',
                         help='3D filter passes: auto, depthwise, folded (comma-separated to compare; torch_utils/ops/upfirdn3d.py)')
     parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
-    parser.add_argument('--skip-timing', action='store_true', help='Only the peak memory of one full step (all phases)')
+    add_bool_argument(parser, '--skip-timing', help='Only the peak memory of one full step (all phases)')
     parser.add_argument('--timeout', type=float, default=1800, help='Seconds per configuration')
-    parser.add_argument('--out', default='bench3d.json', help='JSON results')
-    parser.add_argument('--dry-run', '--tiny', action='store_true', help='One tiny configuration (8^3, batch 2), in seconds')
+    add_json_argument(parser, default='bench3d.json', help='JSON results')
+    add_bool_argument(parser, '--dry-run', '--tiny', help='One tiny configuration (8^3, batch 2), in seconds')
     parser.add_argument('--one', help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -305,9 +306,9 @@ def main(argv=None):
     report = dict(machine=machine, argv=sys.argv[1:] if argv is None else argv, results=results)
     print(f'Machine: {machine}')
     print(_table(results))
-    directory = os.path.dirname(os.path.abspath(args.out))
+    directory = os.path.dirname(os.path.abspath(args.json))
     os.makedirs(directory, exist_ok=True)
-    with dnnlib.atomic_output(args.out, suffix='.json') as tmp, open(tmp, 'w') as f:
+    with dnnlib.atomic_output(args.json, suffix='.json') as tmp, open(tmp, 'w') as f:
         json.dump(report, f, indent=2)
     return report
 

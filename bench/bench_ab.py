@@ -8,7 +8,7 @@ after/before (> 1 = faster now) and writes JSON.
 
 Example (the measurement of docs/benchmarks.md, "One engine: before and after"):
     git worktree add --detach /tmp/base 0f33175
-    python bench/bench_ab.py --base /tmp/base --rounds 3 --out /tmp/bench_ab.json
+    python bench/bench_ab.py --base /tmp/base --rounds 3 --json /tmp/bench_ab.json
 """
 
 import argparse
@@ -24,6 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import dnnlib  # noqa: E402
+from training.cli import add_json_argument  # noqa: E402
 
 # (name, script, arguments, how to read rates from its JSON): the documented CPU configurations of both benches.
 BENCHES = [
@@ -52,6 +53,7 @@ def _rates(kind: str, report: dict) -> dict:
 def _run(tree: str, script: str, args: list, kind: str, timeout: float, threads: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, 'r.json')
+        # --out, not --json: a base checkout from before the rename knows only --out (now a hidden alias).
         cmd = [sys.executable, os.path.join(tree, script)] + args + ['--out', out]
         env = dict(os.environ)
         if threads:  # One thread leaves the other core to the machine: far steadier timings on a shared 2-core box.
@@ -74,7 +76,7 @@ def main(argv=None):
     parser.add_argument('--only', default=None, metavar='NAMES', help='comma-separated bench names (default: all)')
     parser.add_argument('--timeout', type=float, default=1200, metavar='SEC', help='seconds per bench run')
     parser.add_argument('--threads', type=int, default=1, metavar='INT', help='CPU threads per run (0 = torch default)')
-    parser.add_argument('--out', default='bench_ab.json', metavar='JSON', help='JSON results')
+    add_json_argument(parser, default='bench_ab.json', help='JSON results')
     args = parser.parse_args(argv)
     if not os.path.isfile(os.path.join(args.base, 'train.py')):
         parser.error(f'--base {args.base}: not a checkout of this project (no train.py)')
@@ -103,7 +105,7 @@ def main(argv=None):
             after = best[name]['after'].get(task, float('nan'))
             rows.append(dict(bench=name, task=task, before=before, after=after, ratio=after / before))
             print(f'{name:<9} {task:<22} {before:>10.2f} {after:>10.2f} {after / before:>13.3f}')
-    with dnnlib.atomic_output(args.out, suffix='.json') as tmp, open(tmp, 'w') as f:
+    with dnnlib.atomic_output(args.json, suffix='.json') as tmp, open(tmp, 'w') as f:
         json.dump(dict(machine=machine, base=os.path.abspath(args.base), rounds=args.rounds, threads=args.threads,
                        rows=rows), f, indent=2)
     return rows

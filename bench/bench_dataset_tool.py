@@ -12,7 +12,7 @@ PNG/npy encoding, the zip written and moved into place) with the configuration's
 Cases: the real case from ../shared/data/brats, repeated --cases times under distinct case ids (symlinks), or
 --source phantom cases from mri.sources.phantom. Prints a table and writes JSON.
 
-    python bench/bench_dataset_tool.py --cases 4 --out bench_dataset_tool.json
+    python bench/bench_dataset_tool.py --cases 4 --json bench_dataset_tool.json
 
 --storage compares archive layouts of one configuration (default: all four modalities + seg, 256^2, three planes)
 in one run (issue 11): the layout archives had before label maps (three one-hot uint16 seg channels, stored; rebuilt
@@ -22,7 +22,7 @@ through training.dataset.ImageFolderDataset (what each DataLoader worker runs), 
 --repeats, the layouts interleaved within each repeat. "before" rows read the old layout with the reader the project
 had before (np.load on the member's bytes), i.e. what training cost until now.
 
-    python bench/bench_dataset_tool.py --storage --repeats 5 --out bench_storage.json
+    python bench/bench_dataset_tool.py --storage --repeats 5 --json bench_storage.json
 """
 
 import io
@@ -40,7 +40,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from mri.sources import brats, convert  # noqa: E402
-from training.cli import bool_option  # noqa: E402
+from training.cli import bool_option, json_option  # noqa: E402
 
 REAL = Path(__file__).resolve().parents[1].parent / 'shared/data/brats'
 
@@ -214,11 +214,11 @@ def print_storage(rows, repeats):
 @click.option('--workers', metavar='LIST', default='1,2', show_default=True, help='Worker counts to time')
 @click.option('--configs', metavar='LIST', default=','.join(CONFIGS), show_default=True, help='Configurations')
 @click.option('--repeats', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Best of')
-@click.option('--out',     metavar='PATH', default='bench_dataset_tool.json', show_default=True, help='JSON results')
+@json_option(default='bench_dataset_tool.json')
 @bool_option('--storage',  help='Compare archive layouts: size and loading (see the docstring)')
 @click.option('--resolution', metavar='INT', type=click.IntRange(min=4), default=256, show_default=True, help='For --storage')
 @click.option('--measure', hidden=True, help='internal: one measurement in this fresh process')
-def main(source, cases, workers, configs, repeats, out, storage, resolution, measure):
+def main(source, cases, workers, configs, repeats, json_path, storage, resolution, measure):
     if measure:
         _measure(measure)
         return
@@ -232,10 +232,10 @@ def main(source, cases, workers, configs, repeats, out, storage, resolution, mea
             rows = run_storage(root, tmp, kwargs, repeats)
         print_storage(rows, repeats)
         load_avg = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
-        Path(out).write_text(json.dumps({'mode': 'storage', 'source': source, 'cases': cases, 'repeats': repeats,
+        Path(json_path).write_text(json.dumps({'mode': 'storage', 'source': source, 'cases': cases, 'repeats': repeats,
                                          'resolution': resolution, 'cpu_count': os.cpu_count(),
                                          'load_average_1min': load_avg, 'rows': rows}, indent=1))
-        print(f'wrote {out}')
+        print(f'wrote {json_path}')
         return
     workers = [int(w) for w in workers.split(',')]
     rows = []
@@ -278,8 +278,8 @@ def main(source, cases, workers, configs, repeats, out, storage, resolution, mea
     load_avg = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
     result = {'source': source, 'cases': cases, 'repeats': repeats, 'cpu_count': os.cpu_count(),
               'load_average_1min': load_avg, 'rows': rows}
-    Path(out).write_text(json.dumps(result, indent=1))
-    print(f'wrote {out}')
+    Path(json_path).write_text(json.dumps(result, indent=1))
+    print(f'wrote {json_path}')
 
 
 if __name__ == '__main__':

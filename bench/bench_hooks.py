@@ -10,7 +10,7 @@ Implementations are interleaved round by round and each keeps its best round, so
 noisy machine. Prints a table and writes JSON.
 
 Example:
-    python bench/bench_hooks.py --device cpu --res 32 --batch 8 --batch-gpu 4 --rounds 3 --out hooks.json
+    python bench/bench_hooks.py --device cpu --res 32 --batch 8 --batch-gpu 4 --rounds 3 --json hooks.json
 """
 
 import argparse
@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from training.attention import SelfAttention  # noqa: E402
 from training import networks  # noqa: E402
+from training.cli import add_json_argument  # noqa: E402
 from training.loss import StyleGAN2Loss  # noqa: E402
 
 
@@ -104,7 +105,7 @@ def main():
     parser.add_argument('--attn-channels', type=int, default=64)
     parser.add_argument('--rounds', type=int, default=3)
     parser.add_argument('--machine', default=None, help='Machine name for the table [default: platform]')
-    parser.add_argument('--out', default=None, help='JSON output path')
+    add_json_argument(parser)
     args = parser.parse_args()
     device = torch.device(args.device)
     machine = args.machine or (torch.cuda.get_device_name(device) if device.type == 'cuda' else
@@ -126,8 +127,8 @@ def main():
     for r in rows:
         peak = '-' if r['peak_mib'] is None else f'{r["peak_mib"]:.0f}'
         print(f'{r["task"]:<18} {r["seconds"]:>9.4f} {r["ratio_to_baseline"]:>10.2f} {peak:>9}')
-    if args.out:
-        with open(args.out, 'w') as f:
+    if args.json:
+        with open(args.json, 'w') as f:
             json.dump(dict(machine=machine, torch=torch.__version__, device=str(device), args=vars(args), rows=rows), f,
                       indent=2)
 

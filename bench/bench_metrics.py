@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from metrics import detectors  # noqa: E402
-from training.cli import bool_option  # noqa: E402
+from training.cli import PATH, bool_option, json_option  # noqa: E402
 
 
 def throughput(det, device, batch: int, num_images: int, resolution: int) -> float:
@@ -93,11 +93,11 @@ def agreement(num_images: int, resolution: int) -> dict:
 
 
 @click.command()
-@click.option('--detector', 'paths',    help='Detector file(s) to time [default: fid-helper Inception]', metavar='PATH', multiple=True)
-@click.option('--batch',                help='Images per call', type=click.IntRange(min=1), default=16, show_default=True)
-@click.option('--num-images',           help='Images timed per detector and device', type=click.IntRange(min=1), default=64, show_default=True)
-@click.option('--resolution',           help='Input image size (pixels)', type=click.IntRange(min=8), default=256, show_default=True)
-@click.option('--json', 'json_path',    help='Also write the results here', metavar='PATH')
+@click.option('--detector', 'paths',    help='Detector file(s) to time [default: fid-helper Inception]', metavar='PATH', type=PATH, multiple=True)
+@click.option('--batch',                help='Images per forward pass', metavar='INT', type=click.IntRange(min=1), default=16, show_default=True)
+@click.option('--num-images',           help='Images timed per detector and device', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--resolution',           help='Input image size (pixels)', metavar='INT', type=click.IntRange(min=8), default=256, show_default=True)
+@json_option(help='Also write the results (JSON) here')
 @bool_option('--no-agreement',          help='Skip the preprocessing agreement check')
 def main(paths, batch, num_images, resolution, json_path, no_agreement):
     """Time detectors; check the fid-helper preprocessing."""

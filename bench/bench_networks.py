@@ -18,7 +18,7 @@ each keeps its best round, so the ratio ours/baseline holds up on a shared, nois
 
 Example:
     python bench/bench_networks.py --res 64 --channels 1 --cbase 16384 --cmax 256 --batch 8 \
-        --device cpu --iters 2 --rounds 4 --baseline --out results.json
+        --device cpu --iters 2 --rounds 4 --baseline --json results.json
 """
 
 import argparse
@@ -39,7 +39,7 @@ from torch_utils.ops import conv2d_gradfix  # noqa: E402
 from torch_utils.ops import conv2d_resample  # noqa: E402
 from torch_utils.ops import upfirdn2d  # noqa: E402
 from training import networks  # noqa: E402
-from training.cli import add_bool_argument  # noqa: E402
+from training.cli import add_bool_argument, add_json_argument  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------------------------
 # Baseline: the reference StyleGAN2-ADA design, kept deliberately plain. Same parameters as ours (checked).
@@ -369,7 +369,7 @@ def main(argv=None):
                         help="baseline G: 'ada' = grouped conv at inference, unfused in training (ADA's rule); "
                              "'unfused' = never grouped")
     parser.add_argument('--seed', type=int, default=0, metavar='INT', help='random seed')
-    parser.add_argument('--out', type=str, default=None, metavar='JSON', help='write results here')
+    add_json_argument(parser)
     args = parser.parse_args(argv)
 
     if args.device == 'cuda' and not torch.cuda.is_available():
@@ -424,17 +424,17 @@ def main(argv=None):
             line += f" {rows['baseline'][task]['img_per_sec']:>15.2f} {ratio:>15.2f} {ratio_cpu:>14.2f}"
         print(line)
 
-    if args.out:
+    if args.json:
         plugins = {op: ('reference (CPU)' if device.type != 'cuda' else mod._plugin.failure or 'plugin')
                    for op, mod in (('upfirdn2d', upfirdn2d), ('bias_act', bias_act))}
         result = dict(machine=info, config=config, plugins=plugins, results=rows, ratio_ours_over_baseline=ratios)
-        directory = os.path.dirname(os.path.abspath(args.out))
+        directory = os.path.dirname(os.path.abspath(args.json))
         os.makedirs(directory, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=directory, prefix='.tmp-', suffix='.json')
         with os.fdopen(fd, 'w', encoding='utf-8') as f:
             json.dump(result, f, indent=2)
-        os.replace(tmp, args.out)
-        print(f'wrote {args.out}', file=sys.stderr)
+        os.replace(tmp, args.json)
+        print(f'wrote {args.json}', file=sys.stderr)
     return 0
 
 

@@ -1,6 +1,6 @@
 """Benchmark the reference and CUDA-plugin paths of upfirdn2d and bias_act (StyleGAN2's fused ops).
 
-    python bench/bench_ops.py --out bench_ops.json [--device cuda] [--repeat 20]
+    python bench/bench_ops.py --json bench_ops.json [--device cuda] [--repeat 20]
 
 Prints a table (milliseconds per forward and forward+backward) and writes the rows as JSON. Plugin rows are
 skipped where there is no CUDA device or the plugin does not build (the reason is recorded).
@@ -17,6 +17,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from torch_utils.ops import bias_act, upfirdn2d  # noqa: E402
+from training.cli import json_option  # noqa: E402
 
 UPFIRDN_CASES = [
     # name, shape [N, C, H, W], op
@@ -103,12 +104,12 @@ def run_benchmarks(device, dtype, repeat, progress=print):
 
 
 @click.command()
-@click.option('--out',    'out_path', metavar='PATH', type=click.Path(dir_okay=False), default='bench_ops.json', show_default=True, help='JSON file for the rows')
+@json_option(default='bench_ops.json', help='JSON file for the rows')
 @click.option('--device', metavar='DEV',  type=str, default=None, help='cpu or cuda  [default: cuda if available]')
 @click.option('--dtype',  metavar='TYPE', type=click.Choice(['float32', 'float16']), default='float32', show_default=True, help='Tensor dtype')
 @click.option('--repeat', metavar='INT',  type=click.IntRange(min=1), default=10, show_default=True, help='Timed runs per row (median reported)')
 @click.option('--threads', metavar='INT', type=click.IntRange(min=1), default=None, help='torch CPU threads')
-def main(out_path, device, dtype, repeat, threads):
+def main(json_path, device, dtype, repeat, threads):
     """Time reference vs plugin for upfirdn2d and bias_act."""
     if threads is not None:
         torch.set_num_threads(threads)
@@ -134,6 +135,7 @@ def main(out_path, device, dtype, repeat, threads):
                   f'fwd x{r["speedup_fwd"]:.2f}  fwd+bwd x{r["speedup_fwd_bwd"]:.2f}')
     result = dict(device=str(device), device_name=(torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'),
                   dtype=str(dtype), torch=torch.__version__, repeat=repeat, plugin_note=plugin_note, rows=rows)
+    out_path = json_path
     tmp = out_path + '.tmp'
     with open(tmp, 'w') as f:
         json.dump(result, f, indent=2)

@@ -19,12 +19,12 @@ call (`baselines.AsGenerator`) goes through the registry's metrics, so all paint
       tumours, saved in calc_segmentation.py's format) segments tumours inserted into its healthy patches, Dice against
       the inserted labels, beside its Dice on the case's real tumours (``insert_dice_real``) and their ratio;
   seconds per painted case: ``--per-case`` tumours painted one forward pass each, median of repeats, ours vs the U-Net.
-Prints a table, writes JSON (``--out``) with the machine named (``--machine`` or $BENCH_MACHINE, else a description
+Prints a table, writes JSON (``--json``) with the machine named (``--machine`` or $BENCH_MACHINE, else a description
 of this one). The goals (docs/benchmarks.md): paint_ssim of ours at least the U-Net's; insert_dice at least 0.9x the
 Dice on real tumours.
 
-    python bench/bench_painting.py --outdir /tmp/bench-paint --out bench_painting.json          # CPU, full
-    python bench/bench_painting.py --outdir /tmp/bench-paint-q --out /tmp/paint-quick.json --quick   # minutes
+    python bench/bench_painting.py --outdir /tmp/bench-paint --json bench_painting.json          # CPU, full
+    python bench/bench_painting.py --outdir /tmp/bench-paint-q --json /tmp/paint-quick.json --quick   # minutes
 """
 
 import json
@@ -46,6 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dnnlib                                   # noqa: E402  (after the path)
+from training.cli import PATH, bool_option, json_option  # noqa: E402
 from mri.painting import baselines              # noqa: E402
 
 # ../shared/data beside the checkout (a git worktree one level deeper finds it one level further up).
@@ -357,10 +358,10 @@ def format_table(results):
 
 
 @click.command()
-@click.option('--outdir',         metavar='DIR', required=True, help='Work folder (archives, runs, models, log)')
-@click.option('--out',            metavar='JSON', default='bench_painting.json', show_default=True, help='Results')
+@click.option('--outdir',         metavar='DIR', type=PATH, required=True, help='Work folder (archives, runs, models, log)')
+@json_option(default='bench_painting.json')
 @click.option('--settings',       metavar='LIST', default='2d,3d', show_default=True, help='Which settings: 2d, 3d')
-@click.option('--quick',          is_flag=True, help='2D 32^2, few patches, short budget: checks the bench runs')
+@bool_option('--quick', help='2D 32^2, few patches, short budget: checks the bench runs')
 @click.option('--budget',         metavar='SEC', type=click.FloatRange(min=1), default=None, help='Seconds of training per method (CPU s; wall s with --device cuda)  [default: 1800; --quick 20]')
 @click.option('--side-2d',        metavar='INT', type=click.IntRange(min=16), default=None, help='2D patch side  [default: 64; --quick 32]')
 @click.option('--side-3d',        metavar='INT', type=click.IntRange(min=16), default=None, help='3D patch side  [default: 32]')
@@ -369,7 +370,7 @@ def format_table(results):
 @click.option('--phantom-cases',  metavar='INT', type=click.IntRange(min=1), default=None, help='3D: phantom training cases  [default: 6; --quick 2]')
 @click.option('--patches-per-case', metavar='INT', type=click.IntRange(min=1), default=None, help='Tumour (and as many healthy) patches per case  [default: 32; --quick 6]')
 @click.option('--gan-args',       metavar='STR', default=None, help='train.py options of ours  [default: CPU-sized widths per setting]')
-@click.option('--shared-data',    metavar='DIR', default=str(SHARED), show_default=True, help='2D: holds brats/ and brats-extra/')
+@click.option('--shared-data',    metavar='DIR', type=PATH, default=str(SHARED), show_default=True, help='2D: holds brats/ and brats-extra/')
 @click.option('--unet-features',  metavar='INT', type=click.IntRange(min=2), default=16, show_default=True, help='U-Net first-level channels')
 @click.option('--unet-levels',    metavar='INT', type=click.IntRange(min=2), default=4, show_default=True, help='U-Net levels')
 @click.option('--ring-width',     metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Ring fill: ring width (voxels)')
@@ -377,7 +378,7 @@ def format_table(results):
 @click.option('--num-items',      metavar='INT', type=click.IntRange(min=1), default=None, help='Patches per metric [default: every healthy patch, at most 1000]')
 @click.option('--per-case',       metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Tumours painted per case (timing)')
 @click.option('--repeats',        metavar='INT', type=click.IntRange(min=1), default=3, show_default=True, help='Timing repeats (median)')
-@click.option('--skip-ours',      is_flag=True, help='Baselines only')
+@bool_option('--skip-ours', help='Baselines only')
 @click.option('--machine',        metavar='STR', default=None, help='Machine name for the record [default: $BENCH_MACHINE or a description]')
 @click.option('--seed',           metavar='INT', type=int, default=0, show_default=True)
 def main(**kwargs):
@@ -403,12 +404,12 @@ def main(**kwargs):
     table = format_table(results)
     print('\n' + table)
     record = dict(machine=machine, device=args.device, quick=args.quick, budget_seconds=args.budget, budget_clock=clock,
-                  options={k: v for k, v in args.items() if k not in ('out', 'outdir', 'machine')}, results=results,
+                  options={k: v for k, v in args.items() if k not in ('json_path', 'outdir', 'machine')}, results=results,
                   table=table)
-    with dnnlib.atomic_output(args.out, suffix='.json') as tmp:
+    with dnnlib.atomic_output(args.json_path, suffix='.json') as tmp:
         with open(tmp, 'w') as f:
             json.dump(record, f, indent=1)
-    print(f'wrote {args.out}')
+    print(f'wrote {args.json_path}')
 
 
 if __name__ == '__main__':

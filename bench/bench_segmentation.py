@@ -10,7 +10,7 @@ seconds because a shared machine stretches the wall time. The generator of this 
 its Dice figures test the plumbing, not whether synthetic data helps (see docs/benchmarks.md for the BraTS-Africa
 command that asks that).
 
-    python bench/bench_segmentation.py --outdir /tmp/bench-seg --out bench_segmentation.json
+    python bench/bench_segmentation.py --outdir /tmp/bench-seg --json bench_segmentation.json
 """
 
 import json
@@ -24,6 +24,9 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.cli import PATH, json_option  # noqa: E402  (after the path)
 
 
 def _cpu_seconds():
@@ -45,8 +48,8 @@ def _run(name, args, log, cpu):
 
 
 @click.command()
-@click.option('--outdir',     metavar='DIR', required=True, help='Work folder (archive, run, evaluation)')
-@click.option('--out',        metavar='JSON', default='bench_segmentation.json', show_default=True, help='Results')
+@click.option('--outdir',     metavar='DIR', type=PATH, required=True, help='Work folder (archive, run, evaluation)')
+@json_option(default='bench_segmentation.json')
 @click.option('--cases',      metavar='INT', type=click.IntRange(min=2), default=8, show_default=True, help='Phantom cases')
 @click.option('--res',        metavar='INT', type=click.IntRange(min=16), default=64, show_default=True, help='Slice side')
 @click.option('--kimg',       metavar='FLOAT', type=float, default=0.1, show_default=True, help='Generator training length')
@@ -54,7 +57,8 @@ def _run(name, args, log, cpu):
 @click.option('--steps',      metavar='INT', type=click.IntRange(min=1), default=150, show_default=True, help='Segmenter steps per fold and arm')
 @click.option('--ratio',      metavar='LIST', default='1', show_default=True, help='--synthetic-ratio')
 @click.option('--device',     type=click.Choice(['cpu', 'cuda']), default='cpu', show_default=True)
-def main(outdir, out, cases, res, kimg, folds, steps, ratio, device):
+def main(outdir, json_path, cases, res, kimg, folds, steps, ratio, device):
+    out = json_path
     outdir = Path(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     archive, runs, evaluation = outdir / 'phantom-seg.zip', outdir / 'runs', outdir / 'seg-eval'

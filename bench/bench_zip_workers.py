@@ -9,7 +9,7 @@ process, and counts the runs that failed or printed a zip/read error (must be 0)
 training runs once more with `--workers 0` (the main process reads), so the s/kimg of the two are measured on
 the same machine in the same session. Prints a table and writes JSON.
 
-    OMP_NUM_THREADS=1 nice python bench/bench_zip_workers.py --out bench_zip_workers.json
+    OMP_NUM_THREADS=1 nice python bench/bench_zip_workers.py --json bench_zip_workers.json
 """
 
 import json
@@ -25,6 +25,10 @@ from pathlib import Path
 import click
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from training.cli import bool_option, json_option  # noqa: E402  (after the path)
+
 REAL = ROOT.parent / 'shared' / 'data' / 'brats'
 
 # What a shared zip handle produced (and any other failure to read a member).
@@ -101,11 +105,12 @@ def summarize(runs, archive, resolution, kimg, net, workers, repeats, out):
 @click.option('--kimg',       type=click.FloatRange(min=0.01), default=2.0, show_default=True, metavar='FLOAT', help='Per run')
 @click.option('--workers',    type=click.IntRange(min=1), default=3, show_default=True, metavar='INT', help='DataLoader workers (train.py default: 3)')
 @click.option('--repeats',    type=click.IntRange(min=1), default=3, show_default=True, metavar='INT')
-@click.option('--baseline/--no-baseline', default=True, show_default=True, help='One more run with --workers 0')
+@bool_option('--baseline', default=True, help='One more run with --workers 0')
 @click.option('--net',        default='--cbase 256 --cmax 16 --map-depth 1 --batch 16 --device cpu', show_default=True,
               metavar='ARGS', help='CPU-sized network options passed to train.py')
-@click.option('--out',        type=click.Path(dir_okay=False), default='bench_zip_workers.json', show_default=True)
-def main(source, resolution, kimg, workers, repeats, baseline, net, out):
+@json_option(default='bench_zip_workers.json')
+def main(source, resolution, kimg, workers, repeats, baseline, net, json_path):
+    out = json_path
     """Train on a zip with DataLoader workers --repeats times; report errors (must be 0) and s/kimg."""
     with tempfile.TemporaryDirectory(prefix='bench_zip_workers_') as tmp:
         tmp = Path(tmp)

@@ -33,6 +33,9 @@ import time
 import click
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from training.cli import PATH, bool_option  # noqa: E402  (after the path)
 
 # Sizes of the real check and of the dry run. paper256: channel_base 16384 (0.5 x 32768), at most 512 maps.
 FULL = dict(device='cuda', test_select='cuda or plugin',
@@ -185,7 +188,7 @@ def step_networks(rec, size, budget, dry_run, scratch):
         rc, _ = rec.run('networks', _python(
             'bench/bench_networks.py', '--res', res, '--channels', 1, '--cbase', size['cbase'], '--cmax', size['cmax'],
             '--map', size['map'], '--batch', batch, '--device', size['device'], '--iters', size['iters'],
-            '--rounds', size['rounds'], '--fp16-res', fp16, '--plugins', plugins, '--baseline', '--out', json_path),
+            '--rounds', size['rounds'], '--fp16-res', fp16, '--plugins', plugins, '--baseline', '--json', json_path),
             timeout=left / (len(combos) - i))
         row = dict(res=res, batch=batch, plugins=plugins, fp16_res=fp16, rc=rc)
         if rc == 0 and os.path.isfile(json_path):
@@ -325,7 +328,7 @@ def step_volumes(rec, size, budget, dry_run, scratch):
         return
     json_path = os.path.join(scratch, 'bench_3d.json')
     args = ['bench/bench_3d.py', '--device', size['device'], '--res', size['vol_res'], '--batch', size['vol_batch'],
-            '--out', json_path]
+            '--json', json_path]
     if dry_run:
         args += ['--tiny']
     rc, out = rec.run('volumes', _python(*args), timeout=budget)
@@ -343,10 +346,10 @@ STEPS = ['tests', 'networks', 'training', 'fid', 'volumes']
 
 @click.command(context_settings=dict(max_content_width=120))
 @click.argument('out_dir', metavar='OUT_DIR')
-@click.option('--dry-run', help='CPU, tiny sizes, random detector: checks the script itself', is_flag=True)
+@bool_option('--dry-run', help='CPU, tiny sizes, random detector: checks the script itself')
 @click.option('--steps',   help='Comma-separated subset of ' + ','.join(STEPS), metavar='LIST', default=','.join(STEPS), show_default=True)
-@click.option('--real',    help='A BraTS folder to train on besides the phantom (e.g. shared/data/brats)', metavar='DIR')
-@click.option('--detector', help='Inception network for the FID step [default: canonical, else fid-helper offline]', metavar='PATH')
+@click.option('--real',    help='A BraTS folder to train on besides the phantom (e.g. shared/data/brats)', metavar='DIR', type=PATH)
+@click.option('--detector', help='Inception network for the FID step [default: canonical, else fid-helper offline]', metavar='PATH', type=PATH)
 @click.option('--scale',   help='Multiply every step\'s time limit', metavar='FLOAT', type=click.FloatRange(min=0.1), default=1.0, show_default=True)
 def main(out_dir, dry_run, steps, real, detector, scale):
     """Run the GPU check and write OUT_DIR/gpu_check.json and OUT_DIR/gpu_check.log."""

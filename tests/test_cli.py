@@ -1,6 +1,7 @@
 """Command-line habits shared by every script: switches (bare and =1/=0), ranges shown = ranges enforced, ``~`` in
 paths, --class by index only where unambiguous, and resolutions the trainer cannot use refused up front."""
 
+import glob
 import importlib
 import os
 import re
@@ -152,3 +153,170 @@ def test_default_workers_never_exceed_the_cores(data_dir, monkeypatch):
     c = setup_training_config(data=data_dir, device='cpu', metrics='none')
     assert c.data_loader_kwargs.num_workers == 2
     assert setup_training_config(data=data_dir, device='cpu', metrics='none', workers=3).data_loader_kwargs.num_workers == 3
+
+
+# ----------------------------------------------------------------------------
+# Every --help option explained in a doc, in docs/cli.md's vocabulary (issue 21).
+
+def _top_level_scripts():
+    """Every top-level script with a click ``main`` (new ones such as style_mixing.py are picked up by the glob)."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, '*.py'))):
+        name = os.path.basename(path)
+        if name in ('conftest.py', 'setup.py'):
+            continue
+        module = importlib.import_module(name[:-3])
+        if isinstance(getattr(module, 'main', None), click.Command):
+            out[name] = module.main
+    return out
+
+
+def _bench_scripts():
+    out = {}
+    for path in sorted(glob.glob(os.path.join(ROOT, 'bench', '*.py'))):
+        module = importlib.import_module(os.path.basename(path)[:-3])
+        if isinstance(getattr(module, 'main', None), click.Command):
+            out['bench/' + os.path.basename(path)] = module.main
+    return out
+
+
+def _visible_options(command):
+    return [p for p in command.params if isinstance(p, click.Option) and not p.hidden]
+
+
+def _docs_text():
+    paths = [os.path.join(ROOT, 'README.md')] + sorted(glob.glob(os.path.join(ROOT, 'docs', '*.md')))
+    return '\n'.join(open(p, encoding='utf-8').read() for p in paths)
+
+
+def test_every_help_option_is_explained_in_a_doc():
+    docs = _docs_text()
+    scripts = _top_level_scripts()
+    assert {'train.py', 'generate.py', 'calc_metrics.py', 'dataset_tool.py', 'calc_segmentation.py'} <= set(scripts)
+    missing = []
+    for name, command in scripts.items():
+        for param in _visible_options(command):
+            for opt in param.opts + param.secondary_opts:
+                if not re.search(re.escape(opt) + r'(?![\w-])', docs):
+                    missing.append(f'{name} {opt}')
+    assert not missing, ('options in --help that no doc names (explain each on its subject\'s page, or in '
+                         'docs/cli.md "Options of one script"): ' + ', '.join(missing))
+
+
+# click's own metavars, which docs/cli.md replaces with INT / FLOAT / LIST / PATH.
+CLICK_METAVARS = {'INTEGER', 'INTEGER RANGE', 'FLOAT RANGE', 'TEXT', 'FILENAME', 'DIRECTORY', 'BOOLEAN'}
+# Words docs/cli.md retired, and the word to use instead.
+RETIRED = {'--out': '--outdir DIR (a folder) or --json PATH (a file)', '--output': '--outdir', '--out-dir': '--outdir',
+           '--output-dir': '--outdir', '--quiet': '--progress=0', '--verbose': '--progress', '--json-out': '--json',
+           '--seed-range': '--seeds', '--classes': '--class', '--num-samples': '--num-gen or --seeds'}
+NO_SWITCHES = {'--no-progress', '--no-augment'}  # docs/cli.md: the only --no-X spellings.
+# Found by the checks below in files other helpers own this session; the lead removes an entry when its rename lands.
+PENDING = {('calc_metrics.py', '--gpus'): 'metavar INT', ('calc_metrics.py', '--batch'): 'metavar INT'}
+
+
+def _vocabulary_problems(name, command):
+    ctx = click.Context(command)
+    problems = []
+    for param in _visible_options(command):
+        flag = max(param.opts, key=len)
+        if (name, flag) in PENDING:
+            continue
+        metavar = '' if param.is_flag else (param.make_metavar(ctx) or '')
+        if metavar in CLICK_METAVARS:
+            problems.append(f'{name} {flag}: metavar {metavar} (docs/cli.md: INT, FLOAT, LIST, PATH ...)')
+        for opt in param.opts + param.secondary_opts:
+            if opt in RETIRED:
+                problems.append(f'{name} {opt}: use {RETIRED[opt]} (docs/cli.md)')
+            if opt.startswith('--no-') and opt not in NO_SWITCHES and param.secondary_opts:
+                problems.append(f'{name} {opt}: a switch is --x [BOOL] (bool_option), not --x/--no-x')
+        if param.is_flag and not param.secondary_opts and flag not in NO_SWITCHES:
+            problems.append(f'{name} {flag}: a switch is --x [BOOL] (bool_option: --x, --x=1, --x=0), not a bare flag')
+        if metavar in ('PATH', 'DIR', 'ZIP|DIR') and param.type is not cli.PATH:
+            problems.append(f'{name} {flag}: a {metavar} option uses training.cli.PATH (~ expanded)')
+        if flag == '--subset' and set(getattr(param.type, 'choices', ())) != {'train', 'val', 'all'}:
+            problems.append(f'{name} --subset: the choices are train|val|all (docs/cli.md)')
+        if flag == '--outdir' and metavar != 'DIR':
+            problems.append(f'{name} --outdir: metavar DIR (a folder)')
+        if flag == '--seeds' and metavar != 'LIST':
+            problems.append(f'{name} --seeds: metavar LIST (0-3,7)')
+    return problems
+
+
+def test_help_follows_the_vocabulary():
+    problems = []
+    for name, command in {**_top_level_scripts(), **_bench_scripts()}.items():
+        problems += _vocabulary_problems(name, command)
+    for path in sorted(glob.glob(os.path.join(ROOT, 'bench', '*.py'))):  # argparse benches build parsers in main()
+        text = open(path, encoding='utf-8').read()
+        for word, use in [("add_argument('--out'", 'add_json_argument'), ("action='store_true'", 'add_bool_argument')]:
+            if word in text:
+                problems.append(f'bench/{os.path.basename(path)}: {word}: use training.cli.{use}')
+    assert not problems, 'options that break docs/cli.md\'s vocabulary:\n' + '\n'.join(problems)
+
+
+def test_vocabulary_checks_catch_the_old_words():
+    @click.command()
+    @click.option('--out', type=str, metavar='PATH')
+    @click.option('--gpus', type=click.IntRange(min=1))
+    @click.option('--fast/--no-fast')
+    @click.option('--subset', type=click.Choice(['a', 'b']))
+    @click.option('--quick', is_flag=True)
+    def old(out, gpus, fast, subset, quick):
+        pass
+    text = '\n'.join(_vocabulary_problems('old.py', old))
+    assert '--out: use --outdir' in text and 'INTEGER RANGE' in text and '--no-fast' in text and '--subset' in text
+    assert 'training.cli.PATH' in text and '--quick: a switch' in text
+
+
+def test_shared_option_helpers():
+    @click.command()
+    @cli.seeds_option()
+    @cli.outdir_option()
+    @cli.json_option(default='r.json')
+    @cli.progress_options
+    def new(seeds, outdir, json_path, progress):
+        click.echo(repr((seeds, outdir, json_path, progress)))
+    runner = CliRunner()
+    res = runner.invoke(new, ['--seeds', '0-2,7', '--outdir=~/o', '--no-progress'])
+    assert res.output.strip() == repr(([0, 1, 2, 7], os.path.expanduser('~/o'), 'r.json', False)), res.output
+    res = runner.invoke(new, ['--seeds', '1', '--outdir', 'o', '--out', 'old.json', '--progress=1'])  # hidden alias
+    assert res.output.strip() == repr(([1], 'o', 'old.json', True)), res.output
+    res = runner.invoke(new, ['--seeds', '3-1', '--outdir', 'o'])
+    assert res.exit_code == 2 and "'--seeds'" in res.output and 'ends before it starts' in res.output
+    helptext = runner.invoke(new, ['--help']).output
+    assert '--out ' not in helptext and '--json PATH' in helptext and '--seeds LIST' in helptext
+    assert not _vocabulary_problems('new.py', new)
+
+
+# ----------------------------------------------------------------------------
+# Messages that suggest an option suggest one that works (issue 21).
+
+def test_fold_error_never_suggests_folds_that_fail_again():
+    from mri.downstream.data import SegmentationError, make_folds
+    with pytest.raises(SegmentationError) as info:
+        make_folds(['case0'], 2, seed=0)
+    assert '--folds 2' in str(info.value) and 'at least 2' in str(info.value) and 'use --folds' not in str(info.value)
+    with pytest.raises(SegmentationError, match=r'use --folds 3 or more cases'):
+        make_folds(['a', 'b', 'c'], 5, seed=0)
+    assert len(make_folds(['a', 'b', 'c'], 3, seed=0)) == 3
+
+
+def test_downloaded_archive_is_removed_after_extraction_or_kept_on_request(tmp_path, capsys):
+    import zipfile
+    from mri.sources import download
+    src = tmp_path / 'src' / 'BraTS-SSA-00000-000'
+    src.mkdir(parents=True)
+    (src / 'BraTS-SSA-00000-000-t1n.nii.gz').write_bytes(b'not really nifti')
+    pack = tmp_path / 'BraTS-Africa.zip'
+    with zipfile.ZipFile(pack, 'w') as z:
+        z.write(src / 'BraTS-SSA-00000-000-t1n.nii.gz', 'BraTS-SSA-00000-000/BraTS-SSA-00000-000-t1n.nii.gz')
+    root = download.resolve_brats_africa(tmp_path / 'africa', download=pack.as_uri(), progress=False, environ={})
+    assert (root / 'BraTS-SSA-00000-000' / 'BraTS-SSA-00000-000-t1n.nii.gz').is_file()
+    assert not (tmp_path / '.africa-download').exists() and pack.is_file()  # Ours removed; the user's own file kept.
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert 'removed the downloaded archive BraTS-Africa.zip' in line
+    root = download.resolve_brats_africa(tmp_path / 'kept', download=str(pack), progress=False, environ={},
+                                         keep_download=True)
+    assert (tmp_path / '.kept-download' / 'BraTS-Africa.zip').is_file()
+    line, = capsys.readouterr().err.strip().splitlines()
+    assert 'kept the downloaded archive' in line and '.kept-download' in line

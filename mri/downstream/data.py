@@ -101,9 +101,12 @@ def make_folds(case_ids: list, folds: int, seed: int, what: str = 'the archive')
     case_ids = sorted(case_ids)
     if folds < 2:
         raise SegmentationError(f'--folds {folds}: cross-validation needs at least 2 folds')
+    if len(case_ids) < 2:  # No number of folds fits: say what to add, not a --folds that fails again.
+        raise SegmentationError(f'--folds {folds}: {what} has {len(case_ids)} case(s); cross-validation by case needs '
+                                f'at least 2 (convert more cases)')
     if len(case_ids) < folds:
         raise SegmentationError(f'--folds {folds}: {what} has only {len(case_ids)} cases; every fold needs at '
-                                f'least one test case (use --folds {max(len(case_ids), 2)} or more cases)')
+                                f'least one test case (use --folds {len(case_ids)} or more cases)')
     order = np.random.RandomState(seed).permutation(len(case_ids))
     return [sorted(case_ids[i] for i in part) for part in np.array_split(order, folds)]
 

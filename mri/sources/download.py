@@ -8,7 +8,8 @@ named BraTS-SSA-XXXXX-000 holding -t1n, -t1c, -t2w, -t2f and -seg .nii.gz files 
 TCIA requires accepting its data-usage terms, so the collection is not fetched behind the user's back: the source
 word `brats-africa` resolves to `--brats-root` or `$BRATS_AFRICA_DIR`; `--download URL` (a direct link to an
 archive of the collection that the user obtained) fetches it with HTTP Range resumption and a sha256 check, then
-extracts it.
+extracts it. The downloaded archive is our own intermediate file (a hidden folder beside the collection): after a
+successful extraction it is removed, or kept with ``keep_download=True``; one line says which, and where.
 """
 
 import hashlib
@@ -52,6 +53,7 @@ def resolve_brats_africa(
     sha256=None,            # expected hex digest of the archive
     progress=True,
     environ=None,           # for tests; defaults to os.environ
+    keep_download=False,    # keep the fetched archive after extracting it (else it is removed)
 ):
     """Returns the folder that holds the BraTS-Africa cases. Raises NotFound with the how-to-get message."""
     environ = os.environ if environ is None else environ
@@ -62,9 +64,25 @@ def resolve_brats_africa(
     if download and not _has_nifti(root):
         archive_path = fetch(download, root.parent / f'.{root.name}-download', sha256=sha256, progress=progress)
         extract(archive_path, root)
+        _after_extraction(Path(archive_path), root, keep_download)
     if not root.is_dir() or not _has_nifti(root):
         raise NotFound(f'{root}: no .nii/.nii.gz files there. ' + HOW_TO_GET)
     return root
+
+
+def _after_extraction(archive_path, root, keep):
+    """Remove the fetched archive (a copy of what is now extracted) unless kept; one line either way."""
+    size = f'{archive_path.stat().st_size / 2**30:.2f} GiB'
+    if keep:
+        print(f'extracted into {root}; kept the downloaded archive {archive_path} ({size})', file=sys.stderr)
+        return
+    archive_path.unlink()
+    try:
+        archive_path.parent.rmdir()  # The hidden download folder, when nothing else is in it.
+    except OSError:
+        pass
+    print(f'extracted into {root}; removed the downloaded archive {archive_path.name} ({size}), a copy of what is '
+          f'now extracted', file=sys.stderr)
 
 
 def _has_nifti(root):
