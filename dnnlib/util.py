@@ -16,6 +16,8 @@ import time
 import urllib.parse
 from typing import Any
 
+from .script import as_disk_full
+
 
 class EasyDict(dict):
     """A dict whose keys can also be read and written as attributes."""
@@ -147,8 +149,10 @@ class ProgressBar:
 def atomic_output(path: str, suffix: str = ''):
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error it is removed.
 
-    A killed or failing writer never leaves a half-written file under the real name.
-    ``suffix`` keeps an extension that a writer looks at (e.g. '.png', '.nii.gz').
+    A killed or failing writer never leaves a half-written file under the real name; a killed one (SIGKILL) can
+    leave the ``.tmp-*`` file, which the next owner of the folder removes (training.checkpoint.RunLock).
+    ``suffix`` keeps an extension that a writer looks at (e.g. '.png', '.nii.gz'). A full disk while writing
+    raises ``DiskFullError`` naming ``path`` (one line), not the writer's chain of follow-up errors.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -161,9 +165,12 @@ def atomic_output(path: str, suffix: str = ''):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = as_disk_full(err, path) if isinstance(err, Exception) else None
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full is not None:
+            raise full from None
         raise
 
 
