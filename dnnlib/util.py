@@ -16,7 +16,7 @@ import time
 import urllib.parse
 from typing import Any
 
-from .script import as_disk_full
+from .script import DiskFullError, as_disk_full
 
 
 class EasyDict(dict):
@@ -167,6 +167,8 @@ def atomic_output(path: str, suffix: str = ''):
         os.replace(tmp, path)
     except BaseException as err:
         full = as_disk_full(err, path) if isinstance(err, Exception) else None
+        if full is not None and full.path == tmp:  # Named by a writer that saw only the temporary name.
+            full = DiskFullError(path)
         if os.path.exists(tmp):
             os.remove(tmp)
         if full is not None:

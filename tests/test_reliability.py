@@ -76,3 +76,85 @@ def test_calc_metrics_keeps_finished_metrics_when_a_later_one_fails(snap, tmp_pa
     assert result.exit_code != 0 and 'Traceback' not in result.output, result.output
     assert '"metric": "msssim_div"' in result.output
     assert (run / 'metric-msssim_div.jsonl').is_file() and not (run / 'metric-mask_dice.jsonl').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disk full (issue 20, item 8).
+
+class _FakeSource:
+    """What ensure_pool needs of a generator: a path (for the pool's record), psi and sample(first, count)."""
+
+    def __init__(self, path):
+        self.path, self.psi = path, 1.0
+
+    def sample(self, first, count):
+        import numpy as np
+        return np.full((count, 2, 8, 8), first, np.uint16), np.zeros((count, 8, 8), np.uint8)
+
+
+def test_full_disk_while_making_a_pool_is_one_error_and_leaves_no_temps(tmp_path, monkeypatch):
+    """calc_segmentation's pools were sparse memmaps: a full disk killed the run with SIGBUS (no message) and left
+    '.tmp-*.npy'. The space is now allocated first: ENOSPC is a DiskFullError naming the pool, and nothing stays."""
+    import errno
+    import numpy as np
+    from mri.downstream import data
+    (tmp_path / 'G.pt').write_bytes(b'x')
+    pool_dir = tmp_path / 'synthetic'
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    with monkeypatch.context() as m:
+        m.setattr(os, 'posix_fallocate', full, raising=False)
+        with pytest.raises(dnnlib.DiskFullError, match='No space left on device while writing .*pool0-images.npy'):
+            data.ensure_pool(_FakeSource(str(tmp_path / 'G.pt')), 40, str(pool_dir), 'pool0', batch=16, progress=False)
+    assert os.listdir(pool_dir) == []
+    images, labels = data.ensure_pool(_FakeSource(str(tmp_path / 'G.pt')), 40, str(pool_dir), 'pool0', batch=16,
+                                      progress=False)
+    assert np.load(images)[33, 0, 0, 0] == 32 and np.load(labels).shape == (40, 8, 8)
+
+
+def test_open_npy_for_writing_allocates_the_whole_file(tmp_path):
+    from mri.downstream.data import open_npy_for_writing
+    path = str(tmp_path / 'a.npy')
+    array = open_npy_for_writing(path, 'uint16', (3, 64, 64))
+    array[2] = 7
+    array.flush()
+    del array
+    assert os.stat(path).st_blocks * 512 >= 3 * 64 * 64 * 2  # Allocated, not sparse.
+    import numpy as np
+    assert np.load(path)[2].max() == 7
+
+
+def test_atomic_output_names_the_file_on_a_full_disk(tmp_path):
+    """torch.save reports ENOSPC as a chain of RuntimeErrors; any write error chained to ENOSPC is one DiskFullError."""
+    import errno
+    target = str(tmp_path / 'out.bin')
+    with pytest.raises(dnnlib.DiskFullError) as info:
+        with dnnlib.atomic_output(target) as tmp:
+            try:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            except OSError:
+                raise RuntimeError('unexpected pos 339456 vs 339344')
+    assert str(info.value) == f'No space left on device while writing {target}'
+    assert info.value.__suppress_context__ and os.listdir(tmp_path) == []
+    assert dnnlib.disk_full_message(ValueError('x')) is None
+
+
+def test_run_lock_removes_killed_writers_temps_in_the_named_subfolders(tmp_path):
+    """SIGKILL during an atomic write leaves its '.tmp-*' (0 bytes for a snapshot); the next holder of the lock
+    removes them, in the folder and the subfolders a job writes into, and nothing else."""
+    from training.checkpoint import RunDirBusy, RunLock
+    (tmp_path / 'synthetic').mkdir()
+    for name in ('.tmp-abc.pt', 'synthetic/.tmp-x.npy', 'keep.txt', 'synthetic/pool0-images.npy'):
+        (tmp_path / name).write_bytes(b'')
+    with RunLock(str(tmp_path), temp_dirs=('synthetic', 'checkpoints'), doing='evaluating into this outdir'):
+        assert sorted(os.listdir(tmp_path)) == ['keep.txt', 'run.lock', 'synthetic']
+        assert os.listdir(tmp_path / 'synthetic') == ['pool0-images.npy']
+        import subprocess
+        import sys
+        probe = ('import sys; from training.checkpoint import RunLock\n'
+                 f'RunLock({str(tmp_path)!r}, doing="evaluating into this outdir").__enter__()')
+        res = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert f'another process (PID {os.getpid()}) is evaluating into this outdir' in res.stderr
+        assert RunDirBusy.__name__ in res.stderr
