@@ -5,6 +5,8 @@ from .util import (  # noqa: F401
     EasyDict,
     atomic_output,
     DownloadError,
+    LockBusy,
+    PidLock,
     ProgressBar,
     call_func_by_name,
     construct_class_by_name,

@@ -176,6 +176,57 @@ def atomic_output(path: str, suffix: str = ''):
         raise
 
 
+class LockBusy(RuntimeError):
+    """Another live process holds the lock; ``pid`` is what it wrote in the lock file ('unknown' if nothing)."""
+
+    def __init__(self, path: str, pid: str):
+        super().__init__(f'{path}: held by PID {pid}')
+        self.path, self.pid = path, pid
+
+
+class PidLock:
+    """An exclusive ``fcntl.flock`` on the file ``path`` holding the owner's PID, for jobs that must not run twice
+    on one output (two dataset_tool.py runs to one --dest). The kernel drops the flock when its process ends,
+    however it ends, so the lock of a dead process (SIGKILL) is taken over without a word; a live holder makes
+    ``__enter__`` raise LockBusy at once (never waits). The file is removed on release, and a lock taken on a
+    file that another process removed meanwhile is taken again on the new one, so two holders never coexist."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
+                os.close(fd)
+                raise LockBusy(self.path, holder) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # Its holder removed the file as we opened it: lock the one at the path now.
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            try:
+                os.remove(self.path)  # Still holding the flock: nobody else owns this file.
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
 def make_cache_dir_path(*paths: str) -> str:
     """``$MRI_GAN_CACHE`` if set, else ``~/.cache/mri_gan`` (or a temp dir without a home)."""
     root = os.environ.get('MRI_GAN_CACHE')

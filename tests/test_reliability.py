@@ -158,3 +158,162 @@ def test_run_lock_removes_killed_writers_temps_in_the_named_subfolders(tmp_path)
                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         assert f'another process (PID {os.getpid()}) is evaluating into this outdir' in res.stderr
         assert RunDirBusy.__name__ in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two dataset_tool.py runs to one --dest (issue 20, item 4).
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _dataset_tool(dest, *extra, wait=True):
+    import subprocess
+    import sys
+    args = [sys.executable, 'dataset_tool.py', '--source', 'phantom', '--phantom-cases', '2', '--resolution', '32',
+            '--planes', 'axial', '--dest', str(dest), '--no-progress', *extra]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_dataset_tool_to_one_dest_is_refused(tmp_path):
+    """Both used to say "wrote" (the later archive replacing the earlier). The first is frozen (SIGSTOP) once it
+    holds the destination's lock, so the second surely meets it running."""
+    import signal
+    import time
+    import zipfile
+    dest = tmp_path / 'd.zip'
+    first = _dataset_tool(dest, wait=False)
+    lock = tmp_path / '.d.zip.lock'
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = _dataset_tool(dest, '--overwrite')
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert second.returncode == 1 and 'Traceback' not in second.stderr, second.stderr
+    assert second.stderr.strip().splitlines() == [f'Error: {dest}: another dataset_tool.py (PID {first.pid}) is '
+                                                  f'writing this --dest; wait for it to finish, or stop it first']
+    assert first.returncode == 0 and 'wrote' in out, err
+    with zipfile.ZipFile(dest) as z:
+        assert 'dataset.json' in z.namelist()
+    assert not lock.exists()
+
+
+def test_a_dead_runs_lock_and_temporaries_beside_dest_are_taken_over(tmp_path):
+    """A lock file of a killed run (its PID, no flock) is taken over; its temporary archive and spool go, the
+    '.old-' of an interrupted replacement (maybe the only copy of the previous archive) stays."""
+    dest = tmp_path / 'd.zip'
+    (tmp_path / '.d.zip.lock').write_text('999999\n')
+    (tmp_path / '.d.zip.abcd1234.tmp').write_bytes(b'PK half')
+    (tmp_path / '.d.zip.abcd1234.spool').mkdir()
+    (tmp_path / '.d.zip.old-77').write_bytes(b'previous')
+    res = _dataset_tool(dest)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(tmp_path)) == ['.d.zip.old-77', 'd.zip']
+
+
+def test_dest_lock_held_in_this_process_names_it(tmp_path):
+    """The lock is the kernel's (flock): held by a live process, the refusal names that process."""
+    from mri.sources import convert
+    dest = tmp_path / 'sub' / 'd.zip'
+    with convert.locked_dest(dest):
+        with pytest.raises(convert.ConversionError, match=f'another dataset_tool.py \\(PID {os.getpid()}\\)'):
+            with convert.locked_dest(dest):
+                pass
+    assert not (tmp_path / 'sub').exists()  # Made for the lock only; nothing was written.
+
+
+def test_disk_full_with_workers_is_one_line(tmp_path, monkeypatch):
+    """A worker's spool write on a full disk crossed the pool as a RemoteTraceback; now one line naming --dest."""
+    import errno
+    from click.testing import CliRunner
+    import builtins
+    import dataset_tool
+    from mri.sources import convert
+    real_open = builtins.open
+
+    def open_full(path, mode='r', *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith('.bin') and '.spool' in str(path):
+            def write(data):
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            f.write = write
+        return f
+    monkeypatch.setattr(builtins, 'open', open_full)  # Forked workers inherit it.
+    monkeypatch.setattr(convert.os, 'cpu_count', lambda: 2)
+    dest = tmp_path / 'd.zip'
+    result = CliRunner().invoke(dataset_tool.main, ['--source', 'phantom', '--phantom-cases', '2', '--resolution', '32',
+                                                    '--planes', 'axial', '--workers', '2', '--dest', str(dest),
+                                                    '--no-progress'])
+    assert result.exit_code == 1 and 'Traceback' not in result.output, result.output
+    assert f'Error: No space left on device while writing {dest}; nothing was written' in result.output
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM while a script imports (issue 20, item 9).
+
+def _signal_while_importing(script, sig):
+    """Start ``script --help`` with -X importtime (each finished import is a line on stderr), send ``sig`` as soon
+    as click has been imported (after dnnlib's handler is in place, before torch and the project's modules),
+    and return (returncode, the stderr lines that are not import timings)."""
+    import signal  # noqa: F401
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, '-X', 'importtime', script, '--help'], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith('import time:') and line.rstrip().endswith('| click'):
+            proc.send_signal(sig)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    other = [ln for ln in (''.join(lines) + rest).splitlines() if not ln.startswith('import time:')]
+    return proc.returncode, [ln for ln in other if ln.strip()]
+
+
+@pytest.mark.parametrize('script', ['train.py', 'dataset_tool.py', 'calc_segmentation.py'])
+def test_ctrl_c_while_importing_is_one_line(script):
+    import signal
+    code, lines = _signal_while_importing(script, signal.SIGINT)
+    assert (code, lines) == (130, ['Interrupted']), lines
+
+
+def test_sigterm_while_importing_is_treated_like_ctrl_c():
+    import signal
+    code, lines = _signal_while_importing('train.py', signal.SIGTERM)
+    assert (code, lines) == (143, ['Interrupted (SIGTERM)']), lines
+
+
+def test_run_cli_turns_click_aborted_into_interrupted(capsys, monkeypatch):
+    """After the imports, a Ctrl-C that reaches click was "Aborted!" and exit 1; run_cli makes it the same line and
+    code as during the imports. Click errors keep their own line and code."""
+    import atexit
+    import click
+    import dnnlib.script as script
+
+    @click.command()
+    @click.option('--fail', is_flag=True)
+    def cmd(fail):
+        if fail:
+            raise click.UsageError('--fail: no')
+        raise KeyboardInterrupt
+
+    def fake_exit(code):  # os._exit would end the test runner
+        raise SystemExit(('os._exit', code))
+    monkeypatch.setattr(script.os, '_exit', fake_exit)
+    monkeypatch.setattr(atexit, '_run_exitfuncs', lambda: None)
+    with pytest.raises(SystemExit) as info:
+        dnnlib.run_cli(cmd, args=[])
+    assert info.value.code == ('os._exit', 130)
+    assert capsys.readouterr().err.strip().splitlines() == ['Interrupted']
+    with pytest.raises(SystemExit) as info:
+        dnnlib.run_cli(cmd, args=['--fail'])
+    assert info.value.code == 2 and 'Error: --fail: no' in capsys.readouterr().err
