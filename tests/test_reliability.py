@@ -317,3 +317,20 @@ def test_run_cli_turns_click_aborted_into_interrupted(capsys, monkeypatch):
     with pytest.raises(SystemExit) as info:
         dnnlib.run_cli(cmd, args=['--fail'])
     assert info.value.code == 2 and 'Error: --fail: no' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stress_quick_reports_no_failure(tmp_path):
+    """bench/stress.py --quick: one or two cases of every fault class of the audit, 0 failures (disk_full skipped,
+    with its reason, where user namespaces are off)."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / 'stress.json'
+    res = subprocess.run([sys.executable, 'bench/stress.py', '--quick', '--out', str(out)], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report['total']['failed'] == 0 and report['total']['passed'] >= 6
+    assert set(report['classes']) == {'bad_inputs', 'signals', 'concurrent', 'disk_full', 'interrupts'}
+    assert 'failed' in res.stdout.splitlines()[-1 - len(report['classes']) - 1]  # The table's header.
