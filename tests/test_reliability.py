@@ -334,3 +334,25 @@ def test_stress_quick_reports_no_failure(tmp_path):
     assert report['total']['failed'] == 0 and report['total']['passed'] >= 6
     assert set(report['classes']) == {'bad_inputs', 'signals', 'concurrent', 'disk_full', 'interrupts'}
     assert 'failed' in res.stdout.splitlines()[-1 - len(report['classes']) - 1]  # The table's header.
+
+
+def test_bench_archive_codec_runs_at_a_tiny_size(tmp_path):
+    """bench/bench_archive_codec.py on one tiny phantom case at 32^2: every form decodes to the stored pixels (the
+    bench checks it), blosc2 rows only where blosc2 imports; an absent case is skipped in one line."""
+    import json
+    import subprocess
+    import sys
+    from mri.sources.phantom import write_phantom_cases
+    write_phantom_cases(str(tmp_path / 'cases'), 1, seed=0, shape=(40, 40, 28), progress=False)
+    (case,) = (tmp_path / 'cases').iterdir()
+    out = tmp_path / 'codec.json'
+    res = subprocess.run([sys.executable, 'bench/bench_archive_codec.py', '--case', str(case), '--resolution', '32',
+                          '--repeats', '1', '--deflate-levels', '1', '--workdir', str(tmp_path / 'w'), '--out', str(out)],
+                         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r['form']: r for r in json.loads(out.read_text())['rows']}
+    assert rows['stored']['bytes_vs_stored'] == 1 and rows['deflate (level 1)']['bytes_vs_stored'] < 1
+    assert rows['stored']['members'] == rows['deflate (level 1)']['members'] > 0
+    res = subprocess.run([sys.executable, 'bench/bench_archive_codec.py', '--case', str(tmp_path / 'absent')],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith('skipped:'), res.stdout
