@@ -25,7 +25,8 @@ import sys
 
 import dnnlib
 
-dnnlib.exit_on_interrupt()  # Before the heavy imports: Ctrl-C or SIGTERM while torch loads is one line, exit 130/143.
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
 
 import click  # noqa: E402
 

@@ -17,7 +17,8 @@ import traceback
 
 import dnnlib
 
-dnnlib.exit_on_interrupt()  # Before the heavy imports: Ctrl-C or SIGTERM while torch loads is one line, exit 130/143.
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
 
 import click  # noqa: E402
 
@@ -44,7 +45,10 @@ class Logger:
         self.reserve = os.path.join(os.path.dirname(file_name), '.tmp-log-reserve')  # '.tmp-': a later RunLock removes it.
         try:
             with open(self.reserve, 'wb') as f:
-                os.posix_fallocate(f.fileno(), 0, LOG_RESERVE) if hasattr(os, 'posix_fallocate') else f.write(bytes(LOG_RESERVE))
+                if hasattr(os, 'posix_fallocate'):
+                    os.posix_fallocate(f.fileno(), 0, LOG_RESERVE)
+                else:
+                    f.write(bytes(LOG_RESERVE))
         except OSError:
             self.free_reserve()  # Already full: the crash record is written as far as it fits.
         self.stdout, self.stderr = sys.stdout, sys.stderr

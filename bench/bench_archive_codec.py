@@ -11,7 +11,8 @@ and each member's .npy bytes are re-encoded here into the other forms (deflate a
 ``--compress-level`` writes it: a standard deflated zip member; blosc2: the .npy header, then one blosc2 chunk
 of the pixels, as a stored member). Loading is timed as a DataLoader worker does it, in one thread: read the
 member from the zip, decode into a fresh array (stored and deflate through training.dataset's reader). Each form
-is read ``--repeats`` times from a warm page cache and the best pass counts. blosc2 is optional (skipped with
+is read ``--repeats`` times from a warm page cache and the best pass counts, by the wall clock and by the
+process's CPU time (the figure to compare on a shared machine). blosc2 is optional (skipped with
 the reason where it does not import); it is not a dependency of the project.
 
     OMP_NUM_THREADS=1 python bench/bench_archive_codec.py --out archive_codec.json
@@ -102,9 +103,10 @@ def write_forms(stored: Path, folder: Path, deflate_levels, blosc2) -> dict:
 
 
 def load_all(path: Path, kind: str, blosc2) -> tuple:
-    """Read and decode every .npy member once, as a DataLoader worker does; returns (members, seconds, checksum)."""
+    """Read and decode every .npy member once, as a DataLoader worker does; returns (members, wall seconds, CPU
+    seconds, checksum of the pixels)."""
     from training.dataset import _read_npy
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     total = 0
     count = 0
     with zipfile.ZipFile(path) as z:
@@ -122,7 +124,7 @@ def load_all(path: Path, kind: str, blosc2) -> tuple:
                     blosc2.decompress2(f.read(), dst=array)
             total += int(array[..., ::97].sum(dtype=np.int64))
             count += 1
-    return count, time.perf_counter() - t0, total
+    return count, time.perf_counter() - t0, time.process_time() - c0, total
 
 
 @click.command()
@@ -156,28 +158,33 @@ def main(case, resolution, deflate_levels, repeats, workdir, out):
         rows = []
         reference = None
         for name, (path, kind) in forms.items():
-            best = None
+            best = cpu = None
             for _ in range(repeats):
-                count, seconds, total = load_all(path, kind, blosc2)
+                count, seconds, cpu_seconds, total = load_all(path, kind, blosc2)
                 best = seconds if best is None else min(best, seconds)
+                cpu = cpu_seconds if cpu is None else min(cpu, cpu_seconds)
             reference = total if reference is None else reference
             if total != reference:
                 raise click.ClickException(f'{name}: decoded pixels differ from the stored archive')
             rows.append(dict(form=name, bytes=path.stat().st_size, members=count, seconds=round(best, 3),
-                             members_per_s=round(count / best, 1), mb_per_s=round(path.stat().st_size / best / 1e6, 1)))
+                             cpu_seconds=round(cpu, 3), members_per_s=round(count / best, 1),
+                             members_per_cpu_s=round(count / cpu, 1)))
     finally:
         if workdir is None:
             shutil.rmtree(root, ignore_errors=True)
     base = rows[0]
     print(f'{case.name}: all modalities + seg, {resolution}^2 slices, {base["members"]} .npy members; '
           f'{blosc2_note}; stored archive built in {build:.0f} s, other forms encoded in {encode:.0f} s')
-    print(f'{"form":<34} {"MB":>8} {"x stored":>9} {"members/s":>10} {"x stored":>9}')
+    print(f'{"form":<34} {"MB":>8} {"x stored":>9} {"members/s":>10} {"x stored":>9} {"per CPU s":>10} {"x stored":>9}')
     for r in rows:
         r['bytes_vs_stored'] = round(r['bytes'] / base['bytes'], 3)
         r['rate_vs_stored'] = round(r['members_per_s'] / base['members_per_s'], 2)
+        r['cpu_rate_vs_stored'] = round(r['members_per_cpu_s'] / base['members_per_cpu_s'], 2)
         print(f'{r["form"]:<34} {r["bytes"] / 1e6:>8.1f} {r["bytes_vs_stored"]:>9.3f} {r["members_per_s"]:>10.1f} '
-              f'{r["rate_vs_stored"]:>9.2f}')
-    wins = [r['form'] for r in rows[1:] if r['bytes_vs_stored'] <= 1 / 3 and r['rate_vs_stored'] >= 1.0]
+              f'{r["rate_vs_stored"]:>9.2f} {r["members_per_cpu_s"]:>10.1f} {r["cpu_rate_vs_stored"]:>9.2f}')
+    # Loading no slower by both clocks: the wall clock on a shared machine moves with the other jobs' load.
+    wins = [r['form'] for r in rows[1:] if r['bytes_vs_stored'] <= 1 / 3 and r['rate_vs_stored'] >= 1.0
+            and r['cpu_rate_vs_stored'] >= 1.0]
     print(f'<= 1/3 of the bytes with loading no slower: {", ".join(wins) if wins else "none"}')
     if out:
         Path(out).write_text(json.dumps(dict(case=str(case), resolution=resolution, repeats=repeats, blosc2=blosc2_note,
