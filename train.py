@@ -82,9 +82,13 @@ class Logger:
     def close(self):
         sys.stdout, sys.stderr = self.stdout, self.stderr
         try:
+            if self.broken is not None:
+                # Lines the full disk refused may wait in the file's buffer; written now (space is free again)
+                # they would land after the crash record that log_crash appended. So the descriptor goes first.
+                os.close(self.file.fileno())
             self.file.close()
-        except OSError:
-            pass  # Lines the full disk refused; the crash record went in through log_crash.
+        except (OSError, ValueError):
+            pass
         self.free_reserve()
 
 
