@@ -177,5 +177,11 @@ def run_cli(command, args=None):
         if message is not None:
             sys.stderr.write(f'Error: {message}\n')
             sys.exit(DISK_FULL_EXIT)
+        if isinstance(err, BrokenPipeError):  # `script --help | head`: as click's own ending, quietly.
+            try:
+                sys.stdout = open(os.devnull, 'w')
+            except OSError:
+                pass
+            sys.exit(1)
         raise
     sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
