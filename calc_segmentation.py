@@ -19,16 +19,24 @@ Examples:
 A stopped run resumes from its finished folds when the same command is run again.
 """
 
+import contextlib
 import os
-import signal
 import sys
 
-import click
+import dnnlib
 
-from mri.downstream.data import SegmentationError
-from training.cli import PATH, bool_option
-from mri.downstream.model import ARCHS
-from mri.downstream.protocol import ARM_KINDS, default_config, run_protocol
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
+
+import click  # noqa: E402
+
+from mri.downstream.data import SegmentationError  # noqa: E402
+from training.cli import PATH, bool_option  # noqa: E402
+from mri.downstream.model import ARCHS  # noqa: E402
+from mri.downstream.protocol import ARM_KINDS, default_config, run_protocol  # noqa: E402
+
+# The outdir's subfolders that atomic writes go to; their '.tmp-*' files left by a killed run go at the next start.
+OUTDIR_TEMPS = ('synthetic', 'checkpoints', 'folds')
 
 
 def _split(value):
@@ -52,10 +60,6 @@ def _arms(_ctx, _param, value):
     if bad or not arms:
         raise click.BadParameter(f'expected some of {",".join(ARM_KINDS)}, got {value!r}')
     return arms
-
-
-def _sigterm_as_interrupt(_signum, _frame):
-    raise KeyboardInterrupt
 
 
 @click.command(help=__doc__)
@@ -96,16 +100,27 @@ def main(data, network, paint_network, outdir, folds, test_subset, arms, ratios,
                          arms=arms, ratios=ratios, pretrained=pretrained, arch=arch, features=features, levels=levels, steps=steps, batch=batch,
                          lr=lr, patch=patch, augment=augment, seed=seed, trunc=trunc, workers=workers, device=device,
                          progress=progress)
-    signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+    from training.checkpoint import RunDirBusy, RunLock
     try:
-        run_protocol(cfg)
-    except SegmentationError as err:
+        # A run to resume is locked (a second run into it is refused, a killed one's temporary files go); a new
+        # outdir is made by run_protocol only once every input has passed its checks, so it is not locked here.
+        lock = RunLock(outdir, temp_dirs=OUTDIR_TEMPS, doing='evaluating into this outdir',
+                       hint='wait for it to finish, or stop it (Ctrl-C / SIGTERM keeps its finished folds) first')
+        with (lock if os.path.isdir(outdir) else contextlib.nullcontext()):
+            run_protocol(cfg)
+    except (SegmentationError, RunDirBusy) as err:
         raise click.ClickException(str(err).splitlines()[0]) from None
-    except KeyboardInterrupt:
+    except OSError as err:
+        message = dnnlib.disk_full_message(err)
+        if message is None:
+            raise
+        raise click.ClickException(f'{message}; finished folds are kept in {outdir}: free some space and run the '
+                                   f'same command to resume') from None
+    except KeyboardInterrupt:  # SIGTERM too (dnnlib.exit_on_interrupt).
         click.echo(f'\ninterrupted; finished folds are kept in {outdir}: run the same command to resume', err=True)
-        sys.exit(130)
+        sys.exit(dnnlib.interrupt_exit_code())
     click.echo(f'wrote {outdir}/results.json, results.md, results.png')
 
 
 if __name__ == '__main__':
-    main()  # pylint: disable=no-value-for-parameter
+    dnnlib.run_cli(main)

@@ -18,11 +18,16 @@ import os
 import signal
 import sys
 
-import click
+import dnnlib
 
-from mri.sources import archive, brats, convert, preprocess
-from mri.sources import download as brats_africa
-from training.cli import PATH, bool_option, shape_problem
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
+
+import click  # noqa: E402
+
+from mri.sources import archive, brats, convert, preprocess  # noqa: E402
+from mri.sources import download as brats_africa  # noqa: E402
+from training.cli import PATH, bool_option, shape_problem  # noqa: E402
 
 
 def _parse_list(value, allowed, name, all_value=None):
@@ -145,6 +150,11 @@ def main(source, dest, kind, planes, resolution, volume_size, patch_size, patche
     except (brats.BratsError, convert.ConversionError, archive.ArchiveError, brats_africa.NotFound,
             brats_africa.DownloadError) as e:
         raise click.ClickException(str(e)) from None
+    except OSError as e:
+        message = dnnlib.disk_full_message(e, dest)
+        if message is None:
+            raise
+        raise click.ClickException(f'{message}; nothing was written (the temporary archive is removed)') from None
     except KeyboardInterrupt:
         # The writers' cleanup ran on the way out: no temporary archive, spool or phantom folder is left.
         click.echo(f'\n{"terminated (SIGTERM)" if terminated else "interrupted"}; nothing was written to {dest}',
@@ -220,4 +230,4 @@ def _sigterm_as_interrupt(flag):
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.run_cli(main)

@@ -9,68 +9,139 @@ Examples:
   torchrun --nproc_per_node 4 train.py --outdir runs --data slices.zip --gpus 4
 """
 
+import errno
 import json
 import os
 import sys
 import tempfile
 import traceback
 
-import click
-
 import dnnlib
-from training.cli import PATH, bool_option
-from training.config import (AUGPIPE_NAMES, CFG_SPECS, MID_RUN_OPTIONS, RANGES, check_metrics_ready, describe_run,
-                             next_run_dir, resume_run_config, save_options, setup_training_config)
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
+
+import click  # noqa: E402
+
+from training.cli import PATH, bool_option  # noqa: E402
+from training.config import (AUGPIPE_NAMES, CFG_SPECS, MID_RUN_OPTIONS, RANGES, check_metrics_ready,  # noqa: E402
+                             describe_run, next_run_dir, resume_run_config, save_options, setup_training_config)
+
+LOG_RESERVE = 64 << 10  # Bytes kept free beside log.txt for the crash record when the disk fills.
 
 
 class Logger:
     """Tee stdout/stderr into ``log.txt`` of the run dir (append, so a resumed run keeps its history).
 
-    Only rank 0 tees its output; a crash on any rank is appended by ``log_crash``.
+    Only rank 0 tees its output; a crash on any rank is appended by ``log_crash``. Lines reach the file as they
+    are printed. Beside it a hidden reserve file holds LOG_RESERVE bytes of the disk: when the disk fills, the
+    console keeps getting every line, the file stops taking them, and ``log_crash`` frees the reserve to write
+    the crash record, so that log.txt always ends with the error that stopped the run.
     """
 
     def __init__(self, file_name: str):
+        self.path = file_name
         self.file = open(file_name, 'a', buffering=1)  # Line-buffered: `tail -f` and other ranks' crash blocks see whole lines.
+        self.broken = None  # The OSError that stopped writes to the file (a full disk).
+        self.reserve = os.path.join(os.path.dirname(file_name), '.tmp-log-reserve')  # '.tmp-': a later RunLock removes it.
+        try:
+            with open(self.reserve, 'wb') as f:
+                if hasattr(os, 'posix_fallocate'):
+                    os.posix_fallocate(f.fileno(), 0, LOG_RESERVE)
+                else:
+                    f.write(bytes(LOG_RESERVE))
+        except OSError:
+            self.free_reserve()  # Already full: the crash record is written as far as it fits.
         self.stdout, self.stderr = sys.stdout, sys.stderr
         sys.stdout, sys.stderr = self, self
 
     def write(self, text):
-        self.file.write(text)
+        if self.broken is None:
+            try:
+                self.file.write(text)
+            except OSError as err:
+                self.broken = err  # The failing write is the run's business (it fails too); keep the console.
         self.stdout.write(text)
 
     def flush(self):
-        self.file.flush()
+        if self.broken is None:
+            try:
+                self.file.flush()
+            except OSError as err:
+                self.broken = err
         self.stdout.flush()
 
     def isatty(self):
         return False
 
+    def free_reserve(self):
+        try:
+            os.remove(self.reserve)
+        except OSError:
+            pass
+
     def close(self):
         sys.stdout, sys.stderr = self.stdout, self.stderr
-        self.file.close()
+        try:
+            if self.broken is not None:
+                # Lines the full disk refused may wait in the file's buffer; written now (space is free again)
+                # they would land after the crash record that log_crash appended. So the descriptor goes first.
+                os.close(self.file.fileno())
+            self.file.close()
+        except (OSError, ValueError):
+            pass
+        self.free_reserve()
+
+
+def crash_line(err: BaseException, run_dir: str = None):
+    """The one line that a known failure prints instead of a traceback (log.txt keeps the traceback), or None for
+    an unexpected error (a bug: its traceback is what a report needs). Known: a full disk, a damaged training
+    file (training.dataset.DatasetError, from a DataLoader worker too)."""
+    message = dnnlib.disk_full_message(err, os.path.join(run_dir, '') if run_dir else None)
+    if message is not None:
+        return message + (f'; free some space, then continue with --resume {run_dir}' if run_dir else '')
+    from training.dataset import DatasetError
+    if isinstance(err, DatasetError):
+        return str(err)
+    return None
 
 
 def log_crash(run_dir: str, rank: int, num_gpus: int, logger: Logger = None):
     """Append the exception being handled, with its full traceback, to ``log.txt`` of the run dir.
 
     For a cluster job that file is often the only record. Rank 0 writes through its logger (the file only:
-    the console gets the traceback when the exception leaves the process). Other ranks append one block
-    whose every line starts with ``[rank N]``, in a single write so blocks of several ranks never interleave.
-    Never raises: a failure to log must not hide the crash itself.
+    the console gets the traceback, or one line for a known failure, when the exception leaves the process).
+    Other ranks append one block whose every line starts with ``[rank N]``, in a single write so blocks of
+    several ranks never interleave. The block ends with the line the console gets. When the disk is full, the
+    logger's reserve is freed first and the block goes straight to the file. Never raises: a failure to log
+    must not hide the crash itself.
     """
     import time
+    err = sys.exc_info()[1]
     text = traceback.format_exc()
+    worker = getattr(err, 'worker_traceback', None)
+    if worker:
+        text += f'\nIn the DataLoader worker:\n{worker.rstrip()}\n'
+    line = crash_line(err, run_dir)
+    if line is not None:
+        text += f'Error: {line}\n'
     where = f' on rank {rank} of {num_gpus}' if num_gpus > 1 else ''
     block = f'\nTraining crashed{where} (pid {os.getpid()}, {time.strftime("%Y-%m-%d %H:%M:%S")}):\n{text}'
+    if logger is None:
+        block = ''.join(f'[rank {rank}] {ln}\n' for ln in block.strip('\n').splitlines())
     try:
         if logger is not None:
-            logger.file.write(block)
-            logger.file.flush()
-        elif os.path.isdir(run_dir):  # Under torchrun rank 0 may not have made the run dir yet.
-            data = ''.join(f'[rank {rank}] {line}\n' for line in block.strip('\n').splitlines()).encode()
+            full = logger.broken is not None and logger.broken.errno in (errno.ENOSPC, errno.EDQUOT)
+            if full or dnnlib.disk_full_message(err) is not None:
+                logger.free_reserve()
+                logger.broken = logger.broken or OSError(errno.ENOSPC, 'disk full')  # The text file may hold refused bytes.
+            if logger.broken is None:
+                logger.file.write(block)
+                logger.file.flush()
+                return
+        if os.path.isdir(run_dir):  # Under torchrun rank 0 may not have made the run dir yet.
             fd = os.open(os.path.join(run_dir, 'log.txt'), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, data)
+                os.write(fd, block.encode())
             finally:
                 os.close(fd)
     except OSError:
@@ -301,7 +372,12 @@ def main(**opts):
             launch_training(c)
     except checkpoint.RunDirBusy as err:
         raise click.UsageError(str(err)) from None
+    except Exception as err:  # noqa: BLE001 - a known failure is one line (log.txt has the traceback); others go up.
+        line = crash_line(err, c.run_dir)
+        if line is None:
+            raise
+        raise click.ClickException(line) from None
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.run_cli(main)

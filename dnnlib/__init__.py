@@ -1,9 +1,12 @@
-"""dnnlib: small utilities shared by every room of the project (config dicts, class lookup, downloads)."""
+"""dnnlib: small utilities shared by every room of the project (config dicts, class lookup, downloads, atomic
+writes, and how a script ends on Ctrl-C, SIGTERM or a full disk)."""
 
 from .util import (  # noqa: F401
     EasyDict,
     atomic_output,
     DownloadError,
+    LockBusy,
+    PidLock,
     ProgressBar,
     call_func_by_name,
     construct_class_by_name,
@@ -12,4 +15,11 @@ from .util import (  # noqa: F401
     make_cache_dir_path,
     open_url,
     parse_range,
+)
+from .script import (  # noqa: F401
+    DiskFullError,
+    disk_full_message,
+    exit_on_interrupt,
+    interrupt_exit_code,
+    run_cli,
 )

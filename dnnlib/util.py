@@ -16,6 +16,8 @@ import time
 import urllib.parse
 from typing import Any
 
+from .script import DiskFullError, as_disk_full
+
 
 class EasyDict(dict):
     """A dict whose keys can also be read and written as attributes."""
@@ -147,8 +149,10 @@ class ProgressBar:
 def atomic_output(path: str, suffix: str = ''):
     """Yield a temporary path beside ``path``; on success it replaces ``path``, on any error it is removed.
 
-    A killed or failing writer never leaves a half-written file under the real name.
-    ``suffix`` keeps an extension that a writer looks at (e.g. '.png', '.nii.gz').
+    A killed or failing writer never leaves a half-written file under the real name; a killed one (SIGKILL) can
+    leave the ``.tmp-*`` file, which the next owner of the folder removes (training.checkpoint.RunLock).
+    ``suffix`` keeps an extension that a writer looks at (e.g. '.png', '.nii.gz'). A full disk while writing
+    raises ``DiskFullError`` naming ``path`` (one line), not the writer's chain of follow-up errors.
     """
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -161,10 +165,66 @@ def atomic_output(path: str, suffix: str = ''):
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        full = as_disk_full(err, path) if isinstance(err, Exception) else None
+        if full is not None and full.path == tmp:  # Named by a writer that saw only the temporary name.
+            full = DiskFullError(path)
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full is not None:
+            raise full from None
         raise
+
+
+class LockBusy(RuntimeError):
+    """Another live process holds the lock; ``pid`` is what it wrote in the lock file ('unknown' if nothing)."""
+
+    def __init__(self, path: str, pid: str):
+        super().__init__(f'{path}: held by PID {pid}')
+        self.path, self.pid = path, pid
+
+
+class PidLock:
+    """An exclusive ``fcntl.flock`` on the file ``path`` holding the owner's PID, for jobs that must not run twice
+    on one output (two dataset_tool.py runs to one --dest). The kernel drops the flock when its process ends,
+    however it ends, so the lock of a dead process (SIGKILL) is taken over without a word; a live holder makes
+    ``__enter__`` raise LockBusy at once (never waits). The file is removed on release, and a lock taken on a
+    file that another process removed meanwhile is taken again on the new one, so two holders never coexist."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = None
+
+    def __enter__(self):
+        import fcntl
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
+                os.close(fd)
+                raise LockBusy(self.path, holder) from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # Its holder removed the file as we opened it: lock the one at the path now.
+        os.ftruncate(fd, 0)
+        os.write(fd, f'{os.getpid()}\n'.encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc):
+        if self.fd is not None:
+            try:
+                os.remove(self.path)  # Still holding the flock: nobody else owns this file.
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
 
 
 def make_cache_dir_path(*paths: str) -> str:

@@ -76,3 +76,120 @@ def test_crash_on_two_gloo_processes_logs_every_rank(tmp_path):
     assert rank1 and rank1[0].startswith('Training crashed on rank 1 of 2'), log[-3000:]
     assert 'Traceback (most recent call last):' in rank1
     assert any('unreadable image' in line for line in rank1)
+
+
+def _archive_with_a_corrupt_member(tmp_path, bad=5):
+    """A zip of deflated .npy members (dataset_tool's --compress-level 1-9 form) whose member ``bad`` has bytes
+    flipped near the end of its compressed data: its header reads (the checks before training pass), its pixels
+    fail to inflate or fail the CRC when a DataLoader worker loads it."""
+    import zipfile
+    root = make_png_folder(str(tmp_path / 'src'), n=16, res=64, num_classes=2, channels=2, bit16=True)  # > 4 KB deflated
+    path = str(tmp_path / 'deflated.zip')
+    with zipfile.ZipFile(path, 'w', compression=zipfile.ZIP_DEFLATED) as z:
+        for name in sorted(os.listdir(root)):
+            z.write(os.path.join(root, name), name)
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo(f'img{bad:04d}.npy')
+    with open(path, 'r+b') as f:
+        f.seek(info.header_offset + 26)
+        name_len, extra_len = int.from_bytes(f.read(2), 'little'), int.from_bytes(f.read(2), 'little')
+        start = info.header_offset + 30 + name_len + extra_len
+        f.seek(start + info.compress_size - 12)
+        flipped = bytes(b ^ 0x5A for b in f.read(8))
+        f.seek(start + info.compress_size - 12)
+        f.write(flipped)
+    return path, f'deflated.zip/img{bad:04d}.npy'
+
+
+def test_corrupt_member_met_by_a_dataloader_worker_is_one_line(tmp_path):
+    """docs/data.md: a member that cannot be decoded stops training with one line naming archive and member (the
+    default DataLoader workers read it: the error crosses from a worker), and log.txt holds it with the worker's
+    traceback."""
+    data, member = _archive_with_a_corrupt_member(tmp_path)
+    res = _train(data, str(tmp_path / 'runs'), '--kimg', '0.2')
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert 'Traceback' not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and member in errors[0] and 'unreadable image' in errors[0], res.stderr[-3000:]
+    (run,) = glob.glob(str(tmp_path / 'runs' / '*'))
+    log = open(os.path.join(run, 'log.txt')).read()
+    assert 'Training crashed' in log and log.rstrip().splitlines()[-1] == errors[0]
+
+
+def test_corrupt_member_crosses_from_a_worker_as_one_line(tmp_path):
+    """The reals grid may meet the member first (in the training process); here a DataLoader with workers, as the
+    loop builds it, meets it: the error reaching the training process is the worker's one line, and the worker's
+    traceback rides along for log.txt."""
+    import torch
+    from training.dataset import DatasetError, ImageFolderDataset
+    data, member = _archive_with_a_corrupt_member(tmp_path)
+    dataset = ImageFolderDataset(data)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=4, num_workers=2)
+    with pytest.raises(DatasetError) as info:
+        for _ in loader:
+            pass
+    assert str(info.value).endswith(f"{member}: unreadable image (Bad CRC-32 for file '{member.split('/')[-1]}')")
+    assert '\n' not in str(info.value)
+    assert 'DataLoader worker process' in info.value.worker_traceback
+
+
+def _tmpfs_available():
+    """unshare -rm (a user and mount namespace, no root needed) lets a test mount a tiny tmpfs: a real full disk."""
+    import shutil
+    if shutil.which('unshare') is None:
+        return False
+    probe = subprocess.run(['unshare', '-rm', 'sh', '-c', 'mount -t tmpfs -o size=64k tmpfs /mnt || exit 1'],
+                           capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+def test_disk_full_during_training_is_one_line_and_log_txt_holds_it(tmp_path):
+    """The disk fills at the first snapshot (a 600 KB tmpfs): one line on the console naming the snapshot, no
+    chained tracebacks, and log.txt ends with that line after the traceback (it was cut at 4096 bytes)."""
+    if not _tmpfs_available():
+        pytest.skip('no user namespaces here (unshare -rm): the monkeypatched test below covers the logic')
+    root = make_png_folder(str(tmp_path / 'src'), n=16, res=16, num_classes=2)
+    data = zip_folder(root, str(tmp_path / 'd.zip'))
+    mnt = tmp_path / 'small'
+    mnt.mkdir()
+    script = (f'mount -t tmpfs -o size=600k tmpfs {mnt} && {sys.executable} train.py --data {data} --outdir {mnt}/runs '
+              f'--kimg 0.1 --cbase 256 --cmax 16 --map-depth 1 --batch 4 --metrics none --device cpu --snap 1 '
+              f'--tick 0.02; rc=$?; cat {mnt}/runs/*/log.txt > {tmp_path}/log.txt; ls -a {mnt}/runs/* > {tmp_path}/ls; '
+              f'exit $rc')
+    res = subprocess.run(['unshare', '-rm', 'sh', '-c', script], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert 'Traceback' not in res.stderr, res.stderr[-3000:]
+    errors = [line for line in res.stderr.splitlines() if line.startswith('Error')]
+    assert len(errors) == 1 and 'No space left on device while writing' in errors[0], res.stderr[-3000:]
+    assert 'network-snapshot-' in errors[0] and '--resume' in errors[0]
+    log = (tmp_path / 'log.txt').read_text()
+    assert 'Traceback' in log and log.rstrip().splitlines()[-1] == errors[0]
+    assert '.tmp-' not in (tmp_path / 'ls').read_text()  # Neither the snapshot's temporary file nor the reserve.
+
+
+def test_logger_keeps_the_crash_record_when_the_disk_is_full(tmp_path, monkeypatch, capsys):
+    """The same without a tmpfs: log.txt's writes fail with ENOSPC from some point on; the reserve is given back
+    and the crash block reaches the file through a fresh descriptor."""
+    import errno
+    import dnnlib
+    import train
+    logger = train.Logger(str(tmp_path / 'log.txt'))
+    try:
+        assert os.path.getsize(tmp_path / '.tmp-log-reserve') == train.LOG_RESERVE
+        print('tick 0')
+
+        def full(text):
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        monkeypatch.setattr(logger.file, 'write', full)
+        print('tick 1')  # Refused by the file, still on the console.
+        try:
+            raise dnnlib.DiskFullError(str(tmp_path / 'network-snapshot-000000020.pt'))
+        except OSError:
+            train.log_crash(str(tmp_path), 0, 1, logger)
+    finally:
+        logger.close()
+    log = (tmp_path / 'log.txt').read_text()
+    assert log.startswith('tick 0\n') and 'tick 1' not in log and 'tick 1' in capsys.readouterr().out
+    assert log.rstrip().splitlines()[-1].startswith('Error: No space left on device while writing ')
+    assert not (tmp_path / '.tmp-log-reserve').exists()

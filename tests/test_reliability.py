@@ -76,3 +76,283 @@ def test_calc_metrics_keeps_finished_metrics_when_a_later_one_fails(snap, tmp_pa
     assert result.exit_code != 0 and 'Traceback' not in result.output, result.output
     assert '"metric": "msssim_div"' in result.output
     assert (run / 'metric-msssim_div.jsonl').is_file() and not (run / 'metric-mask_dice.jsonl').exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disk full (issue 20, item 8).
+
+class _FakeSource:
+    """What ensure_pool needs of a generator: a path (for the pool's record), psi and sample(first, count)."""
+
+    def __init__(self, path):
+        self.path, self.psi = path, 1.0
+
+    def sample(self, first, count):
+        import numpy as np
+        return np.full((count, 2, 8, 8), first, np.uint16), np.zeros((count, 8, 8), np.uint8)
+
+
+def test_full_disk_while_making_a_pool_is_one_error_and_leaves_no_temps(tmp_path, monkeypatch):
+    """calc_segmentation's pools were sparse memmaps: a full disk killed the run with SIGBUS (no message) and left
+    '.tmp-*.npy'. The space is now allocated first: ENOSPC is a DiskFullError naming the pool, and nothing stays."""
+    import errno
+    import numpy as np
+    from mri.downstream import data
+    (tmp_path / 'G.pt').write_bytes(b'x')
+    pool_dir = tmp_path / 'synthetic'
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    with monkeypatch.context() as m:
+        m.setattr(os, 'posix_fallocate', full, raising=False)
+        with pytest.raises(dnnlib.DiskFullError, match='No space left on device while writing .*pool0-images.npy'):
+            data.ensure_pool(_FakeSource(str(tmp_path / 'G.pt')), 40, str(pool_dir), 'pool0', batch=16, progress=False)
+    assert os.listdir(pool_dir) == []
+    images, labels = data.ensure_pool(_FakeSource(str(tmp_path / 'G.pt')), 40, str(pool_dir), 'pool0', batch=16,
+                                      progress=False)
+    assert np.load(images)[33, 0, 0, 0] == 32 and np.load(labels).shape == (40, 8, 8)
+
+
+def test_open_npy_for_writing_allocates_the_whole_file(tmp_path):
+    from mri.downstream.data import open_npy_for_writing
+    path = str(tmp_path / 'a.npy')
+    array = open_npy_for_writing(path, 'uint16', (3, 64, 64))
+    array[2] = 7
+    array.flush()
+    del array
+    assert os.stat(path).st_blocks * 512 >= 3 * 64 * 64 * 2  # Allocated, not sparse.
+    import numpy as np
+    assert np.load(path)[2].max() == 7
+
+
+def test_atomic_output_names_the_file_on_a_full_disk(tmp_path):
+    """torch.save reports ENOSPC as a chain of RuntimeErrors; any write error chained to ENOSPC is one DiskFullError."""
+    import errno
+    target = str(tmp_path / 'out.bin')
+    with pytest.raises(dnnlib.DiskFullError) as info:
+        with dnnlib.atomic_output(target) as tmp:
+            try:
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            except OSError:
+                raise RuntimeError('unexpected pos 339456 vs 339344')
+    assert str(info.value) == f'No space left on device while writing {target}'
+    assert info.value.__suppress_context__ and os.listdir(tmp_path) == []
+    assert dnnlib.disk_full_message(ValueError('x')) is None
+
+
+def test_run_lock_removes_killed_writers_temps_in_the_named_subfolders(tmp_path):
+    """SIGKILL during an atomic write leaves its '.tmp-*' (0 bytes for a snapshot); the next holder of the lock
+    removes them, in the folder and the subfolders a job writes into, and nothing else."""
+    from training.checkpoint import RunDirBusy, RunLock
+    (tmp_path / 'synthetic').mkdir()
+    for name in ('.tmp-abc.pt', 'synthetic/.tmp-x.npy', 'keep.txt', 'synthetic/pool0-images.npy'):
+        (tmp_path / name).write_bytes(b'')
+    with RunLock(str(tmp_path), temp_dirs=('synthetic', 'checkpoints'), doing='evaluating into this outdir'):
+        assert sorted(os.listdir(tmp_path)) == ['keep.txt', 'run.lock', 'synthetic']
+        assert os.listdir(tmp_path / 'synthetic') == ['pool0-images.npy']
+        import subprocess
+        import sys
+        probe = ('import sys; from training.checkpoint import RunLock\n'
+                 f'RunLock({str(tmp_path)!r}, doing="evaluating into this outdir").__enter__()')
+        res = subprocess.run([sys.executable, '-c', probe], capture_output=True, text=True,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        assert f'another process (PID {os.getpid()}) is evaluating into this outdir' in res.stderr
+        assert RunDirBusy.__name__ in res.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two dataset_tool.py runs to one --dest (issue 20, item 4).
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _dataset_tool(dest, *extra, wait=True):
+    import subprocess
+    import sys
+    args = [sys.executable, 'dataset_tool.py', '--source', 'phantom', '--phantom-cases', '2', '--resolution', '32',
+            '--planes', 'axial', '--dest', str(dest), '--no-progress', *extra]
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    if not wait:
+        return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.run(args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_second_dataset_tool_to_one_dest_is_refused(tmp_path):
+    """Both used to say "wrote" (the later archive replacing the earlier). The first is frozen (SIGSTOP) once it
+    holds the destination's lock, so the second surely meets it running."""
+    import signal
+    import time
+    import zipfile
+    dest = tmp_path / 'd.zip'
+    first = _dataset_tool(dest, wait=False)
+    lock = tmp_path / '.d.zip.lock'
+    deadline = time.time() + 120
+    while not (lock.exists() and lock.read_text().strip()) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = _dataset_tool(dest, '--overwrite')
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    out, err = first.communicate(timeout=300)
+    assert second.returncode == 1 and 'Traceback' not in second.stderr, second.stderr
+    assert second.stderr.strip().splitlines() == [f'Error: {dest}: another dataset_tool.py (PID {first.pid}) is '
+                                                  f'writing this --dest; wait for it to finish, or stop it first']
+    assert first.returncode == 0 and 'wrote' in out, err
+    with zipfile.ZipFile(dest) as z:
+        assert 'dataset.json' in z.namelist()
+    assert not lock.exists()
+
+
+def test_a_dead_runs_lock_and_temporaries_beside_dest_are_taken_over(tmp_path):
+    """A lock file of a killed run (its PID, no flock) is taken over; its temporary archive and spool go, the
+    '.old-' of an interrupted replacement (maybe the only copy of the previous archive) stays."""
+    dest = tmp_path / 'd.zip'
+    (tmp_path / '.d.zip.lock').write_text('999999\n')
+    (tmp_path / '.d.zip.abcd1234.tmp').write_bytes(b'PK half')
+    (tmp_path / '.d.zip.abcd1234.spool').mkdir()
+    (tmp_path / '.d.zip.old-77').write_bytes(b'previous')
+    res = _dataset_tool(dest)
+    assert res.returncode == 0, res.stderr
+    assert sorted(os.listdir(tmp_path)) == ['.d.zip.old-77', 'd.zip']
+
+
+def test_dest_lock_held_in_this_process_names_it(tmp_path):
+    """The lock is the kernel's (flock): held by a live process, the refusal names that process."""
+    from mri.sources import convert
+    dest = tmp_path / 'sub' / 'd.zip'
+    with convert.locked_dest(dest):
+        with pytest.raises(convert.ConversionError, match=f'another dataset_tool.py \\(PID {os.getpid()}\\)'):
+            with convert.locked_dest(dest):
+                pass
+    assert not (tmp_path / 'sub').exists()  # Made for the lock only; nothing was written.
+
+
+def test_disk_full_with_workers_is_one_line(tmp_path, monkeypatch):
+    """A worker's spool write on a full disk crossed the pool as a RemoteTraceback; now one line naming --dest."""
+    import errno
+    from click.testing import CliRunner
+    import builtins
+    import dataset_tool
+    from mri.sources import convert
+    real_open = builtins.open
+
+    def open_full(path, mode='r', *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        if str(path).endswith('.bin') and '.spool' in str(path):
+            def write(data):
+                raise OSError(errno.ENOSPC, 'No space left on device')
+            f.write = write
+        return f
+    monkeypatch.setattr(builtins, 'open', open_full)  # Forked workers inherit it.
+    monkeypatch.setattr(convert.os, 'cpu_count', lambda: 2)
+    dest = tmp_path / 'd.zip'
+    result = CliRunner().invoke(dataset_tool.main, ['--source', 'phantom', '--phantom-cases', '2', '--resolution', '32',
+                                                    '--planes', 'axial', '--workers', '2', '--dest', str(dest),
+                                                    '--no-progress'])
+    assert result.exit_code == 1 and 'Traceback' not in result.output, result.output
+    assert f'Error: No space left on device while writing {dest}; nothing was written' in result.output
+    assert os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM while a script imports (issue 20, item 9).
+
+def _signal_while_importing(script, sig):
+    """Start ``script --help`` with -X importtime (each finished import is a line on stderr), send ``sig`` as soon
+    as click has been imported (after dnnlib's handler is in place, before torch and the project's modules),
+    and return (returncode, the stderr lines that are not import timings)."""
+    import signal  # noqa: F401
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, '-X', 'importtime', script, '--help'], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    lines = []
+    for line in proc.stderr:
+        lines.append(line)
+        if line.startswith('import time:') and line.rstrip().endswith('| click'):
+            proc.send_signal(sig)
+            break
+    rest = proc.stderr.read()
+    proc.wait(timeout=120)
+    other = [ln for ln in (''.join(lines) + rest).splitlines() if not ln.startswith('import time:')]
+    return proc.returncode, [ln for ln in other if ln.strip()]
+
+
+@pytest.mark.parametrize('script', ['train.py', 'dataset_tool.py', 'calc_segmentation.py'])
+def test_ctrl_c_while_importing_is_one_line(script):
+    import signal
+    code, lines = _signal_while_importing(script, signal.SIGINT)
+    assert (code, lines) == (130, ['Interrupted']), lines
+
+
+def test_sigterm_while_importing_is_treated_like_ctrl_c():
+    import signal
+    code, lines = _signal_while_importing('train.py', signal.SIGTERM)
+    assert (code, lines) == (143, ['Interrupted (SIGTERM)']), lines
+
+
+def test_run_cli_turns_click_aborted_into_interrupted(capsys, monkeypatch):
+    """After the imports, a Ctrl-C that reaches click was "Aborted!" and exit 1; run_cli makes it the same line and
+    code as during the imports. Click errors keep their own line and code."""
+    import atexit
+    import click
+    import dnnlib.script as script
+
+    @click.command()
+    @click.option('--fail', is_flag=True)
+    def cmd(fail):
+        if fail:
+            raise click.UsageError('--fail: no')
+        raise KeyboardInterrupt
+
+    def fake_exit(code):  # os._exit would end the test runner
+        raise SystemExit(('os._exit', code))
+    monkeypatch.setattr(script.os, '_exit', fake_exit)
+    monkeypatch.setattr(atexit, '_run_exitfuncs', lambda: None)
+    with pytest.raises(SystemExit) as info:
+        dnnlib.run_cli(cmd, args=[])
+    assert info.value.code == ('os._exit', 130)
+    assert capsys.readouterr().err.strip().splitlines() == ['Interrupted']
+    with pytest.raises(SystemExit) as info:
+        dnnlib.run_cli(cmd, args=['--fail'])
+    assert info.value.code == 2 and 'Error: --fail: no' in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stress_quick_reports_no_failure(tmp_path):
+    """bench/stress.py --quick: one or two cases of every fault class of the audit, 0 failures (disk_full skipped,
+    with its reason, where user namespaces are off)."""
+    import json
+    import subprocess
+    import sys
+    out = tmp_path / 'stress.json'
+    res = subprocess.run([sys.executable, 'bench/stress.py', '--quick', '--out', str(out)], cwd=ROOT,
+                         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=900)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report['total']['failed'] == 0 and report['total']['passed'] >= 6
+    assert set(report['classes']) == {'bad_inputs', 'signals', 'concurrent', 'disk_full', 'interrupts'}
+    assert 'failed' in res.stdout.splitlines()[-1 - len(report['classes']) - 1]  # The table's header.
+
+
+def test_bench_archive_codec_runs_at_a_tiny_size(tmp_path):
+    """bench/bench_archive_codec.py on one tiny phantom case at 32^2: every form decodes to the stored pixels (the
+    bench checks it), blosc2 rows only where blosc2 imports; an absent case is skipped in one line."""
+    import json
+    import subprocess
+    import sys
+    from mri.sources.phantom import write_phantom_cases
+    write_phantom_cases(str(tmp_path / 'cases'), 1, seed=0, shape=(40, 40, 28), progress=False)
+    (case,) = (tmp_path / 'cases').iterdir()
+    out = tmp_path / 'codec.json'
+    res = subprocess.run([sys.executable, 'bench/bench_archive_codec.py', '--case', str(case), '--resolution', '32',
+                          '--repeats', '1', '--deflate-levels', '1', '--workdir', str(tmp_path / 'w'), '--out', str(out)],
+                         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = {r['form']: r for r in json.loads(out.read_text())['rows']}
+    assert rows['stored']['bytes_vs_stored'] == 1 and rows['deflate (level 1)']['bytes_vs_stored'] < 1
+    assert rows['stored']['members'] == rows['deflate (level 1)']['members'] > 0
+    res = subprocess.run([sys.executable, 'bench/bench_archive_codec.py', '--case', str(tmp_path / 'absent')],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.startswith('skipped:'), res.stdout

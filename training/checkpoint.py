@@ -123,10 +123,19 @@ class RunLock:
     """An exclusive lock on a run dir while a process trains in it: ``run.lock`` holds the trainer's PID and an
     ``fcntl.flock`` that the kernel releases when the process ends, however it ends, so a lock left by a dead
     process (SIGKILL, power loss) is taken over by the next trainer without a word. A second trainer or a
-    ``--resume`` of a run still training is refused instead of training beside it (duplicate ticks, lost work)."""
+    ``--resume`` of a run still training is refused instead of training beside it (duplicate ticks, lost work).
 
-    def __init__(self, run_dir: str):
+    Holding the lock, the temporary files of atomic writes (``dnnlib.atomic_output``'s ``.tmp-*``) in the run dir
+    and in ``temp_dirs`` (its subfolders that a job writes into) are what a killed writer left (SIGKILL, a full
+    disk during a snapshot): nobody will finish them, so they go. ``doing`` completes the refusal's sentence
+    "another process (PID N) is ..." for jobs other than training (calc_segmentation.py's outdir)."""
+
+    def __init__(self, run_dir: str, temp_dirs=(), doing: str = 'training in this run dir',
+                 hint: str = 'wait for it to stop, or stop it (Ctrl-C / SIGTERM saves its state) first'):
+        self.run_dir = run_dir
         self.path = os.path.join(run_dir, LOCK_NAME)
+        self.temp_dirs = [run_dir] + [os.path.join(run_dir, d) for d in temp_dirs]
+        self.doing, self.hint = doing, hint
         self.fd = None
 
     def __enter__(self):
@@ -137,25 +146,36 @@ class RunLock:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
             os.close(fd)
-            raise RunDirBusy(f'{os.path.dirname(self.path)}: another process (PID {holder}) is training in this run '
-                             f'dir; wait for it to stop, or stop it (Ctrl-C / SIGTERM saves its state) first') from None
+            raise RunDirBusy(f'{self.run_dir}: another process (PID {holder}) is {self.doing}; {self.hint}') from None
         os.ftruncate(fd, 0)
         os.write(fd, f'{os.getpid()}\n'.encode())
         self.fd = fd
-        # Holding the lock, any temporary file of an atomic write here (dnnlib.atomic_output's '.tmp-*') is what a
-        # killed writer left (SIGKILL or a full disk during a snapshot): nobody will finish it, so it goes.
-        for name in os.listdir(os.path.dirname(self.path)):
-            if name.startswith('.tmp-'):
-                try:
-                    os.remove(os.path.join(os.path.dirname(self.path), name))
-                except OSError:
-                    pass
+        remove_stale_temps(self.temp_dirs)
         return self
 
     def __exit__(self, *exc):
         if self.fd is not None:
             os.close(self.fd)  # Releases the flock; the file stays (a later trainer overwrites the PID).
             self.fd = None
+
+
+def remove_stale_temps(folders) -> list:
+    """Remove the ``.tmp-*`` files of atomic writes in ``folders`` (missing folders skipped); returns their paths.
+    Call only while holding the folders' lock: then no live writer owns them."""
+    removed = []
+    for folder in folders:
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith('.tmp-'):
+                try:
+                    os.remove(os.path.join(folder, name))
+                    removed.append(os.path.join(folder, name))
+                except OSError:
+                    pass
+    return removed
 
 
 def claim_run_dir(outdir: str, desc: str, next_name) -> str:

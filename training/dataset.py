@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -16,6 +17,11 @@ import torch
 
 import dnnlib
 from torch_utils.label_channels import label_channel_indices, labelmap_to_onehot
+
+# What reading a damaged file raises: PIL gives SyntaxError for a broken PNG, zipfile's inflater zlib.error for a
+# damaged deflated member (BadZipFile for a CRC mismatch), a truncated file EOFError.
+READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, zlib.error, zipfile.BadZipFile,
+               PIL.Image.DecompressionBombError)
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.npy')
 
@@ -41,7 +47,25 @@ def _read_npy(f, size: int = None) -> np.ndarray:
 
 
 class DatasetError(RuntimeError):
-    """A dataset file is missing, unreadable or inconsistent; the message names the file."""
+    """A dataset file is missing, unreadable or inconsistent; the message names the file.
+
+    Raised in a DataLoader worker, it reaches the training process as torch re-raises it there: the same class
+    built from one text, "Caught DatasetError in DataLoader worker process N. Original Traceback ...", whose
+    last line is the worker's message. That text is split here: the message is the worker's one line again
+    (naming the archive and member), and ``worker_traceback`` keeps the rest for log.txt.
+    """
+
+    def __init__(self, message=''):
+        self.worker_traceback = None
+        text = str(message)
+        if text.startswith('Caught ') and '\nOriginal Traceback' in text:
+            self.worker_traceback = text
+            last = text.rstrip().splitlines()[-1]
+            message = last.split('DatasetError: ', 1)[1] if 'DatasetError: ' in last else last
+        super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (str(self),)
 
 
 class Dataset(torch.utils.data.Dataset):
@@ -219,8 +243,9 @@ class ImageFolderDataset(Dataset):
                     else:
                         with PIL.Image.open(f) as im:  # Reads the header only.
                             form = (im.size, im.mode)
-            except (OSError, ValueError, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as err:
-                raise DatasetError(f'{self._path}/{fname}: unreadable {"volume" if volumes else "image"} ({err})') from None
+            except READ_ERRORS as err:
+                raise DatasetError(f'{self._path}/{fname}: unreadable {"volume" if volumes else "image"} '
+                                   f'({str(err).strip() or type(err).__name__})') from None
             if first is None:
                 first = form
             elif form != first and volumes:
@@ -306,8 +331,8 @@ class ImageFolderDataset(Dataset):
                     image = _read_npy(f, self._file_size(fname))
                 else:
                     image = np.array(PIL.Image.open(f))
-        except (OSError, ValueError, zipfile.BadZipFile, PIL.Image.DecompressionBombError) as err:
-            raise DatasetError(f'{self._path}/{fname}: unreadable image ({err})') from None
+        except READ_ERRORS as err:
+            raise DatasetError(f'{self._path}/{fname}: unreadable image ({str(err).strip() or type(err).__name__})') from None
         if fname.lower().endswith('.npy'):
             if image.ndim not in (3, 4):
                 raise DatasetError(f'{self._path}/{fname}: .npy must be (C,H,W) or (C,D,H,W), got shape {image.shape}')

@@ -194,6 +194,32 @@ class SnapshotSource:
         return x.to(torch.int32).cpu().numpy().astype(np.uint16), labels.cpu().numpy().astype(np.uint8)
 
 
+def open_npy_for_writing(path: str, dtype, shape: tuple) -> np.memmap:
+    """A .npy file of ``shape`` mapped for writing, its disk space allocated before anything is written.
+
+    numpy's ``open_memmap`` makes a sparse file that takes its blocks only as pages are written back: on a full
+    disk the process then dies of SIGBUS, with no message and its temporary files left behind. With the space
+    allocated first, a full disk is an OSError (ENOSPC) here, which ``dnnlib.atomic_output`` reports in one line
+    naming the file and cleans up after."""
+    array = np.lib.format.open_memmap(path, mode='w+', dtype=dtype, shape=tuple(shape))
+    size = os.path.getsize(path)
+    try:
+        with open(path, 'r+b') as f:
+            if hasattr(os, 'posix_fallocate'):
+                os.posix_fallocate(f.fileno(), 0, size)
+            else:  # No fallocate (macOS): zeros written through the file take the blocks as well.
+                f.seek(array.offset)
+                for start in range(array.offset, size, 1 << 20):
+                    f.write(bytes(min(1 << 20, size - start)))
+    except BaseException as err:
+        del array
+        full = dnnlib.script.as_disk_full(err, path) if isinstance(err, Exception) else None
+        if full is not None:  # Named here: the atomic writes around may be writing other files too.
+            raise full from None
+        raise
+    return array
+
+
 def pool_paths(pool_dir: str, key: str) -> tuple:
     return (os.path.join(pool_dir, f'{key}-images.npy'), os.path.join(pool_dir, f'{key}-labels.npy'),
             os.path.join(pool_dir, f'{key}.json'))
@@ -211,8 +237,8 @@ def ensure_pool(source: SnapshotSource, count: int, pool_dir: str, key: str, bat
     first_img, first_lab = source.sample(0, 1)
     os.makedirs(pool_dir, exist_ok=True)
     with dnnlib.atomic_output(img_path, suffix='.npy') as tmp_img, dnnlib.atomic_output(lab_path, suffix='.npy') as tmp_lab:
-        images = np.lib.format.open_memmap(tmp_img, mode='w+', dtype=np.uint16, shape=(count,) + first_img.shape[1:])
-        labels = np.lib.format.open_memmap(tmp_lab, mode='w+', dtype=np.uint8, shape=(count,) + first_lab.shape[1:])
+        images = open_npy_for_writing(tmp_img, np.uint16, (count,) + first_img.shape[1:])
+        labels = open_npy_for_writing(tmp_lab, np.uint8, (count,) + first_lab.shape[1:])
         with dnnlib.ProgressBar(count, desc=f'synthetic {key}', unit='img', enabled=progress) as bar:
             for start in range(0, count, batch):
                 n = min(batch, count - start)

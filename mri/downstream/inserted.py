@@ -23,7 +23,7 @@ import re
 import numpy as np
 
 import dnnlib
-from mri.downstream.data import SegmentationError, load_generator
+from mri.downstream.data import SegmentationError, load_generator, open_npy_for_writing
 from mri.seg import SEG_CHANNELS
 
 _SLICE_NAME = re.compile(r'^(?P<plane>sagittal|coronal|axial)-\d+\.[A-Za-z0-9]+$')
@@ -211,9 +211,8 @@ def ensure_inserted_pool(source: PaintSource, real, items: list, fold: int, coun
     os.makedirs(pool_dir, exist_ok=True)
     sources = []
     with dnnlib.atomic_output(img_path, suffix='.npy') as tmp_img, dnnlib.atomic_output(lab_path, suffix='.npy') as tmp_lab:
-        images = np.lib.format.open_memmap(tmp_img, mode='w+', dtype=np.uint16,
-                                           shape=(count, len(real.input_idx), *real.spatial_shape))
-        maps = np.lib.format.open_memmap(tmp_lab, mode='w+', dtype=np.uint8, shape=(count, *real.spatial_shape))
+        images = open_npy_for_writing(tmp_img, np.uint16, (count, len(real.input_idx), *real.spatial_shape))
+        maps = open_npy_for_writing(tmp_lab, np.uint8, (count, *real.spatial_shape))  # No SIGBUS on a full disk.
         with dnnlib.ProgressBar(count, desc=f'inserted fold {fold}', unit='img', enabled=progress) as bar:
             for i in range(count):
                 x, y, rec = source.sample(real, items, labels, seed, fold, i, 1)

@@ -7,10 +7,12 @@ StyleGAN2-ADA generator (Karras et al., NeurIPS 2020) can be asked for e.g. an a
 Volumes are cubes with the affine of their grid, for 3D generators and NIfTI export (mri.output.nifti).
 """
 
+import contextlib
 import csv
 import dataclasses
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -326,12 +328,18 @@ def _convert_safe(args, loading=None):
     if spool is not None:
         path = os.path.join(spool, f'{os.getpid()}-{case_files.case_id}.bin')
         index, offset = [], 0
-        with open(path, 'wb') as f:
-            for relpath, data, crc, size in result['entries']:
-                length = memoryview(data).nbytes
-                f.write(data)
-                index.append((relpath, offset, length, crc, size))
-                offset += length
+        try:
+            with open(path, 'wb') as f:
+                for relpath, data, crc, size in result['entries']:
+                    length = memoryview(data).nbytes
+                    f.write(data)
+                    index.append((relpath, offset, length, crc, size))
+                    offset += length
+        except OSError as e:  # Crosses the pool's pipe as one line, not as a worker's traceback.
+            if dnnlib.disk_full_message(e) is not None:
+                raise dnnlib.DiskFullError(path) from None
+            raise archive.ArchiveError(f'{path}: cannot write the workers\' spool beside the archive '
+                                       f'({e.strerror or e})') from None
         result['entries'] = None
         result['spool'] = (path, index)
     return result
@@ -466,6 +474,8 @@ def convert_brats(
                 bar.update(done=done, tail=f'{len(labels)} images, {len(skipped)} skipped')
             if pending is not None:
                 pending.result()
+        except dnnlib.DiskFullError:  # the spool of a worker: the file the user asked for is the archive
+            raise dnnlib.DiskFullError(str(dest)) from None
         finally:
             storing.shutdown(wait=True)  # before the writer is committed or cleaned up
             if hasattr(results, 'close'):
@@ -606,6 +616,75 @@ def check_dest_apart(source, dest):
                           f'(write the archive outside the source folder)')
 
 
+@contextlib.contextmanager
+def locked_dest(dest):
+    """Hold ``.DEST.lock`` beside ``dest`` while a conversion writes it (dnnlib.PidLock: flock and PID).
+
+    A second dataset_tool.py to the same --dest is refused in one line naming the first one's PID (both once
+    wrote and said "wrote", the later archive silently replacing the earlier); the lock of a killed run is
+    taken over. Holding it, the temporary archive and spool that a killed run left beside ``dest`` are removed.
+    A parent folder made only for the lock is removed again when no archive came of it."""
+    dest = Path(os.path.abspath(dest))
+    top = dest.parent  # the highest folder made here, to remove again if nothing is written
+    while not top.parent.exists():
+        top = top.parent
+    made = not top.exists()
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise archive.ArchiveError(f'{dest}: cannot write beside the archive ({e.strerror or e})') from None
+    lock = dnnlib.PidLock(str(dest.parent / f'.{dest.name}.lock'))
+    try:
+        lock.__enter__()
+    except dnnlib.LockBusy as e:
+        raise ConversionError(f'{dest}: another dataset_tool.py (PID {e.pid}) is writing this --dest; wait for it '
+                              f'to finish, or stop it first') from None
+    except OSError as e:
+        raise archive.ArchiveError(f'{dest}: cannot write beside the archive ({e.strerror or e})') from None
+    try:
+        remove_stale_temps(dest)
+        yield
+    finally:
+        lock.__exit__()
+        if made and not dest.exists():
+            folder = dest.parent
+            while True:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+                if folder == top:
+                    break
+                folder = folder.parent
+
+
+# What ArchiveWriter and convert_brats leave beside DEST while writing: '.DEST.XXXXXXXX.tmp' (the archive),
+# '.DEST.XXXXXXXX.spool' (the workers' outputs), '.DEST.tmp-PID' (skipped.json). Not '.DEST.old-PID': that may
+# be the previous archive, moved aside by a commit that was killed before the new one took its place.
+_STALE_TEMP = r'(\w{8}\.tmp|\w{8}\.spool|tmp-\d+)'
+
+
+def remove_stale_temps(dest) -> list:
+    """Remove the temporary files and folders that a killed conversion to ``dest`` left beside it; call only
+    while holding ``locked_dest(dest)``. Returns their paths."""
+    dest = Path(dest)
+    removed = []
+    try:
+        names = os.listdir(dest.parent)
+    except OSError:
+        return removed
+    stale = re.compile(re.escape(f'.{dest.name}.') + _STALE_TEMP)
+    for name in names:
+        if stale.fullmatch(name):
+            path = dest.parent / name
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(str(path))
+    return removed
+
+
 def convert_source(
     source,                 # folder / zip / 'brats-africa' / 'phantom'
     dest,
@@ -617,7 +696,13 @@ def convert_source(
     seed=0,
     progress=True,
 ):
-    """Dispatches on the source and converts; returns the summary dict (see format_summary)."""
+    """Dispatches on the source and converts, holding the destination's lock; returns the summary dict (see
+    format_summary)."""
+    with locked_dest(dest):
+        return _convert_source(source, dest, opts, brats_root, download, sha256, phantom_cases, seed, progress)
+
+
+def _convert_source(source, dest, opts, brats_root, download, sha256, phantom_cases, seed, progress):
     opts = opts or ConvertOptions()
     src = str(source)
     if src == 'brats-africa':

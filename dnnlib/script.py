@@ -1,0 +1,187 @@
+"""How a top-level script ends when it cannot go on: Ctrl-C, SIGTERM or a full disk give one line, never a traceback.
+
+Every script calls ``exit_on_interrupt()`` before its heavy imports (torch takes seconds to import, and a Ctrl-C
+then used to print a traceback through the import machinery) and runs its click command through
+``run_cli(main)``. After that:
+
+- SIGTERM raises KeyboardInterrupt in the script's process, so a terminated job cleans up exactly like Ctrl-C
+  (atomic writes remove their temporary files on the way out). Forked children keep the default action.
+- A KeyboardInterrupt that reaches the top, during the imports included, prints ``Interrupted`` (or
+  ``Interrupted (SIGTERM)``) and exits 130 (143), the shell's codes for those signals.
+- A full disk (``OSError`` with ENOSPC anywhere in the exception chain) that reaches the top prints
+  ``Error: No space left on device while writing FILE`` and exits 1.
+
+Scripts that catch KeyboardInterrupt themselves (to say what was kept) keep doing so; this is the net beneath.
+"""
+
+import atexit
+import errno
+import os
+import signal
+import sys
+
+DISK_FULL_EXIT = 1
+
+
+class DiskFullError(OSError):
+    """The disk filled while a file was written; the message names the file (one line)."""
+
+    def __init__(self, path: str):
+        super().__init__(errno.ENOSPC, f'No space left on device while writing {path}')
+        self.path = path
+
+    def __str__(self):
+        return self.args[1]
+
+    def __reduce__(self):  # Raised in a worker process, it crosses the pool's pipe as itself.
+        return type(self), (self.path,)
+
+
+def _chain(err: BaseException):
+    """``err`` and every exception it was raised from or while handling, outermost first (cycles cut)."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ if err.__cause__ is not None else err.__context__
+
+
+def disk_full_message(err: BaseException, path: str = None):
+    """``'No space left on device while writing PATH'`` when ``err`` or an exception in its chain is a full disk
+    (ENOSPC, or a DiskFullError that already names its file), else None. ``path``: the file being written when
+    the error itself names none (torch.save's and zipfile's errors do not)."""
+    for e in _chain(err):
+        if isinstance(e, DiskFullError):
+            return str(e)
+    for e in _chain(err):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            where = path or e.filename or 'a file'
+            return f'No space left on device while writing {where}'
+    return None
+
+
+NEARLY_FULL = 1 << 20  # Free bytes under which a failed write is put down to the full disk.
+
+
+def disk_nearly_full(path: str) -> bool:
+    """True when the file system holding ``path`` (a file or folder) has less than NEARLY_FULL bytes free."""
+    directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.statvfs(directory)
+    except (OSError, AttributeError):
+        return False
+    return st.f_bavail * st.f_frsize < NEARLY_FULL
+
+
+def as_disk_full(err: BaseException, path: str):
+    """A DiskFullError naming ``path`` when ``err`` comes from a full disk, else None (``raise ... from None``
+    then drops torch's and zipfile's chained follow-up errors, which only repeat the cause). torch.save's C++
+    writer reports a full disk as a RuntimeError without errno ("unexpected pos", "iostream error"), so a
+    failed write on a disk with less than NEARLY_FULL bytes left counts too; call it before removing the
+    partial file, whose bytes are what filled the disk."""
+    for e in _chain(err):
+        if isinstance(e, DiskFullError):
+            return e
+    if disk_full_message(err) is not None:
+        return DiskFullError(path)
+    if isinstance(err, (OSError, RuntimeError)) and disk_nearly_full(path):
+        return DiskFullError(path)
+    return None
+
+
+# ----------------------------------------------------------------------------
+# Ctrl-C and SIGTERM.
+
+_state = {'pid': None, 'signal': None}
+
+
+def _sigterm(signum, frame):
+    if os.getpid() != _state['pid']:  # A forked child (DataLoader or pool worker): die of the signal as before.
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    _state['signal'] = signum
+    raise KeyboardInterrupt
+
+
+def terminated_by_sigterm() -> bool:
+    """True once SIGTERM was received by a script that called ``exit_on_interrupt``."""
+    return _state['signal'] == signal.SIGTERM
+
+
+def interrupt_exit_code() -> int:
+    """130 after Ctrl-C, 143 after SIGTERM (128 + the signal's number, as a shell reports them)."""
+    return 128 + (signal.SIGTERM if terminated_by_sigterm() else signal.SIGINT)
+
+
+def _finish(line: str, code: int):
+    """Print ``line`` on stderr and exit with ``code`` from inside sys.excepthook (which cannot choose the exit
+    status): flush, run the atexit handlers (temporary folders, pool shutdown) as a normal exit would, then exit."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+    try:
+        sys.stderr.write(line + '\n')
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    try:
+        atexit._run_exitfuncs()
+    finally:
+        os._exit(code)
+
+
+def _excepthook(previous):
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            _finish('\nInterrupted' + (' (SIGTERM)' if terminated_by_sigterm() else ''), interrupt_exit_code())
+        message = disk_full_message(exc) if isinstance(exc, BaseException) else None
+        if message is not None:
+            _finish(f'Error: {message}', DISK_FULL_EXIT)
+        previous(exc_type, exc, tb)
+    hook.mri_gan = True
+    return hook
+
+
+def exit_on_interrupt() -> None:
+    """Install the SIGTERM handler and the top-level hook described in the module docstring. Call it first thing
+    in a script, before importing torch; calling it again does nothing new."""
+    _state['pid'] = os.getpid()
+    try:
+        signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:  # Not the main thread (a script imported inside a test runner's thread).
+        pass
+    if not getattr(sys.excepthook, 'mri_gan', False):
+        sys.excepthook = _excepthook(sys.excepthook)
+
+
+def run_cli(command, args=None):
+    """Run a click command as ``command()`` would, except that a Ctrl-C or SIGTERM reaching it prints one line and
+    exits 130 / 143 (click's own ending is "Aborted!" and exit 1, for either signal) and a full disk prints one
+    line. Duck-typed on click's exceptions, so that dnnlib does not import click."""
+    try:
+        rv = command.main(args=args, standalone_mode=False)
+    except KeyboardInterrupt:
+        _finish('\nInterrupted' + (' (SIGTERM)' if terminated_by_sigterm() else ''), interrupt_exit_code())
+    except Exception as err:  # noqa: BLE001 - sorted below; everything else goes on up unchanged.
+        if type(err).__name__ == 'Abort' and isinstance(err.__cause__, KeyboardInterrupt):
+            _finish('Interrupted' + (' (SIGTERM)' if terminated_by_sigterm() else ''), interrupt_exit_code())
+        if hasattr(err, 'show') and isinstance(getattr(err, 'exit_code', None), int):  # click.ClickException
+            err.show()
+            sys.exit(err.exit_code)
+        if type(err).__name__ == 'Abort':  # EOF on a prompt
+            sys.stderr.write('Aborted!\n')
+            sys.exit(1)
+        message = disk_full_message(err)
+        if message is not None:
+            sys.stderr.write(f'Error: {message}\n')
+            sys.exit(DISK_FULL_EXIT)
+        if isinstance(err, BrokenPipeError):  # `script --help | head`: as click's own ending, quietly.
+            try:
+                sys.stdout = open(os.devnull, 'w')
+            except OSError:
+                pass
+            sys.exit(1)
+        raise
+    sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
