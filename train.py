@@ -17,6 +17,7 @@ import tempfile
 import traceback
 
 import dnnlib
+
 if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
     dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
 
