@@ -15,10 +15,14 @@ import os
 import tempfile
 import textwrap
 
-import click
+import dnnlib
+
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
+
+import click  # noqa: E402
 import torch
 
-import dnnlib
 from metrics import detectors
 from metrics import metric_main
 from metrics import metric_utils
@@ -177,7 +181,7 @@ def _metric_list(_ctx, _param, value):
 @click.option('--subset',               help='Case split of the real data [default: the snapshot\'s, else all]',
               type=click.Choice(['train', 'val', 'all']))
 @bool_option('--mirror',                help='Add x-flipped reals (StyleGAN2-ADA never does, even for --mirror=1 runs)')
-@click.option('--gpus',                 help='Number of GPUs (processes)', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--gpus',                 help='Number of GPUs (processes)', metavar='INT', type=click.IntRange(min=1), default=1, show_default=True)
 @click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
 @click.option('--channel',              help='Measure this channel (name or index) [default: each]', metavar='NAME|INT')
 @click.option('--metric-num-gen', '--num-gen', 'num_gen',
@@ -191,7 +195,7 @@ def _metric_list(_ctx, _param, value):
               type=PATH)
 @click.option('--segmenter',            help='Segmenter for mask_dice and insert_dice (calc_segmentation.py checkpoint)', metavar='PATH',
               type=PATH)
-@click.option('--batch',                help='Images per GPU per step', type=click.IntRange(min=1), default=64, show_default=True)
+@click.option('--batch',                help='Images per forward pass per GPU', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 def main(**kwargs):
     """Compute metrics of a generator snapshot."""
     kwargs = dnnlib.EasyDict(kwargs)
@@ -207,4 +211,4 @@ def main(**kwargs):
 
 
 if __name__ == '__main__':
-    main()  # pylint: disable=no-value-for-parameter
+    dnnlib.run_cli(main)  # pylint: disable=no-value-for-parameter

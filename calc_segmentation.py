@@ -19,7 +19,6 @@ Examples:
 A stopped run resumes from its finished folds when the same command is run again.
 """
 
-import contextlib
 import os
 import sys
 
@@ -34,10 +33,6 @@ from mri.downstream.data import SegmentationError  # noqa: E402
 from training.cli import PATH, bool_option  # noqa: E402
 from mri.downstream.model import ARCHS  # noqa: E402
 from mri.downstream.protocol import ARM_KINDS, default_config, run_protocol  # noqa: E402
-
-# The outdir's subfolders that atomic writes go to; their '.tmp-*' files left by a killed run go at the next start.
-OUTDIR_TEMPS = ('synthetic', 'checkpoints', 'folds')
-
 
 def _split(value):
     """A comma list of paths, each with ~ expanded (as PATH options do)."""
@@ -100,14 +95,9 @@ def main(data, network, paint_network, outdir, folds, test_subset, arms, ratios,
                          arms=arms, ratios=ratios, pretrained=pretrained, arch=arch, features=features, levels=levels, steps=steps, batch=batch,
                          lr=lr, patch=patch, augment=augment, seed=seed, trunc=trunc, workers=workers, device=device,
                          progress=progress)
-    from training.checkpoint import RunDirBusy, RunLock
+    from training.checkpoint import RunDirBusy
     try:
-        # A run to resume is locked (a second run into it is refused, a killed one's temporary files go); a new
-        # outdir is made by run_protocol only once every input has passed its checks, so it is not locked here.
-        lock = RunLock(outdir, temp_dirs=OUTDIR_TEMPS, doing='evaluating into this outdir',
-                       hint='wait for it to finish, or stop it (Ctrl-C / SIGTERM keeps its finished folds) first')
-        with (lock if os.path.isdir(outdir) else contextlib.nullcontext()):
-            run_protocol(cfg)
+        run_protocol(cfg)  # locks the outdir once it exists (a second run into it is refused in one line)
     except (SegmentationError, RunDirBusy) as err:
         raise click.ClickException(str(err).splitlines()[0]) from None
     except OSError as err:

@@ -28,11 +28,15 @@ import os
 import signal
 import sys
 
-import click
+import dnnlib
+
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
+
+import click  # noqa: E402
 import numpy as np
 import PIL.Image
 
-import dnnlib
 from torch_utils.label_channels import onehot_to_labelmap
 from training.cli import BOOL, PATH, bool_option, resolve_network
 from training.grids import LABEL_COLOURS, overlay, split_label_channels
@@ -605,4 +609,4 @@ def paint_main(network, cases, outdir, labels_from, opts, class_spec, truncation
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.run_cli(main)

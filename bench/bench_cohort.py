@@ -22,7 +22,7 @@ import click
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from training.cli import PATH  # noqa: E402
+from training.cli import PATH, json_option  # noqa: E402
 
 CHANNELS = ['t1n', 't1c', 't2w', 't2f', 'seg_netc', 'seg_snfh', 'seg_et']
 
@@ -114,9 +114,9 @@ def print_table(rows, gate_s):
 @click.option('--compare',  help='A smaller export whose peak memory should match (flat memory)', metavar='INT', type=click.IntRange(min=1), default=100, show_default=True)
 @click.option('--res',      help='Volume size (res^3)', metavar='INT', type=click.IntRange(min=8), default=32, show_default=True)
 @click.option('--procs',    help='Processes (torchrun --nproc_per_node)', metavar='INT', type=click.IntRange(min=1), default=2, show_default=True)
-@click.option('--out',      help='Where to write the figures as JSON', metavar='PATH', type=PATH, default='cohort-bench.json', show_default=True)
+@json_option(default='cohort-bench.json', help='Where to write the figures as JSON')
 @click.option('--workdir',  help='Scratch folder [default: a temporary one]', metavar='DIR', type=PATH)
-def main(num, compare, res, procs, out, workdir):
+def main(num, compare, res, procs, json_path, workdir):
     """Time and peak memory of exporting generated volumes as an nnU-Net dataset (docs/cohorts.md)."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         network = make_snapshot(os.path.join(tmp, 'net.pt'), res)
@@ -127,7 +127,7 @@ def main(num, compare, res, procs, out, workdir):
     print_table(rows, gate_s)
     print(f'peak memory at {rows[-1]["volumes"]} / at {rows[0]["volumes"]} volumes: {figures["peak_ratio"]}')
     from mri.output.manifest import write_json
-    write_json(out, figures)
+    write_json(json_path, figures)
     return figures
 
 

@@ -17,7 +17,7 @@ Classes, each a list of cases run the way a user meets them:
 Every case runs the real scripts in fresh processes (the bad inputs in this process through click's runner,
 which is what a script's ``main`` gets), on tiny sizes. Prints one table and writes JSON.
 
-    OMP_NUM_THREADS=1 python bench/stress.py --out stress.json           # everything, a few minutes on 2 cores
+    OMP_NUM_THREADS=1 python bench/stress.py --json stress.json           # everything, a few minutes on 2 cores
     OMP_NUM_THREADS=1 python bench/stress.py --quick                     # one or two cases per class
 """
 
@@ -40,6 +40,7 @@ import click
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from training.cli import PATH, bool_option, json_option  # noqa: E402
 
 CLASSES = ('bad_inputs', 'signals', 'concurrent', 'disk_full', 'interrupts')
 # A 16-px conditional run on 16 images: 4 images per round, a tick (and snapshot) every 16 images.
@@ -676,18 +677,18 @@ def plan(quick: bool, only):
 
 
 @click.command()
-@click.option('--quick', is_flag=True, help='One or two cases per class (about a minute or two)')
-@click.option('--classes', metavar='LIST', default='', help=f'Only these classes, of {",".join(CLASSES)}')
-@click.option('--seed', type=int, default=0, show_default=True, help='Seed of the signal moments')
-@click.option('--out', metavar='JSON', type=click.Path(dir_okay=False), default=None, help='Write the results here')
-@click.option('--workdir', metavar='DIR', type=click.Path(file_okay=False), default=None,
+@bool_option('--quick', help='One or two cases per class (about a minute or two)')
+@click.option('--faults', 'classes', metavar='LIST', default='', help=f'Only these fault classes, of {",".join(CLASSES)}')
+@click.option('--seed', metavar='INT', type=int, default=0, show_default=True, help='Seed of the signal moments')
+@json_option(help='Write the results (JSON) here')
+@click.option('--workdir', metavar='DIR', type=PATH, default=None,
               help='Keep the cases here [default: a temporary folder, removed]')
-def main(quick, classes, seed, out, workdir):
+def main(quick, classes, seed, json_path, workdir):
     """Replay the audit's fault classes; exit 1 when any case fails."""
     only = [c.strip() for c in classes.split(',') if c.strip()]
     bad = [c for c in only if c not in CLASSES]
     if bad:
-        raise click.BadParameter(f'unknown classes {bad}; choose from {",".join(CLASSES)}', param_hint='--classes')
+        raise click.BadParameter(f'unknown classes {bad}; choose from {",".join(CLASSES)}', param_hint='--faults')
     rnd = random.Random(seed)
     root = Path(workdir or tempfile.mkdtemp(prefix='mri-stress-'))
     root.mkdir(parents=True, exist_ok=True)
@@ -723,11 +724,11 @@ def main(quick, classes, seed, out, workdir):
     total = {k: sum(r[k] for r in table.values()) for k in ('passed', 'failed', 'skipped')}
     print(f'{"total":<11} {total["passed"]:>6} {total["failed"]:>6} {total["skipped"]:>7}   '
           f'({time.time() - t0:.0f} s, {"quick" if quick else "full"}, seed {seed})')
-    if out:
+    if json_path:
         report = dict(quick=quick, seed=seed, seconds=round(time.time() - t0, 1), classes=table, total=total,
                       cases=results, machine=dict(platform=platform.platform(), cpus=os.cpu_count(),
                                                   python=platform.python_version()))
-        Path(out).write_text(json.dumps(report, indent=1))
+        Path(json_path).write_text(json.dumps(report, indent=1))
     sys.exit(1 if total['failed'] else 0)
 
 

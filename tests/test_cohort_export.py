@@ -452,7 +452,7 @@ def test_npy_is_clipped_one_channel_works_and_volumes_get_no_montage(tmp_path, v
 def test_bench_cohort_runs_at_a_tiny_size(tmp_path):
     sys.path.insert(0, os.path.join(ROOT, 'bench'))
     import bench_cohort
-    figures = bench_cohort.main.main(['--num', '3', '--compare', '1', '--res', '16', '--procs', '1', '--out',
+    figures = bench_cohort.main.main(['--num', '3', '--compare', '1', '--res', '16', '--procs', '1', '--json',
                                       str(tmp_path / 'c.json'), '--workdir', str(tmp_path)], standalone_mode=False)
     saved = json.loads((tmp_path / 'c.json').read_text())
     assert saved == json.loads(json.dumps(figures))

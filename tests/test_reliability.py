@@ -327,7 +327,7 @@ def test_stress_quick_reports_no_failure(tmp_path):
     import subprocess
     import sys
     out = tmp_path / 'stress.json'
-    res = subprocess.run([sys.executable, 'bench/stress.py', '--quick', '--out', str(out)], cwd=ROOT,
+    res = subprocess.run([sys.executable, 'bench/stress.py', '--quick', '--json', str(out)], cwd=ROOT,
                          capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=900)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -347,7 +347,7 @@ def test_bench_archive_codec_runs_at_a_tiny_size(tmp_path):
     (case,) = (tmp_path / 'cases').iterdir()
     out = tmp_path / 'codec.json'
     res = subprocess.run([sys.executable, 'bench/bench_archive_codec.py', '--case', str(case), '--resolution', '32',
-                          '--repeats', '1', '--deflate-levels', '1', '--workdir', str(tmp_path / 'w'), '--out', str(out)],
+                          '--repeats', '1', '--deflate-levels', '1', '--workdir', str(tmp_path / 'w'), '--json', str(out)],
                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = {r['form']: r for r in json.loads(out.read_text())['rows']}

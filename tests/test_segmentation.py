@@ -274,6 +274,18 @@ def test_cli_end_to_end_and_resume(files):
                                                                                    '--features', '4', '--levels', '2'])
     assert res.exit_code != 0 and 'steps' in res.output and 'Traceback' not in res.output, res.output
     assert stamps == {p: os.path.getmtime(out / 'folds' / p) for p in os.listdir(out / 'folds')}
+    # A fresh outdir that another run holds (it made the folder first): refused in one line naming the PID.
+    from training.checkpoint import RunLock
+    fresh = files['tmp'] / 'eval-busy'
+    with RunLock(str(_mkdir(fresh))):
+        res = CliRunner().invoke(calc_segmentation.main, [str(a) for a in args[:5]] + [str(fresh)] + [str(a) for a in args[6:]])
+    assert res.exit_code != 0 and str(os.getpid()) in res.output and len(res.output.strip().splitlines()) == 1, res.output
+    assert not (fresh / 'folds').exists()
+
+
+def _mkdir(path):
+    path.mkdir()
+    return path
 
 
 def test_volumes_and_pretrained_finetune(tmp_path):

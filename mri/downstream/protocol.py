@@ -185,6 +185,9 @@ def _protocol_options(cfg) -> dict:
     return {k: v for k, v in sorted(cfg.items()) if k not in _RUNTIME_KEYS}
 
 
+OUTDIR_TEMPS = ('synthetic', 'checkpoints', 'folds')  # subfolders whose '.tmp-*' files a killed run leaves
+
+
 def _prepare_outdir(cfg) -> None:
     """Create the outdir, or check that the one there holds a run of the same protocol (then resume it)."""
     path = os.path.join(cfg.outdir, 'config.json')
@@ -236,6 +239,16 @@ def run_protocol(cfg, inserter=None) -> dict:
     of the real+inserted arm (None = mri.painting.insert; tests pass a stand-in)."""
     plan = Plan(cfg, inserter)  # Every check of the inputs happens here, before anything is written.
     _prepare_outdir(cfg)
+    # One process evaluates into an outdir at a time, a fresh one included (two runs may both have made it); taking
+    # the lock removes the temporary files a killed run left.
+    from training.checkpoint import RunLock
+    with RunLock(cfg.outdir, temp_dirs=OUTDIR_TEMPS, doing='evaluating into this outdir',
+                 hint='wait for it to finish, or stop it (Ctrl-C / SIGTERM keeps its finished folds) first'):
+        return _evaluate(plan, cfg)
+
+
+def _evaluate(plan, cfg) -> dict:
+    """The pools, then every fold and arm not finished yet, then the results (run_protocol holds the lock)."""
     if plan.generator_saw_test_cases and cfg.progress:
         print(f'warning: the generator was trained on cases of {cfg.data} that the folds test on; the synthetic arms may '
               f'look better than they would on unseen patients (see --test-subset in docs/segmentation.md)')
