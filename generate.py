@@ -237,9 +237,10 @@ def generate_samples(
         k, seed = items[i]
         name, label, values = classes[k]
         stem = item_name(writer, seed, k, name)
+        shown = f'{stem} [{name or ",".join(values) or "unconditional"}]'  # the progress line names the class
         if is_dataset and writer.done(stem):
             skipped += 1
-            bar.update(done=j + 1, tail=f'{stem} already done ({skipped} so far)')
+            bar.update(done=j + 1, tail=f'{shown} already done ({skipped} so far)')
             continue
         sample = first if i == 0 else run(k, seed)
         record = dict(provenance or {}, seed=seed, class_index=k, **{'class': name or ','.join(values)})
@@ -249,13 +250,13 @@ def generate_samples(
                 dropped += 1
                 if is_dataset:
                     writer.drop(stem, record)
-                bar.update(done=j + 1, tail=f'{stem} dropped by the privacy gate ({dropped} dropped)')
+                bar.update(done=j + 1, tail=f'{shown} dropped by the privacy gate ({dropped} dropped)')
                 continue
         if is_dataset:  # its cases are listed in the manifest: nothing per case is kept here (flat memory)
             writer.write(sample, stem, name, values, record=record)
         else:
             written += writer.write(sample, os.path.join(outdir, stem), name, values)
-        bar.update(done=j + 1, tail=stem + (f' ({dropped} dropped)' if dropped else ''))
+        bar.update(done=j + 1, tail=shown + (f' ({dropped} dropped)' if dropped else ''))
     if skipped or dropped:  # the last line says what this run did and did not make
         bar.update(done=len(mine), tail=f'{len(mine) - skipped - dropped} made, {skipped} already done'
                                         + (f', {dropped} dropped by the privacy gate' if dropped else ''))
@@ -293,10 +294,7 @@ def load_generator(network, device):
     from torch_utils import snapshot
     from mri.output.volumes import VolumeOutputError
     from training.paint import is_paint_generator
-    data = snapshot.load_snapshot(resolve_network(network), device=device)
-    G = data.G_ema if data.G_ema is not None else data.G
-    if G is None:
-        raise snapshot.SnapshotError(f'{network}: holds no generator')
+    data, G = snapshot.load_generator(resolve_network(network), device=device, name=network)
     if is_paint_generator(G):  # it would run on blank input and paint nothing of use
         raise VolumeOutputError(f'{network}: this is a paint snapshot; use --insert-into CASES (with --labels-from, '
                                 f'--heal or --move)')

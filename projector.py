@@ -64,10 +64,7 @@ class ProjectorError(ValueError):
 def load_generator(network: str, device):
     """``(G, dataset description)`` of a snapshot or run dir (G_ema where the snapshot has it)."""
     from torch_utils import snapshot
-    data = snapshot.load_snapshot(resolve_network(network), device=device)
-    G = data.G_ema if data.G_ema is not None else data.G
-    if G is None:
-        raise snapshot.SnapshotError(f'{network}: holds no generator')
+    data, G = snapshot.load_generator(resolve_network(network), device=device, name=network)
     from training.paint import is_paint_generator
     if is_paint_generator(G):
         raise ProjectorError(f'{network}: a paint generator has no W to project into; use a slice or volume snapshot')

@@ -45,10 +45,7 @@ def load_generator(network: str, device):
     """``(G, dataset description)`` of a snapshot file or run dir (its newest snapshot); G_ema when it has one."""
     from torch_utils import snapshot
     from training.paint import is_paint_generator
-    data = snapshot.load_snapshot(resolve_network(network), device=device)
-    G = data.G_ema if data.G_ema is not None else data.G
-    if G is None:
-        raise MixingError(f'{network}: holds no generator')
+    data, G = snapshot.load_generator(resolve_network(network), device=device, name=network)
     if is_paint_generator(G):
         raise MixingError(f'{network}: this is a paint snapshot (it paints into real cases); style mixing needs an '
                           f'image or volume generator')

@@ -140,7 +140,7 @@ def compute_insert_dice(opts, num_items: int = None) -> dict:
     inserted, real = _Pooled(scorer.CLASSES), _Pooled(scorer.CLASSES)
     placed = torch.zeros([2], dtype=torch.float64)  # [placed, tried]
     mine = list(range(opts.rank, num_items, opts.num_gpus))
-    with dnnlib.ProgressBar(num_items, desc='insert_dice', unit='patch', enabled=opts.progress) as bar:
+    with dnnlib.ProgressBar(num_items, desc='insert_dice', unit='patches', enabled=opts.progress) as bar:
         for start in range(0, len(mine), painter.batch):
             batch = []
             for k in mine[start:start + painter.batch]:

@@ -39,7 +39,7 @@ def compute_mask_dice(opts, num_gen: int) -> dict:
     names = list(dataset.channels)
     sums = torch.zeros([len(scorer.CLASSES), 2], dtype=torch.float64, device=opts.device)  # [overlap, size sum]
     per_rank = (num_gen - 1) // opts.num_gpus + 1
-    with dnnlib.ProgressBar(num_gen, desc='mask_dice', unit='img', enabled=opts.progress) as bar:
+    with dnnlib.ProgressBar(num_gen, desc='mask_dice', unit='images', enabled=opts.progress) as bar:
         for start in range(0, per_rank, opts.batch_size):
             n = min(opts.batch_size, per_rank - start)
             with torch.no_grad():

@@ -431,7 +431,7 @@ def compute_feature_stats_for_dataset(
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=opts.batch_size,
                                              num_workers=opts.num_workers)
         fn = _feature_fn(detector, what)
-        with dnnlib.ProgressBar(len(indices), desc=f'reals {tag}', unit='img', enabled=opts.progress) as bar:
+        with dnnlib.ProgressBar(len(indices), desc=f'reals {tag}', unit=_unit(dataset), enabled=opts.progress) as bar:
             for images, _labels in loader:
                 images = torch.as_tensor(images)
                 for suffix, idx in todo:
@@ -487,10 +487,16 @@ class GeneratorSampler:
         return img.to(torch.float32)
 
 
+def _unit(dataset) -> str:
+    """What a progress line counts: 'volumes' for a dataset of [C, D, H, W] items, else 'images'."""
+    return 'volumes' if len(getattr(dataset, 'image_shape', None) or [0, 0, 0]) == 4 else 'images'
+
+
 def generated_batches(opts, sampler: GeneratorSampler, num_items: int, desc: str = 'fakes'):
     """Yield this rank's generated batches until ``num_items`` images exist over all ranks."""
     steps = (num_items - 1) // (opts.batch_size * opts.num_gpus) + 1
-    with dnnlib.ProgressBar(num_items, desc=desc, unit='img', enabled=opts.progress) as bar:
+    unit = 'volumes' if len(getattr(sampler.G, 'img_shape', None) or [0, 0]) == 3 else 'images'
+    with dnnlib.ProgressBar(num_items, desc=desc, unit=unit, enabled=opts.progress) as bar:
         for _ in range(steps):
             yield sampler.sample(opts.batch_size)
             bar.update(min(opts.batch_size * opts.num_gpus, num_items - bar.done))

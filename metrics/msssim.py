@@ -135,7 +135,7 @@ def compute_msssim_diversity(opts, num_images: int, dataset=None, sampler=None) 
     real = metric_utils.FeatureStats(capture_all=True, max_items=len(pairs))
     shard = metric_utils._shard(np.arange(len(pairs)), opts)
     step = max(opts.batch_size // 2, 1)
-    with dnnlib.ProgressBar(len(pairs), desc='ms-ssim reals', unit='pair', enabled=opts.progress) as bar:
+    with dnnlib.ProgressBar(len(pairs), desc='ms-ssim reals', unit='pairs', enabled=opts.progress) as bar:
         for start in range(0, len(shard), step):
             rows = pairs[shard[start:start + step]]
             load = lambda col: torch.stack([torch.as_tensor(dataset[int(i)][0]) for i in rows[:, col]])  # noqa: E731

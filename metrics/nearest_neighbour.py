@@ -61,7 +61,7 @@ def load_real_pool(opts, dataset, idx: list, max_items: int = None) -> torch.Ten
     """Real images ``[N, C, h, w]`` float16 in [0, 1] on the device (every rank holds the whole pool)."""
     loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers)
     pool = []
-    with dnnlib.ProgressBar(len(dataset), desc='nn reals', unit='img', enabled=opts.progress) as bar:
+    with dnnlib.ProgressBar(len(dataset), desc='nn reals', unit='images', enabled=opts.progress) as bar:
         for images, _labels in loader:
             x = metric_utils.to_unit(torch.as_tensor(images)[:, idx], dataset.dtype_max)
             pool.append(_shrink(x, opts.get('nn_resolution') or NN_RESOLUTION).to(opts.device, torch.float16))

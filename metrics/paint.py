@@ -301,7 +301,7 @@ def compute_paint_scores(opts, num_items: int = None) -> dict:
     sums = torch.zeros([len(names), 3], dtype=torch.float64)
     counts = torch.zeros([len(names)], dtype=torch.float64)
     mine = list(range(opts.rank, num_items, opts.num_gpus))
-    with dnnlib.ProgressBar(num_items, desc='paint', unit='patch', enabled=opts.progress) as bar:
+    with dnnlib.ProgressBar(num_items, desc='paint', unit='patches', enabled=opts.progress) as bar:
         for start in range(0, len(mine), painter.batch):
             batch = []
             for k in mine[start:start + painter.batch]:

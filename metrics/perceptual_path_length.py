@@ -57,7 +57,7 @@ def compute_ppl(
     stats = {suffix: metric_utils.FeatureStats(capture_all=True, max_items=num_samples) for suffix, _ in sets}
     steps = (num_samples - 1) // (opts.batch_size * opts.num_gpus) + 1
     n = opts.batch_size
-    with dnnlib.ProgressBar(num_samples, desc='ppl', unit='pair', enabled=opts.progress) as bar:
+    with dnnlib.ProgressBar(num_samples, desc='ppl', unit='pairs', enabled=opts.progress) as bar:
         for _ in range(steps):
             t = torch.from_numpy(sampler.rng.rand(n, 1, 1).astype(np.float32)).to(opts.device)
             if sampling == 'end':

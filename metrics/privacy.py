@@ -164,7 +164,7 @@ class TrainingPool:
         vmax = dataset.dtype_max
         self.side = PREFILTER_SIDE if len(self.shape) == 3 else PREFILTER_SIDE_2D
         store, small = [], []
-        with dnnlib.ProgressBar(len(dataset), desc='privacy: loading training archive', unit='item', enabled=verbose) as bar:
+        with dnnlib.ProgressBar(len(dataset), desc='privacy: loading training archive', unit='items', enabled=verbose) as bar:
             for i in range(len(dataset)):
                 raw = torch.from_numpy(np.ascontiguousarray(dataset[i][0][self.image_idx]))
                 unit = raw.to(torch.float32) / vmax
@@ -392,7 +392,7 @@ class PrivacyGate:
         rng = np.random.RandomState(seed)
         queries = np.sort(rng.choice(queries, min(len(queries), max_items), replace=False))
         ssim, mse = [], []
-        bar = dnnlib.ProgressBar(len(queries), desc='privacy: reference', unit='item', enabled=self.verbose)
+        bar = dnnlib.ProgressBar(len(queries), desc='privacy: reference', unit='items', enabled=self.verbose)
         for start in range(0, len(queries), 16):
             rows = queries[start:start + 16]
             exclude = torch.from_numpy(pool.cases[rows][:, None] == pool.cases[None, :])

@@ -95,7 +95,7 @@ def real_batches(opts, dataset, indices, desc='reals'):
     shard = metric_utils._shard(np.asarray(indices), opts)
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=opts.batch_size,
                                          num_workers=opts.num_workers)
-    with dnnlib.ProgressBar(len(indices), desc=desc, unit='vol', enabled=opts.progress) as bar:
+    with dnnlib.ProgressBar(len(indices), desc=desc, unit='volumes', enabled=opts.progress) as bar:
         for images, _labels in loader:
             yield torch.as_tensor(images)
             bar.update(min(images.shape[0] * opts.num_gpus, len(indices) - bar.done))

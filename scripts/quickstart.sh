@@ -44,8 +44,8 @@ echo "Done (3D): run dir $run3d; NIfTI and montages in $out/volumes (open seed00
 # healthy tissue, a short training of the painting family (the patch archive picks it; paint_ssim at each snapshot),
 # then two new tumours painted into a case it did not train on, and that case's tumour healed. After 0.2 kimg the
 # painted regions are smooth blobs; the point is the path: BraTS-SYN-* folders on the source's grid, a montage each.
-python3 -m mri.sources.phantom --out "$out/phantom-cases" --cases 4 --seed 0 --shape 120,120,78 --spacing 2
-python3 -m mri.sources.phantom --out "$out/phantom-heldout" --cases 1 --seed 10 --shape 120,120,78 --spacing 2
+python3 -m mri.sources.phantom --outdir "$out/phantom-cases" --cases 4 --seed 0 --shape 120,120,78 --spacing 2
+python3 -m mri.sources.phantom --outdir "$out/phantom-heldout" --cases 1 --seed 10 --shape 120,120,78 --spacing 2
 python3 dataset_tool.py --source "$out/phantom-cases" --kind patches --patch-size 32,32 --planes axial \
     --patches-per-case 8 --dest "$out/phantom-patches32.zip"
 python3 train.py --outdir "$out/runs-paint" --data "$out/phantom-patches32.zip" --aug=ada \

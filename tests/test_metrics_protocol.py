@@ -173,5 +173,5 @@ def test_metrics_during_training_show_progress_with_rate_and_time_left(archive, 
     results = _evaluate_metrics(run, str(tmp_path / 'network-snapshot-000000.pt'))
     assert np.isfinite(results['fid10k_full']) and np.isfinite(results['kid10k_full'])
     err = capsys.readouterr().err
-    assert 'reals' in err and 'fakes' in err and 'img/s' in err and 'left' in err, err
+    assert 'reals' in err and 'fakes' in err and 'images/s' in err and 'left' in err, err
 

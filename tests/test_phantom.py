@@ -201,13 +201,13 @@ def test_parallel_workers_write_the_same_cases(tmp_path):
 
 
 def test_cli(tmp_path):
-    phantom.main(['--out', str(tmp_path), '--cases', '1', '--seed', '9', '--shape', '40,40,24'])
+    phantom.main(['--outdir', str(tmp_path), '--cases', '1', '--seed', '9', '--shape', '40,40,24'])
     assert os.listdir(tmp_path) == ['BraTS-PHT-00009-000']
     img = nib.load(tmp_path / 'BraTS-PHT-00009-000' / 'BraTS-PHT-00009-000-t2f.nii.gz')
     assert img.shape == (40, 40, 24)
     import click
     with pytest.raises(click.BadParameter):
-        phantom.main(['--out', str(tmp_path), '--shape', '40,40'])
+        phantom.main(['--outdir', str(tmp_path), '--shape', '40,40'])
 
 
 def test_bad_arguments():

@@ -288,3 +288,13 @@ def load_snapshot(path: str, device='cpu', allow_pickle: bool = None) -> dnnlib.
     out.dataset = dnnlib.EasyDict(data.get('dataset') or {})
     out.extra = dnnlib.EasyDict(data.get('extra') or {})
     return out
+
+
+def load_generator(path: str, device='cpu', name: str = None):
+    """``(snapshot data, G)`` where G is the snapshot's G_ema, else its G (what every tool samples from);
+    SnapshotError naming ``name`` (default the path) when it holds neither."""
+    data = load_snapshot(path, device=device)
+    G = data.G_ema if data.G_ema is not None else data.G
+    if G is None:
+        raise SnapshotError(f'{name or path}: holds no generator')
+    return data, G

@@ -125,12 +125,9 @@ def load_generator(network: str, flag: str) -> tuple:
         if path is None:
             raise SegmentationError(f'{network}: run dir has no network-snapshot-*.pt ({flag})')
     try:
-        data = snapshot.load_snapshot(path, device='cpu')
+        data, G = snapshot.load_generator(path, device='cpu', name=f'{path} ({flag})')
     except snapshot.SnapshotError as err:
         raise SegmentationError(str(err)) from None
-    G = data.G_ema if data.G_ema is not None else data.G
-    if G is None:
-        raise SegmentationError(f'{path}: holds no generator ({flag})')
     return path, data, G
 
 
@@ -239,7 +236,8 @@ def ensure_pool(source: SnapshotSource, count: int, pool_dir: str, key: str, bat
     with dnnlib.atomic_output(img_path, suffix='.npy') as tmp_img, dnnlib.atomic_output(lab_path, suffix='.npy') as tmp_lab:
         images = open_npy_for_writing(tmp_img, np.uint16, (count,) + first_img.shape[1:])
         labels = open_npy_for_writing(tmp_lab, np.uint8, (count,) + first_lab.shape[1:])
-        with dnnlib.ProgressBar(count, desc=f'synthetic {key}', unit='img', enabled=progress) as bar:
+        unit = 'volumes' if len(first_img.shape) == 5 else 'images'
+        with dnnlib.ProgressBar(count, desc=f'synthetic {key}', unit=unit, enabled=progress) as bar:
             for start in range(0, count, batch):
                 n = min(batch, count - start)
                 images[start:start + n], labels[start:start + n] = source.sample(start, n)

@@ -213,7 +213,8 @@ def ensure_inserted_pool(source: PaintSource, real, items: list, fold: int, coun
     with dnnlib.atomic_output(img_path, suffix='.npy') as tmp_img, dnnlib.atomic_output(lab_path, suffix='.npy') as tmp_lab:
         images = open_npy_for_writing(tmp_img, np.uint16, (count, len(real.input_idx), *real.spatial_shape))
         maps = open_npy_for_writing(tmp_lab, np.uint8, (count, *real.spatial_shape))  # No SIGBUS on a full disk.
-        with dnnlib.ProgressBar(count, desc=f'inserted fold {fold}', unit='img', enabled=progress) as bar:
+        unit = 'volumes' if len(real.spatial_shape) == 3 else 'images'
+        with dnnlib.ProgressBar(count, desc=f'inserted fold {fold}', unit=unit, enabled=progress) as bar:
             for i in range(count):
                 x, y, rec = source.sample(real, items, labels, seed, fold, i, 1)
                 images[i], maps[i] = x[0], y[0]

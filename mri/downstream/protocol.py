@@ -269,7 +269,7 @@ def _evaluate(plan, cfg) -> dict:
                     results[arm][k] = json.load(f)
             else:
                 todo.append((k, arm))
-    with dnnlib.ProgressBar(len(todo) * cfg.steps, desc='segmentation', unit='step', enabled=cfg.progress) as bar:
+    with dnnlib.ProgressBar(len(todo) * cfg.steps, desc='segmentation', unit='steps', enabled=cfg.progress) as bar:
         for n, (k, arm) in enumerate(todo):
             results[arm][k] = _run_one(plan, k, arm, pools, bar, n * cfg.steps)
     return write_results(plan, results)

@@ -11,10 +11,8 @@ original BraTS grid (240x240x155) with the crop and zoom recorded at conversion 
 (C, D, H, W) float32 array clipped to [-1, 1] and no montage unless `--montage` asks for one.
 """
 
-import json
 import os
 import sys
-import zipfile
 
 import numpy as np
 
@@ -78,13 +76,11 @@ def resolve_space(desc, spatial_shape, warn=True):
 
 
 def _archive_meta(path):
+    """The archive's dataset.json, or {} when it cannot be read (the space then falls back, with a notice)."""
+    from mri.sources.archive import ArchiveReadError, read_dataset_json
     try:
-        if os.path.isdir(path):
-            with open(os.path.join(path, 'dataset.json')) as f:
-                return json.load(f)
-        with zipfile.ZipFile(path) as z, z.open('dataset.json') as f:
-            return json.load(f)
-    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return read_dataset_json(path) or {}
+    except ArchiveReadError:
         return {}
 
 

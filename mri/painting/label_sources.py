@@ -267,12 +267,9 @@ class JointSnapshotSource(LabelSource):
         from torch_utils import snapshot
         from training.paint import is_paint_generator
         try:
-            data = snapshot.load_snapshot(path, device=device)
+            data, G = snapshot.load_generator(path, device=device)
         except snapshot.SnapshotError as err:
             raise LabelSourceError(str(err)) from None
-        G = data.G_ema if data.G_ema is not None else data.G
-        if G is None:
-            raise LabelSourceError(f'{path}: holds no generator')
         if is_paint_generator(G):
             raise LabelSourceError(f'{path}: is a paint snapshot; --labels-from needs a joint image+label snapshot '
                                    f'(one trained on an archive converted with --with-seg)')

@@ -86,10 +86,7 @@ def find_cases(spec):
 def load_painter(network, device, class_spec=None, dilation=3, noise_mode='const', truncation_psi=1):
     """(Painter, snapshot description) of a paint snapshot; one line for any other kind."""
     from torch_utils import snapshot
-    data = snapshot.load_snapshot(network, device=device)
-    G = data.G_ema if data.G_ema is not None else data.G
-    if G is None:
-        raise PaintJobError(f'{network}: holds no generator')
+    data, G = snapshot.load_generator(network, device=device)
     try:
         painter = paint.Painter(G, device, noise_mode, truncation_psi, dilation, data.dataset, class_spec, name=network)
     except paint.PaintError as err:

@@ -569,18 +569,24 @@ def _parse_shape(text):
 
 
 def main(argv=None):
-    """python -m mri.sources.phantom --out DIR --cases N --seed S [--shape 240,240,155] [--workers W]"""
+    """python -m mri.sources.phantom --outdir DIR --cases N --seed S [--shape 240,240,155] [--workers W]"""
     import click
 
+    from training.cli import PATH
+
     @click.command(help='Write synthetic BraTS-format brain-tumour cases (no download needed).')
-    @click.option('--out', 'out_dir', required=True, metavar='DIR', type=click.Path(file_okay=False), help='Output folder')
-    @click.option('--cases', 'num_cases', default=4, show_default=True, metavar='N', type=click.IntRange(min=0), help='Number of cases')
-    @click.option('--seed', default=0, show_default=True, metavar='S', type=click.IntRange(min=0), help='Seed (and id) of the first case')
+    @click.option('--outdir', 'out_dir', metavar='DIR', type=PATH, help='Output folder')
+    @click.option('--out', 'old_out', type=PATH, hidden=True)  # the name before docs/cli.md's vocabulary
+    @click.option('--cases', 'num_cases', default=4, show_default=True, metavar='INT', type=click.IntRange(min=0), help='Number of cases')
+    @click.option('--seed', default=0, show_default=True, metavar='INT', type=click.IntRange(min=0), help='Seed (and id) of the first case')
     @click.option('--shape', default='240,240,155', show_default=True, metavar='X,Y,Z', help='Grid shape')
-    @click.option('--spacing', default=1.0, show_default=True, metavar='MM', type=click.FloatRange(min=0, min_open=True), help='Voxel size in mm')
+    @click.option('--spacing', default=1.0, show_default=True, metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), help='Voxel size in mm')
     @click.option('--prefix', default='BraTS-PHT', show_default=True, metavar='NAME', help='Case name prefix')
-    @click.option('--workers', default=1, show_default=True, metavar='W', type=click.IntRange(min=1), help='Parallel processes')
-    def cli(out_dir, num_cases, seed, shape, spacing, prefix, workers):
+    @click.option('--workers', default=1, show_default=True, metavar='INT', type=click.IntRange(min=1), help='Parallel processes')
+    def cli(out_dir, old_out, num_cases, seed, shape, spacing, prefix, workers):
+        out_dir = out_dir or old_out
+        if not out_dir:
+            raise click.UsageError("Missing option '--outdir'")
         try:
             shape = _parse_shape(shape)
         except ValueError as err:
