@@ -58,7 +58,8 @@ def make_tiny_detector(path: str) -> str:
 
 
 def read_metric(run_dir: str, metric: str, tick: float, kimg: float) -> list:
-    """[(kimg, results dict)] from metric-<name>.jsonl: one entry per tick (snapshots every tick)."""
+    """[(kimg, results dict)] from metric-<name>.jsonl: one entry per snapshot, at the kimg its name records
+    (network-snapshot-<images>.pt), else at one tick per entry."""
     path = os.path.join(run_dir, f'metric-{metric}.jsonl')
     if not os.path.isfile(path):
         return []
@@ -66,7 +67,9 @@ def read_metric(run_dir: str, metric: str, tick: float, kimg: float) -> list:
     with open(path) as f:
         for line in f:
             entry = json.loads(line)
-            rows.append((round(min((len(rows) + 1) * tick, kimg), 6), entry['results']))
+            digits = ''.join(ch for ch in os.path.basename(str(entry.get('snapshot_pkl') or '')) if ch.isdigit())
+            at = int(digits) / 1000 if digits else min((len(rows) + 1) * tick, kimg)
+            rows.append((round(at, 6), entry['results']))
     return rows
 
 
@@ -128,7 +131,8 @@ def run_variant(name, data, outdir, kimg, tick, metric, metric_kwargs, common):
         opts['fq_res'] = hook_res
     if opts.get('attn_res') == 'AUTO':
         opts['attn_res'] = hook_res
-    c = setup_training_config(data=data, kimg=kimg, tick=tick, snap=1, metrics=metric, **opts)
+    # No tick-0 snapshot: the variants are compared at equal kimg, and an FID of the untrained network costs time.
+    c = setup_training_config(data=data, kimg=kimg, tick=tick, snap=1, metrics=metric, first_snap=False, **opts)
     c.metric_kwargs.update(metric_kwargs)
     c.run_dir = os.path.join(outdir, name)
     os.makedirs(c.run_dir, exist_ok=True)
