@@ -84,7 +84,10 @@ def read_npy_member(f, size: int = None) -> np.ndarray:
             if claim > max(_BLOSC2_FREE_BYTES, _BLOSC2_MAX_RATIO * payload):
                 raise ValueError(f'its header claims shape {tuple(shape)} ({claim} bytes) from {payload} bytes of '
                                  f'blosc2 data, more than {_BLOSC2_MAX_RATIO}x; refused')
-            chunk = head + f.read(payload - len(head))
+            chunk = bytearray(payload)  # One copy of the compressed bytes, read in place.
+            chunk[:len(head)] = head
+            if len(head) + f.readinto(memoryview(chunk)[len(head):]) != payload:
+                raise ValueError(f'truncated blosc2 data (expected {payload} bytes)')
             image = np.zeros(shape[::-1] if fortran else shape, dtype)
             _decode_blosc2(chunk, image)
             return image.T if fortran else image
