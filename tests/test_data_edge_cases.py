@@ -139,7 +139,7 @@ def test_labelmap_storage_deflate_and_old_layout(project_archive, tmp_path):
     assert tumour and all(set(np.unique(img[2:])) <= {0, 65535} and img[2:].sum(0).max() == 65535 for img in tumour)
     # The default .npy form is blosc2 (dataset.json "codec"); --codec deflate and --codec stored write the old forms.
     # All three hold the same arrays; deflate and blosc2 are smaller than stored.
-    assert meta['codec'] == 'blosc2-shuffle-zstd1'
+    assert meta['codec'] == 'blosc2-shuffle-lz4hc5'
     forms = {}
     for codec in ('deflate', 'stored'):
         forms[codec] = tmp_path / f'{codec}.zip'

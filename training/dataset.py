@@ -29,7 +29,7 @@ IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.npy')
 
 # .npy members come in two forms, told apart by their bytes (the member keeps its .npy name either way, so nothing
 # keyed on names changes): the plain .npy file, or its header followed by one blosc2 chunk of the pixels (byte
-# shuffle + zstd, mri.sources.archive.blosc2_npy), which dataset_tool.py writes by default. A blosc2 chunk starts
+# shuffle + LZ4HC, mri.sources.archive.blosc2_npy), which dataset_tool.py writes by default. A blosc2 chunk starts
 # with 16 bytes: format version, codec version, flags, typesize, then little-endian int32 uncompressed bytes,
 # block size and chunk bytes. The writer never emits a chunk exactly as long as the raw pixels, so the member's
 # length alone says which form it is, and the chunk's own sizes must agree with the .npy header and the member.

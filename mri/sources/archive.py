@@ -231,15 +231,15 @@ def deflate(data, level):
 
 
 # The forms of .npy members (dataset_tool.py --codec). blosc2 (the default) is the .npy header followed by one
-# blosc2 chunk of the pixels, byte shuffle + zstd level 1: on the real case's all-modalities + seg archive 0.30 of the
-# stored bytes, read faster than stored members (docs/data.md, bench/bench_archive_codec.py); deflate 0.31 of the
-# bytes but 2.5x slower to read. The member keeps its .npy name; training.dataset.read_npy_member reads every form.
+# blosc2 chunk of the pixels, byte shuffle + LZ4HC level 5: on the real case's all-modalities + seg archive 0.31 of
+# the stored bytes, read 1.4x faster than stored members in two runs (docs/data.md, bench/bench_archive_codec.py;
+# zstd level 1 is 5% smaller but read slower than stored in one of them); deflate 0.31 of the bytes, read at 0.4x. The member keeps its .npy name; training.dataset.read_npy_member reads every form.
 NPY_CODECS = ('blosc2', 'deflate', 'stored')
-BLOSC2_FORM = 'blosc2-shuffle-zstd1'  # what dataset.json "codec" records for blosc2 members
+BLOSC2_FORM = 'blosc2-shuffle-lz4hc5'  # what dataset.json "codec" records for blosc2 members
 
 
 def codec_record(codec, level):
-    """dataset.json's "codec": the form of the archive's .npy members, e.g. 'blosc2-shuffle-zstd1', 'deflate-1'."""
+    """dataset.json's "codec": the form of the archive's .npy members, e.g. 'blosc2-shuffle-lz4hc5', 'deflate-1'."""
     return BLOSC2_FORM if codec == 'blosc2' else f'deflate-{deflate_level(level)}' if codec == 'deflate' else 'stored'
 
 
@@ -250,7 +250,10 @@ def deflate_level(level):
 
 def blosc2_npy(array):
     """An array as a blosc2 .npy member: the plain .npy header (C order), then one blosc2 chunk of the pixels (byte
-    shuffle, zstd level 1, one thread: conversion workers and threads already fill the cores). An array beyond a
+    shuffle, LZ4HC level 5, one thread: conversion workers and threads already fill the cores).
+
+    LZ4HC spends about 7 ms per 256^2 five-channel slice encoding (LZ4 0.4 ms, zstd 1 1.3 ms), once, at conversion;
+    its chunks decode as fast as LZ4's, every epoch. An array beyond a
     chunk's 2 GiB, or whose chunk would be exactly as long as its pixels (a reader tells the forms apart by the
     member's length), is written as a plain .npy."""
     import blosc2  # a dependency (requirements.txt); imported here so that reading old archives never needs it
@@ -259,8 +262,8 @@ def blosc2_npy(array):
     np.lib.format.write_array_header_1_0(header, np.lib.format.header_data_from_array_1_0(array))
     if array.nbytes > blosc2.MAX_BUFFERSIZE or array.dtype.itemsize > 255:
         return encode_npy(array)
-    chunk = blosc2.compress2(array, typesize=array.dtype.itemsize, clevel=1, filters=[blosc2.Filter.SHUFFLE],
-                             codec=blosc2.Codec.ZSTD, nthreads=1)
+    chunk = blosc2.compress2(array, typesize=array.dtype.itemsize, clevel=5, filters=[blosc2.Filter.SHUFFLE],
+                             codec=blosc2.Codec.LZ4HC, nthreads=1)
     if len(chunk) == array.nbytes:
         return encode_npy(array)
     return header.getvalue() + chunk
