@@ -103,9 +103,6 @@ def read_npy_member(f, size: int = None) -> np.ndarray:
     return image.T if fortran else image
 
 
-_read_npy = read_npy_member  # The name benchmarks and older helpers import.
-
-
 class DatasetError(RuntimeError):
     """A dataset file is missing, unreadable or inconsistent; the message names the file.
 
