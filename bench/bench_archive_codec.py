@@ -18,7 +18,7 @@ is read ``--repeats`` times from a warm page cache and the best pass counts, by 
 process's CPU time (the figure to compare on a shared machine). blosc2 is a dependency of the project; the blosc2
 rows are skipped, with the reason, where it does not import.
 
-    OMP_NUM_THREADS=1 python bench/bench_archive_codec.py --json archive_codec.json
+    OMP_NUM_THREADS=1 python bench/bench_archive_codec.py --out archive_codec.json
 """
 
 import json
@@ -38,8 +38,6 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 CASE = ROOT.parent / 'shared' / 'data' / 'brats' / 'BraTS-GLI-00000-000'
-
-from training.cli import PATH, json_option  # noqa: E402
 
 
 def make_stored_archive(dest: Path, source: Path, resolution: int) -> float:
@@ -139,15 +137,14 @@ def load_all(path: Path, kind: str, blosc2) -> tuple:
 
 
 @click.command()
-@click.option('--case', 'case', metavar='PATH', type=PATH, default=str(CASE), show_default=True,
+@click.option('--case', 'case', type=click.Path(file_okay=False), default=str(CASE), show_default=True,
               help='BraTS case folder (all four modalities and seg)')
-@click.option('--resolution', metavar='INT', type=int, default=256, show_default=True, help='Slice side')
-@click.option('--deflate-levels', metavar='LIST', default='1,6', show_default=True, help='zlib levels measured')
-@click.option('--repeats', metavar='INT', type=click.IntRange(min=1), default=3, show_default=True,
-              help='Passes per form (best counts)')
-@click.option('--workdir', metavar='PATH', type=PATH, default=None, help='Keep the archives here')
-@json_option()
-def main(case, resolution, deflate_levels, repeats, workdir, json_path):
+@click.option('--resolution', type=int, default=256, show_default=True, help='Slice side')
+@click.option('--deflate-levels', default='1,6', show_default=True, help='zlib levels measured')
+@click.option('--repeats', type=click.IntRange(min=1), default=3, show_default=True, help='Passes per form (best counts)')
+@click.option('--workdir', type=click.Path(file_okay=False), default=None, help='Keep the archives here')
+@click.option('--out', metavar='JSON', type=click.Path(dir_okay=False), default=None, help='Write the results here')
+def main(case, resolution, deflate_levels, repeats, workdir, out):
     """Bytes and single-thread load rate of each codec on the same archive members."""
     case = Path(case)
     if not case.is_dir() or not any(case.glob('*seg.nii*')):
@@ -198,8 +195,8 @@ def main(case, resolution, deflate_levels, repeats, workdir, json_path):
     wins = [r['form'] for r in rows[1:] if r['bytes_vs_stored'] <= 1 / 3 and r['rate_vs_stored'] >= 1.0
             and r['cpu_rate_vs_stored'] >= 1.0]
     print(f'<= 1/3 of the bytes with loading no slower: {", ".join(wins) if wins else "none"}')
-    if json_path:
-        Path(json_path).write_text(json.dumps(dict(case=str(case), resolution=resolution, repeats=repeats, blosc2=blosc2_note,
+    if out:
+        Path(out).write_text(json.dumps(dict(case=str(case), resolution=resolution, repeats=repeats, blosc2=blosc2_note,
                                              rows=rows, wins=wins, machine=dict(
                                                  platform=platform.platform(), cpus=os.cpu_count(),
                                                  processor=platform.processor(), python=platform.python_version())),
