@@ -91,7 +91,8 @@ def _parse_percentiles(value):
 @click.option('--max-cases',          metavar='INT', type=click.IntRange(min=1), default=None, help='Convert at most this many cases')
 @click.option('--workers',            metavar='INT', type=click.IntRange(min=1), default=1, show_default=True, help='Worker processes')
 @click.option('--on-error',           type=click.Choice(['fail', 'skip']), default='fail', show_default=True, help='Stop at a bad case, or skip it')
-@click.option('--compress-level',     metavar='INT', type=click.IntRange(0, 9), default=0, show_default=True, help='PNG deflate: 0 store, 1 fast RLE, 2-9 zlib')
+@click.option('--compress-level',     metavar='INT', type=click.IntRange(0, 9), default=0, show_default=True, help='PNG deflate: 0 store, 1 fast RLE, 2-9 zlib (and the level of --codec deflate, 1 if 0)')
+@click.option('--codec',              type=click.Choice(['blosc2', 'deflate', 'stored']), default='blosc2', show_default=True, help='Form of .npy members: blosc2 (shuffle + LZ4HC), deflate, stored')
 @click.option('--brats-root',         metavar='DIR', type=PATH, default=None, help='BraTS-Africa folder (else $BRATS_AFRICA_DIR)')
 @click.option('--download',           metavar='URL', default=None, help='Fetch and extract a BraTS-Africa archive')
 @click.option('--sha256',             metavar='HEX', default=None, help='Expected sha256 of --download')
@@ -102,7 +103,7 @@ def _parse_percentiles(value):
 @bool_option('--overwrite',           help='Replace an existing --dest')
 def main(source, dest, kind, planes, resolution, volume_size, patch_size, patches_per_case, healthy_per_case,
          modalities, with_seg, labels, normalize, percentiles, denoise, bit_depth, min_brain_fraction, split,
-         split_seed, max_cases, workers, on_error, compress_level, brats_root, download, sha256, phantom_cases, seed,
+         split_seed, max_cases, workers, on_error, compress_level, codec, brats_root, download, sha256, phantom_cases, seed,
          progress, no_progress, overwrite):
     _check_resolution(kind, resolution)
     patch_size = _parse_patch_size(patch_size) if kind == 'patches' else (64, 64, 64)
@@ -136,6 +137,7 @@ def main(source, dest, kind, planes, resolution, volume_size, patch_size, patche
         workers=workers,
         on_error=on_error,
         compress_level=compress_level,
+        codec=codec,
         overwrite=overwrite,
         patch_size=patch_size,
         patches_per_case=patches_per_case,

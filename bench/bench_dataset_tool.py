@@ -16,8 +16,8 @@ Cases: the real case from ../shared/data/brats, repeated --cases times under dis
 
 --storage compares archive layouts of one configuration (default: all four modalities + seg, 256^2, three planes)
 in one run (issue 11): the layout archives had before label maps (three one-hot uint16 seg channels, stored; rebuilt
-here from the new archive, pixel for pixel), the label-map layout stored (--compress-level 0) and deflated
-(--compress-level 1). Per layout: archive size, conversion time, and training-time loading: every image read
+here from the new archive, pixel for pixel), the label-map layout stored (--codec stored) and deflated
+(--codec deflate, level 1); bench/bench_archive_codec.py measures the blosc2 default. Per layout: archive size, conversion time, and training-time loading: every image read
 through training.dataset.ImageFolderDataset (what each DataLoader worker runs), wall and CPU img/s, best of
 --repeats, the layouts interleaved within each repeat. "before" rows read the old layout with the reader the project
 had before (np.load on the member's bytes), i.e. what training cost until now.
@@ -150,8 +150,8 @@ def _legacy_read_npy(f, size=None):
 def time_loading(path, legacy_reader):
     """(images, wall s, CPU s) to read every image of the archive through ImageFolderDataset.__getitem__."""
     import training.dataset as td
-    reader = td._read_npy
-    td._read_npy = _legacy_read_npy if legacy_reader else reader
+    reader = td.read_npy_member
+    td.read_npy_member = _legacy_read_npy if legacy_reader else reader
     try:
         d = td.ImageFolderDataset(str(path))
         d[0]  # open the zip
@@ -160,7 +160,7 @@ def time_loading(path, legacy_reader):
             d[i]
         return len(d), time.perf_counter() - t0, time.process_time() - c0
     finally:
-        td._read_npy = reader
+        td.read_npy_member = reader
 
 
 def run_storage(root, tmp, kwargs, repeats):
@@ -169,7 +169,8 @@ def run_storage(root, tmp, kwargs, repeats):
     for name, level in (('labelmap-stored', 0), ('labelmap-deflate1', 1)):
         dest = Path(tmp) / f'{name}.zip'
         t0 = time.perf_counter()
-        convert.convert_brats(root, dest, convert.ConvertOptions(**kwargs, compress_level=level), progress=False)
+        opts = convert.ConvertOptions(**kwargs, compress_level=level, codec='deflate' if level else 'stored')
+        convert.convert_brats(root, dest, opts, progress=False)
         layouts[name] = dict(path=dest, convert_s=time.perf_counter() - t0)
     onehot = Path(tmp) / 'onehot-stored.zip'
     write_onehot_layout(layouts['labelmap-stored']['path'], onehot)

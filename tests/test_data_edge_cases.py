@@ -137,16 +137,27 @@ def test_labelmap_storage_deflate_and_old_layout(project_archive, tmp_path):
     assert d.channels == ['t2w', 't2f', 'seg_netc', 'seg_snfh', 'seg_et']
     tumour = [img for img, _ in arrays.values() if img[2:].any()]
     assert tumour and all(set(np.unique(img[2:])) <= {0, 65535} and img[2:].sum(0).max() == 65535 for img in tumour)
-    # --compress-level deflates the .npy entries: smaller, identical content.
-    small = tmp_path / 'small.zip'
-    ok('--source', project_archive.parent.parent / 'cases0', '--dest', small, '--resolution', 32,
-       '--modalities', 't2w,t2f', '--with-seg', '--labels', 'tumour', '--split', 'val=0.5', '--planes',
-       'axial,sagittal', '--compress-level', 1)
-    with zipfile.ZipFile(small) as z:
+    # The default .npy form is blosc2 (dataset.json "codec"); --codec deflate and --codec stored write the old forms.
+    # All three hold the same arrays; deflate and blosc2 are smaller than stored.
+    assert meta['codec'] == 'blosc2-shuffle-lz4hc5'
+    forms = {}
+    for codec in ('deflate', 'stored'):
+        forms[codec] = tmp_path / f'{codec}.zip'
+        ok('--source', project_archive.parent.parent / 'cases0', '--dest', forms[codec], '--resolution', 32,
+           '--modalities', 't2w,t2f', '--with-seg', '--labels', 'tumour', '--split', 'val=0.5', '--planes',
+           'axial,sagittal', '--codec', codec)
+    with zipfile.ZipFile(forms['deflate']) as z:
         assert {i.compress_type for i in z.infolist() if i.filename.endswith('.npy')} == {zipfile.ZIP_DEFLATED}
-    assert small.stat().st_size < project_archive.stat().st_size / 2
-    deflated, _ = _dataset_arrays(small)
-    assert all(np.array_equal(deflated[k][0], arrays[k][0]) for k in arrays)
+        assert json.loads(z.read('dataset.json'))['codec'] == 'deflate-1'
+    stored_files, stored_meta = read_archive(forms['stored'])
+    assert stored_meta['codec'] == 'stored'
+    assert all(np.array_equal(np.load(io.BytesIO(stored_files[k]), allow_pickle=False), npy(files[k]))
+               for k in stored_files if k.endswith('.npy'))  # plain .npy files, as before
+    assert forms['deflate'].stat().st_size < forms['stored'].stat().st_size / 2
+    assert project_archive.stat().st_size < forms['stored'].stat().st_size / 2
+    for codec in ('deflate', 'stored'):
+        other, _ = _dataset_arrays(forms[codec])
+        assert all(np.array_equal(other[k][0], arrays[k][0]) for k in arrays)
     # An archive in the old layout (three one-hot channels, no seg_storage) still loads, to the same arrays.
     old = tmp_path / 'old.zip'
     with zipfile.ZipFile(old, 'w') as z:

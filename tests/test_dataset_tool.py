@@ -20,6 +20,7 @@ import dataset_tool
 from mri.sources import archive, brats, download, preprocess
 from mri.output.nifti import save_volume_nifti
 from mri.seg import decode_seg, encode_seg
+from training.dataset import read_npy_member
 
 REAL = Path(__file__).resolve().parents[1].parent / 'shared/data/brats'
 REAL_CASE = REAL / 'BraTS-GLI-00000-000'
@@ -56,7 +57,7 @@ def png(data):
 
 
 def npy(data):
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    return read_npy_member(io.BytesIO(data), len(data))  # any form of .npy member (blosc2 by default)
 
 
 def onehot(x):

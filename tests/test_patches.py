@@ -14,6 +14,7 @@ from click.testing import CliRunner
 import dataset_tool
 from mri.seg import SEG_CHANNELS, encode_seg
 from mri.sources import brats, patches, preprocess
+from training.dataset import read_npy_member
 from mri.sources.phantom import write_phantom_cases
 from training.dataset import ImageFolderDataset
 
@@ -149,7 +150,7 @@ def ok(*args):
 
 def read_zip(path):
     with zipfile.ZipFile(path) as z:
-        files = {n: np.load(io.BytesIO(z.read(n))) for n in z.namelist() if n.endswith('.npy')}
+        files = {n: read_npy_member(z.open(n), z.getinfo(n).file_size) for n in z.namelist() if n.endswith('.npy')}
         return files, json.loads(z.read('dataset.json'))
 
 

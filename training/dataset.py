@@ -19,29 +19,86 @@ import dnnlib
 from torch_utils.label_channels import label_channel_indices, labelmap_to_onehot
 
 # What reading a damaged file raises: PIL gives SyntaxError for a broken PNG, zipfile's inflater zlib.error for a
-# damaged deflated member (BadZipFile for a CRC mismatch), a truncated file EOFError.
+# damaged deflated member (BadZipFile for a CRC mismatch), a truncated file EOFError, a damaged blosc2 member
+# ValueError (read_npy_member).
 READ_ERRORS = (OSError, ValueError, EOFError, SyntaxError, zlib.error, zipfile.BadZipFile,
                PIL.Image.DecompressionBombError)
 
 IMAGE_EXTS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff', '.webp', '.npy')
 
 
-def _read_npy(f, size: int = None) -> np.ndarray:
-    """A .npy array read straight from a file object into a fresh writable array: one copy, where np.load on a zip
-    member (no fileno) copies the bytes twice more in 256 KB chunks. ``size``: the file's length in bytes, so that a
-    header claiming more data than the file holds is refused before the claim is allocated."""
+# .npy members come in two forms, told apart by their bytes (the member keeps its .npy name either way, so nothing
+# keyed on names changes): the plain .npy file, or its header followed by one blosc2 chunk of the pixels (byte
+# shuffle + LZ4HC, mri.sources.archive.blosc2_npy), which dataset_tool.py writes by default. A blosc2 chunk starts
+# with 16 bytes: format version, codec version, flags, typesize, then little-endian int32 uncompressed bytes,
+# block size and chunk bytes. The writer never emits a chunk exactly as long as the raw pixels, so the member's
+# length alone says which form it is, and the chunk's own sizes must agree with the .npy header and the member.
+_BLOSC2_HEAD = 16
+_BLOSC2_FREE_BYTES = 1 << 26    # A chunk may claim this much whatever its size ...
+_BLOSC2_MAX_RATIO = 1000        # ... and beyond it at most this many times its own bytes (real slices: 3-5x).
+
+
+def _npy_header(f):
     version = np.lib.format.read_magic(f)
     if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    else:
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        return np.lib.format.read_array_header_1_0(f)
+    return np.lib.format.read_array_header_2_0(f)
+
+
+def _blosc2_sizes(head: bytes):
+    """(uncompressed bytes, chunk bytes) from the start of a blosc2 chunk; None where ``head`` is no blosc2 chunk."""
+    if len(head) < _BLOSC2_HEAD or not 2 <= head[0] <= 10 or not 1 <= head[3] <= 255:
+        return None
+    nbytes, _blocksize, cbytes = np.frombuffer(head, '<i4', 3, offset=4).tolist()
+    return (nbytes, cbytes) if nbytes >= 0 and cbytes >= 32 else None
+
+
+def _decode_blosc2(chunk: bytes, image: np.ndarray):
+    """Decompresses one blosc2 chunk into ``image`` (sized by the caller from the checked claim), in this thread:
+    blosc2 with one thread starts no thread pool, so DataLoader workers forked after a read stay safe."""
+    try:
+        import blosc2
+    except ImportError:
+        raise ValueError('a blosc2-compressed member, and blosc2 does not import (pip install blosc2)') from None
+    try:
+        blosc2.decompress2(chunk, dst=image, nthreads=1)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise ValueError(f'damaged blosc2 data ({str(err).strip() or type(err).__name__})') from None
+
+
+def read_npy_member(f, size: int = None) -> np.ndarray:
+    """A .npy archive member or file, either form (see above), read into a fresh writable array: the one decoder
+    of .npy members that every reader uses. ``size``: the member's length in bytes. Every size claim is checked
+    before the array is allocated: a plain member's header may not claim more bytes than the member holds, and a
+    blosc2 member's header and chunk must claim the same size, at most ``_BLOSC2_MAX_RATIO`` times the chunk's bytes
+    (beyond 64 MiB). Raises ValueError (or the file's own read errors) with the problem in one line."""
+    shape, fortran, dtype = _npy_header(f)
     if dtype.hasobject:
         raise ValueError('object arrays are not images')
     claim = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
-    if size is not None and claim > size:
-        raise ValueError(f'its header claims shape {tuple(shape)} ({claim} bytes), more than the file holds ({size})')
+    payload = None if size is None else size - f.tell()
+    head = b''
+    if payload is not None and payload != claim:
+        head = f.read(min(_BLOSC2_HEAD, payload))
+        if _blosc2_sizes(head) == (claim, payload):
+            if claim > max(_BLOSC2_FREE_BYTES, _BLOSC2_MAX_RATIO * payload):
+                raise ValueError(f'its header claims shape {tuple(shape)} ({claim} bytes) from {payload} bytes of '
+                                 f'blosc2 data, more than {_BLOSC2_MAX_RATIO}x; refused')
+            chunk = bytearray(payload)  # One copy of the compressed bytes, read in place.
+            chunk[:len(head)] = head
+            if len(head) + f.readinto(memoryview(chunk)[len(head):]) != payload:
+                raise ValueError(f'truncated blosc2 data (expected {payload} bytes)')
+            image = np.zeros(shape[::-1] if fortran else shape, dtype)
+            _decode_blosc2(chunk, image)
+            return image.T if fortran else image
+        if payload < claim:
+            raise ValueError(f'its header claims shape {tuple(shape)} ({claim} bytes), more than the file holds '
+                             f'({size}): truncated, or a damaged blosc2 chunk (its sizes disagree)')
+    head = head[:claim]  # A plain member with bytes after its pixels (np.save writes none): they are ignored.
     image = np.empty(shape[::-1] if fortran else shape, dtype)
-    if f.readinto(memoryview(image).cast('B')) != image.nbytes:
+    view = memoryview(image).cast('B')
+    view[:len(head)] = head
+    if len(head) + f.readinto(view[len(head):]) != image.nbytes:
         raise ValueError(f'truncated .npy data (expected {image.nbytes} bytes for shape {shape})')
     return image.T if fortran else image
 
@@ -235,10 +292,8 @@ class ImageFolderDataset(Dataset):
                 raise DatasetError(f'{self._path}/{fname}: a volume archive holds only .npy volumes')
             try:
                 with self._open_file(fname) as f:
-                    if npy:
-                        version = np.lib.format.read_magic(f)
-                        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                        shape, _order, dtype = read(f)
+                    if npy:  # Both forms of a .npy member begin with the plain header.
+                        shape, _order, dtype = _npy_header(f)
                         form = (tuple(shape), str(dtype))
                     else:
                         with PIL.Image.open(f) as im:  # Reads the header only.
@@ -328,7 +383,7 @@ class ImageFolderDataset(Dataset):
         try:
             with self._open_file(fname) as f:
                 if fname.lower().endswith('.npy'):
-                    image = _read_npy(f, self._file_size(fname))
+                    image = read_npy_member(f, self._file_size(fname))
                 else:
                     image = np.array(PIL.Image.open(f))
         except READ_ERRORS as err:

@@ -219,13 +219,16 @@ class ArchiveSource(LabelSource):
         return len(self.files)
 
     def _read(self, name):
+        from training.dataset import read_npy_member  # the one decoder of .npy members
         try:
             if os.path.isdir(self.path):
-                return np.load(os.path.join(self.path, name))
-            if self._zip is None:
-                self._zip = zipfile.ZipFile(self.path)
-            return np.load(io.BytesIO(self._zip.read(name)))
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+                data = open(os.path.join(self.path, name), 'rb').read()
+            else:
+                if self._zip is None:
+                    self._zip = zipfile.ZipFile(self.path)
+                data = self._zip.read(name)
+            return read_npy_member(io.BytesIO(data), len(data))  # any form of .npy member (plain, blosc2)
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as err:
             raise LabelSourceError(f'{self.path}: entry {name} cannot be read ({err})') from None
 
     def _plane_of(self, name):

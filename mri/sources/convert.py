@@ -54,7 +54,8 @@ class ConvertOptions:
     max_cases: int = None                   # None = all
     workers: int = 1                        # processes
     on_error: str = 'fail'                  # 'fail' or 'skip'
-    compress_level: int = 0                 # deflate of PNG and .npy files: 0 stored (fastest), 1 fast RLE, 2-9 zlib
+    compress_level: int = 0                 # PNG deflate: 0 stored (fastest), 1 fast RLE, 2-9 zlib; deflated .npy's level
+    codec: str = 'blosc2'                   # form of .npy members: blosc2, deflate (at compress_level, 1 if 0), stored
     overwrite: bool = False                 # replace an existing --dest
     patch_size: tuple = (64, 64, 64)        # patches: 3 sides = 3D (x, y, z), 2 = 2D crops (H, W) in `planes`
     patches_per_case: int = 8               # patches: tumour patches per case (2D: per case and plane)
@@ -62,6 +63,8 @@ class ConvertOptions:
     seed: int = 0                           # patches: seed of the patch centres (per case with its id)
 
     def validate(self):
+        if self.codec not in archive.NPY_CODECS:
+            raise ConversionError(f'--codec must be one of {", ".join(archive.NPY_CODECS)}, got {self.codec!r}')
         if self.kind not in ('slices', 'volumes', 'patches'):
             raise ConversionError(f'--kind must be slices, volumes or patches, got {self.kind!r}')
         problem = patches.check_options(self) if self.kind == 'patches' else None
@@ -238,7 +241,7 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
             assign = dict(base, **({'modality': tag} if tag else {}))
             if 'tumour' in opts.labels:
                 assign['tumour'] = TUMOUR_VALUES[0] if seg.any() else TUMOUR_VALUES[1]
-            result['entries'].append((relpath, *_npy_entry(array, opts.compress_level)))
+            result['entries'].append((relpath, *_npy_entry(array, opts)))
             result['labels'].append((relpath, assign))
             result['affines'][relpath] = affine
         result['counts']['volumes'] = len(images)
@@ -273,7 +276,7 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
                 if opts.with_seg:
                     chans.append(seg.astype(dtype))  # one label-map channel, values 0-3 (SEG_STORAGE)
                 stack = np.stack(chans, axis=1)  # (n, C, H, W)
-                data, crcs, sizes = zip(*[_npy_entry(s, opts.compress_level) for s in stack])
+                data, crcs, sizes = zip(*[_npy_entry(s, opts) for s in stack])
                 ext = 'npy'
             for k, name in enumerate(names):
                 relpath = f'{prefix}{name}.{ext}'
@@ -309,9 +312,10 @@ def convert_case(case_files, opts, groups, threads=None, loading=None):
     return result
 
 
-def _npy_entry(array, level):
-    """(data, CRC-32 or None, deflated size or None): an entry of `entries` after its relpath."""
-    entry = archive.npy_entry(array, level)
+def _npy_entry(array, opts):
+    """(data, CRC-32 or None, deflated size or None): an entry of `entries` after its relpath, in the form
+    opts.codec."""
+    entry = archive.npy_entry(array, opts.codec, opts.compress_level)
     return entry if len(entry) == 3 else (entry[0], None, None)
 
 
@@ -508,6 +512,8 @@ def convert_brats(
         }
         if opts.with_seg:
             meta['seg_storage'] = SEG_STORAGE
+        if any(relpath.endswith('.npy') for relpath, _ in labels):
+            meta['codec'] = archive.codec_record(opts.codec, opts.compress_level)  # of the .npy members
         if opts.kind == 'volumes':
             meta['affines'] = affines
             meta['space'] = volume_space.archive_space(natives)  # the frame of generated volumes (generate.py)

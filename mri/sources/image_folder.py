@@ -107,7 +107,7 @@ def convert_image_folder(
             data = read(name)
             if name.lower().endswith('.npy'):
                 array, scale = _resize_array(_load_npy(data, f'{source}/{name}'), side, seg, f'{source}/{name}')
-                writer.add(relpath, *archive.npy_entry(array, opts.compress_level))
+                writer.add(relpath, *archive.npy_entry(array, opts.codec, opts.compress_level))
                 if volumes and name in (meta.get('affines') or {}):
                     affines[relpath] = _rescaled_affine(meta['affines'][name], scale)
             else:
@@ -147,8 +147,9 @@ def _seg_layout(meta):
 
 def _load_npy(data, where):
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except (OSError, ValueError) as e:
+        from training.dataset import read_npy_member  # here: the decoder's module imports torch
+        array = read_npy_member(io.BytesIO(data), len(data))  # any form of .npy member (plain, blosc2)
+    except (OSError, ValueError, EOFError) as e:
         raise brats.BratsError(where, f'cannot be read as .npy ({e})') from None
     if array.ndim not in (3, 4) or array.dtype not in (np.uint8, np.uint16):
         raise brats.BratsError(where, f'expected a (C,H,W) or (C,D,H,W) uint8/uint16 array, got {array.dtype} '
@@ -225,6 +226,8 @@ def _output_meta(meta, project, labels, relpaths, affines, seg, source, side, op
     if seg:
         out['seg_storage'] = SEG_STORAGE
     out['resolution'] = side
+    if any(r.endswith('.npy') for r in relpaths.values()):
+        out['codec'] = archive.codec_record(opts.codec, opts.compress_level)  # of the .npy members
     out['source'] = {'type': 'archive', 'path': str(source), 'tool': 'dataset_tool.py', 'resolution': side,
                      'compress_level': opts.compress_level, 'original': meta.get('source')}
     return out

@@ -374,7 +374,7 @@ def patch_case(
             assign = dict(base, **({'plane': plane} if two_d else {}))
             if 'tumour' in opts.labels:
                 assign['tumour'] = TUMOUR_VALUES[0] if seg.any() else TUMOUR_VALUES[1]
-            result['entries'].append((relpath, *_npy_entry(stack, opts.compress_level)))
+            result['entries'].append((relpath, *_npy_entry(stack, opts)))
             result['labels'].append((relpath, assign))
             result['patches'][relpath] = dict(case=cid, centre=list(centre), type=kind,
                                               **({'plane': plane} if two_d else {}))
