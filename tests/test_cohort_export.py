@@ -409,8 +409,11 @@ def test_painted_brats_dataset_refuses_a_foreign_outdir(paint, tmp_path):
 @pytest.mark.slow
 def test_torchrun_two_gloo_processes_write_every_case_once(nets, tmp_path):
     single, multi = tmp_path / 'single', tmp_path / 'multi'
-    ok('--network', nets['vol'], '--seeds', '0-2', '--class', 'all', '--format', 'nnunet', '--outdir', single)
-    env = dict(os.environ, OMP_NUM_THREADS='1')
+    env = dict(os.environ, OMP_NUM_THREADS='1')  # both one thread a process: float sums alike, so bytes alike
+    res = subprocess.run([sys.executable, 'generate.py', '--network', nets['vol'], '--seeds', '0-2', '--class', 'all',
+                          '--format', 'nnunet', '--outdir', str(single), '--device', 'cpu'],
+                         cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
     res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2',
                           'generate.py', '--network', nets['vol'], '--seeds', '0-2', '--class', 'all', '--format',
                           'nnunet', '--outdir', str(multi), '--device', 'cpu'],

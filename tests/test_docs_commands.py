@@ -155,6 +155,7 @@ SIZE_RULES = {
     '--cols':             lambda v: ','.join(v.split(',')[:2]),
     '--styles':           lambda v: '0-1' if int(re.findall(r'\d+', v)[0]) < 4 else '4-5',  # a 16-pixel G has 6 ws
     '--num-steps':        lambda v: '2',
+    '--num':              lambda v: '2',
     '--frames':           lambda v: '4',
     '--num-cases':        lambda v: '2',
     '--split':            lambda v: v.split('=')[0] + '=0.5',       # 10% of 4 cases is none
@@ -168,6 +169,8 @@ TINY_ADDITIONS = {
     'calc_segmentation.py': ['--steps', '2', '--folds', '2', '--features', '4', '--levels', '2', '--batch', '2',
                              '--patch', '8', '--synthetic-ratio', '1'],
     'dataset_tool.py':      ['--phantom-cases', '4'],
+    'calc_privacy.py':      ['--num', '2', '--num-steps', '2'],
+    'projector.py':         ['--num-steps', '2'],
 }
 ALWAYS = {'train.py': {'--metrics': 'none'}}
 RESUME_KEEPS = {'--kimg', '--tick', '--snap', '--metrics'}  # What a continued run (--resume RUN_DIR) may change.
@@ -356,6 +359,9 @@ def run_command(cmd: DocCommand, fixtures) -> tuple:
         except subprocess.TimeoutExpired:
             return False, words, 'timed out after 120 s: mark it # [long] in the doc'
         return proc.returncode == 0, words, proc.stdout + proc.stderr
+    if program == 'torchrun':  # one process here: the launcher's own options go (tests of torchrun spawn real ones)
+        while rest and rest[0].startswith('--'):
+            rest = rest[1:] if '=' in rest[0] or rest[0] == '--standalone' else rest[2:]
     if rest[0] == '-m':
         script, args = rest[1], rest[2:]
         path = os.path.join(ROOT, *script.split('.')) + '.py'
