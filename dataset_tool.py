@@ -92,7 +92,7 @@ def _parse_percentiles(value):
 @click.option('--workers',            metavar='INT', type=click.IntRange(min=1), default=1, show_default=True, help='Worker processes')
 @click.option('--on-error',           type=click.Choice(['fail', 'skip']), default='fail', show_default=True, help='Stop at a bad case, or skip it')
 @click.option('--compress-level',     metavar='INT', type=click.IntRange(0, 9), default=0, show_default=True, help='PNG deflate: 0 store, 1 fast RLE, 2-9 zlib (and the level of --codec deflate, 1 if 0)')
-@click.option('--codec',              type=click.Choice(['blosc2', 'deflate', 'stored']), default='blosc2', show_default=True, help='Form of .npy members: blosc2 (shuffle + LZ4HC), deflate, stored')
+@click.option('--codec',              type=click.Choice(['blosc2', 'deflate', 'stored']), default=None, help='Form of .npy members: blosc2 (shuffle + LZ4HC), deflate, stored [default: blosc2 in a zip --dest, stored in a folder]')
 @click.option('--brats-root',         metavar='DIR', type=PATH, default=None, help='BraTS-Africa folder (else $BRATS_AFRICA_DIR)')
 @click.option('--download',           metavar='URL', default=None, help='Fetch and extract a BraTS-Africa archive')
 @click.option('--sha256',             metavar='HEX', default=None, help='Expected sha256 of --download')

@@ -55,7 +55,8 @@ class ConvertOptions:
     workers: int = 1                        # processes
     on_error: str = 'fail'                  # 'fail' or 'skip'
     compress_level: int = 0                 # PNG deflate: 0 stored (fastest), 1 fast RLE, 2-9 zlib; deflated .npy's level
-    codec: str = 'blosc2'                   # form of .npy members: blosc2, deflate (at compress_level, 1 if 0), stored
+    codec: str = None                       # form of .npy members: blosc2, deflate (at compress_level, 1 if 0), stored;
+                                            # None = blosc2 in a zip, stored in a folder (files np.load opens)
     overwrite: bool = False                 # replace an existing --dest
     patch_size: tuple = (64, 64, 64)        # patches: 3 sides = 3D (x, y, z), 2 = 2D crops (H, W) in `planes`
     patches_per_case: int = 8               # patches: tumour patches per case (2D: per case and plane)
@@ -63,7 +64,7 @@ class ConvertOptions:
     seed: int = 0                           # patches: seed of the patch centres (per case with its id)
 
     def validate(self):
-        if self.codec not in archive.NPY_CODECS:
+        if self.codec is not None and self.codec not in archive.NPY_CODECS:
             raise ConversionError(f'--codec must be one of {", ".join(archive.NPY_CODECS)}, got {self.codec!r}')
         if self.kind not in ('slices', 'volumes', 'patches'):
             raise ConversionError(f'--kind must be slices, volumes or patches, got {self.kind!r}')
@@ -704,6 +705,9 @@ def convert_source(
 ):
     """Dispatches on the source and converts, holding the destination's lock; returns the summary dict (see
     format_summary)."""
+    opts = opts or ConvertOptions()
+    if opts.codec is None:  # zip archives get the compact form; a folder's .npy files stay what np.load opens
+        opts = dataclasses.replace(opts, codec='blosc2' if str(dest).lower().endswith('.zip') else 'stored')
     with locked_dest(dest):
         return _convert_source(source, dest, opts, brats_root, download, sha256, phantom_cases, seed, progress)
 
