@@ -189,10 +189,11 @@ class PidLock:
     on one output (two dataset_tool.py runs to one --dest). The kernel drops the flock when its process ends,
     however it ends, so the lock of a dead process (SIGKILL) is taken over without a word; a live holder makes
     ``__enter__`` raise LockBusy at once (never waits). The file is removed on release, and a lock taken on a
-    file that another process removed meanwhile is taken again on the new one, so two holders never coexist."""
+    file that another process removed meanwhile is taken again on the new one, so two holders never coexist.
+    With ``remove=False`` the file stays on release (a run dir's run.lock: the next holder overwrites the PID)."""
 
-    def __init__(self, path: str):
-        self.path = path
+    def __init__(self, path: str, remove: bool = True):
+        self.path, self.remove = path, remove
         self.fd = None
 
     def __enter__(self):
@@ -219,11 +220,12 @@ class PidLock:
 
     def __exit__(self, *exc):
         if self.fd is not None:
-            try:
-                os.remove(self.path)  # Still holding the flock: nobody else owns this file.
-            except OSError:
-                pass
-            os.close(self.fd)
+            if self.remove:
+                try:
+                    os.remove(self.path)  # Still holding the flock: nobody else owns this file.
+                except OSError:
+                    pass
+            os.close(self.fd)  # Releases the flock.
             self.fd = None
 
 

@@ -17,6 +17,7 @@ import re
 import numpy as np
 import torch
 
+import dnnlib
 from torch_utils import snapshot
 
 STATE_NAME = 'training-state.pt'
@@ -136,27 +137,22 @@ class RunLock:
         self.path = os.path.join(run_dir, LOCK_NAME)
         self.temp_dirs = [run_dir] + [os.path.join(run_dir, d) for d in temp_dirs]
         self.doing, self.hint = doing, hint
-        self.fd = None
+        self.lock = None
 
     def __enter__(self):
-        import fcntl
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        lock = dnnlib.PidLock(self.path, remove=False)  # the file stays: a later trainer overwrites the PID
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode(errors='replace').strip() or 'unknown'
-            os.close(fd)
-            raise RunDirBusy(f'{self.run_dir}: another process (PID {holder}) is {self.doing}; {self.hint}') from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f'{os.getpid()}\n'.encode())
-        self.fd = fd
+            lock.__enter__()
+        except dnnlib.LockBusy as err:
+            raise RunDirBusy(f'{self.run_dir}: another process (PID {err.pid}) is {self.doing}; {self.hint}') from None
+        self.lock = lock
         remove_stale_temps(self.temp_dirs)
         return self
 
     def __exit__(self, *exc):
-        if self.fd is not None:
-            os.close(self.fd)  # Releases the flock; the file stays (a later trainer overwrites the PID).
-            self.fd = None
+        if self.lock is not None:
+            self.lock.__exit__(*exc)
+            self.lock = None
 
 
 def remove_stale_temps(folders) -> list:
