@@ -213,6 +213,12 @@ def test_reconvert_volume_archive_rescales_affines(two_cases, tmp_path):
     assert np.allclose(a16 @ [7.5, 7.5, 7.5, 1], a8 @ [3.5, 3.5, 3.5, 1])
     assert np.allclose(a16 @ [-0.5, -0.5, -0.5, 1], a8 @ [-0.5, -0.5, -0.5, 1])
     assert ImageFolderDataset(str(tmp_path / 'v8.zip'))[0][0].shape == (4, 8, 8, 8)
+    # The archive's space and native grids follow (they place generated volumes; re-converting dropped them).
+    assert set(m8['native_grids']) == set(m16['native_grids']) and m8['space']['shape'] == [8, 8, 8]
+    case = m8['file_cases'][rel]
+    assert m8['native_grids'][case]['size'] == 8 and m8['native_grids'][case]['cube'] == m16['native_grids'][case]['cube']
+    from mri import volume_space
+    assert np.allclose(volume_space.grid_affine(m8['native_grids'][case]), a8)  # the same frame as the affine
 
 
 def test_discover_ignores_debris_and_reports_unreadable(tmp_path, monkeypatch):
@@ -239,3 +245,16 @@ def test_npy_reader_fortran_order_and_truncation(tmp_path):
     (tmp_path / 'f.npy').write_bytes(data[:-5])
     with pytest.raises(DatasetError, match='f.npy: unreadable image .*truncated'):
         ImageFolderDataset(str(tmp_path))
+
+
+def test_image_folder_mixing_grey_and_rgb_is_refused_naming_the_file(tmp_path):
+    """An image folder of grey and RGB PNGs converted into an archive that training failed on late, with a bare
+    AssertionError; conversion now refuses it in one line naming the odd file, and writes nothing."""
+    from PIL import Image
+    src = tmp_path / 'src'
+    src.mkdir()
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(src / 'a.png')
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(src / 'b.png')
+    r = run_tool('--source', src, '--dest', tmp_path / 'o.zip', '--resolution', 16)
+    assert r.exit_code != 0 and 'b.png' in r.output and 'grey' in r.output and 'Traceback' not in r.output, r.output
+    assert not (tmp_path / 'o.zip').exists()

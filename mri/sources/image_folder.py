@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 import dnnlib
+from mri import volume_space
 from mri.sources import archive, brats, preprocess
 from mri.seg import SEG_CHANNELS, SEG_STORAGE, onehot_to_labelmap
 
@@ -98,6 +99,7 @@ def convert_image_folder(
     given = dict((k, v) for k, v in (meta or {}).get('labels') or [])
     labels = [] if given else None
     relpaths, affines = {}, {}
+    first_kind = None  # (image kind, its first file): every image of an archive must be of one kind
     bar = dnnlib.ProgressBar(len(images), unit='images', enabled=progress)
     t0 = time.time()
     with archive.ArchiveWriter(dest, opts.overwrite) as writer:
@@ -111,7 +113,12 @@ def convert_image_folder(
                 if volumes and name in (meta.get('affines') or {}):
                     affines[relpath] = _rescaled_affine(meta['affines'][name], scale)
             else:
-                writer.add(relpath, _resized_png(data, f'{source}/{name}', side, opts.compress_level))
+                png, kind = _resized_png(data, f'{source}/{name}', side, opts.compress_level)
+                first_kind = first_kind or (kind, name)
+                if kind != first_kind[0]:  # training would stop late on it with no file named
+                    raise brats.BratsError(f'{source}/{name}', f'is {kind}, but {first_kind[1]} is {first_kind[0]}: an '
+                                                               f'archive holds one kind of image; convert them to one mode first')
+                writer.add(relpath, png)
             if labels is not None:
                 if name not in given:
                     raise brats.BratsError(f'{source}/dataset.json', f'no label for {name}')
@@ -202,11 +209,21 @@ def _resized_png(data, where, side, level):
     except (OSError, ValueError) as e:
         raise brats.BratsError(where, f'cannot be read as an image ({e})') from None
     arr = _resize_image(img, side)
+    kind = f'{"grey" if arr.ndim == 2 else f"{arr.shape[-1]}-channel"} {arr.dtype.itemsize * 8}-bit'
     if arr.ndim == 2:
-        return archive.encode_png(arr, level)
+        return archive.encode_png(arr, level), kind
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format='png', compress_level=level)
-    return buf.getvalue()
+    return buf.getvalue(), kind
+
+
+def _rescaled_natives(meta, out, side):
+    """A volume archive's native_grids for cubes of `side` (each record's output size; the crop, padding and cube
+    stay), for the cases kept; {} for other archives."""
+    if meta.get('kind') != 'volumes' or not meta.get('native_grids'):
+        return {}
+    kept = set((out.get('file_cases') or {}).values()) or set(meta['native_grids'])
+    return {cid: dict(record, size=int(side)) for cid, record in meta['native_grids'].items() if cid in kept}
 
 
 def _output_meta(meta, project, labels, relpaths, affines, seg, source, side, opts):
@@ -223,6 +240,10 @@ def _output_meta(meta, project, labels, relpaths, affines, seg, source, side, op
             out['cases'] = {c: s for c, s in out['cases'].items() if c in kept}
     if affines:
         out['affines'] = affines
+    natives = _rescaled_natives(meta, out, side)
+    if natives:  # generated volumes keep their place in the scanner (generate.py --native-grid, NIfTI affines)
+        out['native_grids'] = natives
+        out['space'] = volume_space.archive_space(natives)
     if seg:
         out['seg_storage'] = SEG_STORAGE
     out['resolution'] = side
