@@ -96,6 +96,7 @@ def _parse_percentiles(value):
 @click.option('--brats-root',         metavar='DIR', type=PATH, default=None, help='BraTS-Africa folder (else $BRATS_AFRICA_DIR)')
 @click.option('--download',           metavar='URL', default=None, help='Fetch and extract a BraTS-Africa archive')
 @click.option('--sha256',             metavar='HEX', default=None, help='Expected sha256 of --download')
+@bool_option('--keep-download',       help='Keep the fetched --download archive after extracting it (else it is removed)')
 @click.option('--phantom-cases',      metavar='INT', type=click.IntRange(min=1), default=8, show_default=True, help='Cases for --source phantom')
 @click.option('--seed',               metavar='INT', type=int, default=0, show_default=True, help='Seed for --source phantom and the patch centres')
 @bool_option('--progress',            default=True, help='Show a progress line')
@@ -103,8 +104,8 @@ def _parse_percentiles(value):
 @bool_option('--overwrite',           help='Replace an existing --dest')
 def main(source, dest, kind, planes, resolution, volume_size, patch_size, patches_per_case, healthy_per_case,
          modalities, with_seg, labels, normalize, percentiles, denoise, bit_depth, min_brain_fraction, split,
-         split_seed, max_cases, workers, on_error, compress_level, codec, brats_root, download, sha256, phantom_cases, seed,
-         progress, no_progress, overwrite):
+         split_seed, max_cases, workers, on_error, compress_level, codec, brats_root, download, sha256, keep_download, phantom_cases,
+         seed, progress, no_progress, overwrite):
     _check_resolution(kind, resolution)
     patch_size = _parse_patch_size(patch_size) if kind == 'patches' else (64, 64, 64)
     if kind == 'patches':
@@ -148,7 +149,8 @@ def main(source, dest, kind, planes, resolution, volume_size, patch_size, patche
     previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt(terminated))
     try:
         summary = convert.convert_source(source, dest, opts, brats_root=brats_root, download=download, sha256=sha256,
-                                         phantom_cases=phantom_cases, seed=seed, progress=progress)
+                                         phantom_cases=phantom_cases, seed=seed, progress=progress,
+                                         keep_download=keep_download)
     except (brats.BratsError, convert.ConversionError, archive.ArchiveError, brats_africa.NotFound,
             brats_africa.DownloadError) as e:
         raise click.ClickException(str(e)) from None

@@ -320,3 +320,18 @@ def test_downloaded_archive_is_removed_after_extraction_or_kept_on_request(tmp_p
     assert (tmp_path / '.kept-download' / 'BraTS-Africa.zip').is_file()
     line, = capsys.readouterr().err.strip().splitlines()
     assert 'kept the downloaded archive' in line and '.kept-download' in line
+
+
+def test_dataset_tool_keep_download_reaches_the_download(tmp_path):
+    """dataset_tool.py --keep-download passes through to the download (the case is no NIfTI, so the conversion
+    itself fails afterwards: the kept archive is what this checks)."""
+    import zipfile
+    import dataset_tool
+    pack = tmp_path / 'BraTS-Africa.zip'
+    with zipfile.ZipFile(pack, 'w') as z:
+        z.writestr('BraTS-SSA-00000-000/BraTS-SSA-00000-000-t1n.nii.gz', b'not really nifti')
+    res = CliRunner().invoke(dataset_tool.main, ['--source', 'brats-africa', '--brats-root', str(tmp_path / 'kept'),
+                                                 '--download', pack.as_uri(), '--keep-download', '--no-progress',
+                                                 '--dest', str(tmp_path / 'out.zip')])
+    assert (tmp_path / '.kept-download' / 'BraTS-Africa.zip').is_file(), res.output
+    assert not (tmp_path / 'out.zip').exists()

@@ -702,6 +702,7 @@ def convert_source(
     phantom_cases=8,        # for 'phantom'
     seed=0,
     progress=True,
+    keep_download=False,    # for 'brats-africa' with download: keep the fetched archive after extracting it
 ):
     """Dispatches on the source and converts, holding the destination's lock; returns the summary dict (see
     format_summary)."""
@@ -709,15 +710,15 @@ def convert_source(
     if opts.codec is None:  # zip archives get the compact form; a folder's .npy files stay what np.load opens
         opts = dataclasses.replace(opts, codec='blosc2' if str(dest).lower().endswith('.zip') else 'stored')
     with locked_dest(dest):
-        return _convert_source(source, dest, opts, brats_root, download, sha256, phantom_cases, seed, progress)
+        return _convert_source(source, dest, opts, brats_root, download, sha256, phantom_cases, seed, progress, keep_download)
 
 
-def _convert_source(source, dest, opts, brats_root, download, sha256, phantom_cases, seed, progress):
+def _convert_source(source, dest, opts, brats_root, download, sha256, phantom_cases, seed, progress, keep_download):
     opts = opts or ConvertOptions()
     src = str(source)
     if src == 'brats-africa':
         from mri.sources import download as dl
-        root = dl.resolve_brats_africa(brats_root, download, sha256, progress)
+        root = dl.resolve_brats_africa(brats_root, download, sha256, progress, keep_download=keep_download)
         check_dest_apart(root, dest)
         return convert_brats(root, dest, opts, progress, {'type': 'brats-africa', 'doi': dl.DOI})
     if src == 'phantom':

@@ -82,7 +82,7 @@ def _after_extraction(archive_path, root, keep):
     except OSError:
         pass
     print(f'extracted into {root}; removed the downloaded archive {archive_path.name} ({size}), a copy of what is '
-          f'now extracted', file=sys.stderr)
+          f'now extracted (dataset_tool.py --keep-download keeps it)', file=sys.stderr)
 
 
 def _has_nifti(root):
