@@ -79,7 +79,8 @@ def test_generate_writes_nifti_with_the_archive_affine(data, tmp_path):
         seg = nib.load(f'{stem}-seg.nii.gz')
         assert np.allclose(seg.affine, space['affine']) and seg.get_data_dtype() == np.uint8
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
-        assert Image.open(f'{stem}-montage.png').size == (3 * 16, 5 * 16)  # 4 modalities + the label overlay
+        w, h = Image.open(f'{stem}-montage.png').size  # 4 modalities + the label overlay, 3 planes of 16
+        assert h == 5 * 16 + 20 and w > 3 * 16  # a title line (seed and class) and a margin naming the rows
     # Conditioning by name reaches G; --class all gives every cohort and a grid with a row per class.
     r = gen('--network', data['net'], '--seeds', '0', '--class', 'gli', '--outdir', tmp_path / 'gli')
     assert r.exit_code == 0

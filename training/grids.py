@@ -210,6 +210,29 @@ def _layout(cells, grid_size, row_labels):
     return image
 
 
+def annotate(
+    image,                  # [H, W, 3] uint8 sheet of `len(row_labels)` equal rows (e.g. a montage)
+    row_labels=(),          # a name per row, written in a left margin
+    title=None,             # a line above the sheet (e.g. the sample and its class)
+) -> np.ndarray:
+    """The sheet with a white left margin naming its rows and a title line above it (PIL's default font)."""
+    font = PIL.ImageFont.load_default()
+    probe = PIL.ImageDraw.Draw(PIL.Image.new('RGB', (1, 1)))
+    margin = max([int(np.ceil(probe.textlength(str(t), font=font))) + 2 * GAP for t in row_labels] or [0])
+    top = 12 + 2 * GAP if title else 0
+    width = max(margin + image.shape[1], int(np.ceil(probe.textlength(str(title), font=font))) + 2 * GAP if title else 0)
+    canvas = np.full([top + image.shape[0], width, 3], BACKGROUND, dtype=np.uint8)
+    canvas[top:, margin:margin + image.shape[1]] = image
+    out = PIL.Image.fromarray(canvas, 'RGB')
+    draw = PIL.ImageDraw.Draw(out)
+    if title:
+        draw.text((GAP, top // 2), str(title), fill=(0, 0, 0), font=font, anchor='lm')
+    row_h = image.shape[0] / max(len(row_labels), 1)
+    for y, text in enumerate(row_labels):
+        draw.text((GAP, top + int((y + 0.5) * row_h)), str(text), fill=(0, 0, 0), font=font, anchor='lm')
+    return np.asarray(out)
+
+
 def save_image_grid(
     images,                 # [N,C,H,W] images or [N,C,D,H,W] volumes (N = gw * gh, row-major), values in drange
     path: str,              # output .png, written atomically

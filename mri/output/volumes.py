@@ -48,11 +48,17 @@ def split_channels(volume, channels):
     return [(names[i], volume[i]) for i in image_idx], labels
 
 
-def montage(volume, channels):
+def montage(volume, channels, title=None):
     """Three-plane montage [H, W, 3] uint8 of one (C, D, H, W) volume in [-1, 1] (training.grids.montage), the
-    tumour labels over the first anatomy channel (mri.seg.ANATOMY_ORDER)."""
+    tumour labels over the first anatomy channel (mri.seg.ANATOMY_ORDER); with a title (the sample and its class),
+    its rows named in a left margin and the title above."""
     names = channel_names(channels, volume.shape[0])
-    return grids.montage(volume, names, drange=(-1, 1), overlay_on=overlay_channel(names))
+    sheet = grids.montage(volume, names, drange=(-1, 1), overlay_on=overlay_channel(names))
+    if title is None:
+        return sheet
+    image_idx, label_idx = split_label_channels(names)
+    rows = [names[i] for i in image_idx] + (['labels'] if label_idx else [])
+    return grids.annotate(sheet, rows, title)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -129,7 +135,8 @@ def write_volume(
                 data, affine = volume_space.to_native(labels, record, labels=True)
             written.append(str(save_volume_nifti(stem + '-seg.nii.gz', data.astype(np.uint8), affine, ['seg 0-3'])))
     if montage_png:
-        written.append(save_png(montage(volume, channels), stem + '-montage.png'))
+        title = os.path.basename(stem) + (f'  class {",".join(class_values)}' if class_values else '')
+        written.append(save_png(montage(volume, channels, title), stem + '-montage.png'))
     return written
 
 
