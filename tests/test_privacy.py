@@ -234,7 +234,7 @@ def test_samples_report_cli(tmp_path, archive2d):
 
 def test_merge_states_of_several_gates(tmp_path, archive2d):
     """Two ranks' gates merged into one report: every verdict, the closest pairs of both, order kept."""
-    import pickle
+    import copy
     path, items = archive2d
     names = sorted(items)
     a = privacy.PrivacyGate(path, max_nn_ssim=0.9, verbose=False)
@@ -242,7 +242,7 @@ def test_merge_states_of_several_gates(tmp_path, archive2d):
     a.check(as_sample(items[names[0]]), CHANNELS, 'rank0-copy')
     b.check(_fresh((64, 64), np.random.RandomState(0))[0][1], CHANNELS, 'rank1-fresh')
     b.check(as_sample(items[names[6]]), CHANNELS, 'rank1-copy')
-    a.merge(pickle.loads(pickle.dumps(b.state())))
+    a.merge(copy.deepcopy(b.state()))  # a plain value, as it crosses from another rank
     a.merge({'records': [dict(name='earlier', nn_ssim=0.2, nn_mse=0.1, nn_index=0, nn_name=names[0], keep=True)]})
     assert [r['name'] for r in a.records] == ['rank0-copy', 'rank1-fresh', 'rank1-copy', 'earlier']
     assert a.records[0]['nn_split'] == 'val' and a.records[2]['nn_split'] == 'train'  # case0 is a val case, case2 a train case

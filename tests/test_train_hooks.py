@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 import train
 
-from tests.helpers import make_png_folder
+from tests.helpers import make_png_folder, zip_folder
 from torch_utils import snapshot, training_stats
 from training import checkpoint
 from training import config as training_config
@@ -28,7 +28,7 @@ HOOKS = {
 def _train(data, run_dir, kimg, **hook):
     training_stats.reset()
     c = setup_training_config(data=data, batch=4, cond=True, cbase=256, cmax=16, map_depth=1, kimg=kimg, tick=0.008,
-                              snap=1, metrics='none', workers=0, device='cpu', aug='ada', target=0.0, **hook)
+                              snap=1, metrics='none', device='cpu', aug='ada', target=0.0, **hook)
     if os.path.isdir(run_dir) and os.path.isfile(os.path.join(run_dir, checkpoint.STATE_NAME)):
         c.resume_run = run_dir
     os.makedirs(run_dir, exist_ok=True)
@@ -39,7 +39,9 @@ def _train(data, run_dir, kimg, **hook):
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    return make_png_folder(str(tmp_path_factory.mktemp('d') / 'pngs'), n=8, res=16, num_classes=2)
+    # A zip read by the default DataLoader workers: what users train on.
+    root = tmp_path_factory.mktemp('d')
+    return zip_folder(make_png_folder(str(root / 'pngs'), n=8, res=16, num_classes=2), str(root / 'pngs.zip'))
 
 
 @pytest.mark.parametrize('name', list(HOOKS))
@@ -77,7 +79,7 @@ def test_hook_trains_snapshots_and_resumes(name, data, tmp_path):
 def test_freezed_keeps_highest_resolution_blocks_of_D_fixed(data, tmp_path):
     training_stats.reset()
     c = setup_training_config(data=data, batch=4, cond=True, cbase=256, cmax=16, map_depth=1, kimg=0.008, tick=0.008,
-                              snap=1, metrics='none', workers=0, device='cpu', aug='noaug', freezed=1, seed=5)
+                              snap=1, metrics='none', device='cpu', aug='noaug', freezed=1, seed=5)
     kwargs = {k: v for k, v in c.items() if k != 'num_gpus'}
     kwargs['run_dir'] = str(tmp_path)
     D = training_loop(**kwargs).D
