@@ -39,6 +39,7 @@ import click
 import pytest
 import torch
 
+from tests.test_metrics import TinyDetector
 from torch_utils import training_stats
 
 pytestmark = pytest.mark.slow  # About 4 minutes on 2 cores for every doc; `-m "not slow"` leaves it out.
@@ -413,29 +414,7 @@ def run_command(cmd: DocCommand, fixtures) -> tuple:
 
 
 # ----------------------------------------------------------------------------
-# Fixtures: phantom cases, tiny archives and runs, a tiny detector.
-
-class TinyDetector(torch.nn.Module):
-    """A random TorchScript network with NVIDIA's detector keywords: stands in for Inception and VGG16."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(16, 10)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False,
-                resize_images: bool = True, return_lpips: bool = False, use_fp16: bool = False) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(img.to(torch.float32), size=(16, 16), mode='bilinear', align_corners=False)
-        h = torch.tanh(self.conv((x - 128) / 128))
-        if return_lpips:
-            h = h / (h.square().sum(1, keepdim=True).sqrt() + 1e-8)
-            return h.flatten(1) / 16.0
-        f = torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
-        if return_features:
-            return f
-        return self.fc(f).softmax(dim=1)
-
+# Fixtures: phantom cases, tiny archives and runs, a tiny detector (tests.test_metrics.TinyDetector).
 
 def _quiet(main, args):
     training_stats.reset()

@@ -18,22 +18,11 @@ import dnnlib
 from metrics import detectors
 from metrics import metric_main
 from metrics import metric_utils
-from tests.test_metrics import TinyDetector, _offline, metric_kwargs, write_archive  # noqa: F401 (fixtures)
+from tests.test_metrics import (_cache_dir, _offline, detector_path, metric_kwargs,  # noqa: F401 (fixtures)
+                                write_archive)
 from torch_utils import snapshot
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(autouse=True)
-def _cache_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv('MRI_GAN_CACHE', str(tmp_path / 'cache'))
-
-
-@pytest.fixture(scope='module')
-def detector_path(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp('det') / 'tiny_detector.pt')
-    torch.jit.script(TinyDetector().eval()).save(path)
-    return path
 
 
 @pytest.fixture(scope='module')
