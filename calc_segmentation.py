@@ -82,7 +82,7 @@ def _arms(_ctx, _param, value):
 @click.option('--no-augment',      is_flag=True, help='Same as --augment=0')
 @click.option('--seed',            metavar='INT', type=int, default=0, show_default=True, help='Seed of folds, weights, sampling, augmentation')
 @click.option('--trunc',           metavar='FLOAT', type=float, default=1.0, show_default=True, help='Truncation psi of the generator')
-@click.option('--workers',         metavar='INT', type=click.IntRange(min=0), default=2, show_default=True, help='DataLoader worker processes')
+@click.option('--workers',         metavar='INT', type=click.IntRange(min=0), default=2, show_default=True, help='DataLoader worker processes (at most the usable cores)')
 @click.option('--device',          type=click.Choice(['cuda', 'cpu']), default=None, help='Device [default: cuda if available]')
 @bool_option('--progress',         default=True, help='Show a progress line')
 @click.option('--no-progress',     is_flag=True, help='Same as --progress=0')

@@ -15,6 +15,7 @@ from .util import (  # noqa: F401
     make_cache_dir_path,
     open_url,
     parse_range,
+    usable_cpus,
 )
 from .script import (  # noqa: F401
     DiskFullError,

@@ -229,6 +229,15 @@ class PidLock:
             self.fd = None
 
 
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity, as torch's DataLoader counts them when it warns of more
+    workers than cores), else os.cpu_count(); at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def make_cache_dir_path(*paths: str) -> str:
     """``$MRI_GAN_CACHE`` if set, else ``~/.cache/mri_gan`` (or a temp dir without a home)."""
     root = os.environ.get('MRI_GAN_CACHE')

@@ -47,7 +47,7 @@ def make_options(
     num_gen: int = None,        # Override of the generated count of every metric (quick runs); None = theirs.
     num_real: int = None,       # Cap on the reals of every metric (a seeded random subset); None = theirs.
     batch_size: int = 64,       # Images per rank per step.
-    num_workers: int = None,    # DataLoader workers; None = 3 on CUDA, 0 on CPU.
+    num_workers: int = None,    # DataLoader workers; None = 3 on CUDA (at most the usable cores), 0 on CPU.
     run_dir: str = None,        # Where results are reported (informational here).
     seed: int = 0,              # Base seed of latents, labels and real subsets.
     **extra,                    # Kept as-is for metric-specific settings.
@@ -59,7 +59,7 @@ def make_options(
         device = torch.device('cuda', rank) if torch.cuda.is_available() else torch.device('cpu')
     device = torch.device(device)
     if num_workers is None:
-        num_workers = 3 if device.type == 'cuda' else 0
+        num_workers = min(3, dnnlib.usable_cpus()) if device.type == 'cuda' else 0
     return dnnlib.EasyDict(G=G, G_kwargs=dnnlib.EasyDict(G_kwargs or {}), dataset_kwargs=dnnlib.EasyDict(dataset_kwargs or {}),
                            num_gpus=num_gpus, rank=rank, device=device, cache=cache, progress=progress and rank == 0,
                            channel=channel, detector_url=detector_url, vgg_detector_url=vgg_detector_url,

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import dnnlib
 from tests.helpers import make_png_folder, zip_folder
 from training.dataset import ImageFolderDataset
 
@@ -30,7 +31,7 @@ def test_loader_workers_read_a_zip_the_parent_opened(tmp_path, channels):
     ds = ImageFolderDataset(_zip(tmp_path, channels, n=48, res=32), use_labels=True)
     expected = np.stack([ds[i][0] for i in range(len(ds))])  # The parent has read every member.
     ds.content_hash()                                        # ... and the zip directory (as metrics do).
-    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=3, persistent_workers=True, prefetch_factor=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2, persistent_workers=True, prefetch_factor=2)
     for _epoch in range(3):
         images = torch.cat([img for img, _label in loader]).numpy()
         np.testing.assert_array_equal(images, expected)
@@ -62,6 +63,18 @@ def test_train_on_zip_with_default_workers(tmp_path, channels):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     (run,) = glob.glob(os.path.join(outdir, '*'))
     with open(os.path.join(run, 'training_options.json')) as f:
-        assert json.load(f)['data_loader_kwargs']['num_workers'] == min(3, os.cpu_count())
+        assert json.load(f)['data_loader_kwargs']['num_workers'] == min(3, dnnlib.usable_cpus())
+    assert 'suggested max number of worker' not in res.stderr  # torch's warning, twice per 2-core run before
     with open(os.path.join(run, 'stats.jsonl')) as f:
         assert json.loads(f.readlines()[-1])['Progress/kimg']['mean'] == pytest.approx(0.064, abs=0.01)
+
+
+def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
+    """The default of 3 workers is capped by the CPU affinity, which torch's DataLoader counts when it warns; the
+    machine's core count (os.cpu_count) can be larger than what a container or taskset allows."""
+    from training.config import data_loader_kwargs
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0}, raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 64)
+    assert dnnlib.usable_cpus() == 1
+    assert data_loader_kwargs(None, 'cpu').num_workers == 1
+    assert data_loader_kwargs(4, 'cpu').num_workers == 4  # asked for: kept

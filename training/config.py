@@ -578,7 +578,7 @@ DEFAULT_WORKERS = 3  # StyleGAN2-ADA's; fewer on a machine with fewer cores (tor
 
 def data_loader_kwargs(workers: int, device: str) -> dnnlib.EasyDict:
     if workers is None:
-        workers = min(DEFAULT_WORKERS, os.cpu_count() or 1)
+        workers = min(DEFAULT_WORKERS, dnnlib.usable_cpus())
     return dnnlib.EasyDict(pin_memory=(device == 'cuda'), num_workers=workers,
                            prefetch_factor=2 if workers > 0 else None, persistent_workers=workers > 0)
 

@@ -11,6 +11,8 @@ shift in [-0.1, 0.1].
 import numpy as np
 import torch
 
+import dnnlib
+
 from mri.downstream import regions
 from mri.downstream.model import predict_labels
 
@@ -50,7 +52,7 @@ def train_segmenter(
     device,                     # torch device
     patch: list,                # training patch per spatial axis
     augment: bool = True,       # flips and intensity jitter
-    workers: int = 2,           # DataLoader worker processes
+    workers: int = 2,           # DataLoader worker processes (at most the usable cores: torch warns of more)
     on_step=None,               # callback(step, loss) after each step
 ) -> torch.nn.Module:
     from monai.losses import DiceCELoss
@@ -60,6 +62,7 @@ def train_segmenter(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (1 - min(s, steps) / steps) ** 0.9)
     sampler = torch.utils.data.RandomSampler(items, replacement=True, num_samples=steps * batch,
                                              generator=torch.Generator().manual_seed(seed))
+    workers = min(workers, dnnlib.usable_cpus())
     loader = torch.utils.data.DataLoader(items, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
                                          worker_init_fn=getattr(items, 'worker_init', None),
                                          pin_memory=torch.device(device).type == 'cuda')
