@@ -147,12 +147,22 @@ def test_dataset_tool_refuses_a_resolution_the_trainer_cannot_use(tmp_path):
 
 
 def test_default_workers_never_exceed_the_cores(data_dir, monkeypatch):
-    """The default 3 DataLoader workers made torch warn twice on every 2-core run; an explicit --workers is kept."""
+    """The default 3 DataLoader workers made torch warn twice on every 2-core run; an explicit --workers is kept.
+    The cores counted are those this process may use (its CPU affinity, as torch counts them), not the machine's."""
     from training.config import setup_training_config
-    monkeypatch.setattr(os, 'cpu_count', lambda: 2)
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(os, 'cpu_count', lambda: 64)
     c = setup_training_config(data=data_dir, device='cpu', metrics='none')
     assert c.data_loader_kwargs.num_workers == 2
     assert setup_training_config(data=data_dir, device='cpu', metrics='none', workers=3).data_loader_kwargs.num_workers == 3
+
+
+def test_training_doc_lists_the_options_resume_takes():
+    """docs/training.md's list of the options --resume accepts mid-run is the code's list (it went stale once)."""
+    with open(os.path.join(ROOT, 'docs', 'training.md')) as f:
+        text = ' '.join(f.read().split())
+    listed = re.search(r'Only the options that may change mid-run are taken: (.*?);', text).group(1)
+    assert re.findall(r'`--([a-z0-9-]+)`', listed) == [o.replace('_', '-') for o in config.MID_RUN_OPTIONS]
 
 
 # ----------------------------------------------------------------------------

@@ -68,13 +68,3 @@ def test_train_on_zip_with_default_workers(tmp_path, channels):
     with open(os.path.join(run, 'stats.jsonl')) as f:
         assert json.loads(f.readlines()[-1])['Progress/kimg']['mean'] == pytest.approx(0.064, abs=0.01)
 
-
-def test_default_workers_follow_the_cores_this_process_may_use(monkeypatch):
-    """The default of 3 workers is capped by the CPU affinity, which torch's DataLoader counts when it warns; the
-    machine's core count (os.cpu_count) can be larger than what a container or taskset allows."""
-    from training.config import data_loader_kwargs
-    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0}, raising=False)
-    monkeypatch.setattr(os, 'cpu_count', lambda: 64)
-    assert dnnlib.usable_cpus() == 1
-    assert data_loader_kwargs(None, 'cpu').num_workers == 1
-    assert data_loader_kwargs(4, 'cpu').num_workers == 4  # asked for: kept
