@@ -18,6 +18,7 @@ import torch
 
 import dnnlib
 from metrics import detectors
+from torch_utils import misc
 from torch_utils.label_channels import is_label_channel
 
 CACHE_FORMAT = 3  # Bump when the meaning of a cached file changes: old files are then never read.
@@ -429,7 +430,7 @@ def compute_feature_stats_for_dataset(
             out[suffix] = FeatureStats(max_items=len(indices), **capture[suffix])
         shard = _shard(indices, opts)
         loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=opts.batch_size,
-                                             num_workers=opts.num_workers)
+                                             num_workers=opts.num_workers, worker_init_fn=misc.loader_worker_init())
         fn = _feature_fn(detector, what)
         with dnnlib.ProgressBar(len(indices), desc=f'reals {tag}', unit=_unit(dataset), enabled=opts.progress) as bar:
             for images, _labels in loader:

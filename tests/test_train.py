@@ -125,11 +125,17 @@ def test_resume_is_exact(data_dir, tmp_path):
     assert float(a.augment_pipe.p) == pytest.approx(float(b.augment_pipe.p))
 
 
-def test_sigterm_saves_and_resumes(data_dir, tmp_path):
+@pytest.mark.parametrize('target', ['process', 'group'])
+def test_sigterm_saves_and_resumes(data_dir, tmp_path, target):
+    """SIGTERM to train.py alone, or to its whole process group as `timeout`, Slurm and `kill -- -PGID` send it: the
+    DataLoader workers (2 here) got it too and died at once, so the run ended in "DataLoader worker ... is killed
+    by signal: Terminated" without its training state (torch_utils.misc.loader_worker_init)."""
     outdir = str(tmp_path / 'runs')
     proc = subprocess.Popen([sys.executable, 'train.py', '--data', data_dir, '--outdir', outdir, '--cond=1',
-                             '--kimg', '50', '--tick', '0.1', '--snap', '100', '--aug', 'ada', '--target', '0.0'] + TINY_TRAIN_ARGS,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             '--kimg', '50', '--tick', '0.1', '--snap', '100', '--aug', 'ada', '--target', '0.0',
+                             '--workers', '2'] + TINY_TRAIN_ARGS,
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=target == 'group')
     # Wait until training has started (a first tick line), then ask it to stop.
     deadline = time.time() + 240
     seen = ''
@@ -138,10 +144,13 @@ def test_sigterm_saves_and_resumes(data_dir, tmp_path):
         seen += line
         if line.startswith('tick 0'):
             break
-    proc.send_signal(signal.SIGTERM)
+    if target == 'group':
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=240)
     seen += out
-    assert proc.returncode == 0, seen[-3000:]
+    assert proc.returncode == 0 and 'Traceback' not in seen, seen[-3000:]
     (run,) = glob.glob(os.path.join(outdir, '*'))
     assert os.path.isfile(os.path.join(run, 'training-state.pt')), seen[-2000:]
     stopped_kimg = _stats(run)[-1]['Progress/kimg']['mean']

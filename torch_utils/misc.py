@@ -1,7 +1,12 @@
-"""Shape checks, cached constants, distributed helpers and module summaries used across the project."""
+"""Shape checks, cached constants, distributed and data-loading helpers and module summaries used across the
+project."""
 
 import contextlib
+import functools
+import os
 import re
+import signal
+import threading
 import warnings
 
 import numpy as np
@@ -117,6 +122,36 @@ class InfiniteSampler(torch.utils.data.Sampler):
                 j = (i - rnd.randint(window)) % order.size
                 order[i], order[j] = order[j], order[i]
             idx += 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DataLoader workers and SIGTERM.
+
+WORKER_SIGTERM_GRACE = 5.0  # seconds a DataLoader worker keeps serving after a SIGTERM
+
+
+def _worker_sigterm(_signum, _frame):
+    timer = threading.Timer(WORKER_SIGTERM_GRACE, os._exit, args=(0,))
+    timer.daemon = True
+    timer.start()
+
+
+def _worker_init(worker_id, then=None):
+    signal.signal(signal.SIGTERM, _worker_sigterm)
+    if then is not None:
+        then(worker_id)
+
+
+def loader_worker_init(then=None):
+    """The ``worker_init_fn`` of every DataLoader here (``then``: the dataset's own, called after).
+
+    A SIGTERM sent to the whole process group (``timeout``, Slurm's ``scancel``, ``kill -- -PGID``) reaches the
+    DataLoader workers too. By default a worker dies at once; the main process's DataLoader then raises "worker
+    killed by signal: Terminated" before the main process's own SIGTERM handling (a snapshot and the training state,
+    or one ``Interrupted (SIGTERM)`` line) can run. With this, a worker keeps serving for WORKER_SIGTERM_GRACE
+    seconds, so a batch the main process is waiting for still arrives, then exits with status 0, which the
+    DataLoader does not report. A worker never outlives its parent (torch's watchdog ends it)."""
+    return functools.partial(_worker_init, then=then)
 
 
 def params_and_buffers(module: torch.nn.Module):

@@ -249,7 +249,7 @@ def _setup_data(run: Run):
     sampler = misc.InfiniteSampler(run.training_set, rank=opts.rank, num_replicas=opts.num_gpus, seed=opts.random_seed,
                                    start_index=run.cur_nimg)
     loader = torch.utils.data.DataLoader(run.training_set, sampler=sampler, batch_size=opts.batch_size // opts.num_gpus,
-                                         **opts.data_loader_kwargs)
+                                         worker_init_fn=misc.loader_worker_init(), **opts.data_loader_kwargs)
     run.batches = iter(loader)
     ts = run.training_set
     run.log(f'  images {len(ts)}, shape {ts.image_shape}, labels {ts.label_dim} '

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils import misc
 
 from mri.downstream import regions
 from mri.downstream.model import predict_labels
@@ -64,7 +65,7 @@ def train_segmenter(
                                              generator=torch.Generator().manual_seed(seed))
     workers = min(workers, dnnlib.usable_cpus())
     loader = torch.utils.data.DataLoader(items, batch_size=batch, sampler=sampler, num_workers=workers, drop_last=True,
-                                         worker_init_fn=getattr(items, 'worker_init', None),
+                                         worker_init_fn=misc.loader_worker_init(then=getattr(items, 'worker_init', None)),
                                          pin_memory=torch.device(device).type == 'cuda')
     gen = torch.Generator().manual_seed(seed + 1)
     for step, (x, y) in enumerate(loader):
