@@ -1,9 +1,8 @@
 """Tests of metrics/: the statistics against independent computations, every registered metric end to end on
-CPU with a tiny archive, a tiny generator and a tiny TorchScript detector written here (nothing downloads),
+CPU with a tiny archive, a tiny generator and metrics.detectors' tiny stand-in detector (nothing downloads),
 the offline detector messages, the stats cache, and the calc_metrics.py CLI."""
 
 import json
-import math
 import os
 import zipfile
 
@@ -30,29 +29,8 @@ RES = 16
 # ----------------------------------------------------------------------------
 # Fixtures: a detector, archives and a generator, all tiny.
 
-class TinyDetector(torch.nn.Module):
-    """Takes NVIDIA's keyword options, so it stands in for both Inception and VGG16."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(16, 10)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False,
-                resize_images: bool = True, return_lpips: bool = False, use_fp16: bool = False) -> torch.Tensor:
-        x = img.to(torch.float32)
-        if resize_images:
-            x = torch.nn.functional.interpolate(x, size=(16, 16), mode='bilinear', align_corners=False)
-        h = torch.tanh(self.conv((x - 128) / 128))
-        if return_lpips:
-            h = h / (h.square().sum(1, keepdim=True).sqrt() + 1e-8)
-            return h.flatten(1) / math.sqrt(h.shape[2] * h.shape[3])
-        f = torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
-        if return_features:
-            return f
-        logits = f @ self.fc.weight.t() if no_output_bias else self.fc(f)
-        return logits.softmax(dim=1)
+# The stand-in for Inception and VGG16 (NVIDIA's keyword options, random weights); other test files import it as this.
+TinyDetector = detectors.StandInDetector
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +41,7 @@ def _cache_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope='session')
 def detector_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('det') / 'tiny_detector.pt')
-    torch.jit.script(TinyDetector().eval()).save(path)
-    return path
+    return detectors.save_stand_in_detector(path)
 
 
 def write_archive(path, n=24, channels=('t1n', 't2w', 'seg_et'), planes=('axial', 'coronal'), seed=0, bits=16):
