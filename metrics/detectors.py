@@ -226,9 +226,15 @@ class StandInDetector(torch.nn.Module):
 
 def save_stand_in_detector(path: str) -> str:
     """Write ``StandInDetector`` as TorchScript to ``path`` (what ``--detector`` and ``detector_url`` take, loaded like
-    any detector file); returns ``path``."""
+    any detector file); returns ``path``. Every copy has the same bytes, so the same digest: statistics cached with
+    one serve the others."""
+    buffer = io.BytesIO()  # A TorchScript archive saved to a file records the file's name; one saved here does not.
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # TorchScript is deprecated, but it is the format.
+        torch.jit.save(torch.jit.script(StandInDetector().eval()), buffer)
     with dnnlib.atomic_output(path, suffix='.pt') as tmp:
-        torch.jit.script(StandInDetector().eval()).save(tmp)
+        with open(tmp, 'wb') as f:
+            f.write(buffer.getvalue())
     return path
 
 

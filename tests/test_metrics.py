@@ -247,6 +247,18 @@ def test_detector_conventions(detector_path, tmp_path):
         pre.class_probs(torch.zeros([1, 3, 4, 4], dtype=torch.uint8))
 
 
+def test_stand_in_detector_is_the_same_every_time_and_leaves_the_random_state(tmp_path):
+    """The benches' smoke runs and the tests rely on one stand-in: same weights in every file written, all three
+    of NVIDIA's outputs, and the caller's random stream left where it was."""
+    before = torch.random.get_rng_state()
+    paths = [detectors.save_stand_in_detector(str(tmp_path / f'{k}' / 'det.pt')) for k in range(2)]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    a, b = (detectors.load_detector('vgg16', url=p, verbose=False) for p in paths)
+    img = torch.randint(0, 256, [2, 3, 12, 12], dtype=torch.uint8)
+    assert a.digest == b.digest and torch.equal(a.features(img), b.features(img))
+    assert a.class_probs(img).shape == (2, 10) and a.lpips_features(img.float()).shape == (2, 8 * 12 * 12)
+
+
 def test_detector_embedded_in_pickle_is_read_without_unpickling(detector_path, tmp_path):
     import pickle
     import pickletools
