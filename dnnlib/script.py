@@ -12,7 +12,8 @@ then used to print a traceback through the import machinery) and runs its click 
   ``Error: No space left on device while writing FILE`` and exits 1.
 
 Scripts that catch KeyboardInterrupt themselves (to say what was kept) run their work inside
-``with sigterm_as_interrupt():`` (the same SIGTERM handler, for that block only, so that a command run in-process by
+``with sigterm_as_interrupt():``, or decorate their click function with ``@sigterm_as_interrupt()`` (the same SIGTERM
+handler, for that block only, so that a command run in-process by
 click's CliRunner behaves as the script does and leaves the caller's handler as it was) and end with
 ``exit_interrupted(what was kept)``: one line, exit 130 / 143. This module's hook is the net beneath them.
 """
@@ -133,7 +134,8 @@ def sigterm_as_interrupt():
     """Inside the block, SIGTERM raises KeyboardInterrupt (so a terminated job cleans up exactly as on Ctrl-C) and
     is recorded for ``terminated_by_sigterm`` / ``interrupt_exit_code``; on leaving, the SIGTERM handler in place
     before is back. The record is cleared on entry (a signal of an earlier in-process run does not count) and
-    kept on leaving, so the ``except KeyboardInterrupt`` around the block can still say which signal came."""
+    kept on leaving, so the ``except KeyboardInterrupt`` around the block can still say which signal came. Also a
+    decorator (``@sigterm_as_interrupt()``): the whole function is the block."""
     _state['signal'] = None
     previous = _install_sigterm()
     try:
