@@ -12,10 +12,10 @@ then used to print a traceback through the import machinery) and runs its click 
   ``Error: No space left on device while writing FILE`` and exits 1.
 
 Scripts that catch KeyboardInterrupt themselves (to say what was kept) run their work inside
-``with sigterm_as_interrupt():``, or decorate their click function with ``@sigterm_as_interrupt()`` (the same SIGTERM
-handler, for that block only, so that a command run in-process by
-click's CliRunner behaves as the script does and leaves the caller's handler as it was) and end with
-``exit_interrupted(what was kept)``: one line, exit 130 / 143. This module's hook is the net beneath them.
+``with sigterm_as_interrupt():``, or decorate their click function with ``@sigterm_as_interrupt()``: the same SIGTERM
+handler for that block only, so that a command run in-process by click's CliRunner behaves as the script does and
+leaves the caller's handler as it was. They end with ``exit_interrupted(what was kept)``: one line, exit 130 / 143.
+This module's hook is the net beneath them.
 """
 
 import atexit
