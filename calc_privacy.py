@@ -22,16 +22,18 @@ gate would drop (the files are left alone).
 import glob
 import json
 import os
-import signal
-import sys
-
-import click
-import numpy as np
-import torch
 
 import dnnlib
-import projector
-from training.cli import PATH
+
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import projector  # noqa: E402
+from training.cli import PATH  # noqa: E402
 
 QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
 
@@ -229,6 +231,7 @@ def _write_json(path, data):
 @click.option('--seed',                 help='Seed of the item choice and projections', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--outdir',               help='Where to write membership.json / privacy-report.json, privacy-pairs.png', metavar='DIR', type=PATH, required=True)
 @click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
+@dnnlib.sigterm_as_interrupt()  # SIGTERM stops it like Ctrl-C (also run in-process); the caller's handler is restored
 def main(network, data, held_out, num, num_steps, samples, max_nn_ssim, seed, outdir, device):
     """Privacy checks: how much better the generator reproduces training cases than held-out ones (--held-out), and
     the privacy gate's report for a folder of generated samples (--samples). docs/privacy.md."""
@@ -241,7 +244,6 @@ def main(network, data, held_out, num, num_steps, samples, max_nn_ssim, seed, ou
     if os.path.exists(outdir) and not os.path.isdir(outdir):
         raise click.BadParameter(f'{outdir} exists and is not a folder', param_hint='--outdir')
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
-    previous, terminated = projector.sigterm_as_interrupt()
     try:
         G, desc = projector.load_generator(network, device)
         data = data or desc.get('path')
@@ -256,17 +258,12 @@ def main(network, data, held_out, num, num_steps, samples, max_nn_ssim, seed, ou
             _write_json(os.path.join(outdir, 'membership.json'), result)
             click.echo(membership_table(result['summary']))
             if not result['summary']['complete']:
-                click.echo(f'{"terminated (SIGTERM)" if terminated else "interrupted"}: membership.json holds the '
-                           f'{len(result["items"])} items done', err=True)
-                sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+                dnnlib.exit_interrupted(f'membership.json holds the {len(result["items"])} items done', newline=False)
     except (PrivacyRunError, projector.ProjectorError, SnapshotError, MetricError) as err:
         raise click.ClickException(str(err)) from None
     except KeyboardInterrupt:
-        click.echo(f'\n{"terminated (SIGTERM)" if terminated else "interrupted"}', err=True)
-        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        dnnlib.exit_interrupted()
 
 
 if __name__ == '__main__':
-    main()  # pylint: disable=no-value-for-parameter
+    dnnlib.run_cli(main)  # pylint: disable=no-value-for-parameter

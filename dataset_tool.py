@@ -14,10 +14,6 @@ Examples:
   python dataset_tool.py --source ~/data/BraTS2023 --dest patches64.zip --kind patches --patch-size 64,64,64
 """
 
-import os
-import signal
-import sys
-
 import dnnlib
 
 if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
@@ -145,12 +141,11 @@ def main(source, dest, kind, planes, resolution, volume_size, patch_size, patche
         healthy_per_case=healthy_per_case,
         seed=seed,
     )
-    terminated = []
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt(terminated))
     try:
-        summary = convert.convert_source(source, dest, opts, brats_root=brats_root, download=download, sha256=sha256,
-                                         phantom_cases=phantom_cases, seed=seed, progress=progress,
-                                         keep_download=keep_download)
+        with dnnlib.sigterm_as_interrupt():  # a terminated conversion cleans up as on Ctrl-C
+            summary = convert.convert_source(source, dest, opts, brats_root=brats_root, download=download,
+                                             sha256=sha256, phantom_cases=phantom_cases, seed=seed, progress=progress,
+                                             keep_download=keep_download)
     except (brats.BratsError, convert.ConversionError, archive.ArchiveError, brats_africa.NotFound,
             brats_africa.DownloadError) as e:
         raise click.ClickException(str(e)) from None
@@ -161,11 +156,7 @@ def main(source, dest, kind, planes, resolution, volume_size, patch_size, patche
         raise click.ClickException(f'{message}; nothing was written (the temporary archive is removed)') from None
     except KeyboardInterrupt:
         # The writers' cleanup ran on the way out: no temporary archive, spool or phantom folder is left.
-        click.echo(f'\n{"terminated (SIGTERM)" if terminated else "interrupted"}; nothing was written to {dest}',
-                   err=True)
-        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        dnnlib.exit_interrupted(f'nothing was written to {dest}')
     click.echo(convert.format_summary(summary))
     for line in summary.get('warnings', []):
         click.echo(f'warning: {line}', err=True)
@@ -216,21 +207,6 @@ def _cube_side(kind, resolution, volume_size):
     if given['resolution']:
         volume_size = resolution
     return resolution, volume_size
-
-
-def _sigterm_as_interrupt(flag):
-    """A SIGTERM handler that raises KeyboardInterrupt in this process, so that a terminated conversion cleans up
-    exactly like Ctrl-C. Forked worker processes inherit it; they die of the signal as before."""
-    pid = os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() != pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        flag.append(signum)
-        raise KeyboardInterrupt
-    return handler
 
 
 if __name__ == '__main__':

@@ -25,8 +25,6 @@ Datasets (docs/cohorts.md): `--format brats|nnunet` writes BraTS case folders or
 """
 
 import os
-import signal
-import sys
 
 import dnnlib
 
@@ -460,6 +458,7 @@ def init_distributed(device=None):
 @click.option('--margin',               help='Painting: voxels kept between a new tumour and any other', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 @click.option('--scale', 'scale',      help='Painting: range of the random scale of a label map', metavar='MIN,MAX', type=str, default='0.8,1.25', show_default=True)
 @click.option('--tries',                help='Painting: shapes tried per tumour before it is reported', metavar='INT', type=click.IntRange(min=1), default=10, show_default=True)
+@dnnlib.sigterm_as_interrupt()  # SIGTERM stops it like Ctrl-C (also run in-process); the caller's handler is restored
 def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, outdir, fmt, native_grid, montage, balance,
          regions, with_real, from_manifest, max_nn_ssim, privacy_report, privacy_data, allow_pickle, device, cases,
          per_case, labels_from, heal, move, labels_as_drawn, dilation, margin, scale, tries):
@@ -481,8 +480,6 @@ def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, o
     except ImportError:
         pass
     rank, world_size, device = init_distributed(device)
-    terminated = []
-    previous = signal.signal(signal.SIGTERM, _sigterm_as_interrupt(terminated))
     try:
         if from_manifest is not None:
             given = [f for f, v in (('--seeds', seeds), ('--class', class_spec), ('--format', fmt),
@@ -518,19 +515,7 @@ def main(network, seeds, truncation_psi, trunc_center, class_spec, noise_mode, o
     except errors as err:
         raise click.ClickException(str(err)) from None
     except KeyboardInterrupt:  # every file is written atomically; finished cases stay and a rerun skips them
-        click.echo(f'\n{"terminated (SIGTERM)" if terminated else "interrupted"}; what was finished is kept in '
-                   f'{outdir}: run the same command to resume', err=True)
-        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _sigterm_as_interrupt(flag):
-    """A SIGTERM handler that raises KeyboardInterrupt, so a terminated export stops the way Ctrl-C stops it."""
-    def handler(signum, frame):
-        flag.append(signum)
-        raise KeyboardInterrupt
-    return handler
+        dnnlib.exit_interrupted(f'what was finished is kept in {outdir}: run the same command to resume')
 
 
 def regenerate(manifest_path, outdir, network=None, device=None, rank=0, world_size=1, verbose=True) -> list:

@@ -30,16 +30,19 @@ The projection kept is the best one seen (lowest distance), so Ctrl-C or SIGTERM
 
 import copy
 import os
-import signal
 import sys
 import time
 
-import click
-import numpy as np
-import torch
-
 import dnnlib
-from training.cli import PATH, resolve_network
+
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from training.cli import PATH, resolve_network  # noqa: E402
 
 NUM_STEPS = 1000
 INITIAL_LR = 0.1
@@ -361,21 +364,6 @@ class StepLine:
         self.bar.close()
 
 
-def sigterm_as_interrupt():
-    """Make SIGTERM raise KeyboardInterrupt in this process (a stopped projection saves its best, as on Ctrl-C);
-    returns ``(previous handler, list that records a SIGTERM)``."""
-    seen, pid = [], os.getpid()
-
-    def handler(signum, frame):
-        if os.getpid() != pid:
-            signal.signal(signum, signal.SIG_DFL)
-            os.kill(os.getpid(), signum)
-            return
-        seen.append(signum)
-        raise KeyboardInterrupt
-    return signal.signal(signal.SIGTERM, handler), seen
-
-
 def resolve_target(G, desc, target: str, data: str, class_spec: str):
     """``(target image channels [Ci, *S], class vector, name)`` of ``--target``: an archive item index or a file."""
     names = channel_names(G, desc)
@@ -399,6 +387,7 @@ def resolve_target(G, desc, target: str, data: str, class_spec: str):
 @click.option('--seed',                 help='Seed of the noise added to w', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--outdir',               help='Where to save projected_w.npz, proj.npy, target.npy, proj.png', metavar='DIR', type=PATH, required=True)
 @click.option('--device',               help='Device [default: cuda if available]', type=click.Choice(['cuda', 'cpu']))
+@dnnlib.sigterm_as_interrupt()  # SIGTERM stops it like Ctrl-C (also run in-process); the caller's handler is restored
 def main(network, target, data, class_spec, num_steps, seed, outdir, device):
     """Project a real slice or volume into the generator's W (StyleGAN2's projector; distance: SSIM + MSE inside the
     brain). Ctrl-C or SIGTERM stops and saves the best projection so far."""
@@ -413,28 +402,24 @@ def main(network, target, data, class_spec, num_steps, seed, outdir, device):
     except (ProjectorError, SnapshotError, ClassSpecError) as err:
         raise click.ClickException(str(err)) from None
     except KeyboardInterrupt:  # before the optimisation: nothing to save
-        click.echo('\ninterrupted; nothing was written', err=True)
-        sys.exit(128 + signal.SIGINT)
+        dnnlib.exit_interrupted('nothing was written')
     names = channel_names(G, desc)
     idx = image_channel_indices(names)
-    previous, terminated = sigterm_as_interrupt()
     line = StepLine(num_steps, desc=f'projecting {name}')
     start = time.time()
     try:
-        result = project(G, image, idx, c, num_steps, seed, device, on_step=line)
+        result = project(G, image, idx, c, num_steps, seed, device, on_step=line)  # stopped: the best so far
     except ProjectorError as err:
         raise click.ClickException(str(err)) from None
     finally:
         line.close()
-        signal.signal(signal.SIGTERM, previous)
     paths = save_projection(outdir, result, image, c, names, idx)
-    stopped = 'terminated (SIGTERM)' if terminated else 'interrupted'
-    click.echo(f'{"" if not result.interrupted else stopped + " after "}{result.steps} steps in '
+    click.echo(f'{"" if not result.interrupted else dnnlib.stop_reason() + " after "}{result.steps} steps in '
                f'{dnnlib.format_time(time.time() - start)}: SSIM {result.ssim:.4f}, MSE {result.mse:.5f} inside the '
                f'brain; wrote {", ".join(os.path.basename(p) for p in paths)} to {outdir}')
     if result.interrupted:
-        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
+        sys.exit(dnnlib.interrupt_exit_code())
 
 
 if __name__ == '__main__':
-    main()  # pylint: disable=no-value-for-parameter
+    dnnlib.run_cli(main)  # pylint: disable=no-value-for-parameter

@@ -17,20 +17,22 @@ interpolate.py, which shares this file's loading and cells.
 """
 
 import os
-import signal
-import sys
-
-import click
-import numpy as np
-import PIL.Image
-import PIL.ImageDraw
-import PIL.ImageFont
 
 import dnnlib
-from training import grids
-from training.cli import PATH, bool_option, resolve_network
-from training.labels import ClassSpecError, parse_class
-from training.sampling import TRUNC_CENTERS, ClassAverages, map_ws, seed_z, synthesize
+
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+import PIL.ImageDraw  # noqa: E402
+import PIL.ImageFont  # noqa: E402
+
+from training import grids  # noqa: E402
+from training.cli import PATH, bool_option, resolve_network  # noqa: E402
+from training.labels import ClassSpecError, parse_class  # noqa: E402
+from training.sampling import TRUNC_CENTERS, ClassAverages, map_ws, seed_z, synthesize  # noqa: E402
 
 
 class MixingError(ValueError):
@@ -264,22 +266,13 @@ def run_job(job, interrupted: str) -> None:
     """Runs ``job()`` for a command: its errors as one line, SIGTERM treated like Ctrl-C (the writers clean up on the
     way out), then ``interrupted`` said and the usual exit status (130, or 143 for SIGTERM)."""
     from torch_utils.snapshot import SnapshotError
-    terminated = []
-
-    def on_sigterm(signum, frame):
-        terminated.append(signum)
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        job()
+        with dnnlib.sigterm_as_interrupt():
+            job()
     except (MixingError, SnapshotError) as err:
         raise click.ClickException(str(err)) from None
     except KeyboardInterrupt:
-        click.echo(f'\n{"terminated (SIGTERM)" if terminated else "interrupted"}; {interrupted}', err=True)
-        sys.exit(128 + (signal.SIGTERM if terminated else signal.SIGINT))
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        dnnlib.exit_interrupted(interrupted)
 
 
 def parse_seeds(text: str, flag: str) -> list:
@@ -311,4 +304,4 @@ def main(row_seeds, col_seeds, styles, npy, network, class_spec, truncation_psi,
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.run_cli(main)

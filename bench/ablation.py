@@ -6,7 +6,8 @@ seeds' figure. Prints the table, writes ``ablation.json`` and ``ablation.png`` i
 
   # GPU, a real archive:
   python bench/ablation.py --data africa-128.zip --outdir ablation --kimg 200 --tick 20 --num-gen 5000
-  # CPU smoke test at a tiny size (a random-weights detector makes the numbers meaningless but exercises all):
+  # CPU smoke test at a tiny size (metrics.detectors' random-weights stand-in: the FIDs exercise the code and mean
+  # nothing):
   python bench/ablation.py --outdir /tmp/abl --tiny
 """
 
@@ -34,27 +35,6 @@ VARIANTS = {
     'ada-attn':  dict(aug='ada', attn_res='AUTO'),
 }
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
-
-
-def make_tiny_detector(path: str) -> str:
-    """A random-weights TorchScript stand-in for Inception (2048 features) for CPU smoke runs."""
-    import torch
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            torch.manual_seed(0)
-            self.conv = torch.nn.Conv2d(3, 16, 3, stride=2)
-            self.fc = torch.nn.Linear(16, 2048)
-
-        def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False,
-                    resize_images: bool = True, return_lpips: bool = False) -> torch.Tensor:
-            x = torch.nn.functional.interpolate(img.float() / 127.5 - 1, size=(64, 64), mode='bilinear', align_corners=False)
-            x = torch.relu(self.conv(x)).mean(dim=(2, 3))
-            return self.fc(x)
-
-    torch.jit.script(Tiny().eval()).save(path)
-    return path
 
 
 def read_metric(run_dir: str, metric: str, tick: float, kimg: float) -> list:
@@ -170,7 +150,8 @@ def main(data, outdir, variants, kimg, tick, metric, per_class, num_gen, detecto
     if tiny:
         kimg, tick, batch, cbase, cmax, device = min(kimg, 0.032), min(tick, 0.016), 4, 256, 16, device or 'cpu'
         num_gen = num_gen or 16
-        detector = detector or make_tiny_detector(os.path.join(outdir, 'tiny-detector.pt'))
+        from metrics.detectors import save_stand_in_detector  # Lazy: torch stays out of --help.
+        detector = detector or save_stand_in_detector(os.path.join(outdir, 'tiny-detector.pt'))
     if data is None:
         data = os.path.join(outdir, 'phantom-slices.zip')
         if not os.path.exists(data):

@@ -17,8 +17,9 @@ Everything it measures goes to OUT_DIR/gpu_check.json (one object per step: comm
 parsed figures) and OUT_DIR/gpu_check.log (every command's output); scratch files stay in a temporary folder,
 because the device tool brings back only a few files. Nothing needs the internet.
 
-``--dry-run`` runs the same steps on the CPU at tiny sizes with a tiny random detector, so that a test keeps
-the script from rotting between GPU sessions (tests/test_gpu_check.py).
+``--dry-run`` runs the same steps on the CPU at tiny sizes with metrics.detectors.StandInDetector (random weights,
+figures not comparable with FID), so that a test keeps the script from rotting between GPU sessions
+(tests/test_gpu_check.py).
 """
 
 import json
@@ -281,7 +282,8 @@ def step_fid(rec, size, budget, dry_run, scratch, snapshot, detector):
     if size['fid_num_gen']:
         args += ['--num-gen', size['fid_num_gen']]
     if dry_run:
-        detector = detector or _tiny_detector(scratch)
+        from metrics.detectors import save_stand_in_detector  # Lazy: torch is imported by the steps that need it.
+        detector = detector or save_stand_in_detector(os.path.join(scratch, 'tiny_detector.pt'))
     if detector:
         args += ['--detector', detector]
     start = time.time()
@@ -297,28 +299,6 @@ def step_fid(rec, size, budget, dry_run, scratch, snapshot, detector):
                 pass
     rec.record('fid', rc=rc, wall_s=round(wall, 1), num_gen=num_gen,
                generated_img_per_sec_incl_reals=round(num_gen / wall, 1) if rc == 0 else None, result=result)
-
-
-def _tiny_detector(scratch):
-    """A random TorchScript network with NVIDIA's detector interface (dry run only: no Inception on a CPU test)."""
-    import torch
-
-    class Tiny(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-
-        def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False,
-                    resize_images: bool = True, return_lpips: bool = False, use_fp16: bool = False) -> torch.Tensor:
-            x = torch.nn.functional.interpolate(img.to(torch.float32), size=(16, 16), mode='bilinear', align_corners=False)
-            h = torch.tanh(self.conv((x - 128) / 128))
-            f = torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
-            return f if return_features else f.softmax(dim=1)
-
-    path = os.path.join(scratch, 'tiny_detector.pt')
-    torch.manual_seed(0)
-    torch.jit.script(Tiny().eval()).save(path)
-    return path
 
 
 def step_volumes(rec, size, budget, dry_run, scratch):

@@ -20,7 +20,11 @@ from .util import (  # noqa: F401
 from .script import (  # noqa: F401
     DiskFullError,
     disk_full_message,
+    exit_interrupted,
     exit_on_interrupt,
     interrupt_exit_code,
     run_cli,
+    sigterm_as_interrupt,
+    stop_reason,
+    terminated_by_sigterm,
 )

@@ -11,10 +11,15 @@ then used to print a traceback through the import machinery) and runs its click 
 - A full disk (``OSError`` with ENOSPC anywhere in the exception chain) that reaches the top prints
   ``Error: No space left on device while writing FILE`` and exits 1.
 
-Scripts that catch KeyboardInterrupt themselves (to say what was kept) keep doing so; this is the net beneath.
+Scripts that catch KeyboardInterrupt themselves (to say what was kept) run their work inside
+``with sigterm_as_interrupt():``, or decorate their click function with ``@sigterm_as_interrupt()``: the same SIGTERM
+handler for that block only, so that a command run in-process by click's CliRunner behaves as the script does and
+leaves the caller's handler as it was. They end with ``exit_interrupted(what was kept)``: one line, exit 130 / 143.
+This module's hook is the net beneath them.
 """
 
 import atexit
+import contextlib
 import errno
 import os
 import signal
@@ -105,13 +110,59 @@ def _sigterm(signum, frame):
 
 
 def terminated_by_sigterm() -> bool:
-    """True once SIGTERM was received by a script that called ``exit_on_interrupt``."""
+    """True once SIGTERM was received under ``exit_on_interrupt`` (or in the last ``sigterm_as_interrupt`` block)."""
     return _state['signal'] == signal.SIGTERM
 
 
 def interrupt_exit_code() -> int:
     """130 after Ctrl-C, 143 after SIGTERM (128 + the signal's number, as a shell reports them)."""
     return 128 + (signal.SIGTERM if terminated_by_sigterm() else signal.SIGINT)
+
+
+def _install_sigterm():
+    """Install ``_sigterm`` for this process; returns the handler it replaces, or None outside the main thread
+    (a script imported inside a test runner's thread), where Python allows no handler to be set."""
+    _state['pid'] = os.getpid()
+    try:
+        return signal.signal(signal.SIGTERM, _sigterm)
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Inside the block, SIGTERM raises KeyboardInterrupt (so a terminated job cleans up exactly as on Ctrl-C) and
+    is recorded for ``terminated_by_sigterm`` / ``interrupt_exit_code``; on leaving, the SIGTERM handler in place
+    before is back. The record is cleared on entry (a signal of an earlier in-process run does not count) and
+    kept on leaving, so the ``except KeyboardInterrupt`` around the block can still say which signal came. Also a
+    decorator (``@sigterm_as_interrupt()``): the whole function is the block."""
+    _state['signal'] = None
+    previous = _install_sigterm()
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def stop_reason() -> str:
+    """``'terminated (SIGTERM)'`` after SIGTERM, else ``'interrupted'``: the words a script's last line starts with."""
+    return 'terminated (SIGTERM)' if terminated_by_sigterm() else 'interrupted'
+
+
+def exit_interrupted(kept: str = None, newline: bool = True):
+    """End a script that has cleaned up after Ctrl-C or SIGTERM: print ``interrupted; KEPT`` (or ``terminated
+    (SIGTERM); KEPT``) on stderr, after a line break that ends a progress line unless ``newline`` is false, and
+    exit 130 / 143. Raises SystemExit, so the caller's ``finally`` blocks run and click's CliRunner reads the code."""
+    line = stop_reason() + (f'; {kept}' if kept else '')
+    sys.stderr.write(('\n' if newline else '') + line + '\n')
+    sys.stderr.flush()
+    sys.exit(interrupt_exit_code())
+
+
+def _interrupted_line() -> str:
+    """The line of an interruption nobody caught: ``Interrupted`` or ``Interrupted (SIGTERM)``."""
+    return 'Interrupted' + (' (SIGTERM)' if terminated_by_sigterm() else '')
 
 
 def _finish(line: str, code: int):
@@ -135,7 +186,7 @@ def _finish(line: str, code: int):
 def _excepthook(previous):
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, KeyboardInterrupt):
-            _finish('\nInterrupted' + (' (SIGTERM)' if terminated_by_sigterm() else ''), interrupt_exit_code())
+            _finish('\n' + _interrupted_line(), interrupt_exit_code())
         message = disk_full_message(exc) if isinstance(exc, BaseException) else None
         if message is not None:
             _finish(f'Error: {message}', DISK_FULL_EXIT)
@@ -147,11 +198,7 @@ def _excepthook(previous):
 def exit_on_interrupt() -> None:
     """Install the SIGTERM handler and the top-level hook described in the module docstring. Call it first thing
     in a script, before importing torch; calling it again does nothing new."""
-    _state['pid'] = os.getpid()
-    try:
-        signal.signal(signal.SIGTERM, _sigterm)
-    except ValueError:  # Not the main thread (a script imported inside a test runner's thread).
-        pass
+    _install_sigterm()
     if not getattr(sys.excepthook, 'mri_gan', False):
         sys.excepthook = _excepthook(sys.excepthook)
 
@@ -163,10 +210,10 @@ def run_cli(command, args=None):
     try:
         rv = command.main(args=args, standalone_mode=False)
     except KeyboardInterrupt:
-        _finish('\nInterrupted' + (' (SIGTERM)' if terminated_by_sigterm() else ''), interrupt_exit_code())
+        _finish('\n' + _interrupted_line(), interrupt_exit_code())
     except Exception as err:  # noqa: BLE001 - sorted below; everything else goes on up unchanged.
         if type(err).__name__ == 'Abort' and isinstance(err.__cause__, KeyboardInterrupt):
-            _finish('Interrupted' + (' (SIGTERM)' if terminated_by_sigterm() else ''), interrupt_exit_code())
+            _finish(_interrupted_line(), interrupt_exit_code())
         if hasattr(err, 'show') and isinstance(getattr(err, 'exit_code', None), int):  # click.ClickException
             err.show()
             sys.exit(err.exit_code)

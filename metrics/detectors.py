@@ -20,6 +20,7 @@ Two calling conventions are supported:
 import hashlib
 import importlib.util
 import io
+import math
 import os
 import pickletools
 import sys
@@ -187,6 +188,54 @@ class Detector:
         self.check('lpips')
         out = self.module(images.to(self.device), resize_images=False, return_lpips=True)
         return out.reshape(out.shape[0], -1).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------
+# A stand-in for CPU smoke runs of the benchmarks and for the tests.
+
+class StandInDetector(torch.nn.Module):
+    """A tiny random-weights network with the calling convention of NVIDIA's detectors (``return_features``,
+    ``no_output_bias``, ``resize_images``, ``return_lpips``), so that it stands in for both Inception and VGG16 where
+    their weights are not at hand: ``bench/ablation.py --tiny``, ``bench/gpu_check.py --dry-run`` and the tests.
+    Its features are 16 numbers, the mean and spread of 8 random 3x3 filters over a 16x16 copy of the image; its
+    class probabilities and LPIPS embedding come from the same filters. Every metric runs with it, but its figures
+    measure nothing and are not comparable with FID, KID, IS, precision/recall or PPL from the real networks."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        with torch.random.fork_rng(devices=[]):  # the same weights every time, the caller's random state untouched
+            torch.manual_seed(seed)
+            self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
+            self.fc = torch.nn.Linear(16, 10)
+
+    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False,
+                resize_images: bool = True, return_lpips: bool = False, use_fp16: bool = False) -> torch.Tensor:
+        x = img.to(torch.float32)
+        if resize_images:
+            x = torch.nn.functional.interpolate(x, size=(16, 16), mode='bilinear', align_corners=False)
+        h = torch.tanh(self.conv((x - 128) / 128))
+        if return_lpips:  # unit length per position, then scaled so that squared distances average over positions
+            h = h / (h.square().sum(1, keepdim=True).sqrt() + 1e-8)
+            return h.flatten(1) / math.sqrt(h.shape[2] * h.shape[3])
+        f = torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
+        if return_features:
+            return f
+        logits = f @ self.fc.weight.t() if no_output_bias else self.fc(f)
+        return logits.softmax(dim=1)
+
+
+def save_stand_in_detector(path: str) -> str:
+    """Write ``StandInDetector`` as TorchScript to ``path`` (what ``--detector`` and ``detector_url`` take, loaded like
+    any detector file); returns ``path``. Every copy has the same bytes, so the same digest: statistics cached with
+    one serve the others."""
+    buffer = io.BytesIO()  # A TorchScript archive saved to a file records the file's name; one saved here does not.
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', DeprecationWarning)  # TorchScript is deprecated, but it is the format.
+        torch.jit.save(torch.jit.script(StandInDetector().eval()), buffer)
+    with dnnlib.atomic_output(path, suffix='.pt') as tmp:
+        with open(tmp, 'wb') as f:
+            f.write(buffer.getvalue())
+    return path
 
 
 # ----------------------------------------------------------------------------

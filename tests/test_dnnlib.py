@@ -1,4 +1,5 @@
-"""dnnlib: class lookup by name, seed ranges, and open_url's cache, checksum and offline message."""
+"""dnnlib: class lookup by name, seed ranges, open_url's cache, checksum and offline message, and SIGTERM as Ctrl-C
+for a block."""
 
 import hashlib
 import http.server
@@ -66,3 +67,44 @@ def test_open_url_offline_message_names_url_and_cache(tmp_path, monkeypatch):
     assert '\n' not in msg and url in msg and str(tmp_path / 'cache') in msg
     with pytest.raises(dnnlib.DownloadError, match='no such file'):
         dnnlib.open_url(str(tmp_path / 'missing.pt'))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SIGTERM as Ctrl-C for a block (what the scripts' main() use, also when click's CliRunner runs them in-process).
+
+def test_sigterm_as_interrupt_restores_the_previous_handler_and_records_the_signal(capsys):
+    import signal
+    caught = []
+
+    def previous(signum, frame):
+        caught.append(signum)
+
+    before = signal.signal(signal.SIGTERM, previous)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with dnnlib.sigterm_as_interrupt():
+                assert signal.getsignal(signal.SIGTERM) is not previous
+                os.kill(os.getpid(), signal.SIGTERM)  # Python runs the handler before the next line
+                pytest.fail('SIGTERM did not interrupt the block')
+        assert signal.getsignal(signal.SIGTERM) is previous  # restored on the way out
+        assert dnnlib.terminated_by_sigterm() and dnnlib.interrupt_exit_code() == 143
+        assert dnnlib.stop_reason() == 'terminated (SIGTERM)'
+        with pytest.raises(SystemExit) as info:
+            dnnlib.exit_interrupted('nothing was written')
+        assert info.value.code == 143
+        assert capsys.readouterr().err == '\nterminated (SIGTERM); nothing was written\n'
+
+        # A new block forgets the earlier signal: Ctrl-C inside it is 130. As a decorator, the same.
+        @dnnlib.sigterm_as_interrupt()
+        def job():
+            assert signal.getsignal(signal.SIGTERM) is not previous
+            raise KeyboardInterrupt
+        with pytest.raises(KeyboardInterrupt):
+            job()
+        assert signal.getsignal(signal.SIGTERM) is previous and caught == []
+        assert not dnnlib.terminated_by_sigterm() and dnnlib.interrupt_exit_code() == 130
+        with pytest.raises(SystemExit) as info:
+            dnnlib.exit_interrupted()
+        assert info.value.code == 130 and capsys.readouterr().err == '\ninterrupted\n'
+    finally:
+        signal.signal(signal.SIGTERM, before)

@@ -1,9 +1,8 @@
 """Tests of metrics/: the statistics against independent computations, every registered metric end to end on
-CPU with a tiny archive, a tiny generator and a tiny TorchScript detector written here (nothing downloads),
+CPU with a tiny archive, a tiny generator and metrics.detectors' tiny stand-in detector (nothing downloads),
 the offline detector messages, the stats cache, and the calc_metrics.py CLI."""
 
 import json
-import math
 import os
 import zipfile
 
@@ -30,29 +29,8 @@ RES = 16
 # ----------------------------------------------------------------------------
 # Fixtures: a detector, archives and a generator, all tiny.
 
-class TinyDetector(torch.nn.Module):
-    """Takes NVIDIA's keyword options, so it stands in for both Inception and VGG16."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1)
-        self.fc = torch.nn.Linear(16, 10)
-
-    def forward(self, img: torch.Tensor, return_features: bool = False, no_output_bias: bool = False,
-                resize_images: bool = True, return_lpips: bool = False, use_fp16: bool = False) -> torch.Tensor:
-        x = img.to(torch.float32)
-        if resize_images:
-            x = torch.nn.functional.interpolate(x, size=(16, 16), mode='bilinear', align_corners=False)
-        h = torch.tanh(self.conv((x - 128) / 128))
-        if return_lpips:
-            h = h / (h.square().sum(1, keepdim=True).sqrt() + 1e-8)
-            return h.flatten(1) / math.sqrt(h.shape[2] * h.shape[3])
-        f = torch.cat([h.mean(dim=(2, 3)), h.std(dim=(2, 3))], dim=1)
-        if return_features:
-            return f
-        logits = f @ self.fc.weight.t() if no_output_bias else self.fc(f)
-        return logits.softmax(dim=1)
+# The stand-in for Inception and VGG16 (NVIDIA's keyword options, random weights); other test files import it as this.
+TinyDetector = detectors.StandInDetector
 
 
 @pytest.fixture(autouse=True)
@@ -63,8 +41,7 @@ def _cache_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope='session')
 def detector_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('det') / 'tiny_detector.pt')
-    torch.jit.script(TinyDetector().eval()).save(path)
-    return path
+    return detectors.save_stand_in_detector(path)
 
 
 def write_archive(path, n=24, channels=('t1n', 't2w', 'seg_et'), planes=('axial', 'coronal'), seed=0, bits=16):
@@ -268,6 +245,18 @@ def test_detector_conventions(detector_path, tmp_path):
     assert out[0].tolist() == [-1.0, pytest.approx(127 / 128), 299.0]
     with pytest.raises(detectors.DetectorError, match='class_probs'):
         pre.class_probs(torch.zeros([1, 3, 4, 4], dtype=torch.uint8))
+
+
+def test_stand_in_detector_is_the_same_every_time_and_leaves_the_random_state(tmp_path):
+    """The benches' smoke runs and the tests rely on one stand-in: same weights in every file written, all three
+    of NVIDIA's outputs, and the caller's random stream left where it was."""
+    before = torch.random.get_rng_state()
+    paths = [detectors.save_stand_in_detector(str(tmp_path / f'{k}' / 'det.pt')) for k in range(2)]
+    assert torch.equal(torch.random.get_rng_state(), before)
+    a, b = (detectors.load_detector('vgg16', url=p, verbose=False) for p in paths)
+    img = torch.randint(0, 256, [2, 3, 12, 12], dtype=torch.uint8)
+    assert a.digest == b.digest and torch.equal(a.features(img), b.features(img))
+    assert a.class_probs(img).shape == (2, 10) and a.lpips_features(img.float()).shape == (2, 8 * 12 * 12)
 
 
 def test_detector_embedded_in_pickle_is_read_without_unpickling(detector_path, tmp_path):

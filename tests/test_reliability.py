@@ -279,7 +279,8 @@ def _signal_while_importing(script, sig):
     return proc.returncode, [ln for ln in other if ln.strip()]
 
 
-@pytest.mark.parametrize('script', ['train.py', 'dataset_tool.py', 'calc_segmentation.py'])
+@pytest.mark.parametrize('script', ['train.py', 'dataset_tool.py', 'calc_segmentation.py', 'projector.py',
+                                    'style_mixing.py', 'calc_privacy.py'])
 def test_ctrl_c_while_importing_is_one_line(script):
     import signal
     code, lines = _signal_while_importing(script, signal.SIGINT)
@@ -290,6 +291,33 @@ def test_sigterm_while_importing_is_treated_like_ctrl_c():
     import signal
     code, lines = _signal_while_importing('train.py', signal.SIGTERM)
     assert (code, lines) == (143, ['Interrupted (SIGTERM)']), lines
+
+
+def test_sigterm_mid_run_cleans_up_and_says_one_line(tmp_path):
+    """SIGTERM while dataset_tool.py writes its phantom cases (dnnlib.sigterm_as_interrupt around the conversion):
+    the temporary cases and the archive's lock are removed, one line says so, exit 143."""
+    import glob
+    import signal
+    import subprocess
+    import sys
+    import time
+    scratch, out = tmp_path / 'tmp', tmp_path / 'out'
+    scratch.mkdir()
+    out.mkdir()
+    proc = subprocess.Popen([sys.executable, 'dataset_tool.py', '--source', 'phantom', '--phantom-cases', '2',
+                             '--dest', str(out / 'a.zip'), '--resolution', '32', '--no-progress'], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS='1', TMPDIR=str(scratch)))
+    deadline = time.time() + 60
+    while not glob.glob(str(scratch / 'mri-phantom-*' / '*')) and proc.poll() is None:  # the first case is written
+        assert time.time() < deadline
+        time.sleep(0.005)
+    assert proc.poll() is None, 'the conversion ended before it could be terminated'
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert [ln for ln in err.splitlines() if ln.strip()] == [f'terminated (SIGTERM); nothing was written to {out / "a.zip"}']
+    assert os.listdir(out) == [] and os.listdir(scratch) == []
 
 
 def test_run_cli_turns_click_aborted_into_interrupted(capsys, monkeypatch):
