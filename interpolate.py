@@ -23,15 +23,19 @@ import re
 import shutil
 import tempfile
 
-import click
-import numpy as np
-import PIL.Image
-
 import dnnlib
-from style_mixing import (MixingError, check_outdir, class_label, load_generator, parse_seeds, render_cell, run_job,
+
+if __name__ == '__main__':  # Before the heavy imports: Ctrl-C or SIGTERM while they load is one line, exit 130/143.
+    dnnlib.exit_on_interrupt()  # (Run as a script only: importing this module changes no handler.)
+
+import click  # noqa: E402
+import numpy as np  # noqa: E402
+import PIL.Image  # noqa: E402
+
+from style_mixing import (MixingError, check_outdir, class_label, load_generator, parse_seeds, render_cell, run_job,  # noqa: E402
                           sampling_options, shown_channel, synthesize_batches)
-from training.cli import bool_option
-from training.sampling import ClassAverages, map_ws, seed_z
+from training.cli import bool_option  # noqa: E402
+from training.sampling import ClassAverages, map_ws, seed_z  # noqa: E402
 
 FORMATS = ('mp4', 'gif', 'frames')
 STEM = 'interpolation'
@@ -245,4 +249,4 @@ def main(seeds, frames, to_class, slerp, loop, fps, fmt, network, class_spec, tr
 
 
 if __name__ == '__main__':
-    main()
+    dnnlib.run_cli(main)  # pylint: disable=no-value-for-parameter
