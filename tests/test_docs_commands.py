@@ -33,13 +33,11 @@ import subprocess
 import sys
 import time
 import traceback
-import warnings
 
 import click
 import pytest
 import torch
 
-from tests.test_metrics import TinyDetector
 from torch_utils import training_stats
 
 pytestmark = pytest.mark.slow  # About 4 minutes on 2 cores for every doc; `-m "not slow"` leaves it out.
@@ -414,7 +412,7 @@ def run_command(cmd: DocCommand, fixtures) -> tuple:
 
 
 # ----------------------------------------------------------------------------
-# Fixtures: phantom cases, tiny archives and runs, a tiny detector (tests.test_metrics.TinyDetector).
+# Fixtures: phantom cases, tiny archives and runs, a tiny detector (metrics.detectors.StandInDetector).
 
 def _quiet(main, args):
     training_stats.reset()
@@ -433,11 +431,7 @@ def fixtures(tmp_path_factory):
     for prefix, seed in [('BraTS-GLI', 0), ('BraTS-SSA', 2)]:
         phantom.write_phantom_cases(cases, 2, seed=seed, shape=(48, 48, 32), spacing=4, prefix=prefix)
     out = dict(cases=cases, images=make_png_folder(str(base / 'images'), n=8, res=16, num_classes=2))
-    detector = str(base / 'detector.pt')
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', DeprecationWarning)  # TorchScript is deprecated, but it is the format.
-        torch.jit.script(TinyDetector().eval()).save(detector)
-    out['detector'] = detector
+    out['detector'] = detectors.save_stand_in_detector(str(base / 'detector.pt'))
     return Fixtures(out, base)
 
 

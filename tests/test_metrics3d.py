@@ -15,10 +15,10 @@ from click.testing import CliRunner
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:DeprecationWarning')
 
 import calc_metrics
+from metrics import detectors
 from metrics import metric_main
 from metrics import msssim
 from metrics import volumes
-from tests.test_metrics import TinyDetector
 from torch_utils import snapshot
 
 RES = 16
@@ -82,7 +82,7 @@ def setup(tmp_path_factory):
     net = str(root / 'network-snapshot-000000.pt')
     snapshot.save_snapshot(net, dict(G=G, D=None, G_ema=G, augment_pipe=None), dataset=desc)
     det2d = str(root / 'det2d.pt')
-    torch.jit.script(TinyDetector().eval()).save(det2d)
+    detectors.save_stand_in_detector(det2d)
     det3d = str(root / 'det3d.pt')
     torch.jit.script(TinyDetector3d().eval()).save(det3d)
     return dict(root=root, data=data, net=net, det2d=det2d, det3d=det3d)

@@ -15,7 +15,7 @@ import dnnlib
 from metrics import detectors
 from metrics import metric_main
 from metrics import metric_utils
-from tests.test_metrics import FakeG, TinyDetector, metric_kwargs, write_archive
+from tests.test_metrics import FakeG, metric_kwargs, write_archive
 from torch_utils import snapshot
 
 pytestmark = pytest.mark.filterwarnings('ignore:`torch.jit.script` is deprecated:DeprecationWarning')
@@ -29,8 +29,7 @@ def _cache_dir(tmp_path, monkeypatch):
 @pytest.fixture(scope='module')
 def detector_path(tmp_path_factory):
     path = str(tmp_path_factory.mktemp('det') / 'tiny_detector.pt')
-    torch.jit.script(TinyDetector().eval()).save(path)
-    return path
+    return detectors.save_stand_in_detector(path)
 
 
 @pytest.fixture(scope='module')
