@@ -108,7 +108,8 @@ def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> l
 
 class ImageWriter:
     """Writes each generated image (generate_samples hands them over) as PNG/npy files (write_outputs), and with
-    class_spec 'all' class_grid.png: a row per class, named in a left margin (training.grids.save_image_grid)."""
+    class_spec 'all' class_grid.png: a sheet near 16:9 with a band per class, its seeds in order (wrapped onto
+    several rows when there are many), named in a left margin (training.grids.save_image_grid)."""
 
     unit = 'images'
 
@@ -140,7 +141,7 @@ class ImageWriter:
                         grid_size=(len(self.samples) // len(classes), len(classes)), channels=self.channels,
                         row_labels=[name for name, _, _ in classes])
         if self.verbose:
-            print(f'Rows of {grid} (named in its left margin): ' + ' | '.join(name for name, _, _ in classes))
+            print(f'Classes of {grid} (each named left of its band): ' + ' | '.join(name for name, _, _ in classes))
         return [grid]
 
 
