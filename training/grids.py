@@ -249,10 +249,13 @@ def plan_sheet(
     panels, cells=[(top, left)] per sample in order, names=[(left, top, height)] per group: the box beside its first
     sub-row)``."""
     counts = [int(n) for n in counts]
+    if not counts or min(counts) < 1:
+        raise ValueError(f'plan_sheet: every group needs a sample, got counts {counts}')
     th, tw = cell
-    options = []
+    options, nearest = [], math.inf
     for cols in range(min(max(counts), MIN_COLS), max(counts) + 1):
         heights = [-(-n // cols) * (th + GAP) - GAP for n in counts]
+        empty = sum(-(-n // cols) * cols - n for n in counts)
         for panels in range(1, len(counts) + 1):
             split = _split_bands(heights, panels)
             if len(split) < panels:  # more panels would not shorten the tallest one
@@ -260,11 +263,14 @@ def plan_sheet(
             widths = [margin + c * (tw + GAP) - GAP for c in (min(cols, max(counts[i] for i in p)) for p in split)]
             width = 2 * GAP + sum(widths) + BAND_GAP * (len(split) - 1)
             height = 2 * GAP + max(sum(heights[i] for i in p) + BAND_GAP * (len(p) - 1) for p in split)
-            empty = sum(-(-n // cols) * cols - n for n in counts)
-            distance = abs(math.log(width / height / aspect))
-            options.append((empty, len(split), distance, cols, split, widths, width, height))
+            wide = math.log(width / height / aspect)
+            nearest = min(nearest, abs(wide))
+            options.append((empty, len(split), abs(wide), cols, split, widths, width, height))
+            if wide > nearest + ASPECT_SLACK:  # more panels only widen it
+                break
+        if panels == 1 and wide > nearest + ASPECT_SLACK:  # one panel too wide already: more columns only widen it
+            break
     # Near-ties in aspect go to full rows, then to fewer panels: the classes read more easily.
-    nearest = min(o[2] for o in options)
     *_, cols, split, widths, width, height = min(o for o in options if o[2] <= nearest + ASPECT_SLACK)
     return _place(counts, cell, margin, cols, split, widths, width, height)
 
