@@ -144,3 +144,18 @@ def test_volume_class_grid_names_its_classes_and_keeps_few_cells(tmp_path):
     assert np.array_equal(sheet[top:top + cell.shape[0], left:left + cell.shape[1]], cell)
     left, top, h = plan.names[1]
     assert (sheet[top:top + h, left:left + margin] < 100).all(axis=2).any()  # the class name, as in 2D
+
+
+def test_class_grid_of_classes_the_privacy_gate_thinned(tmp_path):
+    """Dropped samples leave classes of unequal size (once a ValueError): each keeps the band of what was written."""
+    writer = generate.ImageWriter(str(tmp_path), ['t2w'], verbose=False, class_grid=True)
+    images = np.random.RandomState(3).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
+    for i, (image, name) in enumerate(zip(images, ['axial', 'axial', 'axial', 'sagittal'])):
+        writer.write(image, str(tmp_path / f'seed{i:04d}-{name}'), name, [name])
+    (path,) = writer.finish([('axial', None, ['axial']), ('sagittal', None, ['sagittal'])])
+    sheet = np.array(PIL.Image.open(path))
+    groups = [('axial', 3), ('sagittal', 1)]
+    plan = grids.plan_sheet([3, 1], (8, 8), grids.name_margin(groups))
+    assert sheet.shape == (plan.height, plan.width, 3)
+    top, left = plan.cells[3]
+    assert np.array_equal(sheet[top:top + 8, left:left + 8, 0], grids.to_uint8(images[3, 0], [-1, 1]))

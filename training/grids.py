@@ -365,7 +365,18 @@ def save_image_grid(
                          f'{gw}x{gh} grid, got shape {images.shape}')
     if row_labels is not None and len(row_labels) != gh:
         raise ValueError(f'save_image_grid: expected {gh} row labels for a {gw}x{gh} grid, got {len(row_labels)}')
-    save_png(draw_sheet(_cells(images, drange, channels), row_groups(row_labels, grid_size)), path)
+    save_sheet(images, path, drange, row_groups(row_labels, grid_size), channels)
+
+
+def save_sheet(
+    images,                 # [N,C,H,W] images or [N,C,D,H,W] volumes, in order, values in drange
+    path: str,              # output .png, written atomically
+    drange,                 # [lo, hi] of the values
+    groups,                 # [(name or None, count)] in order, counts summing to N (classes of unequal size too)
+    channels=None,          # names of the C channels; label channels become an overlay
+) -> None:
+    """save_image_grid for groups of any size: the samples as one RGB PNG sheet near 16:9 (draw_sheet)."""
+    save_png(draw_sheet(_cells(np.asarray(images), drange, channels), groups), path)
 
 
 def grid_style(training_set, labels, grid_size) -> dict:
