@@ -106,7 +106,8 @@ def write_outputs(img_chw: np.ndarray, channels: list, stem: str, fmt: str) -> l
 
 class ImageWriter:
     """Writes each generated image (generate_samples hands them over) as PNG/npy files (write_outputs), and with
-    class_spec 'all' class_grid.png: a row per class, named in a left margin (training.grids.save_image_grid)."""
+    class_spec 'all' class_grid.png: a sheet near 16:9 with a band per class, its seeds in order (wrapped onto
+    several rows when there are many), named in a left margin (training.grids.save_image_grid)."""
 
     unit = 'images'
 
@@ -119,7 +120,7 @@ class ImageWriter:
         class_grid=False,   # keep the images for finish()'s class grid (class_spec 'all'); else memory stays flat
     ):
         self.outdir, self.channels, self.fmt, self.verbose = outdir, channels, fmt, verbose
-        self.samples = [] if class_grid else None  # the class grid's cells, in the order written
+        self.samples = [] if class_grid else None  # the class grid's (class name, image), in the order written
 
     def start(self, first):
         """Nothing to check on the first image [C,H,W] before anything is written."""
@@ -127,18 +128,25 @@ class ImageWriter:
     def write(self, image, stem, class_name, class_values):
         """Writes one image; returns the paths written."""
         if self.samples is not None:
-            self.samples.append(image)
+            self.samples.append((class_name, image))
         return write_outputs(image, self.channels, stem, self.fmt)
 
     def finish(self, classes):
-        """class_grid.png (class_spec 'all'); returns the paths written."""
-        from training.grids import save_image_grid
+        """class_grid.png (class_spec 'all'): a band per class of the images written (a class the privacy gate
+        thinned keeps fewer cells, one it emptied has no band); returns the paths written."""
+        from training.grids import save_sheet
+        if not self.samples:
+            return []
+        groups = []
+        for name, _ in self.samples:  # class-major order (plan_items): a class's images are consecutive
+            if groups and groups[-1][0] == name:
+                groups[-1] = (name, groups[-1][1] + 1)
+            else:
+                groups.append((name, 1))
         grid = os.path.join(self.outdir, 'class_grid.png')
-        save_image_grid(np.stack(self.samples), grid, drange=[-1, 1],
-                        grid_size=(len(self.samples) // len(classes), len(classes)), channels=self.channels,
-                        row_labels=[name for name, _, _ in classes])
+        save_sheet(np.stack([image for _, image in self.samples]), grid, [-1, 1], groups, self.channels)
         if self.verbose:
-            print(f'Rows of {grid} (named in its left margin): ' + ' | '.join(name for name, _, _ in classes))
+            print(f'Classes of {grid} (each named left of its band): ' + ' | '.join(name for name, _ in groups))
         return [grid]
 
 

@@ -56,9 +56,10 @@ def test_class_all_grid_shows_every_channel(joint_run, tmp_path):
     out = str(tmp_path / 'all')
     _run(['generate.py', '--network', joint_run, '--seeds', '0-2', '--class', 'all', '--outdir', out])
     grid = PIL.Image.open(os.path.join(out, 'class_grid.png'))
-    # 3 seeds per row, each its 4 modalities side by side (the seg channels as an overlay on the first, not inline),
-    # 4-pixel gaps; a row per plane, named in a left margin.
-    margin = grid.size[0] - (3 * 4 * 16 + 4 * 4)
-    assert grid.size[1] == 2 * 16 + 3 * 4 and 20 < margin < 100
+    # 3 seeds per plane, each its 4 modalities side by side (the seg channels as an overlay on the first, not inline),
+    # 4-pixel gaps; a band per plane, named in a left margin (training.grids' sheet near 16:9).
+    from training import grids
+    sheets = {(p.width, p.height): m for m in range(20, 100) for p in [grids.plan_sheet([3, 3], (16, 4 * 16), m)]}
+    assert grid.size in sheets, grid.size
     pixels = np.array(grid)
-    assert (pixels[:, :margin] < 128).any()  # the row names
+    assert (pixels[:, grids.GAP:sheets[grid.size]] < 128).any()  # the plane names

@@ -1,5 +1,5 @@
-"""Legible outputs (issue 11): palette label maps, grids with gaps / seg overlay / row names for images and volumes,
-the label-channel conversions they share, generate.py progress."""
+"""Legible outputs (issue 11): palette label maps, grids with gaps / seg overlay / row names for images and volumes
+(their sheet layout: tests/test_grids.py), the label-channel conversions they share, generate.py progress."""
 
 import os
 
@@ -37,11 +37,15 @@ def test_grid_gaps_overlay_and_row_names(tmp_path):
     path = str(tmp_path / 'grid.png')
     save_image_grid(images, path, drange=[-1, 1], grid_size=(2, 2), channels=CHANNELS, row_labels=['axial', 'sagittal'])
     grid = np.array(PIL.Image.open(path))
-    margin = grid.shape[1] - (2 * 4 * res + 3 * GAP)     # 4 modality panels per sample, not 7 channels inline
-    assert grid.shape == (2 * res + 3 * GAP, margin + 2 * 4 * res + 3 * GAP, 3) and margin > 20
-    assert (grid[:GAP] == 255).all() and (grid[:, margin:margin + GAP] == 255).all()  # gaps between samples
-    assert (grid[:, :margin] < 128).any(axis=2).any()                               # the row names
-    top, left = GAP, margin + 2 * GAP + 4 * res                                     # sample 1: row 0, column 1
+    groups = [('axial', 2), ('sagittal', 2)]
+    margin = grids.name_margin(groups)
+    plan = grids.plan_sheet([2, 2], (res, 4 * res), margin)  # 4 modality panels per sample, not 7 channels inline
+    assert grid.shape == (plan.height, plan.width, 3) and margin > 20
+    assert (grid[:GAP] == 255).all() and (grid[:, :GAP] == 255).all()                 # white around the samples
+    top, left = plan.names[0][:2]
+    assert (grid[top:top + res, left:left + margin] < 128).any()                      # the row names
+    top, left = plan.cells[1]                                                         # sample 1
+    assert (grid[top:top + res, left - GAP:left] == 255).all()                        # a gap before it
     tile = grid[top:top + res, left:left + res].astype(int)
     assert tile[2, 2, 1] > tile[2, 2, 0] + 50 and tile[0, 0, 0] == tile[0, 0, 1]   # green overlay only on the tumour
 
@@ -89,9 +93,10 @@ def test_volume_grid_has_montage_cells_gaps_and_row_names(tmp_path):
     save_image_grid(vols, path, drange=[-1, 1], grid_size=(2, 2), channels=names, row_labels=['gli', 'ssa'])
     grid = np.array(PIL.Image.open(path))
     cell_h, cell_w = 3 * d, 3 * d                                           # 2 channels + labels, 3 planes
-    margin = grid.shape[1] - (2 * cell_w + 3 * GAP)
-    assert grid.shape == (2 * cell_h + 3 * GAP, margin + 2 * cell_w + 3 * GAP, 3) and margin > 10
-    top, left = 2 * GAP + cell_h, margin + 2 * GAP + cell_w                 # sample 3: row 1, column 1
+    margin = grids.name_margin([('gli', 2), ('ssa', 2)])
+    plan = grids.plan_sheet([2, 2], (cell_h, cell_w), margin)
+    assert grid.shape == (plan.height, plan.width, 3) and margin > 10
+    top, left = plan.cells[3]                                               # sample 3
     cell = grid[top:top + cell_h, left:left + cell_w]
     assert np.array_equal(cell, grids.montage(vols[3], names))
     assert cell[2 * d + 2, 2, 1] > cell[2 * d + 2, 2, 0] + 50                # green (label 2) in the label row

@@ -52,9 +52,10 @@ def test_run_dir_contents(run_dir):
                  'network-snapshot-000000008.pt', 'fakes000000112.png', 'fakes000000200.png',
                  'network-snapshot-000000200.pt', 'training-state.pt']:
         assert os.path.isfile(os.path.join(run_dir, name)), name
-    # Conditional grid: one row per class (2 classes) of 32x32 images.
+    # Conditional grid: a band per class (2 classes) of 32x32 images, wrapped to a sheet near 16:9 (training.grids).
     grid = np.array(PIL.Image.open(os.path.join(run_dir, 'fakes_init.png')))
-    assert grid.ndim == 3 and grid.shape[0] == 2 * 32 + 3 * 4  # two rows, 4-pixel gaps around them
+    assert grid.ndim == 3 and 1.2 <= grid.shape[1] / grid.shape[0] <= 2.4, grid.shape
+    assert (grid[:4] == 255).all() and (grid[-4:] == 255).all()  # 4-pixel white gaps around the cells
     stats = _stats(run_dir)
     assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(0.2, abs=0.01)
     assert stats[-1]['Progress/augment']['mean'] > 0  # ADA with target 0 raises p

@@ -73,14 +73,15 @@ def test_volume_run_end_to_end(straight_run):
     stats = [json.loads(line) for line in open(os.path.join(straight_run, 'stats.jsonl'))]
     assert stats[-1]['Progress/kimg']['mean'] == pytest.approx(0.032, abs=0.001)
     assert stats[-1]['Progress/augment']['mean'] > 0  # ADA ran its 3D pipeline.
-    # Montages: the rows of an unconditional volume grid for the one class, each sample 2 image channels + the label
-    # overlay, in 3 planes of 8 voxels, with white gaps between the cells and the class name in a left margin
-    # (training.grids, as in 2D).
-    from training.grids import GAP, VOLUME_ROWS
+    # Montages: the samples of an unconditional volume grid for the one class, each 2 image channels + the label
+    # overlay, in 3 planes of 8 voxels, wrapped to a sheet near 16:9 with white gaps between the cells and the class
+    # name in a left margin (training.grids, as in 2D).
+    from training import grids
+    count = grids.VOLUME_COLS * grids.VOLUME_ROWS
+    sheets = {(p.height, p.width) for p in (grids.plan_sheet([count], (3 * 8, 3 * 8), m) for m in range(10, 100))}
     for name in ['reals.png', 'fakes_init.png', os.path.basename(_last_grid(straight_run))]:
         grid = np.array(PIL.Image.open(os.path.join(straight_run, name)))
-        assert grid.shape[0] == VOLUME_ROWS * 3 * 8 + (VOLUME_ROWS + 1) * GAP and grid.shape[2] == 3, (name, grid.shape)
-        assert 10 < grid.shape[1] - (4 * 3 * 8 + 5 * GAP) < 100, (name, grid.shape)  # The class name in the margin.
+        assert grid.shape[2] == 3 and grid.shape[:2] in sheets, (name, grid.shape)  # The class name in the margin.
 
 
 def test_volume_resume_is_exact(vol_zip, straight_run, tmp_path):
@@ -196,10 +197,11 @@ def test_anisotropic_box_trains(tmp_path):
     kwargs = {k: v for k, v in c.items() if k not in ('num_gpus', 'run_dir')}
     result = training_loop(rank=0, num_gpus=1, run_dir=c.run_dir, **kwargs)
     assert result.G_ema.img_shape == [10, 12, 10]
-    # Montage cells are as tall as the tallest plane (12) and as wide as the widest (12), 3 planes, 4 samples (no
-    # class margin: unconditional), with white gaps.
-    from training.grids import GAP
+    # Montage cells are as tall as the tallest plane (12) and as wide as the widest (12), 3 planes, 8 samples (no
+    # class margin: unconditional), with white gaps, wrapped to a sheet near 16:9.
+    from training import grids
     grid = np.array(PIL.Image.open(_last_grid(c.run_dir)))
-    assert grid.shape[1] == 4 * 3 * 12 + 5 * GAP
+    plan = grids.plan_sheet([grids.VOLUME_COLS * grids.VOLUME_ROWS], (12, 3 * 12))
+    assert grid.shape[:2] == (plan.height, plan.width)
     data = snapshot.load_snapshot(checkpoint.latest_snapshot(c.run_dir))
     assert data.dataset.image_shape == [1, 10, 12, 10]

@@ -81,14 +81,17 @@ def test_generate_writes_nifti_with_the_archive_affine(data, tmp_path):
         assert set(np.unique(np.asarray(seg.dataobj))) <= {0, 1, 2, 3}
         w, h = Image.open(f'{stem}-montage.png').size  # 4 modalities + the label overlay, 3 planes of 16
         assert h == 5 * 16 + 20 and w > 3 * 16  # a title line (seed and class) and a margin naming the rows
-    # Conditioning by name reaches G; --class all gives every cohort and a grid with a row per class.
+    # Conditioning by name reaches G; --class all gives every cohort and a grid with a band per class.
     r = gen('--network', data['net'], '--seeds', '0', '--class', 'gli', '--outdir', tmp_path / 'gli')
     assert r.exit_code == 0
     assert not np.allclose(nib.load(tmp_path / 'gli/seed0000-t1n.nii.gz').get_fdata(),
                            nib.load(tmp_path / 'out/seed0000-t1n.nii.gz').get_fdata())
     r = gen('--network', data['net'], '--seeds', '0-1', '--class', 'all', '--outdir', tmp_path / 'all')
-    assert r.exit_code == 0 and 'Rows of' in r.output and 'gli | ssa' in r.output
-    assert Image.open(tmp_path / 'all/class_grid.png').size == (2 * 3 * 16, 2 * 16)
+    assert r.exit_code == 0 and 'Classes of' in r.output and 'gli | ssa' in r.output
+    from training import grids  # a band per class named at its left, a cell per seed: its montage (5 rows, 3 planes)
+    margin = grids.name_margin([('gli', 2), ('ssa', 2)])
+    plan = grids.plan_sheet([2, 2], (5 * 16, 3 * 16), margin)
+    assert Image.open(tmp_path / 'all/class_grid.png').size == (plan.width, plan.height)
     assert (tmp_path / 'all/seed0001-ssa-seg.nii.gz').is_file()
 
 

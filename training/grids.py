@@ -1,4 +1,4 @@
-"""Image grids for people to look at: reals, fakes per tick, one row per class for conditional runs; 2D images and
+"""Image grids for people to look at: reals, fakes per tick, a band per class for conditional runs; 2D images and
 volumes alike.
 
 A grid cell is one sample. An image [C,H,W] shows its channels: 1 channel is grey, 3 (red, green, blue) are RGB,
@@ -7,9 +7,22 @@ other counts show each image channel side by side in grey. A volume [C,D,H,W] sh
 torch_utils.label_channels) are not shown as channels of their own: they are decoded to a label map (0 where every
 label channel is below the middle of the value range, else 1 + argmax) and drawn as a colour overlay on the first
 image channel (LABEL_COLOURS: label 1 red, 2 green, 3 yellow; the BraTS NETC, SNFH, ET), in a row of its own in a
-montage. Cells are separated by a gap; with row labels, each row's name is written into a margin on the left (PIL's
-default font).
+montage.
+
+The sheet (``plan_sheet``, drawn by ``draw_sheet``): the samples come in groups, a class each (consecutive grid rows
+with the same name are one group; an unconditional grid is one group without a name). Every group is a band of
+sub-rows of `cols` cells, filled in the given order (a class with many samples wraps onto several sub-rows, its
+name written once, in a left margin beside its first sub-row); bands stack in the given order into `panels`
+columns side by side, each panel with its own name margin, a group never split across panels. `plan_sheet` tries
+every `cols` and number of panels and keeps, of the sheets whose width:height is within ASPECT_SLACK (about 20 %,
+in log terms) of the one nearest 16:9 (SHEET_ASPECT), the one with the fewest empty places at the ends of the bands
+(8 samples as rows of 4 and 4 rather than 5 and 3), then the fewest panels, then the nearest. Cells are GAP pixels
+apart, bands and panels BAND_GAP (wider, so the classes stand apart); gaps and margins are white, the cells' pixels
+are copied unchanged. A group of two or more keeps at least two columns (MIN_COLS), so pairs (target | projection,
+a sample and its nearest real) stay side by side.
 """
+
+import math
 
 import numpy as np
 import PIL.Image
@@ -22,6 +35,10 @@ from torch_utils.label_channels import label_channel_indices, onehot_to_labelmap
 LABEL_COLOURS = np.array([[0, 0, 0], [255, 0, 0], [0, 200, 0], [255, 255, 0]], dtype=np.uint8)  # label 0-3
 OVERLAY_ALPHA = 0.5
 GAP = 4                                         # pixels between samples
+BAND_GAP = 3 * GAP                              # pixels between class bands and between panels
+SHEET_ASPECT = 16 / 9                           # the width:height a sheet aims at
+MIN_COLS = 2                                    # a group of two or more is never narrower than this
+ASPECT_SLACK = 0.2                              # log-aspect within which full rows and fewer panels win
 BACKGROUND = 255                                # gaps and margin: white, so that black MRI backgrounds stay apart
 
 # Grid shape: 2D images get up to MAX_COLS samples per row (fewer for large images: MAX_PIXELS), and one row per
@@ -188,26 +205,124 @@ def row_names(label_names, labels: np.ndarray, grid_size) -> list:
     return names
 
 
-def _layout(cells, grid_size, row_labels):
-    """One RGB image of the cells, row-major, with gaps and (with row_labels) a margin of row names."""
+def row_groups(row_labels, grid_size) -> list:
+    """``[(name, count)]`` of a (gw, gh) grid, row-major: consecutive rows with the same name make one group (a class
+    that fills several rows), an unconditional grid (no row_labels) is one unnamed group of every sample."""
     gw, gh = grid_size
-    th, tw = cells[0].shape[:2]
-    font = PIL.ImageFont.load_default()
-    margin = 0
-    if row_labels:
-        probe = PIL.ImageDraw.Draw(PIL.Image.new('RGB', (1, 1)))
-        margin = max(int(np.ceil(probe.textlength(str(t), font=font))) for t in row_labels) + 2 * GAP
-    canvas = np.full([gh * th + (gh + 1) * GAP, margin + gw * tw + (gw + 1) * GAP, 3], BACKGROUND, dtype=np.uint8)
-    for i, cell in enumerate(cells):
-        y, x = divmod(i, gw)
-        top, left = GAP + y * (th + GAP), margin + GAP + x * (tw + GAP)
-        canvas[top:top + th, left:left + tw] = cell
+    if not row_labels:
+        return [(None, gw * gh)]
+    groups = []
+    for name in row_labels:
+        if groups and groups[-1][0] == name:
+            groups[-1] = (name, groups[-1][1] + gw)
+        else:
+            groups.append((name, gw))
+    return groups
+
+
+def _split_bands(heights, panels):
+    """Contiguous runs of the band heights into at most `panels` panels, the tallest panel as short as it can be
+    (the smallest height limit that greedy filling meets, by bisection); returns lists of band indices."""
+    def fill(limit):
+        out, used = [[]], 0
+        for i, h in enumerate(heights):
+            if out[-1] and used + BAND_GAP + h > limit:
+                out.append([])
+                used = 0
+            used += h + (BAND_GAP if out[-1] else 0)
+            out[-1].append(i)
+        return out
+    lo, hi = max(heights), sum(heights) + BAND_GAP * (len(heights) - 1)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if len(fill(mid)) <= panels else (mid + 1, hi)
+    return fill(lo)
+
+
+def plan_sheet(
+    counts,                 # samples per group, in order (a class each; one group for an unconditional grid)
+    cell,                   # (height, width) of a cell in pixels
+    margin=0,               # width of a panel's name margin (0 without names)
+    aspect=SHEET_ASPECT,    # the width:height aimed at
+) -> dnnlib.EasyDict:
+    """Where every cell and name of a sheet goes (module docstring), without pixels: ``EasyDict(width, height, cols,
+    panels, cells=[(top, left)] per sample in order, names=[(left, top, height)] per group: the box beside its first
+    sub-row)``."""
+    counts = [int(n) for n in counts]
+    if not counts or min(counts) < 1:
+        raise ValueError(f'plan_sheet: every group needs a sample, got counts {counts}')
+    th, tw = cell
+    options, nearest = [], math.inf
+    for cols in range(min(max(counts), MIN_COLS), max(counts) + 1):
+        heights = [-(-n // cols) * (th + GAP) - GAP for n in counts]
+        empty = sum(-(-n // cols) * cols - n for n in counts)
+        for panels in range(1, len(counts) + 1):
+            split = _split_bands(heights, panels)
+            if len(split) < panels:  # more panels would not shorten the tallest one
+                break
+            widths = [margin + c * (tw + GAP) - GAP for c in (min(cols, max(counts[i] for i in p)) for p in split)]
+            width = 2 * GAP + sum(widths) + BAND_GAP * (len(split) - 1)
+            height = 2 * GAP + max(sum(heights[i] for i in p) + BAND_GAP * (len(p) - 1) for p in split)
+            wide = math.log(width / height / aspect)
+            nearest = min(nearest, abs(wide))
+            options.append((empty, len(split), abs(wide), cols, split, widths, width, height))
+            if wide > nearest + ASPECT_SLACK:  # more panels only widen it
+                break
+        if panels == 1 and wide > nearest + ASPECT_SLACK:  # one panel too wide already: more columns only widen it
+            break
+    # Near-ties in aspect go to full rows, then to fewer panels: the classes read more easily.
+    *_, cols, split, widths, width, height = min(o for o in options if o[2] <= nearest + ASPECT_SLACK)
+    return _place(counts, cell, margin, cols, split, widths, width, height)
+
+
+def _place(counts, cell, margin, cols, split, widths, width, height):
+    """The pixel positions of plan_sheet's chosen columns and panels."""
+    th, tw = cell
+    starts = np.cumsum([0] + counts)
+    cells, names = [None] * int(starts[-1]), [None] * len(counts)
+    left = GAP
+    for panel, panel_width in zip(split, widths):
+        top = GAP
+        for g in panel:
+            names[g] = (left, top, th)
+            for k in range(counts[g]):
+                row, col = divmod(k, cols)
+                cells[starts[g] + k] = (top + row * (th + GAP), left + margin + col * (tw + GAP))
+            top += -(-counts[g] // cols) * (th + GAP) - GAP + BAND_GAP
+        left += panel_width + BAND_GAP
+    return dnnlib.EasyDict(width=width, height=height, cols=cols, panels=len(split), cells=cells, names=names)
+
+
+def name_margin(groups) -> int:
+    """The width of a panel's name margin for these groups: the longest name in PIL's default font and a GAP either
+    side; 0 when no group has a name."""
+    named = [str(name) for name, _ in groups if name is not None]
+    if not named:
+        return 0
+    probe = PIL.ImageDraw.Draw(PIL.Image.new('RGB', (1, 1)))
+    return max(int(np.ceil(probe.textlength(t, font=PIL.ImageFont.load_default()))) for t in named) + 2 * GAP
+
+
+def draw_sheet(
+    cells,                  # [H, W, 3] uint8 cells in order (smaller ones sit top-left in the largest one's place)
+    groups,                 # [(name or None, count)] in order, counts summing to len(cells) (row_groups)
+    aspect=SHEET_ASPECT,
+) -> np.ndarray:
+    """The cells wrapped into a sheet near `aspect` (plan_sheet), a class's name beside its first sub-row; [H, W, 3]
+    uint8."""
+    if not cells or sum(n for _, n in groups) != len(cells):
+        raise ValueError(f'draw_sheet: the groups count {sum(n for _, n in groups)} cells, got {len(cells)}')
+    th, tw = max(c.shape[0] for c in cells), max(c.shape[1] for c in cells)
+    plan = plan_sheet([n for _, n in groups], (th, tw), name_margin(groups), aspect)
+    canvas = np.full([plan.height, plan.width, 3], BACKGROUND, dtype=np.uint8)
+    for cell, (top, left) in zip(cells, plan.cells):
+        canvas[top:top + cell.shape[0], left:left + cell.shape[1]] = cell
     image = PIL.Image.fromarray(canvas, 'RGB')
-    if row_labels:
-        draw = PIL.ImageDraw.Draw(image)
-        for y, text in enumerate(row_labels):
-            draw.text((GAP, GAP + y * (th + GAP) + th // 2), str(text), fill=(0, 0, 0), font=font, anchor='lm')
-    return image
+    draw, font = PIL.ImageDraw.Draw(image), PIL.ImageFont.load_default()
+    for (name, _), (left, top, h) in zip(groups, plan.names):
+        if name is not None:
+            draw.text((left + GAP, top + h // 2), str(name), fill=(0, 0, 0), font=font, anchor='lm')
+    return np.asarray(image)
 
 
 def annotate(
@@ -237,25 +352,37 @@ def save_image_grid(
     images,                 # [N,C,H,W] images or [N,C,D,H,W] volumes (N = gw * gh, row-major), values in drange
     path: str,              # output .png, written atomically
     drange,                 # [lo, hi] of the values
-    grid_size,              # (gw, gh)
+    grid_size,              # (gw, gh): gh rows of gw samples (a class per row when conditional)
     channels=None,          # names of the C channels (dataset.json "channels"); label channels become an overlay
-    row_labels=None,        # gh names written left of the rows, or None
+    row_labels=None,        # gh names (rows with the same name in a row are one class), or None
 ) -> None:
-    """Saves the samples as one RGB PNG grid with gaps between them (and a margin with row names); a volume's cell
-    is its three-plane montage."""
+    """Saves the samples as one RGB PNG sheet near 16:9 (module docstring: draw_sheet): a band per class, named at
+    its left, gaps between the cells; a volume's cell is its three-plane montage."""
     images = np.asarray(images)
     gw, gh = grid_size
     if images.ndim not in (4, 5) or images.shape[0] != gw * gh:
         raise ValueError(f'save_image_grid: expected {gw * gh} images [N, C, H, W] or volumes [N, C, D, H, W] for a '
                          f'{gw}x{gh} grid, got shape {images.shape}')
-    image = _layout(_cells(images, drange, channels), grid_size, row_labels)
-    with dnnlib.atomic_output(path, suffix='.png') as tmp:
-        image.save(tmp)
+    if row_labels is not None and len(row_labels) != gh:
+        raise ValueError(f'save_image_grid: expected {gh} row labels for a {gw}x{gh} grid, got {len(row_labels)}')
+    save_sheet(images, path, drange, row_groups(row_labels, grid_size), channels)
+
+
+def save_sheet(
+    images,                 # [N,C,H,W] images or [N,C,D,H,W] volumes, in order, values in drange
+    path: str,              # output .png, written atomically
+    drange,                 # [lo, hi] of the values
+    groups,                 # [(name or None, count)] in order, counts summing to N (classes of unequal size too)
+    channels=None,          # names of the C channels; label channels become an overlay
+) -> None:
+    """save_image_grid for groups of any size: the samples as one RGB PNG sheet near 16:9 (draw_sheet)."""
+    save_png(draw_sheet(_cells(np.asarray(images), drange, channels), groups), path)
 
 
 def grid_style(training_set, labels, grid_size) -> dict:
     """The keyword arguments of save_image_grid that describe a training set's grid: channel names and, for a
-    conditional grid, one name per row (setup_snapshot_image_grid puts one class per row)."""
+    conditional grid, one name per row (setup_snapshot_image_grid puts one class per row, or a single class in
+    every row: one band)."""
     names = training_set.label_names if training_set.has_labels else None
     return dict(channels=training_set.channels, row_labels=row_names(names, labels, grid_size))
 

@@ -366,8 +366,9 @@ def _restore_state(run: Run):
 def _setup_grid(run: Run):
     """Rank 0's fixed latents and labels for the image grids; a fresh run also writes reals.png and fakes_init.png.
 
-    training.grids draws 2D images and volumes alike (volumes as three-plane montages); its grid_style gives the
-    channel names (the tumour overlay) and a name per row of a conditional grid."""
+    training.grids draws 2D images and volumes alike (volumes as three-plane montages) as a sheet near 16:9 with a
+    band per class; its grid_style gives the channel names (the tumour overlay) and the class names. grid.size stays
+    the (columns, rows) of the samples drawn, so the latents and a resumed run's grids are the same."""
     opts = run.opts
     run.grid = grid = dnnlib.EasyDict(size=None, z=None, c=None, reals=None, style=None)
     if opts.rank != 0:

@@ -21,7 +21,7 @@ from mri import volume_space
 from mri.output.nifti import save_volume_nifti
 from mri.seg import overlay_channel
 from training import grids
-from training.grids import channel_names, mid_planes, save_png, split_label_channels, tile_cells
+from training.grids import channel_names, save_png, split_label_channels
 
 
 class VolumeOutputError(ValueError):
@@ -140,10 +140,14 @@ def write_volume(
     return written
 
 
+CLASS_GRID_CELLS = 16      # seeds per class in a volume class grid (a montage each, kept until the end)
+
+
 class VolumeWriter:
     """Writes each generated volume (generate.generate_samples hands them over) as NIfTI files (or .npy) and a
-    montage, and with class_spec 'all' a class grid: a row per class, a cell per seed of the first image channel's
-    three mid-planes."""
+    montage, and with class_spec 'all' class_grid.png: a sheet near 16:9 with a band per class named at its left,
+    a cell per seed (its three-plane montage, `montage`), the first CLASS_GRID_CELLS seeds of each class (only
+    those montages are kept: memory stays flat however many seeds)."""
 
     unit = 'volumes'
 
@@ -160,7 +164,7 @@ class VolumeWriter:
         self.montage = (fmt != 'npy') if montage is None else bool(montage)
         self.channels = desc.get('channels') or []
         self.space = None
-        self.strips = {}    # class name -> the class grid's cells, one per seed
+        self.cells = {}     # class name -> the class grid's cells: a montage per seed, CLASS_GRID_CELLS at most
 
     def start(self, first):
         """Checks the first volume (C, D, H, W) and resolves the archive space, before anything is written."""
@@ -176,19 +180,19 @@ class VolumeWriter:
         """Writes one volume; returns the paths written."""
         written = write_volume(volume, self.channels, stem, self.space, self.fmt, self.native_grid, class_values,
                                montage_png=self.montage)
-        images, _ = split_channels(volume, self.channels)
-        row = self.strips.setdefault(class_name, [])
-        if images:
-            row.append(np.concatenate([grids.to_uint8(p, (-1, 1))[..., None].repeat(3, axis=2)
-                                       for p in mid_planes(images[0][1])], axis=1))
+        kept = self.cells.setdefault(class_name, [])
+        if len(kept) < CLASS_GRID_CELLS:
+            kept.append(montage(volume, self.channels))
         return written
 
     def finish(self, classes):
-        """class_grid.png (class_spec 'all'), a row per class, when the volumes have an image channel; returns the
-        paths written."""
-        if not all(self.strips.values()):
+        """class_grid.png (class_spec 'all'); returns the paths written."""
+        groups = [(name, len(cells)) for name, cells in self.cells.items() if cells]
+        if not groups:
             return []
-        grid = save_png(tile_cells(list(self.strips.values())), os.path.join(self.outdir, 'class_grid.png'))
+        sheet = grids.draw_sheet([cell for cells in self.cells.values() for cell in cells], groups)
+        grid = save_png(sheet, os.path.join(self.outdir, 'class_grid.png'))
         if self.verbose:
-            print(f'Rows of {grid}: ' + ' | '.join(name for name, _, _ in classes))
+            print(f'Classes of {grid} (each named left of its band, up to {CLASS_GRID_CELLS} seeds each): '
+                  + ' | '.join(name for name, _, _ in classes))
         return [grid]
