@@ -445,8 +445,9 @@ class PrivacyGate:
         return paths
 
     def _pairs_png(self, path: str) -> str:
-        """The closest pairs, most similar first: a row per pair, the sample on the left, its neighbour on the right
-        (a 2D image's channels side by side, a volume's three-plane montage), values in [0, 1]."""
+        """The closest pairs, most similar first: a named band per pair, the sample on the left, its neighbour on the
+        right (a 2D image's channels side by side, a volume's three-plane montage), values in [0, 1]; the bands are
+        stacked into panels of a sheet near 16:9 (training.grids)."""
         save_image_grid = dnnlib.get_obj_by_name('training.grids.save_image_grid')  # metrics/ sits below training/
         pairs = sorted(self._closest, key=lambda item: (-item[0], item[1]))
         images, labels = [], []
