@@ -2,11 +2,14 @@
 in the given order, never split across panels, its samples in order, the cells' pixels unchanged, gaps between cells
 and wider ones between bands; generate.py's class grids (2D and volumes) are such sheets with the class names."""
 
+import os
+
 import numpy as np
 import PIL.Image
 import pytest
 
 import generate
+from mri.output.images import ImageWriter
 from training import grids
 from training.grids import BAND_GAP, GAP
 
@@ -148,7 +151,7 @@ def test_volume_class_grid_names_its_classes_and_keeps_few_cells(tmp_path):
 
 def test_class_grid_of_classes_the_privacy_gate_thinned(tmp_path):
     """Dropped samples leave classes of unequal size (once a ValueError): each keeps the band of what was written."""
-    writer = generate.ImageWriter(str(tmp_path), ['t2w'], verbose=False, class_grid=True)
+    writer = ImageWriter(str(tmp_path), ['t2w'], verbose=False, class_grid=True)
     images = np.random.RandomState(3).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
     for i, (image, name) in enumerate(zip(images, ['axial', 'axial', 'axial', 'sagittal'])):
         writer.write(image, str(tmp_path / f'seed{i:04d}-{name}'), name, [name])
@@ -159,3 +162,18 @@ def test_class_grid_of_classes_the_privacy_gate_thinned(tmp_path):
     assert sheet.shape == (plan.height, plan.width, 3)
     top, left = plan.cells[3]
     assert np.array_equal(sheet[top:top + 8, left:left + 8, 0], grids.to_uint8(images[3, 0], [-1, 1]))
+
+
+def test_image_class_grid_keeps_the_first_cells_of_each_class(tmp_path, monkeypatch):
+    """Memory stays flat however many seeds: the class grid keeps the first CLASS_GRID_CELLS images of each class
+    (every image is still written)."""
+    import mri.output.images as images_out
+    monkeypatch.setattr(images_out, 'CLASS_GRID_CELLS', 2)
+    writer = ImageWriter(str(tmp_path), ['t2w'], verbose=False, class_grid=True)
+    images = np.random.RandomState(4).uniform(-1, 1, (6, 1, 8, 8)).astype(np.float32)
+    names = ['axial'] * 4 + ['sagittal'] * 2
+    for i, (image, name) in enumerate(zip(images, names)):
+        writer.write(image, str(tmp_path / f'seed{i:04d}-{name}'), name, [name])
+    assert [name for name, _ in writer.samples] == ['axial', 'axial', 'sagittal', 'sagittal']
+    assert np.array_equal(writer.samples[1][1], images[1])
+    assert len([p for p in os.listdir(tmp_path) if p.startswith('seed')]) == 6

@@ -10,6 +10,7 @@ import torch
 
 import dnnlib
 import generate
+from mri.output.images import write_outputs
 from torch_utils import label_channels, snapshot
 from training import grids
 from training.grids import GAP, LABEL_COLOURS, save_image_grid
@@ -22,7 +23,7 @@ def test_label_map_png_has_a_palette_and_exact_values(tmp_path):
     seg = np.array([[0, 1], [2, 3]], np.uint8)
     img = np.full((7, 2, 2), -1.0, np.float32)
     img[4:][seg[None].repeat(3, 0) == np.arange(1, 4)[:, None, None]] = 1.0  # one-hot channels of `seg`
-    written = generate.write_outputs(img, CHANNELS, str(tmp_path / 'seed0000'), 'png')
+    written = write_outputs(img, CHANNELS, str(tmp_path / 'seed0000'), 'png')
     png = PIL.Image.open(tmp_path / 'seed0000-seg.png')
     assert str(tmp_path / 'seed0000-seg.png') in written and png.mode == 'P'
     assert np.array_equal(np.array(png), seg)  # the values are the labels
