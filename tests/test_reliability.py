@@ -3,6 +3,8 @@ calc_metrics --run-dir): each reproduced through the CLI a user types."""
 
 import glob
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -391,3 +393,37 @@ def test_bench_archive_codec_runs_at_a_tiny_size(tmp_path):
     res = subprocess.run([sys.executable, 'bench/bench_archive_codec.py', '--case', str(tmp_path / 'absent')],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.startswith('skipped:'), res.stdout
+
+
+_POOL_SCRIPT = r"""
+import multiprocessing, signal, sys, time
+from mri.sources import convert
+signal.signal(signal.SIGTERM, lambda *_: None)  # a parent handler that does not end the process, inherited by fork
+lock = multiprocessing.get_context('fork').Lock()
+def blocked(_):
+    with lock:  # waits on a semaphore, as a worker waits on the task queue's lock
+        return signal.getsignal(signal.SIGTERM) == signal.SIG_DFL, signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+lock.acquire()
+pool = multiprocessing.get_context('fork').Pool(1, initializer=convert._init_worker, initargs=({},))
+result = pool.map_async(blocked, [0])
+time.sleep(1)
+pool.terminate()  # SIGTERM to the worker in its wait
+pool.join()
+lock.release()
+print('joined')
+"""
+
+
+def test_conversion_pool_workers_die_of_sigterm_whatever_the_parent_handles():
+    """A forked conversion worker inherited the parent's Python SIGTERM handler; once one outlived Pool.terminate()
+    (at the end of every conversion with workers) in a wait, and the parent's join hung the test suite. Workers now
+    die of SIGTERM as the kernel does it (and leave Ctrl-C to the parent, which terminates the pool)."""
+    import signal
+    proc = subprocess.Popen([sys.executable, '-c', _POOL_SCRIPT], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        pytest.fail('Pool.terminate() did not end a worker waiting on a lock')
+    assert proc.returncode == 0 and out.strip().endswith('joined'), out

@@ -14,6 +14,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -200,6 +201,17 @@ _CSV_ROWS = {}  # csv path -> {case_id: row}; set in each process by _init_worke
 
 
 def _init_worker(csv_rows):
+    # A forked worker inherits the parent's Python signal handlers; it should have none. SIGTERM (Pool.terminate, at
+    # the end of every conversion) must kill it even while it waits on the task queue's lock: with a Python handler
+    # that is up to the interpreter, and a worker once outlived terminate() and hung the parent's join forever.
+    # Ctrl-C reaches the whole process group: the parent alone handles it (and terminates the pool), so a worker
+    # prints no traceback of its own.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _set_csv_rows(csv_rows)
+
+
+def _set_csv_rows(csv_rows):
     _CSV_ROWS.clear()
     _CSV_ROWS.update(csv_rows)
 
@@ -449,7 +461,7 @@ def convert_brats(
                 pool = ctx.Pool(workers, initializer=_init_worker, initargs=(csv_rows,))
                 results = pool.imap(_convert_safe, jobs, chunksize=1)
             else:
-                _init_worker(csv_rows)
+                _set_csv_rows(csv_rows)
                 results = _convert_in_process(jobs)
             for done, res in enumerate(results, start=1):
                 cid = res['case_id']
