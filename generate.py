@@ -479,7 +479,8 @@ def paint_main(network, cases, outdir, labels_from, opts, class_spec, truncation
         raise click.UsageError('--with-real: makes datasets; use --format brats or nnunet')
     try:
         if fmt is None:
-            paint_cases(network, cases, outdir, labels_from, opts, class_spec, device, noise_mode, truncation_psi)
+            paint_cases(network, cases, outdir, labels_from, opts, class_spec, device, noise_mode, truncation_psi,
+                        rank=rank, world_size=world_size)
             return
         from mri.output.datasets import export_painted
         export_painted(network, cases, outdir, labels_from, opts, class_spec, device, noise_mode, truncation_psi,

@@ -582,3 +582,23 @@ def test_real_privacy_gate_drops_a_planted_copy_from_the_export(nets, tmp_path):
     assert dropped['BraTS-SYN-00000-000']['nn_name'].startswith('case0/')
     assert (out / 'privacy-report.json').is_file()
     assert not glob.glob(str(out / 'imagesTr' / 'BraTS-SYN-00000-000*'))
+
+
+def test_painting_under_torchrun_shares_the_cases_out(paint, tmp_path):
+    """Plain painting (no --format) under torchrun: each rank paints its share of (case, seed) and the folders are
+    those of one process. Before, every rank painted every case and the second one failed on the first's folder."""
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    args = ['generate.py', '--network', str(paint / 'paint.pt'), '--insert-into', str(paint / 'cases'),
+            '--labels-from', str(paint / 'small.nii.gz'), '--seeds', '0-1', '--device', 'cpu', '--outdir']
+    res = subprocess.run([sys.executable] + args + [str(tmp_path / 'single')], cwd=ROOT, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    res = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2'] + args
+                         + [str(tmp_path / 'multi')], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert 'Painting 2/2 cases' in res.stderr and 'Painting 4/4' not in res.stderr
+    summaries = ('painting-summary.json', 'painting-summary-rank0.json', 'painting-summary-rank1.json')
+    assert tree_hashes(str(tmp_path / 'multi'), summaries) == tree_hashes(str(tmp_path / 'single'), summaries)
+    ranks = [json.loads((tmp_path / 'multi' / f'painting-summary-rank{r}.json').read_text()) for r in (0, 1)]
+    assert sorted(c['case'] for s in ranks for c in s['cases']) == sorted(
+        c['case'] for c in json.loads((tmp_path / 'single' / 'painting-summary.json').read_text())['cases'])
