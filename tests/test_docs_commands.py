@@ -38,9 +38,10 @@ import click
 import pytest
 import torch
 
+from metrics import detectors
 from torch_utils import training_stats
 
-pytestmark = pytest.mark.slow  # About 4 minutes on 2 cores for every doc; `-m "not slow"` leaves it out.
+pytestmark = pytest.mark.slow  # About 80 s on 2 cores for every doc; `-m "not slow"` leaves it out.
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOC_FILES = ['README.md'] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, 'docs', '*.md')))
@@ -487,7 +488,6 @@ class Fixtures(dict):
 @pytest.fixture
 def doc_env(fixtures, tmp_path, monkeypatch):
     """HOME, the BraTS-Africa folder, caches and detectors as the docs assume; the working folder per doc."""
-    from metrics import detectors
     from mri.sources import phantom
     home = tmp_path / 'home'
     (home / 'data').mkdir(parents=True)
