@@ -74,26 +74,38 @@ def test_existing_destination_needs_overwrite(two_cases, tmp_path, dest):
     assert sorted(p.name for p in tmp_path.iterdir()) == [dest.name]  # the old folder is gone, nothing hidden
 
 
-def test_sigterm_cleans_up_like_ctrl_c(tmp_path):
+@pytest.mark.parametrize('target', ['process', 'group'])
+def test_sigterm_cleans_up_like_ctrl_c(tmp_path, target):
+    """SIGTERM to dataset_tool.py alone, or to its process group with two conversion workers (as `timeout` or
+    Slurm send it): one line, exit 143, nothing written, no worker left behind."""
     src = tmp_path / 'src'
     for k in range(12):
         write_case(src / f'C-{k:03d}', f'C-{k:03d}', seed=k)
     out = tmp_path / 'out'
     out.mkdir()
+    workers = ['--workers', '2'] if target == 'group' else []
     proc = subprocess.Popen([sys.executable, 'dataset_tool.py', '--source', str(src), '--dest', str(out / 'a.zip'),
-                             '--resolution', '64', '--modalities', 'all', '--no-progress'], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             '--resolution', '64', '--modalities', 'all', '--no-progress'] + workers, cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=target == 'group')
     deadline = time.time() + 180
     # Terminated mid-conversion, once the temporary archive holds data (the situation of the issue: 471 MB left).
     while not any(p.name.startswith('.a.zip') and p.stat().st_size > 0 for p in out.iterdir()) and proc.poll() is None:
         assert time.time() < deadline
         time.sleep(0.005)
     assert proc.poll() is None, 'the conversion ended before it could be terminated'
-    proc.send_signal(signal.SIGTERM)
+    if target == 'group':
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert 'terminated (SIGTERM); nothing was written' in err and 'Traceback' not in err
     assert list(out.iterdir()) == []  # no archive, no hidden temporary archive
+    if target == 'group':
+        time.sleep(0.5)
+        with pytest.raises(ProcessLookupError):  # the group is empty: no worker outlived the main process
+            os.killpg(proc.pid, 0)
 
 
 def test_volumes_resolution_is_the_cube_side(two_cases, tmp_path):
