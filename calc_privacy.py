@@ -113,9 +113,13 @@ def membership(
     seed: int = 0,
     device='cpu',
     verbose: bool = True,
+    done=(),                        # items of an earlier run of the same job (membership.json): not projected again
+    on_item=None,                   # callback(results so far) after each item (calc_privacy.py saves them)
 ) -> dict:
     """Projects ``num`` training and ``num`` held-out items; returns ``{'items': [...], 'summary': {...}}``. An
-    interruption (Ctrl-C, SIGTERM) ends it early with the items done (``summary.complete`` false)."""
+    interruption (Ctrl-C, SIGTERM) ends it early with the items done (``summary.complete`` false). Each item's
+    projection is seeded by its place in the list, so items taken from ``done`` are those a run never stopped
+    would compute, and a resumed run ends with the same results."""
     names = projector.channel_names(G, desc)
     idx = projector.image_channel_indices(names)
     if held_out == 'val' and desc.get('subset') != 'train':
@@ -134,15 +138,22 @@ def membership(
     from training.sampling import ClassAverages
     averages = ClassAverages()
     results, complete = [], True
+    earlier = {(r['group'], r['name']): r for r in done}
     bar = dnnlib.ProgressBar(len(todo) * num_steps, desc='membership', unit='step', enabled=verbose)
     try:
         for k, (info, image, label) in enumerate(todo):
+            if (info['group'], info['name']) in earlier:
+                results.append(earlier[(info['group'], info['name'])])
+                bar.update(num_steps, tail=f'{info["name"]}  done before')
+                continue
             c = np.asarray(label, np.float32) if G.c_dim else np.zeros([0], np.float32)
             step = lambda s, d, ss, m, name=info['name']: bar.update(1, tail=f'{name}  SSIM {ss:.3f}')  # noqa: E731
             r = projector.project(G, image, idx, c, num_steps, seed + k, device, on_step=step, averages=averages)
             if r.interrupted:
                 raise KeyboardInterrupt
             results.append(dict(info, ssim=r.ssim, mse=r.mse, steps=r.steps))
+            if on_item is not None:
+                on_item(results)
     except KeyboardInterrupt:
         complete = False
     finally:
@@ -214,6 +225,38 @@ def samples_report(samples: str, data: str, outdir: str, max_nn_ssim=None, devic
 # Command line
 
 
+def _membership_job(G, desc, network, data, held_out, num, num_steps, seed, device, outdir) -> dict:
+    """calc_privacy.py --held-out: the membership run, saved to OUTDIR/membership.json after every item, so a run
+    stopped any way (Ctrl-C, SIGTERM, a kill) continues where it stopped when started again with the same
+    settings; a membership.json of other settings is started over."""
+    path = os.path.join(outdir, 'membership.json')
+    job = dict(network_sha256=dnnlib.util.sha256_file(projector.resolve_network(network)), data=os.path.abspath(data),
+               held_out=held_out if held_out == 'val' else os.path.abspath(held_out), num=num, num_steps=num_steps,
+               seed=seed)
+    done = []
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                earlier = json.load(f)
+        except (OSError, ValueError):
+            earlier = {}
+        if earlier.get('job') == job:
+            done = earlier.get('items') or []
+            click.echo(f'Resuming {path}: {len(done)} of {2 * num} items done')
+        else:
+            click.echo(f'{path} was made with other settings; starting over')
+
+    def save(results, complete=False):  # the folder is made with the first result: a refused run leaves none
+        os.makedirs(outdir, exist_ok=True)
+        summary = _membership_summary(results, num_steps, complete, data, held_out)
+        _write_json(path, dict(job=job, items=list(results), summary=summary))
+    result = membership(G, desc, data, held_out, num, num_steps, seed, device, done=done, on_item=save)
+    result['job'] = job
+    os.makedirs(outdir, exist_ok=True)
+    _write_json(path, result)
+    return result
+
+
 def _write_json(path, data):
     with dnnlib.atomic_output(path, suffix='.json') as tmp:
         with open(tmp, 'w') as f:
@@ -253,9 +296,7 @@ def main(network, data, held_out, num, num_steps, samples, max_nn_ssim, seed, ou
                        f'nearest-neighbour SSIM median {summary["nn_ssim"].get("q50", float("nan")):.4f}; wrote '
                        f'{os.path.join(outdir, "privacy-report.json")}')
         if held_out is not None:
-            result = membership(G, desc, data, held_out, num, num_steps, seed, device)
-            os.makedirs(outdir, exist_ok=True)
-            _write_json(os.path.join(outdir, 'membership.json'), result)
+            result = _membership_job(G, desc, network, data, held_out, num, num_steps, seed, device, outdir)
             click.echo(membership_table(result['summary']))
             if not result['summary']['complete']:
                 dnnlib.exit_interrupted(f'membership.json holds the {len(result["items"])} items done', newline=False)

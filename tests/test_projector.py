@@ -208,3 +208,30 @@ def test_membership_val_needs_a_train_subset(tmp_path):
     desc['subset'] = 'all'
     with pytest.raises(calc_privacy.PrivacyRunError, match='trained on the all items .* val cases are not held out'):
         calc_privacy.membership(G, desc, archive, 'val', num=1, num_steps=1, verbose=False)
+
+
+def test_membership_resumes_where_it_stopped(tmp_path, net2d, monkeypatch):
+    """membership.json is saved after every item; started again with the same settings the run projects only the
+    items not done, and ends with the results of a run never stopped; other settings start over."""
+    import json
+    import calc_privacy
+    path, archive, items = net2d
+    held, _ = make_archive(str(tmp_path / 'held.zip'), (16, 16), cases=2, per_case=1, seed=7, labels=True)
+    args = ['--network', path, '--held-out', held, '--num', '2', '--num-steps', '2']
+    full = tmp_path / 'full'
+    assert CliRunner().invoke(calc_privacy.main, args + ['--outdir', str(full)]).exit_code == 0
+    whole = json.load(open(full / 'membership.json'))
+    stopped = tmp_path / 'stopped'
+    stopped.mkdir()
+    partial = dict(whole, items=whole['items'][:3])
+    partial['summary'] = dict(whole['summary'], complete=False)
+    (stopped / 'membership.json').write_text(json.dumps(partial))
+    calls = []
+    project = calc_privacy.projector.project
+    monkeypatch.setattr(calc_privacy.projector, 'project', lambda *a, **k: calls.append(1) or project(*a, **k))
+    res = CliRunner().invoke(calc_privacy.main, args + ['--outdir', str(stopped)])
+    assert res.exit_code == 0 and 'Resuming' in res.output and '3 of 4 items done' in res.output, res.output
+    assert len(calls) == 1
+    assert json.load(open(stopped / 'membership.json')) == whole
+    res = CliRunner().invoke(calc_privacy.main, args[:-1] + ['3', '--outdir', str(stopped)])  # other --num-steps
+    assert 'other settings; starting over' in res.output and len(calls) == 5
