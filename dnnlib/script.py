@@ -168,6 +168,7 @@ def _interrupted_line() -> str:
 def _finish(line: str, code: int):
     """Print ``line`` on stderr and exit with ``code`` from inside sys.excepthook (which cannot choose the exit
     status): flush, run the atexit handlers (temporary folders, pool shutdown) as a normal exit would, then exit."""
+    _ignore_late_signals()  # cleaning up after the interruption: a second signal changes nothing
     try:
         sys.stdout.flush()
     except (OSError, ValueError):
@@ -203,10 +204,22 @@ def exit_on_interrupt() -> None:
         sys.excepthook = _excepthook(sys.excepthook)
 
 
+def _ignore_late_signals():
+    """atexit: the work is done and its ending decided; a Ctrl-C or SIGTERM from here on is ignored. Python resets
+    its handlers to the default before it tears its modules down (a second or two with torch loaded), so a SIGTERM
+    landing then killed a finished job (status -15 instead of its own)."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            signal.signal(sig, signal.SIG_IGN)
+        except ValueError:  # not the main thread
+            pass
+
+
 def run_cli(command, args=None):
     """Run a click command as ``command()`` would, except that a Ctrl-C or SIGTERM reaching it prints one line and
     exits 130 / 143 (click's own ending is "Aborted!" and exit 1, for either signal) and a full disk prints one
-    line. Duck-typed on click's exceptions, so that dnnlib does not import click."""
+    line; once the command has ended, a late Ctrl-C or SIGTERM (while Python shuts down) no longer changes how it
+    ended. Duck-typed on click's exceptions, so that dnnlib does not import click."""
     try:
         rv = command.main(args=args, standalone_mode=False)
     except KeyboardInterrupt:
@@ -231,4 +244,6 @@ def run_cli(command, args=None):
                 pass
             sys.exit(1)
         raise
+    finally:
+        atexit.register(_ignore_late_signals)  # registered last, so the first to run at exit
     sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)

@@ -167,6 +167,7 @@ def training_loop(
     finally:
         run.stop.__exit__(None, None, None)
         run.logs.close()
+        misc.close_loader(run.batches)
     run.log()
     run.log('Exiting...' if run.done else 'Stopped before the end; resume with --resume ' + os.path.abspath(run_dir))
     return dnnlib.EasyDict(cur_nimg=run.cur_nimg, done=run.done, **run.nets)
