@@ -422,9 +422,16 @@ class Baseline:
         return cls.cache['run']
 
 
+def default_ctrl_c():
+    """preexec_fn of a child that is sent SIGINT: Ctrl-C back to its default action. A job a non-interactive shell
+    starts in the background (`cmd &`, CI runners) ignores SIGINT and its children inherit that; Python then sets
+    up no KeyboardInterrupt at all, and a SIGINT case would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_training(args):
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True, preexec_fn=default_ctrl_c)
 
 
 def _wait_for(proc, prefix, timeout=240):
@@ -635,7 +642,7 @@ def signal_while_importing(script, sig):
     """Start ``script --help`` with -X importtime (every finished import is a stderr line) and send ``sig`` as soon
     as click is imported (before torch); returns (exit code, stderr lines that are not import timings)."""
     proc = subprocess.Popen([sys.executable, '-X', 'importtime', script, '--help'], cwd=ROOT, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=default_ctrl_c)
     text = ''
     for line in proc.stderr:
         text += line

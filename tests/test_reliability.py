@@ -261,6 +261,13 @@ def test_disk_full_with_workers_is_one_line(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM while a script imports (issue 20, item 9).
 
+def _default_ctrl_c():
+    """The child's Ctrl-C back to its default action: a suite run in the background by a non-interactive shell
+    (`bash .ci/run &`) ignores SIGINT, children inherit that, and Python then sets up no KeyboardInterrupt."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _signal_while_importing(script, sig):
     """Start ``script --help`` with -X importtime (each finished import is a line on stderr), send ``sig`` as soon
     as click has been imported (after dnnlib's handler is in place, before torch and the project's modules),
@@ -269,7 +276,8 @@ def _signal_while_importing(script, sig):
     import subprocess
     import sys
     proc = subprocess.Popen([sys.executable, '-X', 'importtime', script, '--help'], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'))
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS='1'),
+                            preexec_fn=_default_ctrl_c)
     lines = []
     for line in proc.stderr:
         lines.append(line)
