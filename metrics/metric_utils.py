@@ -429,10 +429,10 @@ def compute_feature_stats_for_dataset(
         for suffix, _ in todo:
             out[suffix] = FeatureStats(max_items=len(indices), **capture[suffix])
         shard = _shard(indices, opts)
-        loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=opts.batch_size,
-                                             num_workers=opts.num_workers, worker_init_fn=misc.loader_worker_init())
+        loader = real_loader(opts, torch.utils.data.Subset(dataset, shard.tolist()))
         fn = _feature_fn(detector, what)
-        with dnnlib.ProgressBar(len(indices), desc=f'reals {tag}', unit=_unit(dataset), enabled=opts.progress) as bar:
+        unit = _unit((getattr(dataset, 'image_shape', None) or [0])[1:])
+        with dnnlib.ProgressBar(len(indices), desc=f'reals {tag}', unit=unit, enabled=opts.progress) as bar:
             for images, _labels in loader:
                 images = torch.as_tensor(images)
                 for suffix, idx in todo:
@@ -488,16 +488,23 @@ class GeneratorSampler:
         return img.to(torch.float32)
 
 
-def _unit(dataset) -> str:
-    """What a progress line counts: 'volumes' for a dataset of [C, D, H, W] items, else 'images'."""
-    return 'volumes' if len(getattr(dataset, 'image_shape', None) or [0, 0, 0]) == 4 else 'images'
+def _unit(spatial) -> str:
+    """What a progress line counts: 'volumes' for items of three spatial axes, else 'images'."""
+    return 'volumes' if len(spatial or [0, 0]) == 3 else 'images'
+
+
+def real_loader(opts, dataset) -> torch.utils.data.DataLoader:
+    """The DataLoader every metric reads reals with: ``opts.batch_size`` and ``opts.num_workers``, workers that
+    survive a process-group SIGTERM long enough (torch_utils.misc.loader_worker_init)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers,
+                                       worker_init_fn=misc.loader_worker_init())
 
 
 def generated_batches(opts, sampler: GeneratorSampler, num_items: int, desc: str = 'fakes'):
     """Yield this rank's generated batches until ``num_items`` images exist over all ranks."""
     steps = (num_items - 1) // (opts.batch_size * opts.num_gpus) + 1
-    unit = 'volumes' if len(getattr(sampler.G, 'img_shape', None) or [0, 0]) == 3 else 'images'
-    with dnnlib.ProgressBar(num_items, desc=desc, unit=unit, enabled=opts.progress) as bar:
+    with dnnlib.ProgressBar(num_items, desc=desc, unit=_unit(getattr(sampler.G, 'img_shape', None)),
+                            enabled=opts.progress) as bar:
         for _ in range(steps):
             yield sampler.sample(opts.batch_size)
             bar.update(min(opts.batch_size * opts.num_gpus, num_items - bar.done))

@@ -17,7 +17,6 @@ import numpy as np
 import torch
 
 import dnnlib
-from torch_utils import misc
 from metrics import metric_utils
 from metrics import msssim
 
@@ -60,8 +59,7 @@ def cases_problem(dataset) -> str:
 
 def load_real_pool(opts, dataset, idx: list, max_items: int = None) -> torch.Tensor:
     """Real images ``[N, C, h, w]`` float16 in [0, 1] on the device (every rank holds the whole pool)."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=opts.batch_size, num_workers=opts.num_workers,
-                                         worker_init_fn=misc.loader_worker_init())
+    loader = metric_utils.real_loader(opts, dataset)
     pool = []
     with dnnlib.ProgressBar(len(dataset), desc='nn reals', unit='images', enabled=opts.progress) as bar:
         for images, _labels in loader:

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 
 import dnnlib
-from torch_utils import misc
 from metrics import detectors
 from metrics import frechet_inception_distance
 from metrics import metric_utils
@@ -94,8 +93,7 @@ class VolumeSampler(metric_utils.GeneratorSampler):
 def real_batches(opts, dataset, indices, desc='reals'):
     """This rank's share of the real volumes at ``indices``, as raw uint tensors, with a progress line."""
     shard = metric_utils._shard(np.asarray(indices), opts)
-    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, shard.tolist()), batch_size=opts.batch_size,
-                                         num_workers=opts.num_workers, worker_init_fn=misc.loader_worker_init())
+    loader = metric_utils.real_loader(opts, torch.utils.data.Subset(dataset, shard.tolist()))
     with dnnlib.ProgressBar(len(indices), desc=desc, unit='volumes', enabled=opts.progress) as bar:
         for images, _labels in loader:
             yield torch.as_tensor(images)
