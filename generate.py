@@ -186,14 +186,11 @@ class GenerateError(ValueError):
 
 def load_generator(network, device):
     """(G, dataset description) of a snapshot: G_ema, else G; one line for a paint snapshot."""
-    from torch_utils import snapshot
     from mri.output.volumes import VolumeOutputError
-    from training.paint import is_paint_generator
-    data, G = snapshot.load_generator(resolve_network(network), device=device, name=network)
-    if is_paint_generator(G):  # it would run on blank input and paint nothing of use
-        raise VolumeOutputError(f'{network}: this is a paint snapshot; use --insert-into CASES (with --labels-from, '
-                                f'--heal or --move)')
-    return G, dict(data.dataset or {})
+    from training import sampling
+    # A paint snapshot would run on blank input and paint nothing of use.
+    return sampling.load_generator(network, device, VolumeOutputError, 'this is a paint snapshot; use --insert-into '
+                                   'CASES (with --labels-from, --heal or --move)')
 
 
 def generate_images(

@@ -66,12 +66,9 @@ class ProjectorError(ValueError):
 
 def load_generator(network: str, device):
     """``(G, dataset description)`` of a snapshot or run dir (G_ema where the snapshot has it)."""
-    from torch_utils import snapshot
-    data, G = snapshot.load_generator(resolve_network(network), device=device, name=network)
-    from training.paint import is_paint_generator
-    if is_paint_generator(G):
-        raise ProjectorError(f'{network}: a paint generator has no W to project into; use a slice or volume snapshot')
-    return G, dnnlib.EasyDict(data.dataset or {})
+    from training import sampling
+    return sampling.load_generator(network, device, ProjectorError,
+                                   'a paint generator has no W to project into; use a slice or volume snapshot')
 
 
 def channel_names(G, desc) -> list:

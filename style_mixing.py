@@ -30,7 +30,7 @@ import PIL.ImageDraw  # noqa: E402
 import PIL.ImageFont  # noqa: E402
 
 from training import grids  # noqa: E402
-from training.cli import PATH, bool_option, resolve_network  # noqa: E402
+from training.cli import PATH, bool_option  # noqa: E402
 from training.labels import ClassSpecError, parse_class  # noqa: E402
 from training.sampling import TRUNC_CENTERS, ClassAverages, map_ws, seed_z, synthesize  # noqa: E402
 
@@ -45,13 +45,10 @@ class MixingError(ValueError):
 
 def load_generator(network: str, device):
     """``(G, dataset description)`` of a snapshot file or run dir (its newest snapshot); G_ema when it has one."""
-    from torch_utils import snapshot
-    from training.paint import is_paint_generator
-    data, G = snapshot.load_generator(resolve_network(network), device=device, name=network)
-    if is_paint_generator(G):
-        raise MixingError(f'{network}: this is a paint snapshot (it paints into real cases); style mixing needs an '
-                          f'image or volume generator')
-    return G.eval().requires_grad_(False), dict(data.dataset or {})
+    from training import sampling
+    G, desc = sampling.load_generator(network, device, MixingError, 'this is a paint snapshot (it paints into real '
+                                      'cases); style mixing needs an image or volume generator')
+    return G.eval().requires_grad_(False), desc
 
 
 def class_label(G, desc: dict, class_spec: str, flag: str = '--class') -> np.ndarray:

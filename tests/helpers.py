@@ -51,7 +51,8 @@ def zip_folder(folder, zip_path):
     return zip_path
 
 
-# The default --workers (3): test_joint_generation trains on a zip, where `--workers 0` once hid a crash.
+# The default --workers (3, at most the usable cores): test_joint_generation trains on a zip, where `--workers 0` once
+# hid a crash.
 TINY_TRAIN_ARGS = ['--cbase', '1024', '--cmax', '64', '--map-depth', '2', '--batch', '8', '--metrics', 'none',
                    '--device', 'cpu']
 

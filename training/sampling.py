@@ -18,6 +18,20 @@ import torch
 TRUNC_CENTERS = ('class', 'global')
 
 
+def load_generator(network: str, device, error=ValueError, paint_message: str = None):
+    """``(G, dataset description)`` of the snapshot file or run dir (its newest snapshot) that generate.py,
+    style_mixing.py and projector.py sample: G_ema where the snapshot has it, else G. A paint snapshot cannot be
+    sampled on its own: ``error(f'{network}: {paint_message}')``, the caller's words for what to use instead."""
+    import dnnlib
+    from torch_utils import snapshot
+    from training.cli import resolve_network
+    from training.paint import is_paint_generator
+    data, G = snapshot.load_generator(resolve_network(network), device=device, name=network)
+    if is_paint_generator(G):
+        raise error(f'{network}: {paint_message or "this is a paint snapshot"}')
+    return G, dnnlib.EasyDict(data.dataset or {})
+
+
 def seed_z(G, seed: int, device='cpu') -> torch.Tensor:
     """[1, z_dim] latent of a seed (numpy's RandomState, as StyleGAN2-ADA's generate.py draws it)."""
     z = np.random.RandomState(int(seed)).randn(1, G.z_dim)
