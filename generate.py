@@ -234,7 +234,8 @@ def generate_images(
         if fmt not in (None, 'nifti', 'npy'):
             raise VolumeOutputError(f'--format {fmt}: {network} is a volume snapshot; use --format nifti (its default), '
                                     f'npy, brats or nnunet')
-        writer = VolumeWriter(desc, outdir, fmt or 'nifti', native_grid, verbose, montage=montage)
+        writer = VolumeWriter(desc, outdir, fmt or 'nifti', native_grid, verbose, montage=montage,
+                              class_grid=class_spec == 'all')
     else:
         if fmt == 'nifti' or native_grid:
             raise VolumeOutputError(f'{"--native-grid" if native_grid else "--format nifti"}: {network} is a 2D (slices) '

@@ -159,12 +159,13 @@ class VolumeWriter:
         native_grid=False,  # also map onto the original BraTS grid
         verbose=True,
         montage=None,       # a montage PNG per volume; None = with NIfTI, not with npy (arrays for programs)
+        class_grid=True,    # keep the class grid's montages for finish() (generate.py: class_spec 'all' only)
     ):
         self.desc, self.outdir, self.fmt, self.native_grid, self.verbose = desc, outdir, fmt, native_grid, verbose
         self.montage = (fmt != 'npy') if montage is None else bool(montage)
         self.channels = desc.get('channels') or []
         self.space = None
-        self.cells = {}     # class name -> the class grid's cells: a montage per seed, CLASS_GRID_CELLS at most
+        self.cells = {} if class_grid else None  # class name -> the class grid's montages, CLASS_GRID_CELLS at most
 
     def start(self, first):
         """Checks the first volume (C, D, H, W) and resolves the archive space, before anything is written."""
@@ -180,14 +181,15 @@ class VolumeWriter:
         """Writes one volume; returns the paths written."""
         written = write_volume(volume, self.channels, stem, self.space, self.fmt, self.native_grid, class_values,
                                montage_png=self.montage)
-        kept = self.cells.setdefault(class_name, [])
-        if len(kept) < CLASS_GRID_CELLS:
-            kept.append(montage(volume, self.channels))
+        if self.cells is not None:
+            kept = self.cells.setdefault(class_name, [])
+            if len(kept) < CLASS_GRID_CELLS:
+                kept.append(montage(volume, self.channels))
         return written
 
     def finish(self, classes):
         """class_grid.png (class_spec 'all'); returns the paths written."""
-        groups = [(name, len(cells)) for name, cells in self.cells.items() if cells]
+        groups = [(name, len(cells)) for name, cells in (self.cells or {}).items() if cells]
         if not groups:
             return []
         sheet = grids.draw_sheet([cell for cells in self.cells.values() for cell in cells], groups)
